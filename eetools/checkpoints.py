@@ -1,0 +1,142 @@
+"""Atomic, pickle-free checkpoint files: safetensors for tensors, JSON for everything else.
+
+Every write goes to a temporary file in the target folder and is moved into place with
+`os.replace`, so an interrupted write never leaves a half-written checkpoint behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, truncated, corrupt or belongs to something else."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Write `tensors` to a safetensors file atomically (tensors made contiguous, on CPU)."""
+    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or corrupt file raises `CheckpointError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from e
+
+
+def save_json(obj: Any, path: str | Path) -> None:
+    """Write `obj` as indented JSON atomically."""
+    text = json.dumps(obj, indent=2, sort_keys=True)
+    def write(tmp):
+        Path(tmp).write_text(text)
+    _atomic_write(Path(path), write)
+
+
+def load_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from e
+
+
+def flatten_state(prefix: str, state: Any, out: dict[str, torch.Tensor], meta: dict) -> None:
+    """Split a nested optimizer/scheduler state into tensors (safetensors) and JSON leaves."""
+    if isinstance(state, torch.Tensor):
+        out[prefix] = state
+    elif isinstance(state, dict):
+        meta[prefix] = {"__dict__": [str(k) for k in state], "__int_keys__": [isinstance(k, int) for k in state]}
+        for k, v in state.items():
+            flatten_state(f"{prefix}/{k}", v, out, meta)
+    elif isinstance(state, (list, tuple)):
+        meta[prefix] = {"__list__": len(state)}
+        for i, v in enumerate(state):
+            flatten_state(f"{prefix}/{i}", v, out, meta)
+    else:
+        meta[prefix] = {"__value__": state}
+
+
+def unflatten_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -> Any:
+    """Inverse of `flatten_state`."""
+    if prefix in tensors:
+        return tensors[prefix]
+    node = meta[prefix]
+    if "__value__" in node:
+        return node["__value__"]
+    if "__list__" in node:
+        return [unflatten_state(f"{prefix}/{i}", tensors, meta) for i in range(node["__list__"])]
+    return {(int(k) if is_int else k): unflatten_state(f"{prefix}/{k}", tensors, meta)
+            for k, is_int in zip(node["__dict__"], node["__int_keys__"])}
+
+
+def save_state(state: dict[str, Any], folder: str | Path, name: str = "state") -> None:
+    """Save a nested state (optimizer, scheduler, RNG...) as ``name.safetensors`` + ``name.json``."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict = {}
+    flatten_state("root", state, tensors, meta)
+    folder = Path(folder)
+    save_tensors(tensors, folder / f"{name}.safetensors")
+    save_json(meta, folder / f"{name}.json")
+
+
+def load_state(folder: str | Path, name: str = "state") -> dict[str, Any]:
+    folder = Path(folder)
+    meta = load_json(folder / f"{name}.json")
+    tensors = load_tensors(folder / f"{name}.safetensors")
+    try:
+        return unflatten_state("root", tensors, meta)
+    except KeyError as e:
+        raise CheckpointError(f"checkpoint {folder}/{name}.* is inconsistent: missing {e}") from e
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG state a run depends on (python, numpy, torch CPU)."""
+    import random
+
+    import numpy as np
+
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]]}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype("uint32"), *n[2:]))

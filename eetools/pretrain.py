@@ -1,0 +1,154 @@
+"""Train the tiny reasoner from scratch on a mixture of eetools' tasks.
+
+The model is a Hugging Face `Qwen3ForCausalLM` (the paper's model family) with a
+character-level tokenizer. Training runs on the HF model directly (it is what the
+bridge wraps); the result is saved with `save_pretrained` so that
+`eetools.load_model(folder)` boots it through TransformerLens like any hub model.
+
+Reproducible from a seed: batch `s` is drawn from the tasks with seed ``(seed, s)``, so
+the data position is the step. Checkpoints (weights, optimizer, scheduler, step, RNG
+states) are written atomically every `checkpoint_every` steps and a rerun with the same
+`out` folder resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from eetools import tasks as task_lib
+from eetools.checkpoints import load_json, load_state, load_tensors, rng_state, save_json, save_state, save_tensors, set_rng_state
+from eetools.tokenizer import build_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    """Configuration of `pretrain` (every field is a command-line option of ``eetools pretrain``)."""
+
+    out: str = "runs/pretrain"
+    """Folder for checkpoints and the final HF-format model (``<out>/model``)."""
+    tasks: list[str] = field(default_factory=lambda: ["addition", "tom"])
+    """Tasks of the mixture; batches cycle through them in turn."""
+    steps: int = 3600
+    """Optimizer steps."""
+    batch_sizes: dict[str, int] = field(default_factory=lambda: {"addition": 32, "tom": 16})
+    """Sequences per step, per task (ToM stories are ~4x longer than sums)."""
+    lr: float = 2e-3
+    """Peak learning rate of the one-cycle schedule (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    seed: int = 0
+    """Seed of the initial weights and of the data stream."""
+    n_layers: int = 8
+    """Number of transformer blocks."""
+    d_model: int = 128
+    """Residual stream width."""
+    n_heads: int = 4
+    """Attention heads (head_dim = d_model / n_heads)."""
+    n_kv_heads: int = 2
+    """Key/value heads (grouped-query attention)."""
+    d_mlp: int = 384
+    """MLP hidden width."""
+    n_ctx: int = 512
+    """Context length."""
+    checkpoint_every: int = 250
+    """Steps between checkpoints."""
+    threads: int = 2
+    """torch CPU threads (fixed for reproducibility)."""
+
+
+def model_config(cfg: PretrainConfig, tokenizer):
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads,
+        max_position_embeddings=cfg.n_ctx, tie_word_embeddings=True, rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def encode_batch(examples: list[task_lib.Example], tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``<bos> prompt reasoning <eos>`` ids, attention mask and loss mask.
+
+    The loss covers every real next-token (prompt included: predicting the story teaches
+    who is in the room), never padding.
+    """
+    seqs = [tokenizer(e.text)["input_ids"] + [tokenizer.eos_token_id] for e in examples]
+    n = max(map(len, seqs))
+    ids = torch.full((len(seqs), n), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask, mask.clone()
+
+
+def batch_for_step(cfg: PretrainConfig, step: int) -> list[task_lib.Example]:
+    name = cfg.tasks[step % len(cfg.tasks)]
+    return task_lib.get(name).sample(cfg.batch_sizes.get(name, 32), seed=cfg.seed * 1_000_003 + step)
+
+
+def _check_resume(cfg: PretrainConfig, saved: dict) -> None:
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k not in ("out", "checkpoint_every") and saved.get(k) != now[k]]
+    if diff:
+        detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
+        raise ValueError(f"cannot resume {cfg.out}: configuration differs ({detail}); use another --out")
+
+
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
+    """Train (or resume) and save the model; returns the HF-format model folder."""
+    from transformers import Qwen3ForCausalLM
+
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    ckpt = out / "checkpoint"
+    tokenizer = build_tokenizer()
+    torch.manual_seed(cfg.seed)
+    model = Qwen3ForCausalLM._from_config(model_config(cfg, tokenizer), attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
+    start = 0
+    if (ckpt / "trainer.json").exists():
+        saved = load_json(ckpt / "trainer.json")
+        _check_resume(cfg, saved["config"])
+        model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=True)
+        state = load_state(ckpt)
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start = saved["step"]
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
+    for step in bar:
+        ids, attn, lmask = encode_batch(batch_for_step(cfg, step), tokenizer)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+        m = lmask[:, 1:].reshape(-1).float()
+        loss = (nll * m).sum() / m.sum()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint is in {ckpt}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", task=cfg.tasks[step % len(cfg.tasks)])
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            save_tensors(model.state_dict(), ckpt / "model.safetensors")
+            save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}, ckpt)
+            save_json({"step": done, "config": dataclasses.asdict(cfg), "loss": loss.item()}, ckpt / "trainer.json")
+    final = out / "model"
+    model.eval()
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return final

@@ -1,0 +1,30 @@
+"""Reasoning tasks: seeded generators, a written chain-of-thought format, and verifiers.
+
+>>> import eetools
+>>> task = eetools.tasks.get("addition")
+>>> ex = task.sample(1, seed=0)[0]
+>>> task.score(ex, ex.reasoning)
+1.0
+"""
+
+from __future__ import annotations
+
+from eetools.tasks.addition import AdditionTask
+from eetools.tasks.base import Example, Task, cut_at_answer, load_jsonl, save_jsonl
+from eetools.tasks.tom import TomTask
+
+_REGISTRY = {"addition": AdditionTask, "tom": TomTask}
+NAMES = tuple(_REGISTRY)
+
+
+def get(name: str | Task) -> Task:
+    """The task registered under `name` ("addition" or "tom"); a Task passes through."""
+    if isinstance(name, Task):
+        return name
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)}")
+    return _REGISTRY[name]()
+
+
+__all__ = ["AdditionTask", "Example", "NAMES", "Task", "TomTask", "cut_at_answer", "get",
+           "load_jsonl", "save_jsonl"]

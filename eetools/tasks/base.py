@@ -1,0 +1,133 @@
+"""The task protocol: seeded example generators with a written chain-of-thought format and a verifier.
+
+A task produces `Example`s (a prompt, the reasoning the model should write, and the
+answer) and scores completions. Scores follow the paper's verifier: 1 for a correct,
+well-formed answer, `malformed_score` (default -1, the authors' choice) for a correct
+answer written in the wrong format, and 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+ANSWER_PREFIX = "A: "
+
+
+@dataclass(frozen=True)
+class Example:
+    """One task instance.
+
+    Attributes:
+        task: name of the task that made it.
+        prompt: the text given to the model (ends with a newline).
+        reasoning: the written chain of thought the model should produce, ending with
+            the answer line ``"A: <answer>\\n"``.
+        answer: the answer alone, as a string.
+        meta: task-specific facts the verifier and judges use (operands, story events...).
+    """
+
+    task: str
+    prompt: str
+    reasoning: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text(self) -> str:
+        """Prompt followed by the reference completion."""
+        return self.prompt + self.reasoning
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Example":
+        d = json.loads(line)
+        return cls(task=d["task"], prompt=d["prompt"], reasoning=d["reasoning"],
+                   answer=d["answer"], meta=d.get("meta", {}))
+
+
+class Task:
+    """Base class of eetools tasks. Subclasses implement `_make`, `is_well_formed` and `steps`.
+
+    Attributes:
+        name: registry name.
+        malformed_score: score of a correct answer in a malformed completion.
+    """
+
+    name: str = ""
+    malformed_score: float = -1.0
+
+    def sample(self, n: int, seed: int) -> list[Example]:
+        """Draw `n` fresh examples; the same `seed` always gives the same list."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        rng = random.Random(f"{self.name}:{seed}")
+        return [self._make(rng) for _ in range(n)]
+
+    def _make(self, rng: random.Random) -> Example:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def is_well_formed(self, completion: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def steps(self, example: Example, completion: str) -> list[bool]:  # pragma: no cover
+        """Per written reasoning step, whether it is well-formed and correct."""
+        raise NotImplementedError
+
+    @staticmethod
+    def extract_answer(completion: str) -> str | None:
+        """The answer of the last ``A: ...`` line, or None if there is none."""
+        if not isinstance(completion, str):
+            return None
+        found = None
+        for line in completion.split("\n"):
+            if line.startswith(ANSWER_PREFIX):
+                found = line[len(ANSWER_PREFIX):].strip()
+        return found
+
+    def score(self, example: Example, completion: str) -> float:
+        """Verifier: 1.0 correct and well-formed, `malformed_score` correct but malformed, else 0.0.
+
+        Never raises, whatever `completion` is.
+        """
+        try:
+            answer = self.extract_answer(completion)
+            if answer is None or answer != example.answer:
+                return 0.0
+            return 1.0 if self.is_well_formed(completion) else float(self.malformed_score)
+        except Exception:  # a verifier must never take a training run down
+            return 0.0
+
+    def test_split(self) -> list[Example]:
+        """The frozen held-out split shipped in ``data/tasks/<name>-test.jsonl``."""
+        from eetools.paths import data_dir
+
+        path = data_dir() / "tasks" / f"{self.name}-test.jsonl"
+        if not path.exists():
+            raise FileNotFoundError(f"test split {path} is missing; run `python -m eetools.tasks.freeze`")
+        return load_jsonl(path)
+
+
+def cut_at_answer(completion: str) -> str:
+    """The completion up to and including its first answer line (what the verifier reads)."""
+    idx = completion.find("\n" + ANSWER_PREFIX)
+    start = 0 if completion.startswith(ANSWER_PREFIX) else (idx + 1 if idx >= 0 else -1)
+    if start < 0:
+        return completion
+    end = completion.find("\n", start)
+    return completion if end < 0 else completion[: end + 1]
+
+
+def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(e.to_json() + "\n" for e in examples))
+
+
+def load_jsonl(path: str | Path) -> list[Example]:
+    return [Example.from_json(l) for l in Path(path).read_text().splitlines() if l.strip()]

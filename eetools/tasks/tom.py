@@ -1,0 +1,141 @@
+"""False-belief stories in the spirit of ExploreToM (Sclar et al., 2024).
+
+Two or three agents share a room; an object sits in a container; agents leave and
+enter, and present agents move the object. Agents only see moves made while they are
+in the room. Questions ask where the object is, where an agent thinks it is
+(first order), or where one agent thinks another will look for it (second order).
+
+The written reasoning lists, for every placement of the object, the container and who
+saw it; then the placement that decides the question; then the answer::
+
+    Ann, Bob and Eve are in the room. The ball is in the box. Bob leaves. Ann moves
+    the ball to the bag.
+    Q: Where does Bob think the ball is?
+    box: Ann Bob Eve
+    bag: Ann Eve
+    Bob saw box
+    A: box
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from eetools.tasks.base import ANSWER_PREFIX, Example, Task
+
+AGENTS = ("Ann", "Bob", "Cal", "Dan", "Eve", "Fay")
+OBJECTS = ("ball", "key", "coin", "ring")
+CONTAINERS = ("box", "bag", "jar", "cup", "pot")
+
+_NAME = r"[A-Z][a-z]+"
+_PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)$")
+_WELL_FORMED = re.compile(
+    rf"^([a-z]+: {_NAME}( {_NAME})*\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\n"
+    rf"A: [a-z]+\n?$"
+)
+
+
+def _join(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def placements(meta: dict) -> list[tuple[str, list[str]]]:
+    """(container, witnesses in story order) for the initial placement and every move."""
+    agents = list(meta["agents"])
+    present = set(agents)
+    out = [(meta["start"], list(agents))]
+    for ev in meta["events"]:
+        kind, who = ev[0], ev[1]
+        if kind == "leave":
+            present.discard(who)
+        elif kind == "enter":
+            present.add(who)
+        else:
+            out.append((ev[2], [a for a in agents if a in present]))
+    return out
+
+
+def decision(meta: dict) -> tuple[str, str]:
+    """The deciding reasoning line (without newline) and the answer."""
+    places = placements(meta)
+    q = meta["question"]
+    if q[0] == "reality":
+        c = places[-1][0]
+        return f"now {c}", c
+    need = set(q[1:])
+    c = [p for p, seen in places if need <= set(seen)][-1]
+    return " ".join(q[1:]) + f" saw {c}", c
+
+
+class TomTask(Task):
+    """Reality, first-order and second-order false-belief questions."""
+
+    name = "tom"
+
+    def __init__(self, min_events: int = 2, max_events: int = 4):
+        if not 1 <= min_events <= max_events:
+            raise ValueError(f"need 1 <= min_events <= max_events, got {min_events}, {max_events}")
+        self.min_events, self.max_events = min_events, max_events
+
+    def _make(self, rng: random.Random) -> Example:
+        agents = rng.sample(AGENTS, rng.randint(2, 3))
+        obj = rng.choice(OBJECTS)
+        loc = rng.choice(CONTAINERS)
+        meta = {"agents": agents, "object": obj, "start": loc, "events": []}
+        present = set(agents)
+        n = rng.randint(self.min_events, self.max_events)
+        moved = False
+        while len(meta["events"]) < n or not moved:
+            options = []
+            if present:
+                options += ["move", "leave"] if len(present) > 1 else ["move"]
+            if len(present) < len(agents):
+                options.append("enter")
+            kind = rng.choice(options)
+            if kind == "move":
+                who = rng.choice(sorted(present))
+                loc = rng.choice([c for c in CONTAINERS if c != loc])
+                meta["events"].append(["move", who, loc])
+                moved = True
+            elif kind == "leave":
+                who = rng.choice(sorted(present))
+                present.discard(who)
+                meta["events"].append(["leave", who])
+            else:
+                who = rng.choice(sorted(set(agents) - present))
+                present.add(who)
+                meta["events"].append(["enter", who])
+        kind = rng.choice(["reality", "first", "second"])
+        if kind == "reality":
+            meta["question"] = ["reality"]
+            q = f"Where is the {obj}?"
+        elif kind == "first":
+            a = rng.choice(agents)
+            meta["question"] = ["first", a]
+            q = f"Where does {a} think the {obj} is?"
+        else:
+            a, b = rng.sample(agents, 2)
+            meta["question"] = ["second", a, b]
+            q = f"Where does {a} think {b} will look for the {obj}?"
+        story = [f"{_join(agents)} are in the room.", f"The {obj} is in the {meta['start']}."]
+        for ev in meta["events"]:
+            if ev[0] == "move":
+                story.append(f"{ev[1]} moves the {obj} to the {ev[2]}.")
+            else:
+                story.append(f"{ev[1]} {'leaves' if ev[0] == 'leave' else 'enters'}.")
+        line, answer = decision(meta)
+        reasoning = "".join(f"{c}: {' '.join(w)}\n" for c, w in placements(meta))
+        reasoning += f"{line}\n{ANSWER_PREFIX}{answer}\n"
+        return Example(task=self.name, prompt=" ".join(story) + f"\nQ: {q}\n",
+                       reasoning=reasoning, answer=answer, meta=meta)
+
+    def is_well_formed(self, completion: str) -> bool:
+        return bool(_WELL_FORMED.match(completion))
+
+    def steps(self, example: Example, completion: str) -> list[bool]:
+        """Per placement line and the deciding line: present, well-formed and right."""
+        truth = [f"{c}: {' '.join(w)}" for c, w in placements(example.meta)]
+        truth.append(decision(example.meta)[0])
+        lines = completion.split("\n") if isinstance(completion, str) else []
+        return [i < len(lines) and lines[i] == t for i, t in enumerate(truth)]

@@ -1,0 +1,106 @@
+"""Task generators, formats and verifiers (no model)."""
+
+import pytest
+
+import eetools.tasks as T
+from eetools.tokenizer import build_tokenizer
+
+GARBAGE = ["", " ", "\n\n", "A: ", "A:", "🙂 ünïcödé ∑", "A: " + "9" * 10_000, "x" * 100_000,
+           "\x00\x01", "A: 12\nA: 13", None]
+
+
+@pytest.mark.parametrize("name", T.NAMES)
+def test_generator_is_deterministic_per_seed_and_varies_across_seeds(name):
+    task = T.get(name)
+    assert task.sample(20, seed=3) == task.sample(20, seed=3)
+    assert [e.prompt for e in task.sample(20, seed=3)] != [e.prompt for e in task.sample(20, seed=4)]
+    assert len({e.prompt for e in task.sample(200, seed=5)}) > 150
+
+
+@pytest.mark.parametrize("name", T.NAMES)
+def test_reference_reasoning_scores_one_and_every_step_is_right(name):
+    task = T.get(name)
+    for ex in task.sample(200, seed=0):
+        assert task.score(ex, ex.reasoning) == 1.0
+        assert all(task.steps(ex, ex.reasoning))
+        assert ex.reasoning.endswith(f"A: {ex.answer}\n")
+
+
+@pytest.mark.parametrize("name", T.NAMES)
+@pytest.mark.parametrize("junk", GARBAGE)
+def test_score_never_raises_and_rejects_garbage(name, junk):
+    task = T.get(name)
+    ex = task.sample(1, seed=0)[0]
+    assert task.score(ex, junk) in (0.0, task.malformed_score)
+    assert isinstance(task.steps(ex, junk if isinstance(junk, str) else ""), list)
+
+
+def test_addition_wrong_and_malformed_answers():
+    task = T.get("addition")
+    ex = task.make(4821, 397)
+    assert ex.answer == "5218"
+    assert ex.reasoning == "1+7+0=8\n2+9+0=11\n8+3+1=12\n4+0+1=5\nA: 5218\n"
+    wrong = ex.reasoning.replace("A: 5218", "A: 5219")
+    assert task.score(ex, wrong) == 0.0
+    # right answer, no written reasoning: lower than a well-formed completion
+    assert task.score(ex, "A: 5218\n") == task.malformed_score < 1.0
+    assert task.score(ex, "the sum is 5218\nA: 5218") < 1.0
+    bad_step = ex.reasoning.replace("8+3+1=12", "8+3+1=13")
+    assert task.steps(ex, bad_step) == [True, True, False, True]
+
+
+def test_addition_final_carry_and_operand_range():
+    task = T.get("addition")
+    ex = task.make(99, 1)
+    assert ex.reasoning == "9+1+0=10\n9+0+1=10\nA: 100\n"
+    for e in task.sample(300, seed=1):
+        a, b = e.meta["a"], e.meta["b"]
+        assert 10 <= a < 100_000 and 10 <= b < 100_000
+
+
+def test_tom_false_belief_logic():
+    from eetools.tasks.tom import decision, placements
+
+    meta = {"agents": ["Ann", "Bob", "Eve"], "object": "ball", "start": "box",
+            "events": [["leave", "Bob"], ["move", "Ann", "bag"], ["enter", "Bob"], ["leave", "Eve"],
+                       ["move", "Ann", "jar"]], "question": ["first", "Eve"]}
+    assert placements(meta) == [("box", ["Ann", "Bob", "Eve"]), ("bag", ["Ann", "Eve"]), ("jar", ["Ann", "Bob"])]
+    assert decision(meta) == ("Eve saw bag", "bag")
+    assert decision({**meta, "question": ["reality"]}) == ("now jar", "jar")
+    assert decision({**meta, "question": ["first", "Bob"]}) == ("Bob saw jar", "jar")
+    # Eve thinks Bob will look where both last saw the ball together: the box
+    assert decision({**meta, "question": ["second", "Eve", "Bob"]}) == ("Eve Bob saw box", "box")
+
+
+def test_tom_covers_all_question_kinds_and_scores_wrong_answers_zero():
+    task = T.get("tom")
+    exs = task.sample(300, seed=2)
+    assert {e.meta["question"][0] for e in exs} == {"reality", "first", "second"}
+    assert any(len(e.meta["agents"]) == 3 for e in exs) and any(len(e.meta["agents"]) == 2 for e in exs)
+    ex = exs[0]
+    other = next(c for c in ("box", "bag", "jar") if c != ex.answer)
+    assert task.score(ex, ex.reasoning.replace(f"A: {ex.answer}", f"A: {other}")) == 0.0
+    assert task.score(ex, f"A: {ex.answer}\n") == task.malformed_score
+
+
+def test_frozen_test_splits_are_shipped_and_disjoint_from_training_seeds():
+    for name in T.NAMES:
+        split = T.get(name).test_split()
+        assert len(split) >= 500
+        assert split == T.get(name).sample(len(split), seed=-1)
+        assert all(T.get(name).score(e, e.reasoning) == 1.0 for e in split)
+
+
+def test_unknown_task_is_a_clear_error():
+    with pytest.raises(ValueError, match="available: addition, tom"):
+        T.get("chess")
+
+
+@pytest.mark.parametrize("name", T.NAMES)
+def test_tokenizer_round_trips_every_task_text(name):
+    tok = build_tokenizer()
+    for ex in T.get(name).sample(300, seed=7):
+        ids = tok(ex.text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and len(ids) == len(ex.text) + 1
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids, skip_special_tokens=True) == ex.text
