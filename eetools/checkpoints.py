@@ -36,7 +36,8 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` to a safetensors file atomically (tensors made contiguous, on CPU)."""
-    clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    # clone: tied weights (embedding = unembedding) share storage, which safetensors refuses
+    clean = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
     _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata=metadata))
 
 

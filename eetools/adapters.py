@@ -1,0 +1,66 @@
+"""LoRA adapters on the base weights (via peft), and switching them off for the reference model.
+
+peft cannot target the bridge's `LinearBridge` wrappers, but each one keeps the original
+`nn.Linear` as ``<name>._original_component``; `add_lora` injects peft LoRA layers there,
+so the bridge (and its hooks) runs the adapted weights without a re-boot. Base weights
+stay frozen and `adapters_disabled` gives back the base model exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                   "c_attn", "c_proj", "c_fc")
+
+
+def lora_layers(ee_model) -> list[nn.Module]:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return []
+    return [m for m in ee_model.model.modules() if isinstance(m, LoraLayer)]
+
+
+def adapter_parameters(ee_model) -> list[nn.Parameter]:
+    """The LoRA parameters injected into the bridge (empty when there are none)."""
+    return [p for n, p in ee_model.model.named_parameters() if "lora_" in n]
+
+
+@contextlib.contextmanager
+def adapters_disabled(ee_model):
+    """Turn every LoRA adapter off inside the block (the base model), restoring the state after."""
+    layers = lora_layers(ee_model)
+    before = [not getattr(m, "disable_adapters", False) for m in layers]
+    try:
+        for m in layers:
+            m.enable_adapters(False)
+        yield
+    finally:
+        for m, on in zip(layers, before):
+            m.enable_adapters(on)
+
+
+def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS) -> list[nn.Parameter]:
+    """Inject LoRA adapters into the base model's linear layers; freeze the base weights.
+
+    Returns the adapter parameters (trainable). Calling it twice is an error.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if lora_layers(ee_model):
+        raise ValueError("this model already has LoRA adapters")
+    names = [n for n, m in ee_model.model.named_modules()
+             if isinstance(m, nn.Linear) and any(f".{t}." in f".{n}." for t in targets)]
+    if not names:
+        raise ValueError(f"no linear layers named {targets} found to adapt")
+    for p in ee_model.model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    inject_adapter_in_model(config, ee_model.model)
+    params = adapter_parameters(ee_model)
+    for p in params:
+        p.requires_grad_(True)
+    return params

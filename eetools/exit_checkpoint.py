@@ -1,0 +1,127 @@
+"""Saving and loading exit heads (and LoRA adapters) with a fingerprint of their base model.
+
+A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
+``exit_config.json`` with the exitable layers, head kind, LoRA settings and the base
+model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
+model with another fingerprint is refused with an error naming both models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from eetools.checkpoints import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from eetools.paths import data_dir
+
+FORMAT = "eetools.exit_model/1"
+PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl"}
+
+
+def fingerprint(model) -> dict:
+    """What identifies a base model: name, architecture, sizes and a hash of W_U."""
+    cfg = model.cfg
+    w = model.W_U.detach().to("cpu", torch.float32).contiguous()
+    return {
+        "name": str(getattr(cfg, "model_name", "?")).rstrip("/").split("/")[-1],
+        "architecture": str(getattr(cfg, "architecture", None) or type(model.original_model).__name__),
+        "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab),
+        "unembed_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16],
+    }
+
+
+def _describe(fp: dict) -> str:
+    return (f"{fp.get('name')} ({fp.get('architecture')}, L={fp.get('n_layers')}, d_model={fp.get('d_model')}, "
+            f"vocab={fp.get('d_vocab')}, W_U {fp.get('unembed_sha256')})")
+
+
+def save_exit_model(ee_model, folder) -> None:
+    """Write heads, adapters and config atomically into `folder`."""
+    from eetools.adapters import adapter_parameters, lora_layers
+
+    folder = Path(folder)
+    save_tensors(ee_model.heads.state_dict(), folder / "heads.safetensors")
+    lora = None
+    if lora_layers(ee_model):
+        state = {n: p for n, p in ee_model.model.named_parameters() if "lora_" in n}
+        save_tensors(state, folder / "adapters.safetensors")
+        lora = dict(getattr(ee_model, "lora_config", {}) or {})
+        lora["n_tensors"] = len(adapter_parameters(ee_model))
+    save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
+               "base_model": fingerprint(ee_model.model), "lora": lora}, folder / "exit_config.json")
+
+
+def resolve_checkpoint(path_or_preset) -> Path:
+    key = str(path_or_preset)
+    if key in PRESETS:
+        p = data_dir() / "models" / PRESETS[key]
+        if not p.is_dir():
+            raise CheckpointError(f"preset {key!r} is not shipped (expected {p})")
+        return p
+    p = Path(path_or_preset)
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not an exit-model checkpoint folder (nor a preset: {', '.join(PRESETS)})")
+    return p
+
+
+def load_exit_model(path_or_preset, model=None):
+    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl").
+
+    Args:
+        path_or_preset: checkpoint folder written by `EarlyExitModel.save`, or a preset name.
+        model: the bridge to attach to; None loads the base model the checkpoint records
+            (a shipped model by name).
+    """
+    from eetools.adapters import add_lora
+    from eetools.exits import attach_exit_heads
+    from eetools.models import load_model
+
+    folder = resolve_checkpoint(path_or_preset)
+    cfg = load_json(folder / "exit_config.json")
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
+    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora"}
+    if unknown:
+        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
+    want = cfg["base_model"]
+    if model is None:
+        model = load_model(want["name"])
+    have = fingerprint(model)
+    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab", "unembed_sha256") if have[k] != want[k]]
+    if differs:
+        raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
+                              f"they differ in {', '.join(differs)}")
+    ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
+    _load_strict(ee_model.heads, load_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
+    if cfg.get("lora"):
+        lora = {k: v for k, v in cfg["lora"].items() if k != "n_tensors"}
+        add_lora(ee_model, **lora)
+        ee_model.lora_config = lora
+        state = load_tensors(folder / "adapters.safetensors")
+        params = dict((n, p) for n, p in model.named_parameters() if "lora_" in n)
+        _check_keys(set(params), set(state), folder / "adapters.safetensors")
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.shape != state[n].shape:
+                    raise CheckpointError(f"{folder}/adapters.safetensors: {n} has shape {tuple(state[n].shape)}, "
+                                          f"model expects {tuple(p.shape)}")
+                p.copy_(state[n])
+    return ee_model
+
+
+def _check_keys(expected: set, found: set, path) -> None:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        raise CheckpointError(f"{path} does not match the model: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
+
+
+def _load_strict(module, state, path) -> None:
+    own = module.state_dict()
+    _check_keys(set(own), set(state), path)
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if v.shape != state[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch {bad[:4]}")
+    module.load_state_dict(state, strict=True)

@@ -1,0 +1,58 @@
+"""Exit heads: one small network per exitable layer, reading the residual stream.
+
+A head maps the residual stream entering block `l` to one logit `z_l`;
+``c_l = sigmoid(z_l)`` is the probability of exiting at `l` given the token got there.
+The input is layer-normalised (no learned scale) so one learning rate suits every depth.
+Heads start with a negative bias (``c ≈ 0.007``) so an uncalibrated model behaves like
+the base model.
+"""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+
+HEAD_KINDS = ("mlp", "linear")
+INIT_BIAS = -5.0
+
+
+class ExitHead(nn.Module):
+    """``d_model -> 1`` exit logit; ``kind="mlp"`` is the authors' ``d -> 2d -> 1`` ReLU MLP."""
+
+    def __init__(self, d_model: int, kind: str = "mlp", init_bias: float = INIT_BIAS):
+        super().__init__()
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"head must be one of {HEAD_KINDS}, got {kind!r}")
+        self.kind, self.d_model = kind, d_model
+        if kind == "mlp":
+            self.net = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(d_model, 1))
+        last = self.net[-1]
+        nn.init.normal_(last.weight, std=0.01)
+        nn.init.constant_(last.bias, init_bias)
+
+    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        x = resid.to(self.net[0].weight.dtype)
+        x = nn.functional.layer_norm(x, (self.d_model,))
+        return self.net(x).squeeze(-1)
+
+
+def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:
+    """Exit distribution over m exitable layers plus "no exit" from conditional probabilities.
+
+    ``P(e_i) = c_i * prod_{j<i}(1 - c_j)``, ``P(no exit) = prod_j (1 - c_j)``.
+    """
+    survive = torch.cumprod(1 - cond, dim=-1)
+    before = torch.cat([torch.ones_like(cond[..., :1]), survive[..., :-1]], dim=-1)
+    return torch.cat([cond * before, survive[..., -1:]], dim=-1)
+
+
+def exit_log_probs(exit_logits: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:
+    """Log of `stick_breaking(sigmoid(exit_logits))`, computed stably with logsigmoid."""
+    log_c = nn.functional.logsigmoid(exit_logits)
+    log_not = nn.functional.logsigmoid(-exit_logits)
+    cum_not = torch.cumsum(log_not, dim=-1)
+    before = torch.cat([torch.zeros_like(log_c[..., :1]), cum_not[..., :-1]], dim=-1)
+    return torch.cat([log_c + before, cum_not[..., -1:]], dim=-1)
