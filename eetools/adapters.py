@@ -52,15 +52,21 @@ def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
 
     if lora_layers(ee_model):
         raise ValueError("this model already has LoRA adapters")
-    names = [n for n, m in ee_model.model.named_modules()
-             if isinstance(m, nn.Linear) and any(f".{t}." in f".{n}." for t in targets)]
-    if not names:
+    from transformers.pytorch_utils import Conv1D
+
+    found = [(n, m) for n, m in ee_model.model.named_modules()
+             if isinstance(m, (nn.Linear, Conv1D)) and any(f".{t}." in f".{n}." for t in targets)]
+    if not found:
         raise ValueError(f"no linear layers named {targets} found to adapt")
+    names = [n for n, _ in found]
+    conv1d = any(isinstance(m, Conv1D) for _, m in found)  # GPT-2 stores weights transposed
     for p in ee_model.model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
+                        fan_in_fan_out=conv1d)
     inject_adapter_in_model(config, ee_model.model)
     params = adapter_parameters(ee_model)
     for p in params:
         p.requires_grad_(True)
+    ee_model.lora_config = {"r": r, "alpha": alpha, "dropout": dropout, "targets": list(targets)}
     return params

@@ -1,0 +1,102 @@
+"""Saving/loading exit heads: round trip, wrong model, corrupt files, atomic writes."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import eetools
+from eetools.checkpoints import CheckpointError, load_state, save_state, save_tensors
+from eetools.exit_checkpoint import load_exit_model
+
+
+def test_round_trip_is_bit_exact(tiny_ee, tmp_path):
+    with torch.no_grad():
+        for p in tiny_ee.heads.parameters():
+            p.add_(torch.randn_like(p))
+    tiny_ee.save(tmp_path / "ck")
+    again = load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    assert again.exit_layers == tiny_ee.exit_layers and again.head_kind == tiny_ee.head_kind
+    for (n, a), (_, b) in zip(tiny_ee.heads.state_dict().items(), again.heads.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not list(tmp_path.glob("ck/.*tmp")), "temporary files left behind"
+
+
+def test_round_trip_with_lora_adapters(tiny_ee, tmp_path):
+    from eetools.adapters import add_lora
+
+    params = add_lora(tiny_ee, r=2, alpha=4)
+    tiny_ee.lora_config = {"r": 2, "alpha": 4}
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.1 * torch.randn_like(p))
+    toks = tiny_ee.model.to_tokens(["Q: 1+2\n"], prepend_bos=True)
+    want = tiny_ee.prescribed_forward(toks, torch.full_like(toks, 4)).logprobs
+    tiny_ee.save(tmp_path / "ck")
+    from tests.conftest import _build  # noqa: F401  (fresh copy of the same base weights)
+    fresh = eetools.load_model(tiny_ee.model.cfg.model_name)
+    fresh.cfg.default_prepend_bos = True
+    again = load_exit_model(tmp_path / "ck", model=fresh)
+    got = again.prescribed_forward(toks, torch.full_like(toks, 4)).logprobs
+    torch.testing.assert_close(got, want)
+
+
+def test_checkpoint_for_another_model_is_refused(tiny_folders, tmp_path):
+    q = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
+    q.save(tmp_path / "q")
+    other = eetools.load_model(tiny_folders["gpt2"])
+    with pytest.raises(CheckpointError, match="belongs to .*Qwen3.*not to .*GPT2"):
+        load_exit_model(tmp_path / "q", model=other)
+
+
+def test_corrupt_truncated_and_mismatched_files(tiny_ee, tmp_path):
+    tiny_ee.save(tmp_path / "ck")
+    heads = tmp_path / "ck" / "heads.safetensors"
+    data = heads.read_bytes()
+    heads.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="heads.safetensors"):
+        load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    heads.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="heads.safetensors"):
+        load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    save_tensors({"0.net.0.weight": torch.zeros(3)}, heads)
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    (tmp_path / "ck" / "exit_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="exit_config.json"):
+        load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    with pytest.raises(CheckpointError, match="not an exit-model checkpoint"):
+        load_exit_model(tmp_path / "nowhere", model=tiny_ee.model)
+
+
+def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "x.safetensors"
+    save_tensors({"a": torch.ones(2)}, path)
+    import eetools.checkpoints as ck
+
+    def broken(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", broken)
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(ck.load_tensors(path)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["x.safetensors"]
+
+
+def test_nested_state_round_trip(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    save_state({"optimizer": opt.state_dict(), "step": 3}, tmp_path)
+    back = load_state(tmp_path)
+    assert back["step"] == 3
+    opt2 = torch.optim.AdamW(model.parameters(), lr=0.1)
+    opt2.load_state_dict(back["optimizer"])
+    assert json.dumps(opt2.state_dict()["param_groups"]) == json.dumps(opt.state_dict()["param_groups"])
+    for k, v in opt.state_dict()["state"][0].items():
+        assert torch.equal(v, opt2.state_dict()["state"][0][k])
