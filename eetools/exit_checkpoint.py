@@ -48,7 +48,7 @@ def save_exit_model(ee_model, folder) -> None:
     if lora_layers(ee_model):
         state = {n: p for n, p in ee_model.model.named_parameters() if "lora_" in n}
         save_tensors(state, folder / "adapters.safetensors")
-        lora = dict(getattr(ee_model, "lora_config", {}) or {})
+        lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
         lora["n_tensors"] = len(adapter_parameters(ee_model))
     save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
                "base_model": fingerprint(ee_model.model), "lora": lora}, folder / "exit_config.json")
@@ -95,13 +95,28 @@ def load_exit_model(path_or_preset, model=None):
         raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
                               f"they differ in {', '.join(differs)}")
     ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
-    _load_strict(ee_model.heads, load_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
     if cfg.get("lora"):
-        lora = {k: v for k, v in cfg["lora"].items() if k != "n_tensors"}
-        add_lora(ee_model, **lora)
-        ee_model.lora_config = lora
+        add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
+    load_weights_into(ee_model, folder, cfg)
+    return ee_model
+
+
+def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
+    """Load a checkpoint's heads (and adapters) into an existing, matching `EarlyExitModel` in place."""
+    from eetools.adapters import lora_layers
+
+    folder = Path(folder)
+    cfg = cfg or load_json(folder / "exit_config.json")
+    if cfg["exit_layers"] != ee_model.exit_layers or cfg["head"] != ee_model.head_kind:
+        raise CheckpointError(f"{folder} has exit layers {cfg['exit_layers']} ({cfg['head']} heads); the model has "
+                              f"{ee_model.exit_layers} ({ee_model.head_kind})")
+    _load_strict(ee_model.heads, load_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
+    if bool(cfg.get("lora")) != bool(lora_layers(ee_model)):
+        raise CheckpointError(f"{folder} {'has' if cfg.get('lora') else 'has no'} LoRA adapters but the model "
+                              f"{'has none' if cfg.get('lora') else 'has some'}")
+    if cfg.get("lora"):
         state = load_tensors(folder / "adapters.safetensors")
-        params = dict((n, p) for n, p in model.named_parameters() if "lora_" in n)
+        params = dict((n, p) for n, p in ee_model.model.named_parameters() if "lora_" in n)
         _check_keys(set(params), set(state), folder / "adapters.safetensors")
         with torch.no_grad():
             for n, p in params.items():
@@ -109,7 +124,6 @@ def load_exit_model(path_or_preset, model=None):
                     raise CheckpointError(f"{folder}/adapters.safetensors: {n} has shape {tuple(state[n].shape)}, "
                                           f"model expects {tuple(p.shape)}")
                 p.copy_(state[n])
-    return ee_model
 
 
 def _check_keys(expected: set, found: set, path) -> None:

@@ -109,6 +109,9 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
         finally:
             logging.getLogger().setLevel(level)
     bridge.eval()
+    if local and (Path(target) / "eetools_model.json").exists():
+        # eetools-trained models were trained with <bos> first; the Qwen3 adapter defaults to no BOS
+        bridge.cfg.default_prepend_bos = True
     return bridge
 
 

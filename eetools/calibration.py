@@ -1,0 +1,296 @@
+"""Stage 1: calibrating exit heads by self-distillation (DESIGN.md section 6).
+
+For each training sequence the teacher (base model: no exits, adapters off) gives final
+log-probs ``q_t`` and the logit lens ``p_{l,t}`` at each exitable layer. The conditional
+exit target is ``c*_{l,t} = 2 - 2*sigmoid(k * KL(q_t || p_{l,t}))`` (1 when the early
+readout already matches the final one), stick-broken into a target distribution over
+exits. `exit_samples` exit prescriptions are drawn from it per sequence; the student
+(adapters on) runs in prescribed mode, and the loss is the mean over generated tokens of
+``KL(student_t || teacher_t)`` plus the mean ``-log pi_student(sampled exit)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eetools import tasks as task_lib
+from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
+from eetools.heads import exit_log_probs, stick_breaking
+
+
+def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
+                 early_logprobs: Float[Tensor, "batch n_exit pos vocab"],
+                 kl_factor: float) -> Float[Tensor, "batch pos n_exit_plus_1"]:
+    """Target exit distribution per position (last entry = no exit).
+
+    ``D = KL(teacher || early)``, ``c* = 2 - 2*sigmoid(kl_factor * D)``, then stick-breaking.
+    KL = 0 gives a certain exit at the first exitable layer; infinite KL gives no exit.
+    """
+    if kl_factor <= 0:
+        raise ValueError(f"kl_factor must be > 0, got {kl_factor}")
+    q = teacher_logprobs.unsqueeze(1)
+    kl = (q.exp() * (q - early_logprobs)).sum(-1).clamp(min=0)  # [batch, n_exit, pos]
+    cond = 2 - 2 * torch.sigmoid(kl_factor * kl)
+    return stick_breaking(cond.transpose(1, 2))
+
+
+def kl_student_teacher(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Per-position ``KL(student || teacher)`` from log-probs ``[..., vocab]``."""
+    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of `calibrate` (each field is an ``eetools calibrate`` option)."""
+
+    kl_factor: float = 1.0
+    """k in c* = 2 - 2 sigmoid(k KL): larger k, rarer exits, text closer to the base model."""
+    exit_samples: int = 4
+    """Exit prescriptions sampled from the target distribution per sequence."""
+    steps: int = 150
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per step (each replicated exit_samples times)."""
+    lr: float = 3e-3
+    """AdamW learning rate (heads and adapters)."""
+    lora: bool = True
+    """Train LoRA adapters on the base weights too (base weights stay frozen)."""
+    lora_r: int = 4
+    """LoRA rank."""
+    seed: int = 0
+    """Seed of the data stream and of the exit sampling."""
+    continuations: str = "reasoning"
+    """Where continuations come from: "reasoning" (the task's written reasoning) or "greedy" (teacher generation)."""
+    max_new_tokens: int = 96
+    """Length cap of greedy teacher continuations."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (when checkpoint_dir is given)."""
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated model and its training history (one row per step)."""
+
+    ee_model: object
+    history: pd.DataFrame
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    def figure(self):
+        """Loss curves and mean target vs student exit probability per step (plotly)."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        h = self.history
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("loss", "expected compute"))
+        for col in ("loss", "kl", "exit_nll"):
+            fig.add_trace(go.Scatter(x=h["step"], y=h[col], name=col, mode="lines"), row=1, col=1)
+        for col in ("student_compute", "target_compute"):
+            fig.add_trace(go.Scatter(x=h["step"], y=h[col], name=col, mode="lines"), row=1, col=2)
+        fig.update_layout(title="Calibration", template="plotly_white")
+        return fig
+
+
+def _examples_for_step(source, cfg: CalibrationConfig, step: int) -> list:
+    if isinstance(source, task_lib.Task):
+        return source.sample(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+    n = len(source)
+    return [source[(step * cfg.batch_size + i) % n] for i in range(cfg.batch_size)]
+
+
+def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[str]):
+    """Right-padded ``prompt + continuation + <eos>`` ids, attention mask, and a mask of
+    the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on)."""
+    model = ee_model.model
+    tok = model.tokenizer
+    eos = tok.eos_token_id
+    rows, starts = [], []
+    for p, c in zip(prompts, continuations):
+        ids = model.to_tokens(p, prepend_bos=bool(model.cfg.default_prepend_bos), truncate=False)[0].tolist()
+        cont = model.to_tokens(c, prepend_bos=False, truncate=False)[0].tolist() if c else []
+        starts.append(len(ids))
+        rows.append(ids + cont + ([eos] if eos is not None else []))
+    n = max(map(len, rows))
+    if n > int(model.cfg.n_ctx):
+        raise ValueError(f"a training sequence has {n} tokens > the model's context of {model.cfg.n_ctx}")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.full((len(rows), n), pad, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    predict = torch.zeros(len(rows), n, dtype=torch.bool)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+        predict[i, s - 1 : len(r) - 1] = True
+    return ids.to(ee_model.device), attn.to(ee_model.device), predict.to(ee_model.device)
+
+
+def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
+    """Token ids, attention mask and prediction mask for one step."""
+    examples = _examples_for_step(source, cfg, step)
+    if examples and isinstance(examples[0], str):
+        prompts, conts = list(examples), None
+    else:
+        prompts = [e.prompt for e in examples]
+        conts = [e.reasoning for e in examples] if cfg.continuations == "reasoning" else None
+    if conts is None:
+        with ee_model.adapters_disabled():
+            r = ee_model.generate(prompts, cfg.max_new_tokens, mode="off", temperature=0, seed=cfg.seed + step)
+        conts = r.text
+    return encode_sequences(ee_model, prompts, conts)
+
+
+def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
+                     exit_samples: int, generator: torch.Generator):
+    """The calibration loss of one batch and its diagnostics (a dict of floats)."""
+    L, layers = ee_model.n_layers, ee_model.exit_layers
+    with torch.no_grad():
+        teacher = ee_model.teacher_forward(ids, attn)
+        target = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor)  # [b,pos,m+1]
+    # positions that may exit: generated tokens that predict a next token (not the prompt's last)
+    exitable = predict.clone()
+    first = predict.float().argmax(1)
+    exitable[torch.arange(ids.shape[0]), first] = False
+    b, t = ids.shape
+    flat = target.reshape(-1, target.shape[-1]).cpu()
+    draws = torch.multinomial(flat, exit_samples, replacement=True, generator=generator)  # [b*pos, S]
+    layer_of = torch.tensor([*layers, L])
+    sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]
+    sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
+    rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
+    out = ee_model.prescribed_forward(rep(ids), sampled.reshape(exit_samples * b, t), attention_mask=rep(attn))
+    kl = kl_student_teacher(out.logprobs, rep(teacher.logprobs))  # [S*b, pos]
+    pm = rep(predict).float()
+    em = rep(exitable).float()
+    kl_loss = (kl * pm).sum() / pm.sum().clamp(min=1)
+    logpi = exit_log_probs(out.exit_logits)  # [S*b,pos,m+1]
+    idx = ee_model.exit_index(sampled.reshape(exit_samples * b, t))
+    nll = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum() / em.sum().clamp(min=1)
+    loss = kl_loss + nll
+    with torch.no_grad():
+        e = exitable.float()
+        denom = e.sum().clamp(min=1)
+        tgt_mean = (target * e.unsqueeze(-1)).sum((0, 1)) / denom
+        stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
+        stu_mean = (stu * e.unsqueeze(-1)).sum((0, 1)) / denom
+        frac = torch.tensor([*layers, L], dtype=torch.float, device=ids.device) / L
+        stats = {"loss": loss.item(), "kl": kl_loss.item(), "exit_nll": nll.item(),
+                 "target_compute": float((tgt_mean * frac).sum()), "student_compute": float((stu_mean * frac).sum()),
+                 "sampled_compute": float((sampled.float() / L * exitable).sum() / (exit_samples * denom))}
+        flat_s = sampled.reshape(exit_samples * b, t)
+        for i, l in enumerate([*layers, L]):
+            stats[f"target_p_{l}"] = float(tgt_mean[i])
+            stats[f"student_p_{l}"] = float(stu_mean[i])
+            sel = (flat_s == l) & rep(exitable)
+            stats[f"kl_at_{l}"] = float(kl[sel].mean()) if bool(sel.any()) else float("nan")
+    return loss, stats
+
+
+def _check_args(cfg: CalibrationConfig, source) -> None:
+    if cfg.kl_factor <= 0:
+        raise ValueError(f"kl_factor must be > 0, got {cfg.kl_factor}")
+    if cfg.exit_samples < 1:
+        raise ValueError(f"exit_samples must be >= 1, got {cfg.exit_samples}")
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
+    if cfg.continuations not in ("reasoning", "greedy"):
+        raise ValueError(f"continuations must be 'reasoning' or 'greedy', got {cfg.continuations!r}")
+    if not isinstance(source, task_lib.Task) and len(source) == 0:
+        raise ValueError("the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts")
+
+
+def _save(ckpt: Path, ee_model, opt, cfg, step, rows) -> None:
+    ee_model.save(ckpt / "model")
+    save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
+    save_json({"step": step, "config": dataclasses.asdict(cfg), "history": rows}, ckpt / "trainer.json")
+
+
+def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 1.0, exit_samples: int = 4, steps: int = 150,
+              batch_size: int = 8, lr: float = 3e-3, lora: bool = True, seed: int = 0,
+              checkpoint_dir: str | Path | None = None, progress: bool = True, **options) -> CalibrationResult:
+    """Calibrate the exit heads (and LoRA adapters) of `ee_model` by self-distillation.
+
+    Args:
+        ee_model: an `EarlyExitModel`.
+        task_or_dataset: a task name, a `Task` (fresh examples every step), or a list of
+            `Example`s or prompt strings (prompts get greedy teacher continuations).
+        kl_factor: k of the target ``2 - 2 sigmoid(k KL)``.
+        exit_samples: exit prescriptions sampled per sequence.
+        steps, batch_size, lr: optimisation.
+        lora: also train LoRA adapters (added if the model has none).
+        seed: seeds data order and exit sampling; a rerun is identical.
+        checkpoint_dir: where to write checkpoints; an existing one is resumed.
+        **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens, checkpoint_every).
+
+    Returns:
+        A `CalibrationResult` with the history as a DataFrame.
+    """
+    from eetools.adapters import add_lora, lora_layers
+
+    unknown = set(options) - {f.name for f in dataclasses.fields(CalibrationConfig)}
+    if unknown:
+        raise TypeError(f"calibrate() got unknown options {sorted(unknown)}")
+    cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
+                            lr=lr, lora=lora, seed=seed, **options)
+    source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    _check_args(cfg, source)
+    if cfg.lora and not lora_layers(ee_model):
+        add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r)
+    for p in ee_model.model.parameters():
+        if p.requires_grad and not any(p is q for q in ee_model.trainable_parameters()):
+            p.requires_grad_(False)
+    params = ee_model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rows: list[dict] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / "trainer.json").exists():
+        start, rows = _resume(ckpt, ee_model, opt, cfg)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
+               disable=not progress)
+    for step in bar:
+        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
+        ids, attn, predict = calibration_batch(ee_model, source, cfg, step)
+        loss, stats = calibration_loss(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
+        if not math.isfinite(loss.item()):
+            if ckpt is not None:
+                _save(ckpt, ee_model, opt, cfg, step, rows)
+            raise FloatingPointError(f"calibration loss is {loss.item()} at step {step}; stopped before the optimizer "
+                                     f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            if ckpt is not None:
+                _save(ckpt, ee_model, opt, cfg, step, rows)
+            raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied")
+        opt.step()
+        rows.append({"step": step + 1, **stats})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save(ckpt, ee_model, opt, cfg, step + 1, rows)
+    return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)
+
+
+def _resume(ckpt: Path, ee_model, opt, cfg: CalibrationConfig):
+    from eetools.exit_checkpoint import load_weights_into
+
+    saved = load_json(ckpt / "trainer.json")
+    now = dataclasses.asdict(cfg)
+    diff = [k for k in now if k not in ("steps", "checkpoint_every") and saved["config"].get(k) != now[k]]
+    if diff:
+        raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
+                         + ", ".join(f"{k} (saved {saved['config'].get(k)!r}, now {now[k]!r})" for k in diff))
+    load_weights_into(ee_model, ckpt / "model")
+    state = load_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return saved["step"], saved["history"]

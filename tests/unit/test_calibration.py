@@ -1,0 +1,109 @@
+"""Calibration: targets by hand, learning direction, frozen base, resume, bad arguments."""
+
+import math
+
+import pytest
+import torch
+
+from eetools import tasks
+from eetools.calibration import calibrate, exit_targets
+
+
+def test_targets_match_a_hand_computation():
+    # batch 1, 2 positions, 2 exitable layers, vocab 3 ("2x3")
+    q = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]]).log()
+    p1 = torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.2, 0.2]]).log()
+    p2 = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]]).log()
+    early = torch.stack([p1, p2])[None]
+    k = 2.0
+    got = exit_targets(q, early, k)
+    for t in range(2):
+        kls = [sum(qi * math.log(qi / pi) for qi, pi in zip(q[0, t].exp().tolist(), p[t].exp().tolist())) for p in (p1, p2)]
+        c = [2 - 2 / (1 + math.exp(-k * d)) for d in kls]
+        want = [c[0], (1 - c[0]) * c[1], (1 - c[0]) * (1 - c[1])]
+        torch.testing.assert_close(got[0, t], torch.tensor(want))
+    torch.testing.assert_close(got[0, 0], torch.tensor([1.0, 0.0, 0.0]))  # KL = 0 at the first layer: certain exit
+
+
+def test_targets_sum_to_one_and_limits():
+    q = torch.randn(3, 5, 7).log_softmax(-1)
+    early = torch.randn(3, 4, 5, 7).log_softmax(-1)
+    t = exit_targets(q, early, 1.0)
+    assert t.shape == (3, 5, 5)
+    torch.testing.assert_close(t.sum(-1), torch.ones(3, 5))
+    assert bool((t >= 0).all())
+    same = exit_targets(q, q.unsqueeze(1).expand(3, 4, 5, 7), 1.0)
+    torch.testing.assert_close(same[..., 0], torch.ones(3, 5))
+    far = torch.full((3, 4, 5, 7), -1e4)
+    far[..., 0] = 0.0
+    q2 = torch.full((3, 5, 7), -1e4)
+    q2[..., 1] = 0.0
+    torch.testing.assert_close(exit_targets(q2, far, 1.0)[..., -1], torch.ones(3, 5))  # huge KL: no exit
+    with pytest.raises(ValueError, match="kl_factor"):
+        exit_targets(q, early, 0.0)
+
+
+def _snapshot(model):
+    """Parameter object -> its value (names change when peft wraps a layer; objects do not)."""
+    return {p: p.detach().clone() for p in model.parameters()}
+
+
+def test_a_few_steps_lower_the_loss_and_change_only_trainable_parameters(tiny_ee):
+    base = _snapshot(tiny_ee.model)
+    res = calibrate(tiny_ee, "addition", steps=12, batch_size=4, lr=1e-2, seed=0, progress=False, lora_r=2)
+    h = res.history
+    assert len(h) == 12 and {"loss", "kl", "exit_nll", "student_compute", "target_compute"} <= set(h.columns)
+    assert h["loss"].iloc[-4:].mean() < h["loss"].iloc[:4].mean()
+    for p, v in base.items():
+        assert torch.equal(p, v), "a base weight changed"
+    assert any("lora_" in n for n, _ in tiny_ee.model.named_parameters()), "LoRA adapters were added"
+    # adapters off = the base model exactly
+    toks = tiny_ee.model.to_tokens(["Q: 1+2\n"], prepend_bos=True)
+    with tiny_ee.adapters_disabled():
+        off = tiny_ee.model(toks)
+    from eetools.adapters import lora_layers
+    for m in lora_layers(tiny_ee):
+        m.enable_adapters(False)
+    torch.testing.assert_close(off, tiny_ee.model(toks))
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
+    import eetools
+
+    def fresh():
+        b = eetools.load_model(tiny_folders["qwen3"])
+        b.cfg.default_prepend_bos = True
+        torch.manual_seed(0)
+        return eetools.attach_exit_heads(b, layers=[1, 2, 3])
+
+    kw = dict(batch_size=3, lr=1e-2, seed=1, progress=False, lora_r=2, checkpoint_every=3)
+    full = calibrate(fresh(), "addition", steps=6, **kw)
+    part = fresh()
+    calibrate(part, "addition", steps=3, checkpoint_dir=tmp_path / "ck", **kw)
+    resumed = calibrate(fresh(), "addition", steps=6, checkpoint_dir=tmp_path / "ck", **kw)
+    for a, b in zip(full.ee_model.trainable_parameters(), resumed.ee_model.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert list(full.history["loss"]) == list(resumed.history["loss"])
+    with pytest.raises(ValueError, match="kl_factor"):
+        calibrate(fresh(), "addition", steps=6, checkpoint_dir=tmp_path / "ck", **{**kw, "seed": 1}, kl_factor=2.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [({"kl_factor": 0}, "kl_factor"), ({"kl_factor": -1}, "kl_factor"),
+                                          ({"exit_samples": 0}, "exit_samples"), ({"bogus": 1}, "unknown")])
+def test_bad_arguments(tiny_ee, kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        calibrate(tiny_ee, "addition", steps=1, progress=False, **kwargs)
+
+
+def test_empty_dataset_is_an_error(tiny_ee):
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(tiny_ee, [], steps=1, progress=False)
+
+
+def test_examples_and_prompt_lists_are_accepted(tiny_ee):
+    exs = tasks.get("addition").sample(4, seed=0)
+    res = calibrate(tiny_ee, exs, steps=1, batch_size=2, progress=False, lora=False)
+    assert len(res.history) == 1
+    res = calibrate(tiny_ee, [e.prompt for e in exs], steps=1, batch_size=2, progress=False, lora=False,
+                    max_new_tokens=8)
+    assert len(res.history) == 1
