@@ -1,0 +1,160 @@
+"""Evaluating an early-exit model on a task: accuracy, compute, coherence, exit histograms.
+
+`evaluate` runs the model on held-out prompts (the task's frozen test split) with greedy
+tokens and exits following `mode`, and puts beside it the base model (no exits, adapters
+off) and the oracle-exit bound (DESIGN.md section 8: per token, the earliest exitable
+layer whose logit-lens argmax equals the final argmax, on the base model's greedy text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from eetools import tasks as task_lib
+from eetools.judges import as_judge, score_all
+
+
+@dataclass
+class Evaluation:
+    """Results of `evaluate`.
+
+    Attributes:
+        summary: one row per system ("model", "base", "oracle"): accuracy, compute,
+            layers_saved and one ``coherence_<judge>`` column per judge.
+        per_example: one row per (system, example): score, correct, compute, coherences, completion.
+        histogram: fraction of generated tokens per exit outcome (exitable layers, then "full"), per system.
+    """
+
+    summary: pd.DataFrame
+    per_example: pd.DataFrame
+    histogram: pd.DataFrame
+    layers: list[int] = field(default_factory=list)
+    n_layers: int = 0
+
+    def _repr_html_(self) -> str:
+        return self.summary.to_html(float_format=lambda v: f"{v:.3f}")
+
+    def figure(self):
+        """Exit-layer histogram of each system (grouped bars)."""
+        from eetools.viz import exit_histogram_figure
+
+        hist = {c: self.histogram[c].to_numpy() for c in self.histogram.columns}
+        acc = ", ".join(f"{r.system} {r.accuracy:.0%}" for r in self.summary.itertuples())
+        return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
+
+
+def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress):
+    rollouts = []
+    ctx = ee_model.adapters_disabled() if base else _null()
+    with ctx:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({'base' if base else mode})",
+                      disable=not progress, leave=False):
+            rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
+                                              temperature=temperature, threshold=threshold, seed=seed + i))
+    return rollouts
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.no_grad()
+def oracle_exit_layers(ee_model, prompts: Sequence[str], completions: Sequence[str]) -> list[torch.Tensor]:
+    """Per continuation token, the earliest exitable layer whose readout argmax equals the final one (else L).
+
+    Entry t of each tensor is for the forward that predicts continuation token t; the first
+    (predicted from the prompt) is L, as prompt positions never exit.
+    """
+    from eetools.calibration import encode_sequences
+
+    out = []
+    L = ee_model.n_layers
+    layer_of = torch.tensor([*ee_model.exit_layers, L])
+    for p, c in zip(prompts, completions):
+        ids, attn, predict = encode_sequences(ee_model, [p], [c])
+        t = ee_model.teacher_forward(ids, attn)
+        final = t.logprobs.argmax(-1)  # [1,pos]
+        agree = t.early_logprobs.argmax(-1) == final.unsqueeze(1)  # [1,m,pos]
+        agree = torch.cat([agree, torch.ones_like(agree[:, :1])], 1)
+        first = layer_of[agree.float().argmax(1)[0].cpu()]
+        pos = predict[0].nonzero().squeeze(-1).cpu()
+        layers = first[pos].clone()
+        layers[0] = L
+        out.append(layers)
+    return out
+
+
+def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
+             max_new_tokens: int = 100, batch_size: int = 50, temperature: float = 0.0, threshold: float = 0.5,
+             examples: Sequence | None = None, compare: bool = True, progress: bool = True) -> Evaluation:
+    """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
+
+    Args:
+        ee_model: an `EarlyExitModel`.
+        task: task name or `Task`; examples come from its frozen test split unless `examples` is given.
+        n: number of examples.
+        mode: "sample", "threshold" or "off" exits for the model under test.
+        seed: seed of the exit sampling.
+        judges: coherence judges (names, judge objects or functions).
+        compare: also evaluate the base model and the oracle-exit bound.
+
+    Returns:
+        An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
+    """
+    task = task_lib.get(task)
+    exs = list(examples) if examples is not None else task.test_split()[:n]
+    if not exs:
+        raise ValueError("no examples to evaluate")
+    judges = [as_judge(j) for j in judges]
+    prompts = [e.prompt for e in exs]
+    L, layers = ee_model.n_layers, list(ee_model.exit_layers)
+    systems = [("model", mode, False)] + ([("base", "off", True)] if compare else [])
+    rows, hist, summary = [], {}, []
+    base_text = None
+    for name, m, base in systems:
+        rs = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
+                           batch_size=batch_size, temperature=temperature, threshold=threshold, base=base,
+                           progress=progress)
+        texts = [t for r in rs for t in r.text]
+        compute = torch.cat([r.compute for r in rs]).tolist()
+        exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
+        counts = np.array([float((exits == l).sum()) for l in [*layers, L]])
+        hist[name] = counts / max(counts.sum(), 1)
+        rows += _rows(name, task, exs, texts, compute, judges)
+        if base:
+            base_text = texts
+    if compare and base_text is not None:
+        oracle = oracle_exit_layers(ee_model, prompts, [task_lib.cut_at_answer(t) for t in base_text])
+        allx = torch.cat(oracle)
+        counts = np.array([float((allx == l).sum()) for l in [*layers, L]])
+        hist["oracle"] = counts / max(counts.sum(), 1)
+        comp = [float(o.float().mean() / L) for o in oracle]
+        rows += _rows("oracle", task, exs, base_text, comp, judges)
+    per = pd.DataFrame(rows)
+    for name, g in per.groupby("system", sort=False):
+        rec = {"system": name, "n": len(g), "accuracy": g["correct"].mean(), "mean_score": g["score"].mean(),
+               "compute": g["compute"].mean(), "layers_saved": 1 - g["compute"].mean()}
+        for j in judges:
+            rec[f"coherence_{j.name}"] = g[f"coherence_{j.name}"].mean()
+        summary.append(rec)
+    histogram = pd.DataFrame(hist, index=[*(str(l) for l in layers), "full"])
+    return Evaluation(summary=pd.DataFrame(summary), per_example=per, histogram=histogram, layers=layers, n_layers=L)
+
+
+def _rows(system, task, exs, texts, compute, judges):
+    cut = [task_lib.cut_at_answer(t) for t in texts]
+    scores = [task.score(e, c) for e, c in zip(exs, cut)]
+    coh = {j.name: score_all(j, exs, cut) for j in judges}
+    return [{"system": system, "example": i, "score": s, "correct": s == 1.0, "compute": c, "completion": t,
+             **{f"coherence_{k}": v[i] for k, v in coh.items()}}
+            for i, (s, c, t) in enumerate(zip(scores, compute, cut))]

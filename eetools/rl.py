@@ -1,0 +1,271 @@
+"""Stage 2: lightweight RL with RLOO for early exits (DESIGN.md section 7).
+
+For each prompt, `k` rollouts are sampled with exits (mode "sample"). Rollout `i` earns
+``R_i = task_i - beta * KL_i - lam * exitcost_i``: the verifier's score, the mean
+per-token ``KL(policy || reference)`` (reference = base model, no exits, adapters off),
+and the mean normalised blocks used. The leave-one-out advantage is
+``A_i = R_i - mean_{j != i} R_j`` and the loss
+``-mean_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``: the policy samples both tokens and
+exits. Trainable: exit heads and LoRA adapters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eetools import tasks as task_lib
+from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
+from eetools.judges import ReasoningJudge
+
+
+class RewardError(RuntimeError):
+    """The reward function failed or returned a non-finite value."""
+
+
+@dataclass
+class RLConfig:
+    """Settings of `train_rl` (each field is an ``eetools rl`` option)."""
+
+    lam: float = 1.5
+    """Weight of the exit cost (mean blocks used / L) in the reward."""
+    beta: float = 0.25
+    """Weight of the KL(policy || reference) penalty in the reward."""
+    k: int = 8
+    """Rollouts per prompt (RLOO group size, >= 2)."""
+    prompts_per_step: int = 4
+    """Prompts per step (batch = prompts_per_step * k rollouts)."""
+    steps: int = 30
+    """Optimizer steps."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    max_new_tokens: int = 80
+    """Generation length cap."""
+    temperature: float = 1.0
+    """Token sampling temperature of the rollouts."""
+    seed: int = 0
+    """Seed of prompts and sampling."""
+    eval_every: int = 10
+    """Steps between held-out evaluations (0: never)."""
+    eval_prompts: int = 32
+    """Held-out prompts per evaluation (from the task's test split)."""
+    checkpoint_every: int = 10
+    """Steps between checkpoints (with checkpoint_dir)."""
+
+
+@dataclass
+class RLResult:
+    """An RL-trained model, its per-step history and its held-out evaluations."""
+
+    ee_model: object
+    history: pd.DataFrame
+    evals: pd.DataFrame
+    config: RLConfig
+
+    def figure(self):
+        from eetools.figures import rl_dynamics_figure
+
+        return rl_dynamics_figure(self.history.assign(run=0))
+
+
+def rloo_advantages(rewards: Float[Tensor, "groups k"]) -> Float[Tensor, "groups k"]:
+    """Leave-one-out advantages ``R_i - mean_{j != i} R_j``; exactly 0 in a flat group."""
+    k = rewards.shape[-1]
+    if k < 2:
+        raise ValueError("RLOO needs k >= 2 rollouts per prompt (a leave-one-out baseline)")
+    others = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
+    adv = rewards - others
+    flat = (rewards.max(-1, keepdim=True).values == rewards.min(-1, keepdim=True).values)
+    return torch.where(flat, torch.zeros_like(adv), adv)
+
+
+def _task_rewards(task, reward_fn, examples, completions, step) -> list[float]:
+    out = []
+    fn = reward_fn or task.score
+    for i, (e, c) in enumerate(zip(examples, completions)):
+        try:
+            r = fn(e, c)
+        except Exception as err:
+            raise RewardError(f"reward function raised at step {step}, sample {i} (completion {c[:120]!r}): "
+                              f"{type(err).__name__}: {err}") from err
+        if r is None or not isinstance(r, (int, float)) or not math.isfinite(float(r)):
+            raise RewardError(f"reward function returned {r!r} at step {step}, sample {i} "
+                              f"(completion {c[:120]!r}); rewards must be finite numbers")
+        out.append(float(r))
+    return out
+
+
+def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float):
+    """Loss and statistics of one RLOO step for a rollout batch ordered as groups of `k`."""
+    seqs, attn = rollout.sequences.to(ee_model.device), rollout.attention_mask.to(ee_model.device)
+    P = rollout.prompt_tokens.shape[1]
+    mask = rollout.mask.to(ee_model.device).float()
+    with torch.no_grad():
+        ref = ee_model.teacher_forward(seqs, attn).logprobs[:, P - 1:-1]
+    out = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers().to(ee_model.device), attention_mask=attn)
+    pol = out.logprobs[:, P - 1:-1]
+    tokens = rollout.tokens.to(ee_model.device)
+    tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
+    ex_lp = out.exit_logprobs()[:, P - 1:-1].gather(-1, ee_model.exit_index(rollout.exit_layers.to(ee_model.device))[..., None]).squeeze(-1)
+    ex_lp = torch.cat([torch.zeros_like(ex_lp[:, :1]), ex_lp[:, 1:]], 1)  # first token: no decision
+    with torch.no_grad():
+        kl_tok = (pol.exp() * (pol - ref)).sum(-1)
+        kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+        cost = rollout.compute.to(ee_model.device)
+        reward = task_reward.to(ee_model.device) - beta * kl - lam * cost
+        adv = rloo_advantages(reward.view(-1, k)).view(-1)
+    logp = ((tok_lp + ex_lp) * mask).sum(1)
+    loss = -(adv * logp).mean()
+    stats = {"reward": reward.mean().item(), "task": task_reward.mean().item(), "kl": kl.mean().item(),
+             "exitcost": cost.mean().item(), "adv_mean": adv.mean().item(), "adv_std": adv.std().item(),
+             "adv_abs_max": adv.abs().max().item(), "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean())}
+    return loss, stats, adv
+
+
+def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 4,
+             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
+             eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
+             reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10) -> RLResult:
+    """RL-train exits with RLOO. See the module docstring for the reward and the loss.
+
+    Args:
+        ee_model: an `EarlyExitModel` (usually calibrated first).
+        task: task name or `Task`; training prompts are fresh samples, evaluation uses the test split.
+        reward_fn: optional ``fn(example, completion) -> float`` replacing `task.score`.
+        checkpoint_dir: checkpoints every `checkpoint_every` steps; an existing one is resumed.
+
+    Returns:
+        `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
+    """
+    cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr,
+                   max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
+                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every)
+    if cfg.k < 2:
+        raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
+    if cfg.prompts_per_step < 1 or cfg.steps < 0:
+        raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
+    task = task_lib.get(task)
+    params = ee_model.trainable_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    judge = ReasoningJudge()
+    rows, evals, start = [], [], 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if ckpt is not None and (ckpt / "trainer.json").exists():
+        start, rows, evals = _resume(ckpt, ee_model, opt, cfg)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl", disable=not progress)
+    if start == 0 and cfg.eval_every:
+        evals.append(_evaluate(ee_model, task, cfg, 0))
+    for step in bar:
+        exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)
+        group = [e for e in exs for _ in range(cfg.k)]
+        rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens, mode="sample",
+                                    temperature=cfg.temperature, seed=cfg.seed * 7_919 + step)
+        completions = [task_lib.cut_at_answer(t) for t in rollout.text]
+        task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step))
+        loss, stats, adv = rl_step_loss(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta)
+        if not math.isfinite(loss.item()) or not all(math.isfinite(v) for v in stats.values()):
+            if ckpt is not None:
+                _save(ckpt, ee_model, opt, cfg, step, rows, evals)
+            raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({stats}); stopped without updating")
+        opt.zero_grad(set_to_none=True)
+        if bool((adv != 0).any()):  # every group flat: no signal, leave the parameters alone
+            loss.backward()
+            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
+                if ckpt is not None:
+                    _save(ckpt, ee_model, opt, cfg, step, rows, evals)
+                raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied")
+            opt.step()
+        scores = [task.score(e, c) for e, c in zip(group, completions)]
+        row = {"step": step + 1, "loss": loss.item(), **stats,
+               "accuracy": sum(s == 1.0 for s in scores) / len(scores), "compute": rollout.batch_compute,
+               "layers_saved": 1 - rollout.batch_compute,
+               "coherence": sum(judge(e, c) for e, c in zip(group, completions)) / len(group)}
+        for l, f in zip([*ee_model.exit_layers, "full"], rollout.exit_histogram().tolist()):
+            row[f"exit_p_{l}"] = f
+        rows.append(row)
+        bar.set_postfix(acc=f"{row['accuracy']:.2f}", compute=f"{row['compute']:.2f}", reward=f"{row['reward']:.2f}")
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+            evals.append(_evaluate(ee_model, task, cfg, step + 1))
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            _save(ckpt, ee_model, opt, cfg, step + 1, rows, evals)
+    return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
+
+
+def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
+    """Held-out: greedy tokens with sampled exits and with threshold exits."""
+    exs = task.test_split()[: cfg.eval_prompts]
+    out = {"step": step}
+    judge = ReasoningJudge()
+    for mode in ("sample", "threshold"):
+        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens, mode=mode, temperature=0,
+                              seed=cfg.seed + 12_345)
+        comp = [task_lib.cut_at_answer(t) for t in r.text]
+        out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
+        out[f"{mode}_compute"] = r.batch_compute
+        out[f"{mode}_coherence"] = sum(judge(e, c) for e, c in zip(exs, comp)) / len(exs)
+    return out
+
+
+def _save(ckpt: Path, ee_model, opt, cfg, step, rows, evals) -> None:
+    ee_model.save(ckpt / "model")
+    save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
+    save_json({"step": step, "config": dataclasses.asdict(cfg), "history": rows, "evals": evals}, ckpt / "trainer.json")
+
+
+def _resume(ckpt: Path, ee_model, opt, cfg: RLConfig):
+    from eetools.exit_checkpoint import load_weights_into
+
+    saved = load_json(ckpt / "trainer.json")
+    now = dataclasses.asdict(cfg)
+    diff = [f for f in now if f not in ("steps", "checkpoint_every") and saved["config"].get(f) != now[f]]
+    if diff:
+        raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
+                         + ", ".join(f"{f} (saved {saved['config'].get(f)!r}, now {now[f]!r})" for f in diff))
+    load_weights_into(ee_model, ckpt / "model")
+    state = load_state(ckpt)
+    opt.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return saved["step"], saved["history"], saved["evals"]
+
+
+@dataclass
+class SweepResult:
+    """Histories of several RL runs in one DataFrame (columns run, seed, lam, beta, step, ...)."""
+
+    history: pd.DataFrame
+    evals: pd.DataFrame
+
+    def figure(self, base: dict | None = None):
+        from eetools.figures import rl_dynamics_figure
+
+        return rl_dynamics_figure(self.history, base=base)
+
+
+def run_sweep(make_model: Callable[[], object], task, *, seeds=(0, 1, 2), lams=(1.5,), betas=(0.25,),
+              checkpoint_root: str | Path | None = None, **kwargs) -> SweepResult:
+    """Run `train_rl` for every (seed, lam, beta) on a fresh model from `make_model()`; collect histories."""
+    hist, evs = [], []
+    run = 0
+    for lam in lams:
+        for beta in betas:
+            for seed in seeds:
+                ck = None if checkpoint_root is None else Path(checkpoint_root) / f"lam{lam}_beta{beta}_seed{seed}"
+                res = train_rl(make_model(), task, lam=lam, beta=beta, seed=seed, checkpoint_dir=ck, **kwargs)
+                tag = {"run": run, "seed": seed, "lam": lam, "beta": beta}
+                hist.append(res.history.assign(**tag))
+                if len(res.evals):
+                    evs.append(res.evals.assign(**tag))
+                run += 1
+    return SweepResult(history=pd.concat(hist, ignore_index=True),
+                       evals=pd.concat(evs, ignore_index=True) if evs else pd.DataFrame())

@@ -1,0 +1,96 @@
+"""RLOO: advantages by hand, guard rails, a short run, resume."""
+
+import math
+
+import pytest
+import torch
+
+from eetools.rl import RewardError, rloo_advantages, train_rl
+
+FAST = dict(prompts_per_step=2, k=2, max_new_tokens=6, eval_every=0, progress=False, lr=1e-2)
+
+
+def test_rloo_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0, 0.5], [2.0, 2.0, 2.0]])
+    a = rloo_advantages(r)
+    torch.testing.assert_close(a[0], torch.tensor([1 - 0.25, 0 - 0.75, 0.5 - 0.5]))
+    assert torch.equal(a[1], torch.zeros(3))
+    with pytest.raises(ValueError, match="k >= 2"):
+        rloo_advantages(torch.ones(3, 1))
+    r2 = torch.full((2, 4), 0.1 + 0.2)  # flat groups with awkward floats: exactly zero
+    assert torch.equal(rloo_advantages(r2), torch.zeros(2, 4))
+
+
+def _params(ee):
+    return [p.detach().clone() for p in ee.trainable_parameters()]
+
+
+def test_k_equal_one_is_a_configuration_error(tiny_ee):
+    with pytest.raises(ValueError, match="at least 2 rollouts"):
+        train_rl(tiny_ee, "addition", steps=1, **{**FAST, "k": 1})
+
+
+def test_flat_rewards_leave_parameters_unchanged(tiny_ee):
+    before = _params(tiny_ee)
+    # constant task reward and no exit cost/KL differences would still vary; make everything flat:
+    res = train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: 1.0, lam=0.0, beta=0.0, temperature=0.0,
+                   **{**FAST})
+    assert (res.history["flat_groups"] == 1.0).all()
+    for a, b in zip(before, _params(tiny_ee)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bad", [None, math.nan, math.inf, "x"])
+def test_bad_rewards_are_reported_and_weights_untouched(tiny_ee, bad):
+    before = _params(tiny_ee)
+    with pytest.raises(RewardError, match="sample 0"):
+        train_rl(tiny_ee, "addition", steps=1, reward_fn=lambda e, c: bad, **FAST)
+    for a, b in zip(before, _params(tiny_ee)):
+        assert torch.equal(a, b)
+
+
+def test_raising_reward_names_the_completion(tiny_ee):
+    def boom(e, c):
+        raise KeyError("verifier broke")
+
+    with pytest.raises(RewardError, match="completion .*verifier broke"):
+        train_rl(tiny_ee, "addition", steps=1, reward_fn=boom, **FAST)
+
+
+def test_short_run_updates_heads_and_logs_history(tiny_ee):
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(-0.5)
+    before = _params(tiny_ee)
+    res = train_rl(tiny_ee, "addition", steps=3, reward_fn=lambda e, c: float(len(c) % 3), **FAST)
+    h = res.history
+    assert len(h) == 3
+    for col in ("reward", "task", "kl", "exitcost", "accuracy", "compute", "layers_saved", "coherence", "adv_std"):
+        assert col in h.columns and h[col].notna().all()
+    assert (h["kl"] >= -1e-6).all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(tiny_ee)))
+
+
+def test_resume_is_identical(tiny_folders, tmp_path):
+    import eetools
+
+    def fresh():
+        b = eetools.load_model(tiny_folders["qwen3"])
+        b.cfg.default_prepend_bos = True
+        torch.manual_seed(0)
+        ee = eetools.attach_exit_heads(b, layers=[1, 2, 3])
+        with torch.no_grad():
+            for h in ee.heads:
+                h.net[-1].bias.fill_(-0.5)
+        return ee
+
+    rf = lambda e, c: float(len(c) % 3)
+    kw = {**FAST, "checkpoint_every": 2, "reward_fn": rf}
+    full = train_rl(fresh(), "addition", steps=4, **kw)
+    train_rl(fresh(), "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
+    res = train_rl(fresh(), "addition", steps=4, checkpoint_dir=tmp_path / "ck", **kw)
+    for a, b in zip(full.ee_model.trainable_parameters(), res.ee_model.trainable_parameters()):
+        assert torch.equal(a, b)
+    assert list(full.history["reward"]) == list(res.history["reward"])
+    with pytest.raises(ValueError, match="lam"):
+        train_rl(fresh(), "addition", steps=4, checkpoint_dir=tmp_path / "ck", **{**kw, "lam": 0.5})
