@@ -27,6 +27,7 @@ def fingerprint(model) -> dict:
     w = model.W_U.detach().to("cpu", torch.float32).contiguous()
     return {
         "name": str(getattr(cfg, "model_name", "?")).rstrip("/").split("/")[-1],
+        "source": str(getattr(cfg, "model_name", "?")),
         "architecture": str(getattr(cfg, "architecture", None) or type(model.original_model).__name__),
         "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab),
         "unembed_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16],
@@ -88,7 +89,13 @@ def load_exit_model(path_or_preset, model=None):
         warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
     want = cfg["base_model"]
     if model is None:
-        model = load_model(want["name"])
+        from eetools.models import shipped_model_dir
+
+        src = want.get("source") or want["name"]
+        # a local folder that still exists, else a shipped model of that name, else a hub name
+        if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
+            src = want["name"]
+        model = load_model(src)
     have = fingerprint(model)
     differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab", "unembed_sha256") if have[k] != want[k]]
     if differs:

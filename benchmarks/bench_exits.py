@@ -1,0 +1,59 @@
+"""Exit-model overheads on the shipped model, measured side by side in one run.
+
+- hook_overhead: teacher-forced forward with heads attached and no exits / plain bridge forward
+  (target <= 1.15);
+- sample_vs_generate_b{1,32}: tokens/s of `EarlyExitModel.generate(mode="sample")` over
+  tokens/s of `bridge.generate` (KV-cached, sampling), batch 1 and 32 (target >= 1.0).
+
+    python benchmarks/bench_exits.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare  # noqa: E402
+
+
+def run(quick: bool = False) -> dict:
+    import eetools
+
+    torch.manual_seed(0)
+    bridge = eetools.load_model()
+    ee = eetools.attach_exit_heads(bridge)
+    b, n = (4, 64) if quick else (8, 128)
+    toks = torch.randint(4, bridge.cfg.d_vocab, (b, n))
+    no_exit = torch.full_like(toks, ee.n_layers)
+    with torch.no_grad():
+        t = compare({"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
+                    repeats=3 if quick else 7)
+    out = {"hook_overhead": t["heads"] / t["plain"]}
+    new = 16 if quick else 48
+    prompt = eetools.tasks.get("addition").sample(1, seed=0)[0].prompt
+    for batch in (1, 32):
+        prompts = [prompt] * batch
+
+        def ours():
+            return ee.generate(prompts, new, mode="sample", seed=0)
+
+        def theirs():
+            return bridge.generate(prompts if batch > 1 else prompt, max_new_tokens=new, do_sample=True,
+                                   stop_at_eos=False, verbose=False, prepend_bos=True)
+
+        # ours may stop early at EOS: compare tokens per second, counting what each produced
+        n_ours = float(ours().mask.sum())
+        tt = compare({"ours": ours, "theirs": theirs}, repeats=2 if quick else 5)
+        out[f"sample_vs_generate_b{batch}"] = (n_ours / tt["ours"]) / (batch * new / tt["theirs"])
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    for k, v in run(ap.parse_args().quick).items():
+        print(f"{k}: {v:.3f}")

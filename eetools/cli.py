@@ -1,0 +1,217 @@
+"""The ``eetools`` command line: pretrain, calibrate, rl, evaluate, report, reproduce.
+
+Options come from the dataclass configs (`PretrainConfig`, `CalibrationConfig`, `RLConfig`,
+`ReproduceConfig`); each field's docstring is its ``--help`` text. ``--config FILE``
+(TOML or YAML) sets defaults that explicit options override. Bad input exits non-zero
+with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import textwrap
+import typing
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Attribute docstrings of a dataclass (the string literal after each field)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+            docs[a.target.id] = str(b.value.value).strip()
+    return docs
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
+    """One ``--option`` per dataclass field, typed from its annotation, help from its docstring."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        name = "--" + f.name.replace("_", "-")
+        t = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_ = f"{docs.get(f.name, '')} (default: {default})"
+        origin = typing.get_origin(t)
+        if t is bool:
+            parser.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif origin is list:
+            parser.add_argument(name, dest=f.name, nargs="+", type=typing.get_args(t)[0], default=None, help=help_)
+        elif origin is dict:
+            parser.add_argument(name, dest=f.name, type=json.loads, default=None, help=help_ + " (JSON)")
+        else:
+            parser.add_argument(name, dest=f.name, type=t, default=None, help=help_)
+
+
+def build_config(cls, args: argparse.Namespace, file_cfg: dict, section: str, extra: dict | None = None):
+    """Dataclass from: defaults < config file section < explicit options (< `extra`)."""
+    import warnings
+
+    values = {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    sect = file_cfg.get(section, {}) if isinstance(file_cfg.get(section), dict) else {}
+    flat = {k: v for k, v in file_cfg.items() if not isinstance(v, dict)}
+    for src in (flat, sect):
+        for k, v in src.items():
+            key = k.replace("-", "_")
+            if key in known:
+                values[key] = v
+            elif src is sect:
+                warnings.warn(f"config file: unknown key {k!r} in [{section}] ignored")
+    for f in known:
+        v = getattr(args, f, None)
+        if v is not None:
+            values[f] = v
+    values.update(extra or {})
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def load_config_file(path: str | None) -> dict:
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"config file {p} does not exist")
+    text = p.read_text()
+    if p.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
+        data = yaml.safe_load(text) or {}
+    else:
+        import tomllib
+
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {p} is not valid TOML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {p} must hold a table of options")
+    return data
+
+
+def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--config", help="TOML or YAML file of options (a [section] per command, or flat)")
+    p.add_argument("--out", default=out_default, help=f"output folder (default: {out_default})")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", default=None, help="model dtype, e.g. float32 or bfloat16 (default: float32)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from eetools.calibration import CalibrationConfig
+    from eetools.pipeline import ReproduceConfig
+    from eetools.pretrain import PretrainConfig
+    from eetools.rl import RLConfig
+
+    parser = argparse.ArgumentParser(prog="eetools", description="Early-exit transformers for externalised reasoning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pretrain", help="train the tiny reasoner from scratch")
+    _common(p, "runs/pretrain")
+    add_config_args(p, PretrainConfig, skip=("out",))
+
+    p = sub.add_parser("calibrate", help="calibrate exit heads by self-distillation")
+    _common(p, "runs/calibrate")
+    p.add_argument("--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)")
+    p.add_argument("--task", default="addition", help="task name (addition, tom)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="exitable layers (default: every layer 1..L-1)")
+    p.add_argument("--head", default="mlp", choices=["mlp", "linear"], help="exit head kind")
+    add_config_args(p, CalibrationConfig)
+
+    p = sub.add_parser("rl", help="RLOO training of exits")
+    _common(p, "runs/rl")
+    p.add_argument("--from", dest="start", default="tiny-reasoner/calibrated",
+                   help="exit-model checkpoint folder or preset to start from (default: tiny-reasoner/calibrated)")
+    p.add_argument("--task", default="addition", help="task name")
+    add_config_args(p, RLConfig)
+
+    p = sub.add_parser("evaluate", help="accuracy, compute and coherence against the base model and the oracle")
+    _common(p, "runs/evaluate")
+    p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
+    p.add_argument("--task", default="addition", help="task name")
+    p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
+    p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
+    p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
+
+    p = sub.add_parser("report", help="build report.html from a reproduce output folder")
+    _common(p, "runs/reproduce")
+
+    p = sub.add_parser("reproduce", help="calibration, RL across seeds, evaluation, every paper figure and report.html")
+    _common(p, "runs/reproduce")
+    add_config_args(p, ReproduceConfig)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    from eetools.checkpoints import CheckpointError
+    from eetools.judges import JudgeError
+    from eetools.models import ModelNotFoundError
+    from eetools.rl import RewardError
+
+    try:
+        return _run(args)
+    except (ValueError, TypeError, CheckpointError, ModelNotFoundError, RewardError, JudgeError,
+            FileNotFoundError, FloatingPointError) as e:
+        print(f"eetools {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    import torch
+
+    from eetools import pipeline
+
+    file_cfg = load_config_file(args.config)
+    progress = not args.no_progress
+    out = Path(args.out)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA device is available here")
+    if args.command == "pretrain":
+        from eetools.pretrain import PretrainConfig, pretrain
+
+        cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
+        print(pretrain(cfg, progress=progress))
+    elif args.command == "calibrate":
+        from eetools.calibration import CalibrationConfig
+
+        cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
+        print(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
+                                     device=args.device, dtype=args.dtype, progress=progress))
+    elif args.command == "rl":
+        from eetools.rl import RLConfig
+
+        cfg = build_config(RLConfig, args, file_cfg, "rl")
+        print(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
+                              progress=progress))
+    elif args.command == "evaluate":
+        ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
+                                   seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
+        print(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    elif args.command == "report":
+        print(pipeline.write_report(out))
+    elif args.command == "reproduce":
+        cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
+        print(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

