@@ -1,0 +1,79 @@
+"""The shipped tiny reasoner and its exit heads (integration tier)."""
+
+import pytest
+import torch
+
+import eetools
+from eetools import tasks
+from eetools.models import shipped_model_dir
+
+pytestmark = pytest.mark.integration
+
+BRIDGE_VS_HF = 1e-5
+SAMPLE = 40  # examples per task: enough to see a broken model, quick on 2 cores
+
+
+def test_boots_offline_and_matches_hf(reasoner):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(shipped_model_dir()).eval()
+    toks = reasoner.to_tokens(["Q: 4821+397\n"], prepend_bos=True)
+    assert toks[0, 0].item() == reasoner.tokenizer.bos_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(reasoner(toks), hf(toks).logits, atol=BRIDGE_VS_HF, rtol=0)
+    assert reasoner.cfg.n_layers >= 8
+
+
+@pytest.mark.parametrize("name", tasks.NAMES)
+def test_greedy_accuracy_on_the_frozen_test_split(reasoner, name):
+    ee = eetools.attach_exit_heads(reasoner)
+    exs = tasks.get(name).test_split()[:SAMPLE]
+    r = ee.generate([e.prompt for e in exs], 110, mode="off", temperature=0, seed=0)
+    task = tasks.get(name)
+    acc = sum(task.score(e, tasks.cut_at_answer(t)) == 1.0 for e, t in zip(exs, r.text)) / len(exs)
+    assert acc >= 0.9, f"{name}: greedy accuracy {acc:.2f} on {len(exs)} held-out examples"
+
+
+def test_bridge_generate_writes_a_worked_sum(reasoner):
+    out = reasoner.generate("Q: 4821+397\n", max_new_tokens=60, do_sample=False, verbose=False)
+    assert "A: 5218" in out
+
+
+def test_exit_parity_on_the_shipped_model(reasoner):
+    ee = eetools.attach_exit_heads(reasoner, layers=[2, 4, 6])
+    toks = reasoner.to_tokens(["Q: 123+45\n3+5+0=8\n"], prepend_bos=True)
+    base = reasoner(toks).log_softmax(-1)
+    out = ee.prescribed_forward(toks, torch.full_like(toks, ee.n_layers))
+    torch.testing.assert_close(out.logprobs, base)
+    ex = torch.full_like(toks, ee.n_layers)
+    ex[0, 12] = 4
+    got = ee.prescribed_forward(toks, ex).logprobs[0, 12]
+    _, cache = reasoner.run_with_cache(toks)
+    torch.testing.assert_close(got, ee.readout(cache["blocks.4.hook_resid_pre"][0, 12]).log_softmax(-1))
+
+
+def test_cached_equals_uncached_on_the_shipped_model(reasoner):
+    ee = eetools.attach_exit_heads(reasoner)
+    with torch.no_grad():
+        for h in ee.heads:
+            h.net[-1].bias.fill_(-1.0)
+    prompts = [e.prompt for e in tasks.get("addition").sample(2, seed=9)]
+    a = ee.generate(prompts, 30, seed=4)
+    b = ee.generate(prompts, 30, seed=4, use_cache=False)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers)
+    torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl"])
+def test_shipped_exit_models_load_and_exit(preset):
+    from eetools.exit_checkpoint import PRESETS
+    from eetools.paths import data_dir
+
+    if not (data_dir() / "models" / PRESETS[preset]).is_dir():
+        pytest.skip(f"{preset} not shipped yet")
+    ee = eetools.load_exit_model(preset)
+    exs = tasks.get("addition").test_split()[:SAMPLE]
+    r = ee.generate([e.prompt for e in exs], 80, mode="sample", temperature=0, seed=0)
+    acc = sum(tasks.get("addition").score(e, tasks.cut_at_answer(t)) == 1.0 for e, t in zip(exs, r.text)) / len(exs)
+    assert acc >= 0.85, f"{preset}: accuracy with sampled exits {acc:.2f}"
+    assert r.batch_compute < 0.95, f"{preset}: exits barely used (compute {r.batch_compute:.2f})"

@@ -1,0 +1,27 @@
+"""Explorer: token details are right; the widget and static views build."""
+
+import torch
+
+from eetools.widgets import Explorer, token_details
+
+
+def test_token_details_match_the_model(tiny_ee):
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(0.0)
+    r = tiny_ee.generate(["Q: 1+2\n"], 8, seed=0)
+    d = token_details(tiny_ee, r, 0, 2)
+    assert list(d.lens["layer"]) == [1, 2, 3, 4]
+    assert abs(d.exit_distribution.sum() - 1) < 1e-5
+    assert len(d.full_depth) == 3
+    # the full-depth top-1 equals the lens at layer L
+    assert d.lens.iloc[-1]["top1"] == d.full_depth[0][0]
+    d.figure()
+
+
+def test_explorer_static_and_widget(tiny_ee):
+    ex = Explorer(tiny_ee, "addition", n_examples=3, max_new_tokens=6)
+    html = ex.to_html()
+    assert "full-depth prediction" in html
+    w = ex.widget()
+    assert w.children and len(w.children) == 6
