@@ -33,6 +33,10 @@ _LAZY = {
     "probes": "eetools.probes",
     "calibration": "eetools.calibration",
     "widgets": "eetools.widgets",
+    "figures": "eetools.figures",
+    "paths": "eetools.paths",
+    "run_sweep": "eetools.rl",
+    "explore": "eetools.widgets",
 }
 
 

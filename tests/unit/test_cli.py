@@ -11,7 +11,6 @@ def test_help_text_comes_from_field_docstrings(capsys):
     assert "KL" in docs["kl_factor"]
     with pytest.raises(SystemExit):
         main(["calibrate", "--help"])
-    assert docs["kl_factor"][:30] in capsys.readouterr().out.replace("\n", " ").replace("  ", " ") or True
     parser = make_parser()
     helps = {a.dest: a.help for a in parser._subparsers._group_actions[0].choices["calibrate"]._actions}
     assert docs["kl_factor"] in helps["kl_factor"]
