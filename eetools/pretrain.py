@@ -151,4 +151,11 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     model.eval()
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
+    write_model_card(final, cfg)
     return final
+
+
+def write_model_card(folder: Path, cfg: PretrainConfig) -> None:
+    """``eetools_model.json``: how the model was trained; also tells `load_model` to prepend <bos>."""
+    save_json({"trained_by": "eetools pretrain", "config": dataclasses.asdict(cfg),
+               "prepend_bos": True, "tasks": cfg.tasks}, Path(folder) / "eetools_model.json")

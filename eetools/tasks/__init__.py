@@ -18,9 +18,13 @@ NAMES = tuple(_REGISTRY)
 
 
 def get(name: str | Task) -> Task:
-    """The task registered under `name` ("addition" or "tom"); a Task passes through."""
+    """The task registered under `name` ("addition", "tom", or a mixture "addition+tom"); a Task passes through."""
     if isinstance(name, Task):
         return name
+    if isinstance(name, str) and "+" in name:
+        from eetools.tasks.mixture import MixtureTask
+
+        return MixtureTask([get(part) for part in name.split("+")])
     if name not in _REGISTRY:
         raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)}")
     return _REGISTRY[name]()

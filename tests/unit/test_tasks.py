@@ -104,3 +104,12 @@ def test_tokenizer_round_trips_every_task_text(name):
         assert ids[0] == tok.bos_token_id and len(ids) == len(ex.text) + 1
         assert tok.unk_token_id not in ids
         assert tok.decode(ids, skip_special_tokens=True) == ex.text
+
+
+def test_mixture_alternates_and_dispatches():
+    mix = T.get("addition+tom")
+    exs = mix.sample(6, seed=0)
+    assert [e.task for e in exs] == ["addition", "tom"] * 3
+    assert all(mix.score(e, e.reasoning) == 1.0 for e in exs)
+    assert mix.sample(6, seed=0) == exs
+    assert len(mix.test_split()) == 1000

@@ -1,0 +1,47 @@
+"""`eetools reproduce --quick` builds a report that a real browser renders (integration tier)."""
+
+import shutil
+import subprocess
+
+import pytest
+
+from eetools.models import shipped_model_dir
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    from eetools.exit_checkpoint import PRESETS
+    from eetools.paths import data_dir
+
+    if not (shipped_model_dir() / "config.json").exists():
+        pytest.skip("shipped tiny reasoner missing")
+    from eetools.cli import main
+
+    out = tmp_path_factory.mktemp("reproduce")
+    assert main(["reproduce", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_quick_reproduce_writes_every_figure(quick_report):
+    for name in ("report.html", "evaluation.csv", "fig2_left.json", "fig3.json", "calibrated/fig4.json",
+                 "fig2_right_rl.html", "summary.json"):
+        assert (quick_report / name).exists(), name
+    html = (quick_report / "report.html").read_text()
+    assert "http://" not in html.replace("http://www.w3.org", "") or "cdn" not in html
+    assert html.count("Plotly.newPlot") >= 3
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(quick_report, tmp_path):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
+           (quick_report / "report.html").as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    # plotly draws SVG into each figure div once its inline JavaScript ran
+    assert dom.count("main-svg") >= 3, "plotly figures did not render"
+    assert "Fig. 4" in dom and "Results" in dom
