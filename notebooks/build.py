@@ -142,6 +142,42 @@ ev = ee.evaluate(rl, "addition", n=40, seed=0)
 ev.summary"""),
 ("code", "ev.figure()"),
 ],
+"04_probes.ipynb": [
+("md", """# Probes: what is in the residual stream where a token exits, and what did the exit skip?
+
+The questions of an interpretability researcher: what is linearly decodable at the exit point, what the
+skipped blocks would have added, how deep each token really needs to go, and whether early-exit RL pushes
+reasoning into the written tokens (less *hidden planning*)."""),
+("code", SETUP),
+("code", """from eetools import probes
+calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
+rl = ee.load_exit_model("tiny-reasoner/rl")
+examples = ee.tasks.get("addition").test_split()[:60]"""),
+("md", "## Residuals at every exitable layer, with token classes and task variables"),
+("code", """res = probes.collect_residuals(calibrated, examples)
+res.df[["token", "token_class", "carry", "sum_digit"]].head(12)"""),
+("md", "## Linear probes with a shuffled-label baseline\nIs the carry out of the current column linearly decodable from the residual stream entering each layer, at the tokens where the column sum is written?"),
+("code", """# NBVAL_IGNORE_OUTPUT
+sweep = probes.probe_sweep(res, "carry", token_class="computed_digit")
+sweep.df"""),
+("code", "sweep.figure()"),
+("md", "## What the exits skipped\nFor every exited token: KL between the full-depth and the early readout, top-1 agreement, and each skipped block's contribution to the chosen token (direct logit attribution), by token class."),
+("code", """rollout = calibrated.generate([e.prompt for e in examples[:16]], 80, temperature=0, seed=0)
+skipped = probes.skipped_computation(calibrated, rollout, examples=examples[:16])
+skipped.summary()"""),
+("code", "skipped.figure()"),
+("md", "## Oracle exits and depth necessity\nThe earliest layer whose logit lens already gives the final argmax (an upper bound on safe exits), and accuracy/loss when every token is read out at layer *l*:"),
+("code", """oracle = probes.oracle_exits(calibrated, examples[:30], base=True)
+print(f"oracle layers saved: {oracle.layers_saved:.2f}")
+oracle.figure()"""),
+("code", """depth = probes.depth_necessity(calibrated, examples[:30], base=True)
+depth.figure()"""),
+("md", "## Hidden planning before vs after RL\nHow well is the final answer's units digit decodable at the prompt's last token and the first reasoning tokens, before anything is written? Lower after RL would mean less planning hidden in the layers."),
+("code", """# NBVAL_IGNORE_OUTPUT
+plan = probes.hidden_planning(calibrated, rl, ee.tasks.get("addition").test_split()[:120])
+plan.summary()"""),
+("code", "plan.figure()"),
+],
 "05_bring_your_own_model.ipynb": [
 ("md", """# Bring your own model
 
