@@ -15,6 +15,7 @@ readouts), `prescribed_forward` (exits given per position, differentiable) and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -144,52 +145,33 @@ class EarlyExitModel(nn.Module):
     # ------------------------------------------------------------------ core
     def _forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
                  exit_at: Tensor | None = None, decide: Decider | None = None,
-                 past_key_values=None, use_cache: bool = False):
+                 past_key_values=None, use_cache: bool = False, state: "ExitState | None" = None):
         """One forward with exits; returns (logits, exit_logits [b,pos,m], exit_at, cache).
 
         `exit_at` prescribes exits per position (L = none). `decide`, if given, decides
         exits of the last position on the fly at each exitable layer (rows that already
-        exited there are skipped).
+        exited there are skipped). Pass a `state` whose hooks are already attached (see
+        `ExitState`) to run many forwards under one hook context, as generation does.
         """
         b, t = tokens.shape
-        L = self.n_layers
-        exit_at = (torch.full((b, t), L, dtype=torch.long, device=tokens.device) if exit_at is None
+        exit_at = (torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device) if exit_at is None
                    else exit_at.clone().to(tokens.device))
-        state: dict = {"frozen": None, "logits": []}
-        first = self.exit_layers[0]
-
-        def on_pre(i: int, layer: int):
-            def hook(resid, hook):
-                z = self.heads[i](resid)
-                state["logits"].append(z)
-                if decide is not None:
-                    fire = decide(i, z[:, -1]) & (exit_at[:, -1] == L)
-                    exit_at[:, -1] = torch.where(fire, torch.full_like(exit_at[:, -1], layer), exit_at[:, -1])
-                here = (exit_at == layer).unsqueeze(-1)
-                frozen = state["frozen"]
-                state["frozen"] = torch.where(here, resid, resid if frozen is None else frozen)
-                return None
-            return hook
-
-        def on_post(layer: int):
-            def hook(resid, hook):
-                done = (exit_at <= layer).unsqueeze(-1)
-                return torch.where(done, state["frozen"], resid)
-            return hook
-
-        fwd = [(resid_pre(l), on_pre(i, l)) for i, l in enumerate(self.exit_layers)]
-        fwd += [(resid_post(j), on_post(j)) for j in range(first, L)]
+        ctx = contextlib.nullcontext()
+        if state is None:
+            state = ExitState(self)
+            ctx = self.model.hooks(fwd_hooks=state.hooks())
+        state.reset(exit_at, decide)
         kwargs = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
-        with self.model.hooks(fwd_hooks=fwd):
+        with ctx:
             if use_cache:
                 logits, cache = self.model(tokens, return_type="logits_and_cache", **kwargs)
             else:
                 logits, cache = self.model(tokens, return_type="logits", **kwargs), None
-        return logits, torch.stack(state["logits"], dim=-1), exit_at, cache
+        return logits, torch.stack(state.logits, dim=-1), state.exit_at, cache
 
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
         """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
@@ -247,6 +229,49 @@ class EarlyExitModel(nn.Module):
     def __repr__(self) -> str:
         return (f"EarlyExitModel({getattr(self.model.cfg, 'model_name', '?')}, L={self.n_layers}, "
                 f"exit_layers={self.exit_layers}, head={self.head_kind!r})")
+
+
+class ExitState:
+    """What the decision and freeze hooks share during one forward.
+
+    The decision hook on ``blocks.{l}.hook_resid_pre`` runs the head, optionally decides the
+    last position's exit, and captures the residual of positions exiting at `l`; the freeze
+    hook on ``blocks.{j}.hook_resid_post`` (``j >= first exitable layer``) writes the captured
+    value back at every position whose exit layer is ``<= j``.
+    """
+
+    def __init__(self, ee_model: "EarlyExitModel"):
+        self.ee = ee_model
+        self.reset(None, None)
+
+    def reset(self, exit_at: Tensor | None, decide: Decider | None) -> None:
+        self.exit_at, self.decide = exit_at, decide
+        self.frozen: Tensor | None = None
+        self.logits: list[Tensor] = []
+
+    def hooks(self) -> list:
+        ee, L = self.ee, self.ee.n_layers
+
+        def on_pre(i: int, layer: int):
+            def hook(resid, hook):
+                z = ee.heads[i](resid)
+                self.logits.append(z)
+                exit_at = self.exit_at
+                if self.decide is not None:
+                    fire = self.decide(i, z[:, -1]) & (exit_at[:, -1] == L)
+                    exit_at[:, -1] = torch.where(fire, torch.full_like(exit_at[:, -1], layer), exit_at[:, -1])
+                here = (exit_at == layer).unsqueeze(-1)
+                self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)
+                return None
+            return hook
+
+        def on_post(layer: int):
+            def hook(resid, hook):
+                return torch.where((self.exit_at <= layer).unsqueeze(-1), self.frozen, resid)
+            return hook
+
+        fwd = [(resid_pre(l), on_pre(i, l)) for i, l in enumerate(ee.exit_layers)]
+        return fwd + [(resid_post(j), on_post(j)) for j in range(ee.exit_layers[0], L)]
 
 
 def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str = "mlp") -> EarlyExitModel:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 from tqdm.auto import tqdm
 
+from eetools.exits import ExitState
 from eetools.rollout import Rollout
 
 MODES = ("sample", "threshold", "off")
@@ -67,88 +69,96 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts)
-    model, L, m = ee_model.model, ee_model.n_layers, len(ee_model.exit_layers)
-    device = ee_model.device
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
-    b = ids.shape[0]
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    eos = model.tokenizer.eos_token_id
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (eos or 0)
+    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
+    state = ExitState(ee_model)
+    with ee_model.model.hooks(fwd_hooks=state.hooks()):  # attached once for the loop; removed even on errors
+        for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+            dec.step(step, state)
+            if bool(dec.done.all()):
+                break
+    return dec.rollout(prompts)
 
-    out_tok, out_exit, out_lp, out_elp, out_probs, out_mask = [], [], [], [], [], []
-    done = torch.zeros(b, dtype=torch.bool, device=device)
-    seq, mask, exit_hist = ids, pmask, torch.full_like(ids, L)
-    cache = None
-    step_input = ids
-    bar = tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False)
-    for step in bar:
-        u_exit = torch.rand(b, max(m, 1), generator=gen).to(device)
-        u_tok = torch.rand(b, generator=gen).to(device)
+
+class _Decoder:
+    """The state of one batched decode loop, and the per-step logic."""
+
+    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen):
+        self.ee, self.ids, self.pmask = ee_model, ids, pmask
+        self.mode, self.temperature, self.threshold, self.use_cache, self.gen = mode, temperature, threshold, use_cache, gen
+        self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
+        self.device = ee_model.device
+        tok = ee_model.model.tokenizer
+        self.eos = tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos or 0)
+        self.done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
+        self.seq, self.mask, self.step_input = ids, pmask, ids
+        self.exit_hist = torch.full_like(ids, self.L)
+        self.cache = None
+        self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs")}
+
+    def step(self, step: int, state) -> None:
+        b, device = self.b, self.device
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen).to(device)  # drawn every step, in a fixed order
+        u_tok = torch.rand(b, generator=self.gen).to(device)
         elp = torch.zeros(b, device=device)
+        running = torch.ones(b, dtype=torch.bool, device=device)
 
-        def decide(i, z):
-            if step == 0 or mode == "off":
+        def decide(i: int, z: Tensor) -> Tensor:
+            nonlocal running
+            if step == 0 or self.mode == "off":  # the prompt's last position never exits
                 return torch.zeros_like(z, dtype=torch.bool)
             c = torch.sigmoid(z.float())
-            fire = (u_exit[:, i] < c) if mode == "sample" else (c >= threshold)
+            fire = (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
+            lp = torch.where(fire, F.logsigmoid(z.float()), F.logsigmoid(-z.float()))
+            elp.add_(torch.where(running, lp, torch.zeros_like(lp)))
+            running = running & ~fire
             return fire
 
-        exit_state = {}
-
-        def decide_and_score(i, z, _decide=decide):
-            fire = _decide(i, z)
-            if step > 0:
-                running = exit_state.get("running", torch.ones(b, dtype=torch.bool, device=device))
-                lp = torch.where(fire, F.logsigmoid(z.float()), F.logsigmoid(-z.float()))
-                elp.add_(torch.where(running, lp, torch.zeros_like(lp)))
-                exit_state["running"] = running & ~fire
-            return fire
-
-        if use_cache:
-            logits, z, exit_at, cache = ee_model._forward(step_input, mask, decide=decide_and_score,
-                                                          past_key_values=cache, use_cache=True)
+        if self.use_cache:
+            logits, z, exit_at, self.cache = self.ee._forward(self.step_input, self.mask, decide=decide, state=state,
+                                                              past_key_values=self.cache, use_cache=True)
         else:
-            logits, z, exit_at, _ = ee_model._forward(seq, mask, exit_at=exit_hist, decide=decide_and_score)
-            exit_hist = exit_at
+            logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
+                                                     state=state)
+            self.exit_hist = exit_at
         last = logits[:, -1].float()
         logp = last.log_softmax(-1)
-        if temperature == 0:
+        if self.temperature == 0:
             tok = logp.argmax(-1)
-        else:
-            probs = (last / temperature).softmax(-1)
-            cdf = probs.cumsum(-1)
-            tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=probs.shape[-1] - 1)
-        tok = torch.where(done, torch.full_like(tok, pad), tok)
-        out_tok.append(tok)
-        out_mask.append(~done)
-        out_exit.append(torch.where(done, torch.full_like(tok, L), exit_at[:, -1]))
-        out_lp.append(torch.where(done, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok[:, None]).squeeze(-1)))
-        out_elp.append(torch.where(done, torch.zeros_like(elp), elp))
-        out_probs.append(torch.sigmoid(z[:, -1].float()))
-        if eos is not None:
-            done = done | (tok == eos)
-        step_input = tok[:, None]
-        seq = torch.cat([seq, step_input], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        exit_hist = torch.cat([exit_hist, torch.full_like(exit_hist[:, :1], L)], dim=1)
-        if bool(done.all()):
-            break
+        else:  # inverse-CDF sampling with the pre-drawn uniform
+            cdf = (last / self.temperature).softmax(-1).cumsum(-1)
+            tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        done = self.done
+        tok = torch.where(done, torch.full_like(tok, self.pad), tok)
+        self.out["tok"].append(tok)
+        self.out["mask"].append(~done)
+        self.out["exit"].append(torch.where(done, torch.full_like(tok, self.L), exit_at[:, -1]))
+        self.out["lp"].append(torch.where(done, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok[:, None]).squeeze(-1)))
+        self.out["elp"].append(torch.where(done, torch.zeros_like(elp), elp))
+        self.out["probs"].append(torch.sigmoid(z[:, -1].float()))
+        if self.eos is not None:
+            self.done = done | (tok == self.eos)
+        self.step_input = tok[:, None]
+        self.seq = torch.cat([self.seq, self.step_input], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
 
-    tokens = torch.stack(out_tok, 1).cpu()
-    gmask = torch.stack(out_mask, 1).cpu()
-    tok_obj = model.tokenizer
-    str_tokens, text, prompt_str = [], [], []
-    for i in range(b):
-        valid = tokens[i][gmask[i]].tolist()
-        str_tokens.append([tok_obj.decode([t]) for t in valid])
-        text.append(tok_obj.decode([t for t in valid if t != eos], skip_special_tokens=True))
-        prompt_str.append([tok_obj.decode([t]) for t in ids[i][pmask[i].bool()].tolist()])
-    return Rollout(prompts=prompts, prompt_tokens=ids.cpu(), prompt_mask=pmask.cpu(), tokens=tokens, mask=gmask,
-                   exit_layers=torch.stack(out_exit, 1).cpu(), token_logprobs=torch.stack(out_lp, 1).cpu(),
-                   exit_logprobs=torch.stack(out_elp, 1).cpu(), exit_probs=torch.stack(out_probs, 1).cpu(),
-                   text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str, n_layers=L,
-                   layers=list(ee_model.exit_layers), mode=mode)
+    def rollout(self, prompts: list[str]) -> Rollout:
+        stack = lambda k: torch.stack(self.out[k], 1).cpu()
+        tokens, gmask = stack("tok"), stack("mask")
+        tok = self.ee.model.tokenizer
+        ids, pmask = self.ids.cpu(), self.pmask.cpu()
+        str_tokens, text, prompt_str = [], [], []
+        for i in range(self.b):
+            valid = tokens[i][gmask[i]].tolist()
+            str_tokens.append(tok.batch_decode([[t] for t in valid]))
+            text.append(tok.decode([t for t in valid if t != self.eos], skip_special_tokens=True))
+            prompt_str.append(tok.batch_decode([[t] for t in ids[i][pmask[i].bool()].tolist()]))
+        return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
+                       exit_layers=stack("exit"), token_logprobs=stack("lp"), exit_logprobs=stack("elp"),
+                       exit_probs=stack("probs"), text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
+                       n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode)
