@@ -149,6 +149,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
+    p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
+    _common(p, "runs/accuracy")
+    p.add_argument("--model", default=None, help="base model (default: the shipped tiny reasoner)")
+    p.add_argument("--task", nargs="+", default=["addition", "tom"], help="tasks (default: addition tom)")
+    p.add_argument("--n", type=int, default=None, help="examples per task (default: the whole split)")
+
     p = sub.add_parser("report", help="build report.html from a reproduce output folder")
     _common(p, "runs/reproduce")
 
@@ -205,6 +211,15 @@ def _run(args) -> int:
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
                                    seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
         print(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    elif args.command == "accuracy":
+        import eetools
+        from eetools.evaluation import greedy_accuracy
+
+        model = eetools.load_model(args.model, device=args.device, dtype=args.dtype)
+        for name in args.task:
+            acc = greedy_accuracy(model, name, n=args.n, progress=progress)
+            n = args.n or len(eetools.tasks.get(name).test_split())
+            print(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
     elif args.command == "report":
         print(pipeline.write_report(out))
     elif args.command == "reproduce":

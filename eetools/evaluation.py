@@ -158,3 +158,17 @@ def _rows(system, task, exs, texts, compute, judges):
     return [{"system": system, "example": i, "score": s, "correct": s == 1.0, "compute": c, "completion": t,
              **{f"coherence_{k}": v[i] for k, v in coh.items()}}
             for i, (s, c, t) in enumerate(zip(scores, compute, cut))]
+
+
+def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100, max_new_tokens: int = 160,
+                    progress: bool = True) -> float:
+    """Greedy accuracy of a base model (a bridge, no exits) on the task's frozen test split."""
+    from eetools.exits import attach_exit_heads
+
+    task = task_lib.get(task)
+    exs = task.test_split()[:n] if n else task.test_split()
+    ee = attach_exit_heads(model)
+    rs = _generate_all(ee, [e.prompt for e in exs], mode="off", max_new_tokens=max_new_tokens, seed=0,
+                       batch_size=batch_size, temperature=0.0, threshold=0.5, base=True, progress=progress)
+    texts = [t for r in rs for t in r.text]
+    return sum(task.score(e, task_lib.cut_at_answer(t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)

@@ -60,6 +60,8 @@ class PretrainConfig:
     """Steps between checkpoints."""
     threads: int = 2
     """torch CPU threads (fixed for reproducibility)."""
+    init: str = ""
+    """Start from this HF-format model folder instead of random weights (continued training)."""
 
 
 def model_config(cfg: PretrainConfig, tokenizer):
@@ -114,6 +116,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM._from_config(model_config(cfg, tokenizer), attn_implementation="sdpa")
+    if cfg.init:
+        model.load_state_dict(load_tensors(Path(cfg.init) / "model.safetensors"), strict=False)
+        model.tie_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     start = 0
