@@ -94,3 +94,21 @@ def test_resume_is_identical(tiny_folders, tmp_path):
     assert list(full.history["reward"]) == list(res.history["reward"])
     with pytest.raises(ValueError, match="lam"):
         train_rl(fresh(), "addition", steps=4, checkpoint_dir=tmp_path / "ck", **{**kw, "lam": 0.5})
+
+
+def test_exit_cost_alone_pushes_exit_probabilities_up(tiny_ee):
+    """With reward = -exitcost only, RLOO must make the heads exit more."""
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(-1.0)
+    toks = tiny_ee.model.to_tokens(["Q: 12+34\n1+4+0=5\n"], prepend_bos=True)
+
+    def mean_exit_prob():
+        with torch.no_grad():
+            out = tiny_ee.prescribed_forward(toks, torch.full_like(toks, tiny_ee.n_layers))
+            return float(1 - out.exit_logprobs()[..., -1].exp().mean())  # P(exit somewhere)
+
+    before = mean_exit_prob()
+    train_rl(tiny_ee, "addition", steps=6, reward_fn=lambda e, c: 0.0, lam=1.0, beta=0.0,
+             **{**FAST, "k": 4, "max_new_tokens": 8, "lr": 3e-2})
+    assert mean_exit_prob() > before + 0.02
