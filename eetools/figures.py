@@ -139,3 +139,63 @@ def rl_dynamics_figure(history: pd.DataFrame, *, metrics=("accuracy", "compute",
     fig.update_layout(title="RL dynamics (runs light, mean bold, ±1 SE; base dashed)", template="plotly_white",
                       height=350, width=330 * max(len(metrics), 1))
     return fig
+
+
+@dataclass
+class ClassHistogram:
+    """Exit-layer histograms per token class, for one or more systems (e.g. before/after RL).
+
+    Each generated token is counted at the layer its prediction exited (L = full depth) and
+    under the class of the token predicted (format, copied digit, computed digit, answer...).
+    """
+
+    df: pd.DataFrame  # columns: system, token_class, outcome, count, fraction
+    layers: list[int]
+    n_layers: int
+
+    def figure(self) -> go.Figure:
+        classes = list(dict.fromkeys(self.df["token_class"]))
+        fig = make_subplots(rows=1, cols=len(classes), subplot_titles=classes, shared_yaxes=True)
+        colors = ["rgb(215,48,31)", "rgb(40,70,170)", "rgb(90,160,90)", "rgb(150,90,170)"]
+        for j, c in enumerate(classes, start=1):
+            for s, (system, g) in enumerate(self.df[self.df.token_class == c].groupby("system", sort=False)):
+                fig.add_trace(go.Bar(x=g["outcome"], y=g["fraction"], name=system, marker_color=colors[s % 4],
+                                     showlegend=j == 1, legendgroup=system), row=1, col=j)
+        fig.update_xaxes(type="category")
+        fig.update_layout(barmode="group", template="plotly_white", height=330, width=280 * len(classes),
+                          title="Exit layer by token class")
+        return fig
+
+
+def exit_histogram_by_class(rollouts: Mapping[str, object], examples: Sequence | None = None,
+                            task: str | None = None) -> ClassHistogram:
+    """Histograms of exit layers per token class for each named rollout (same prompts or not).
+
+    Args:
+        rollouts: {system name: Rollout}.
+        examples: the `Example` of each sequence (gives the task and its truth), optional.
+        task: the task name when `examples` is not given.
+    """
+    from eetools.probes import annotate_tokens
+
+    rows = []
+    first = next(iter(rollouts.values()))
+    layers, L = list(first.layers), first.n_layers
+    outcomes = [str(l) for l in layers] + ["full"]
+    for system, r in rollouts.items():
+        for i in range(len(r)):
+            ex = examples[i] if examples is not None and i < len(examples) else None
+            pieces = r.str_tokens[i]
+            ann = annotate_tokens(pieces, task, ex)
+            n = int(r.mask[i].sum())
+            for t in range(min(n, len(ann))):
+                e = int(r.exit_layers[i, t])
+                rows.append({"system": system, "token_class": ann["token_class"].iloc[t],
+                             "outcome": "full" if e == L else str(e)})
+    df = pd.DataFrame(rows)
+    counts = df.groupby(["system", "token_class", "outcome"], sort=False).size().rename("count").reset_index()
+    full = pd.MultiIndex.from_product([list(rollouts), list(dict.fromkeys(df["token_class"])), outcomes],
+                                      names=["system", "token_class", "outcome"])
+    counts = counts.set_index(["system", "token_class", "outcome"]).reindex(full, fill_value=0).reset_index()
+    counts["fraction"] = counts["count"] / counts.groupby(["system", "token_class"])["count"].transform("sum").clip(lower=1)
+    return ClassHistogram(df=counts, layers=layers, n_layers=L)
