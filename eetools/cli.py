@@ -158,6 +158,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="build report.html from a reproduce output folder")
     _common(p, "runs/reproduce")
 
+    p = sub.add_parser("ship", help="copy a reproduction's exit models and results into data/ (the shipped presets)")
+    _common(p, "runs/reproduce")
+
     p = sub.add_parser("reproduce", help="calibration, RL across seeds, evaluation, every paper figure and report.html")
     _common(p, "runs/reproduce")
     add_config_args(p, ReproduceConfig)
@@ -222,6 +225,9 @@ def _run(args) -> int:
             print(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
     elif args.command == "report":
         print(pipeline.write_report(out))
+    elif args.command == "ship":
+        for path in pipeline.ship(out):
+            print(path)
     elif args.command == "reproduce":
         cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
         print(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))

@@ -212,3 +212,31 @@ def write_report(out: Path) -> Path:
         t = json.loads(summ.read_text())["timings"]
         sections.append(("Run time", ", ".join(f"{k} {v:.0f}" for k, v in t.items())))
     return build_report(sections, out / "report.html", title="eetools: reproduction of Pavlova et al. (2026)")
+
+
+def ship(out: Path, data: Path | None = None) -> list[Path]:
+    """Copy a reproduction's calibrated and RL (first seed) exit models and its results into ``data/``.
+
+    These are what the presets "tiny-reasoner/calibrated" and "tiny-reasoner/rl" and the notebooks load.
+    """
+    import shutil
+
+    from eetools.paths import data_dir
+
+    out, data = Path(out), Path(data) if data else data_dir()
+    cfg = json.loads((out / "summary.json").read_text())["config"]
+    pairs = [(out / "calibrated" / "model", data / "models" / "tiny-reasoner-calibrated"),
+             (out / "rl" / f"lam1.5_beta0.25_seed{cfg['seed']}" / "model", data / "models" / "tiny-reasoner-rl")]
+    written = []
+    for src, dst in pairs:
+        if dst.exists():
+            shutil.rmtree(dst)
+        shutil.copytree(src, dst)
+        written.append(dst)
+    res = data / "results"
+    res.mkdir(parents=True, exist_ok=True)
+    for name in ("evaluation.csv", "rl_history.csv", "fig3.csv", "calibrated/fig4.csv", "calibrated/calibration_history.csv",
+                 "summary.json"):
+        shutil.copy(out / name, res / Path(name).name)
+        written.append(res / Path(name).name)
+    return written

@@ -42,7 +42,7 @@ class RLConfig:
     """Weight of the KL(policy || reference) penalty in the reward."""
     k: int = 8
     """Rollouts per prompt (RLOO group size, >= 2)."""
-    prompts_per_step: int = 4
+    prompts_per_step: int = 8
     """Prompts per step (batch = prompts_per_step * k rollouts)."""
     steps: int = 30
     """Optimizer steps."""
@@ -131,7 +131,7 @@ def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, bet
     return loss, stats, adv
 
 
-def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 4,
+def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
              steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10) -> RLResult:
