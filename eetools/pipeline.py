@@ -28,13 +28,13 @@ class ReproduceConfig:
     """Base seed (RL runs use seed, seed+1, ...)."""
     n_seeds: int = 3
     """RL runs (seeds) for Fig. 2 left."""
-    kl_factors: list[float] = field(default_factory=lambda: [0.25, 1.0, 4.0])
-    """KL factors for Fig. 3 (the default 1.0 is the main calibration)."""
-    calib_steps: int = 120
+    kl_factors: list[float] = field(default_factory=lambda: [1.0, 4.0, 16.0, 64.0])
+    """KL factors for Fig. 3 (the default 64 is the main calibration)."""
+    calib_steps: int = 500
     """Calibration steps at the default KL factor."""
-    fig3_steps: int = 60
+    fig3_steps: int = 120
     """Calibration steps for the other KL factors of Fig. 3."""
-    rl_steps: int = 16
+    rl_steps: int = 30
     """RL steps per run."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
@@ -43,8 +43,8 @@ class ReproduceConfig:
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     if not cfg.quick:
         return cfg
-    return ReproduceConfig(quick=True, task=cfg.task, seed=cfg.seed, n_seeds=2, kl_factors=[0.5, 2.0], calib_steps=12,
-                           fig3_steps=6, rl_steps=3, eval_n=24)
+    return ReproduceConfig(quick=True, task=cfg.task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
+                           fig3_steps=6, rl_steps=2, eval_n=24)
 
 
 def _dtype(dtype):

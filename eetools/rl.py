@@ -46,7 +46,7 @@ class RLConfig:
     """Prompts per step (batch = prompts_per_step * k rollouts)."""
     steps: int = 30
     """Optimizer steps."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """AdamW learning rate."""
     max_new_tokens: int = 80
     """Generation length cap."""
@@ -132,7 +132,7 @@ def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, bet
 
 
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
-             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
+             steps: int = 30, lr: float = 2e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
