@@ -42,10 +42,13 @@ class ExitDistributionComparison:
 
 
 @torch.no_grad()
-def exit_distribution_vs_target(ee_model, task="addition", *, n: int = 64, kl_factor: float = 1.0,
+def exit_distribution_vs_target(ee_model, task="addition", *, n: int = 64, kl_factor: float = 64.0,
                                 examples: Sequence | None = None, batch_size: int = 16) -> ExitDistributionComparison:
     """Fig. 4 on held-out examples: mean stick-breaking distribution of the heads (no exits
-    prescribed, adapters on) vs the calibration target, over the continuation tokens that may exit."""
+    prescribed, adapters on) vs the calibration target, over the continuation tokens that may exit.
+
+    `kl_factor` must be the one the heads were calibrated with (default: calibration's default, 64).
+    """
     from eetools.calibration import encode_sequences, exit_targets
     from eetools.heads import exit_log_probs
 
