@@ -173,6 +173,7 @@ class EarlyExitModel(nn.Module):
                 logits, cache = self.model(tokens, return_type="logits", **kwargs), None
         return logits, torch.stack(state.logits, dim=-1), state.exit_at, cache
 
+    @torch.no_grad()
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
         """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
         store: dict[int, Tensor] = {}

@@ -97,6 +97,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
         kwargs["dtype"] = dtype
     if hf_model is not None:
         kwargs["hf_model"] = hf_model
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in notebooks and logs
     sink = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
         warnings.simplefilter("ignore")
@@ -108,6 +112,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
             raise ModelNotFoundError(f"could not load model {target!r}: {str(e).splitlines()[0]}") from None
         finally:
             logging.getLogger().setLevel(level)
+            if bars:
+                hf_logging.enable_progress_bar()
     bridge.eval()
     if local and (Path(target) / "eetools_model.json").exists():
         # eetools-trained models were trained with <bos> first; the Qwen3 adapter defaults to no BOS

@@ -84,7 +84,7 @@ example = task.test_split()[0]
 from eetools.calibration import encode_sequences, exit_targets
 ids, attn, predict = encode_sequences(ee_model, [example.prompt], [example.reasoning])
 teacher = ee_model.teacher_forward(ids, attn)
-targets = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor=1.0)[0]
+targets = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor=64.0)[0]
 print(targets.shape)"""),
 ("md", "The target exit distribution for every token of one worked sum (rows: exit outcomes; columns: the token each position predicts):"),
 ("code", """import plotly.graph_objects as go
@@ -92,10 +92,10 @@ from eetools.viz import visible
 pos = predict[0].nonzero().squeeze(-1)
 labels = [f"{i}:{visible(model.tokenizer.decode([int(ids[0, p + 1])]), newline='')}" for i, p in enumerate(pos.tolist())]
 go.Figure(go.Heatmap(z=targets[pos].T.numpy(), x=labels, y=[str(l) for l in ee_model.exit_layers] + ["none"],
-                     colorscale="Blues")).update_layout(title="Target exit distribution (k=1)", yaxis_title="exit layer", height=320)"""),
+                     colorscale="Blues")).update_layout(title="Target exit distribution (k=64)", yaxis_title="exit layer", height=320)"""),
 ("md", "Copied digits and format characters can exit at layer 1-3; the digit of each column sum needs depth. A short live calibration (the shipped heads used the same code with more steps):"),
 ("code", """# NBVAL_IGNORE_OUTPUT
-res = ee.calibrate(ee_model, "addition", kl_factor=1.0, steps=20, batch_size=8, seed=0)
+res = ee.calibrate(ee_model, "addition", kl_factor=64.0, steps=20, batch_size=8, seed=0)
 res.history[["step", "loss", "kl", "exit_nll", "student_compute", "target_compute"]].tail(3)"""),
 ("code", "res.figure()"),
 ("md", "## Fig. 4: learned vs target exit distribution\nOn held-out examples, with the shipped calibrated heads:"),
