@@ -249,6 +249,8 @@ class ExitState:
         self.exit_at, self.decide = exit_at, decide
         self.frozen: Tensor | None = None
         self.logits: list[Tensor] = []
+        # nothing to freeze until some position exits: the freeze hooks then cost nothing
+        self.any_exit = exit_at is not None and bool((exit_at < self.ee.n_layers).any())
 
     def hooks(self) -> list:
         ee, L = self.ee, self.ee.n_layers
@@ -260,14 +262,19 @@ class ExitState:
                 exit_at = self.exit_at
                 if self.decide is not None:
                     fire = self.decide(i, z[:, -1]) & (exit_at[:, -1] == L)
-                    exit_at[:, -1] = torch.where(fire, torch.full_like(exit_at[:, -1], layer), exit_at[:, -1])
-                here = (exit_at == layer).unsqueeze(-1)
-                self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)
+                    if bool(fire.any()):
+                        exit_at[:, -1] = torch.where(fire, torch.full_like(exit_at[:, -1], layer), exit_at[:, -1])
+                        self.any_exit = True
+                if self.any_exit:
+                    here = (exit_at == layer).unsqueeze(-1)
+                    self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)
                 return None
             return hook
 
         def on_post(layer: int):
             def hook(resid, hook):
+                if not self.any_exit:
+                    return None
                 return torch.where((self.exit_at <= layer).unsqueeze(-1), self.frozen, resid)
             return hook
 

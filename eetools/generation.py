@@ -143,9 +143,10 @@ class _Decoder:
         if self.eos is not None:
             self.done = done | (tok == self.eos)
         self.step_input = tok[:, None]
-        self.seq = torch.cat([self.seq, self.step_input], dim=1)
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-        self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
+        if not self.use_cache:  # the uncached reference re-runs the whole prefix
+            self.seq = torch.cat([self.seq, self.step_input], dim=1)
+            self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
 
     def rollout(self, prompts: list[str]) -> Rollout:
         stack = lambda k: torch.stack(self.out[k], 1).cpu()
