@@ -249,3 +249,55 @@ def test_hidden_planning_same_model_has_zero_delta(tiny_ee):
     assert h.figure() is not None
     with pytest.raises(ValueError, match="not a number"):
         probes.hidden_planning(tiny_ee, tiny_ee, TomTask().sample(6, seed=0), n_positions=1)
+
+
+def test_skipped_block_attributions_sum_to_full_minus_exited_logit(tiny_folders):
+    """Sum of the skipped blocks' DLA = full-depth logit - exit-layer residual's logit (same linearised norm)."""
+    import eetools
+    from eetools.probes import linearised_final_norm, skipped_computation
+
+    ee_model = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2, 3])
+    ee_model.model.cfg.default_prepend_bos = True
+    with torch.no_grad():
+        for h in ee_model.heads:
+            h.net[-1].bias.fill_(0.0)
+    r = ee_model.generate(["Q: 1+2\n"], 10, seed=0)
+    res = skipped_computation(ee_model, r, task="addition")
+    assert len(res.df)
+    _, cache = ee_model.model.run_with_cache(r.sequences, attention_mask=r.attention_mask)
+    L = ee_model.n_layers
+    final = cache[f"blocks.{L - 1}.hook_resid_post"][0]
+    full_logits = ee_model.model(r.sequences, attention_mask=r.attention_mask)[0]
+    for row in res.df.itertuples():
+        tok = int(r.tokens[0, row.t])
+        w = ee_model.model.W_U[:, tok]
+        early = cache[f"blocks.{row.exit_layer}.hook_resid_pre"][0, row.position]
+        want = full_logits[row.position, tok] - (linearised_final_norm(ee_model, early, final[row.position]) @ w)
+        assert abs(row.skipped_dla - float(want.detach())) < 1e-3, (row, float(want.detach()))
+
+
+def test_oracle_equals_brute_force(tiny_ee):
+    """Oracle exit = the earliest exitable layer whose logit-lens argmax equals the final argmax, by brute force."""
+    from eetools.probes import oracle_exits
+
+    from eetools import tasks
+
+    exs = tasks.get("addition").sample(2, seed=3)
+    res = oracle_exits(tiny_ee, exs, base=True)
+    from eetools.calibration import encode_sequences
+
+    for i, ex in enumerate(exs):
+        ids, attn, predict = encode_sequences(tiny_ee, [ex.prompt], [ex.reasoning])
+        _, cache = tiny_ee.model.run_with_cache(ids, attention_mask=attn)
+        final = tiny_ee.model(ids, attention_mask=attn)[0].argmax(-1)
+        got = res.df[res.df["seq"] == i]["oracle_layer"].tolist()
+        want = []
+        for p in predict[0].nonzero().squeeze(-1).tolist():
+            layer = tiny_ee.n_layers
+            for l in tiny_ee.exit_layers:
+                if int(tiny_ee.readout(cache[f"blocks.{l}.hook_resid_pre"][0, p]).argmax()) == int(final[p]):
+                    layer = l
+                    break
+            want.append(layer)
+        want[0] = tiny_ee.n_layers  # the prompt's last position never exits
+        assert got == want

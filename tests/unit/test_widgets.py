@@ -25,3 +25,17 @@ def test_explorer_static_and_widget(tiny_ee):
     assert "full-depth prediction" in html
     w = ex.widget()
     assert w.children and len(w.children) == 6
+
+
+def test_widget_callbacks_update_without_a_browser(tiny_ee):
+    ex = Explorer(tiny_ee, "addition", n_examples=3, max_new_tokens=6)
+    w = ex.widget()
+    pick, prompt, controls, _out_text, token, _out_tok = w.children
+    pick.value = 2  # observer copies the example's prompt
+    assert prompt.value == ex.examples[2].prompt
+    controls.children[3].value = 7  # seed
+    controls.children[4].click()  # Generate
+    assert ex.rollout.prompts == [ex.examples[2].prompt]
+    assert token.max == int(ex.rollout.mask[0].sum()) - 1
+    if token.max > 0:
+        token.value = token.max  # shows that token's details
