@@ -36,6 +36,8 @@ class ReproduceConfig:
     """Calibration steps for the other KL factors of Fig. 3."""
     rl_steps: int = 30
     """RL steps per run."""
+    rl_temperature: float = 0.0
+    """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
 
@@ -44,7 +46,7 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     if not cfg.quick:
         return cfg
     return ReproduceConfig(quick=True, task=cfg.task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
-                           fig3_steps=6, rl_steps=2, eval_n=24)
+                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature)
 
 
 def _dtype(dtype):
@@ -150,6 +152,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 3. RL across seeds (Fig. 2 left)
     sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
+                      temperature=cfg.rl_temperature,
                       progress=progress, checkpoint_root=out / "rl")
     sweep.history.to_csv(out / "rl_history.csv", index=False)
     timings["rl_s"] = time.time() - t0 - sum(timings.values())

@@ -46,12 +46,12 @@ class RLConfig:
     """Prompts per step (batch = prompts_per_step * k rollouts)."""
     steps: int = 30
     """Optimizer steps."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """AdamW learning rate."""
     max_new_tokens: int = 80
     """Generation length cap."""
     temperature: float = 1.0
-    """Token sampling temperature of the rollouts."""
+    """Token sampling temperature of the rollouts; 0 = greedy tokens, only exits sampled (and trained)."""
     seed: int = 0
     """Seed of prompts and sampling."""
     eval_every: int = 10
@@ -104,8 +104,12 @@ def _task_rewards(task, reward_fn, examples, completions, step) -> list[float]:
     return out
 
 
-def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float):
-    """Loss and statistics of one RLOO step for a rollout batch ordered as groups of `k`."""
+def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float, token_term: bool = True):
+    """Loss and statistics of one RLOO step for a rollout batch ordered as groups of `k`.
+
+    `token_term=False` (greedy tokens, temperature 0) keeps only the sampled exit decisions
+    in the policy gradient: greedy tokens are not samples of the policy.
+    """
     seqs, attn = rollout.sequences.to(ee_model.device), rollout.attention_mask.to(ee_model.device)
     P = rollout.prompt_tokens.shape[1]
     mask = rollout.mask.to(ee_model.device).float()
@@ -123,7 +127,7 @@ def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, bet
         cost = rollout.compute.to(ee_model.device)
         reward = task_reward.to(ee_model.device) - beta * kl - lam * cost
         adv = rloo_advantages(reward.view(-1, k)).view(-1)
-    logp = ((tok_lp + ex_lp) * mask).sum(1)
+    logp = (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1)
     loss = -(adv * logp).mean()
     stats = {"reward": reward.mean().item(), "task": task_reward.mean().item(), "kl": kl.mean().item(),
              "exitcost": cost.mean().item(), "adv_mean": adv.mean().item(), "adv_std": adv.std().item(),
@@ -132,7 +136,7 @@ def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, bet
 
 
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
-             steps: int = 30, lr: float = 2e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
+             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
@@ -173,7 +177,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
                                     temperature=cfg.temperature, seed=cfg.seed * 7_919 + step)
         completions = [task_lib.cut_at_answer(t) for t in rollout.text]
         task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step))
-        loss, stats, adv = rl_step_loss(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta)
+        loss, stats, adv = rl_step_loss(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta,
+                                        token_term=cfg.temperature > 0)
         if not math.isfinite(loss.item()) or not all(math.isfinite(v) for v in stats.values()):
             if ckpt is not None:
                 _save(ckpt, ee_model, opt, cfg, step, rows, evals)
