@@ -11,11 +11,11 @@ give the same tokens and exits.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from eetools.exits import ExitState
+from eetools.heads import exit_log_probs
 from eetools.rollout import Rollout
 
 MODES = ("sample", "threshold", "off")
@@ -102,21 +102,15 @@ class _Decoder:
 
     def step(self, step: int, state) -> None:
         b, device = self.b, self.device
-        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen).to(device)  # drawn every step, in a fixed order
-        u_tok = torch.rand(b, generator=self.gen).to(device)
-        elp = torch.zeros(b, device=device)
-        running = torch.ones(b, dtype=torch.bool, device=device)
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(device)  # fixed draw order
+        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)
+        never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
         def decide(i: int, z: Tensor) -> Tensor:
-            nonlocal running
-            if step == 0 or self.mode == "off":  # the prompt's last position never exits
+            if never:
                 return torch.zeros_like(z, dtype=torch.bool)
             c = torch.sigmoid(z.float())
-            fire = (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
-            lp = torch.where(fire, F.logsigmoid(z.float()), F.logsigmoid(-z.float()))
-            elp.add_(torch.where(running, lp, torch.zeros_like(lp)))
-            running = running & ~fire
-            return fire
+            return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
 
         if self.use_cache:
             logits, z, exit_at, self.cache = self.ee._forward(self.step_input, self.mask, decide=decide, state=state,
@@ -125,6 +119,11 @@ class _Decoder:
             logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
                                                      state=state)
             self.exit_hist = exit_at
+        # log-prob of the exit decisions taken, under the heads' stick-breaking distribution
+        if step == 0:
+            elp = torch.zeros(b, device=device)
+        else:
+            elp = exit_log_probs(z[:, -1].float()).gather(-1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
         last = logits[:, -1].float()
         logp = last.log_softmax(-1)
         if self.temperature == 0:
