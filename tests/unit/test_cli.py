@@ -57,3 +57,10 @@ def test_bad_input_exits_nonzero_with_one_line(argv, needle, tiny_folders, capsy
     assert main(argv + ["--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
+
+
+def test_yaml_config(tiny_folders, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("calibrate:\n  steps: 1\n  batch_size: 2\n  lora: false\n")
+    assert main(["calibrate", "--model", str(tiny_folders["qwen3"]), "--config", str(cfg), "--out",
+                 str(tmp_path / "o"), "--no-progress"]) == 0
