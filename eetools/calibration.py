@@ -24,8 +24,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
 from eetools.heads import exit_log_probs, stick_breaking
+from eetools.training_state import resume_run, save_run
 
 
 def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
@@ -207,12 +207,6 @@ def _check_args(cfg: CalibrationConfig, source) -> None:
         raise ValueError("the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts")
 
 
-def _save(ckpt: Path, ee_model, opt, cfg, step, rows) -> None:
-    ee_model.save(ckpt / "model")
-    save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
-    save_json({"step": step, "config": dataclasses.asdict(cfg), "history": rows}, ckpt / "trainer.json")
-
-
 def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_samples: int = 4, steps: int = 500,
               batch_size: int = 8, lr: float = 3e-3, lora: bool = True, seed: int = 0,
               checkpoint_dir: str | Path | None = None, progress: bool = True, **options) -> CalibrationResult:
@@ -253,7 +247,8 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / "trainer.json").exists():
-        start, rows = _resume(ckpt, ee_model, opt, cfg)
+        saved = resume_run(ckpt, ee_model, opt, cfg)
+        start, rows = saved["step"], saved["history"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
                disable=not progress)
     for step in bar:
@@ -262,7 +257,7 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
         loss, stats = calibration_loss(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
         if not math.isfinite(loss.item()):
             if ckpt is not None:
-                _save(ckpt, ee_model, opt, cfg, step, rows)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows)
             raise FloatingPointError(f"calibration loss is {loss.item()} at step {step}; stopped before the optimizer "
                                      f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
         opt.zero_grad(set_to_none=True)
@@ -270,27 +265,11 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
         grads = [p.grad for p in params if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             if ckpt is not None:
-                _save(ckpt, ee_model, opt, cfg, step, rows)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows)
             raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied")
         opt.step()
         rows.append({"step": step + 1, **stats})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            _save(ckpt, ee_model, opt, cfg, step + 1, rows)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows)
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)
-
-
-def _resume(ckpt: Path, ee_model, opt, cfg: CalibrationConfig):
-    from eetools.exit_checkpoint import load_weights_into
-
-    saved = load_json(ckpt / "trainer.json")
-    now = dataclasses.asdict(cfg)
-    diff = [k for k in now if k not in ("steps", "checkpoint_every") and saved["config"].get(k) != now[k]]
-    if diff:
-        raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
-                         + ", ".join(f"{k} (saved {saved['config'].get(k)!r}, now {now[k]!r})" for k in diff))
-    load_weights_into(ee_model, ckpt / "model")
-    state = load_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return saved["step"], saved["history"]

@@ -125,7 +125,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     import eetools
     from eetools import viz
     from eetools.calibration import CalibrationConfig
-    from eetools.figures import coherence_by_kl_factor, exit_distribution_vs_target
+    from eetools.figures import coherence_by_kl_factor
     from eetools.rl import run_sweep
 
     cfg = _quick(cfg)

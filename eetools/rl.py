@@ -11,7 +11,6 @@ exits. Trainable: exit heads and LoRA adapters.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
 from eetools.judges import ReasoningJudge
+from eetools.training_state import resume_run, save_run
 
 
 class RewardError(RuntimeError):
@@ -166,7 +165,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and (ckpt / "trainer.json").exists():
-        start, rows, evals = _resume(ckpt, ee_model, opt, cfg)
+        saved = resume_run(ckpt, ee_model, opt, cfg)
+        start, rows, evals = saved["step"], saved["history"], saved["evals"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl", disable=not progress)
     if start == 0 and cfg.eval_every:
         evals.append(_evaluate(ee_model, task, cfg, 0))
@@ -181,14 +181,14 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
                                         token_term=cfg.temperature > 0)
         if not math.isfinite(loss.item()) or not all(math.isfinite(v) for v in stats.values()):
             if ckpt is not None:
-                _save(ckpt, ee_model, opt, cfg, step, rows, evals)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals)
             raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({stats}); stopped without updating")
         opt.zero_grad(set_to_none=True)
         if bool((adv != 0).any()):  # every group flat: no signal, leave the parameters alone
             loss.backward()
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 if ckpt is not None:
-                    _save(ckpt, ee_model, opt, cfg, step, rows, evals)
+                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals)
                 raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied")
             opt.step()
         scores = [task.score(e, c) for e, c in zip(group, completions)]
@@ -203,7 +203,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             evals.append(_evaluate(ee_model, task, cfg, step + 1))
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            _save(ckpt, ee_model, opt, cfg, step + 1, rows, evals)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals)
     return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
 
 
@@ -220,28 +220,6 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
         out[f"{mode}_compute"] = r.batch_compute
         out[f"{mode}_coherence"] = sum(judge(e, c) for e, c in zip(exs, comp)) / len(exs)
     return out
-
-
-def _save(ckpt: Path, ee_model, opt, cfg, step, rows, evals) -> None:
-    ee_model.save(ckpt / "model")
-    save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
-    save_json({"step": step, "config": dataclasses.asdict(cfg), "history": rows, "evals": evals}, ckpt / "trainer.json")
-
-
-def _resume(ckpt: Path, ee_model, opt, cfg: RLConfig):
-    from eetools.exit_checkpoint import load_weights_into
-
-    saved = load_json(ckpt / "trainer.json")
-    now = dataclasses.asdict(cfg)
-    diff = [f for f in now if f not in ("steps", "checkpoint_every") and saved["config"].get(f) != now[f]]
-    if diff:
-        raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
-                         + ", ".join(f"{f} (saved {saved['config'].get(f)!r}, now {now[f]!r})" for f in diff))
-    load_weights_into(ee_model, ckpt / "model")
-    state = load_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return saved["step"], saved["history"], saved["evals"]
 
 
 @dataclass

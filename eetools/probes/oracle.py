@@ -43,7 +43,7 @@ def _lens_rows(ee_model, examples, batch_size: int, base: bool):
     from eetools.calibration import encode_sequences
 
     pairs = _as_pairs(examples)
-    model, L = ee_model.model, ee_model.n_layers
+    model = ee_model.model
     tok = model.tokenizer
     eos_id = tok.eos_token_id
     frames, finals, earlies, nexts = [], [], [], []

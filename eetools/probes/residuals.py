@@ -157,7 +157,7 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
     for b0 in range(0, len(pairs), batch_size):
         chunk = pairs[b0 : b0 + batch_size]
         ids, attn, predict = encode_sequences(ee_model, [p for p, _, _ in chunk], [c for _, c, _ in chunk])
-        rows_i, rows_p, metas = [], [], []
+        rows_i, rows_p = [], []
         for i, (prompt, cont, ex) in enumerate(chunk):
             s = int(predict[i].float().argmax()) + 1  # first continuation position
             cont_ids = model.to_tokens(cont, prepend_bos=False, truncate=False)[0].tolist() if cont else []

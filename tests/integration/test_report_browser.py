@@ -14,8 +14,6 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
-    from eetools.exit_checkpoint import PRESETS
-    from eetools.paths import data_dir
 
     if not (shipped_model_dir() / "config.json").exists():
         pytest.skip("shipped tiny reasoner missing")

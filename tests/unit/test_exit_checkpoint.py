@@ -34,7 +34,6 @@ def test_round_trip_with_lora_adapters(tiny_ee, tmp_path):
     toks = tiny_ee.model.to_tokens(["Q: 1+2\n"], prepend_bos=True)
     want = tiny_ee.prescribed_forward(toks, torch.full_like(toks, 4)).logprobs
     tiny_ee.save(tmp_path / "ck")
-    from tests.conftest import _build  # noqa: F401  (fresh copy of the same base weights)
     fresh = eetools.load_model(tiny_ee.model.cfg.model_name)
     fresh.cfg.default_prepend_bos = True
     again = load_exit_model(tmp_path / "ck", model=fresh)

@@ -15,7 +15,6 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     # interrupt run b after its first checkpoint (step 2), then rerun: it resumes
     import eetools.pretrain as P
 
-    calls = {"n": 0}
     real = P.batch_for_step
 
     def crash(cfg, step):
