@@ -107,3 +107,14 @@ def test_examples_and_prompt_lists_are_accepted(tiny_ee):
     res = calibrate(tiny_ee, [e.prompt for e in exs], steps=1, batch_size=2, progress=False, lora=False,
                     max_new_tokens=8)
     assert len(res.history) == 1
+
+
+def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
+    with torch.no_grad():
+        tiny_ee.heads[0].net[-1].bias.fill_(float("nan"))
+    before = [p.detach().clone() for p in tiny_ee.heads[1:].parameters()]
+    with pytest.raises(FloatingPointError, match="step 0"):
+        calibrate(tiny_ee, "addition", steps=3, batch_size=2, progress=False, lora=False, checkpoint_dir=tmp_path / "ck")
+    assert (tmp_path / "ck" / "trainer.json").exists(), "checkpoint saved before stopping"
+    after = [p.detach() for p in tiny_ee.heads[1:].parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after)), "no optimizer step may be applied"

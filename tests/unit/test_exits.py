@@ -230,3 +230,16 @@ def test_hooks_never_leak_after_an_exception(tiny_ee):
     bridge.reset_hooks()
     assert count_hooks(bridge) == 0
     assert torch.equal(bridge(toks), before), "the base model changed"
+
+
+def test_bf16_model_with_fp32_heads(tiny_folders):
+    b = eetools.load_model(tiny_folders["qwen3"], dtype=torch.bfloat16)
+    b.cfg.default_prepend_bos = True
+    ee = eetools.attach_exit_heads(b, layers=[1, 2, 3])
+    assert next(b.parameters()).dtype == torch.bfloat16 and next(ee.heads.parameters()).dtype == torch.float32
+    _eager_heads(ee, 0.0)
+    r = ee.generate(["Q: 1+2\n"], 8, seed=0)
+    assert torch.isfinite(r.token_logprobs).all() and torch.isfinite(r.exit_logprobs).all()
+    toks = b.to_tokens(["Q: 1+2\n"], prepend_bos=True)
+    out = ee.prescribed_forward(toks, torch.full_like(toks, 4))
+    assert out.logprobs.dtype == torch.float32 and out.exit_logits.dtype == torch.float32
