@@ -34,9 +34,13 @@ class ExitHead(nn.Module):
         nn.init.constant_(last.bias, init_bias)
 
     def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        x = resid.to(self.net[0].weight.dtype)
-        x = nn.functional.layer_norm(x, (self.d_model,))
-        return self.net(x).squeeze(-1)
+        # functional form of self.net (same parameters): decode steps call 7 heads per token
+        first, last = self.net[0], self.net[-1]
+        x = nn.functional.layer_norm(resid.to(first.weight.dtype), (self.d_model,))
+        x = nn.functional.linear(x, first.weight, first.bias)
+        if self.kind == "mlp":
+            x = nn.functional.linear(torch.relu(x), last.weight, last.bias)
+        return x.squeeze(-1)
 
 
 def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:
