@@ -133,12 +133,13 @@ class _Decoder:
             tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
         done = self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
+        # raw per-step values; finished rows are masked once, in `rollout`
         self.out["tok"].append(tok)
         self.out["mask"].append(~done)
-        self.out["exit"].append(torch.where(done, torch.full_like(tok, self.L), exit_at[:, -1]))
-        self.out["lp"].append(torch.where(done, torch.zeros_like(logp[:, 0]), logp.gather(-1, tok[:, None]).squeeze(-1)))
-        self.out["elp"].append(torch.where(done, torch.zeros_like(elp), elp))
-        self.out["probs"].append(torch.sigmoid(z[:, -1].float()))
+        self.out["exit"].append(exit_at[:, -1])
+        self.out["lp"].append(logp.gather(-1, tok[:, None]).squeeze(-1))
+        self.out["elp"].append(elp)
+        self.out["probs"].append(z[:, -1])
         if self.eos is not None:
             self.done = done | (tok == self.eos)
         self.step_input = tok[:, None]
@@ -150,6 +151,10 @@ class _Decoder:
     def rollout(self, prompts: list[str]) -> Rollout:
         stack = lambda k: torch.stack(self.out[k], 1).cpu()
         tokens, gmask = stack("tok"), stack("mask")
+        exits = torch.where(gmask, stack("exit"), self.L)
+        lp = torch.where(gmask, stack("lp"), 0.0)
+        elp = torch.where(gmask, stack("elp"), 0.0)
+        probs = torch.sigmoid(stack("probs").float())
         tok = self.ee.model.tokenizer
         ids, pmask = self.ids.cpu(), self.pmask.cpu()
         str_tokens, text, prompt_str = [], [], []
@@ -159,6 +164,6 @@ class _Decoder:
             text.append(tok.decode([t for t in valid if t != self.eos], skip_special_tokens=True))
             prompt_str.append(tok.batch_decode([[t] for t in ids[i][pmask[i].bool()].tolist()]))
         return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
-                       exit_layers=stack("exit"), token_logprobs=stack("lp"), exit_logprobs=stack("elp"),
-                       exit_probs=stack("probs"), text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
+                       exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
+                       exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
                        n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode)
