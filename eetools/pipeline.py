@@ -23,7 +23,9 @@ class ReproduceConfig:
     quick: bool = False
     """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
     task: str = "addition"
-    """Task for calibration, RL and evaluation."""
+    """Task for RL, evaluation and the figures."""
+    calib_task: str = "addition+tom"
+    """Task (or mixture) the shipped exit heads are calibrated on, so they behave on every task."""
     seed: int = 0
     """Base seed (RL runs use seed, seed+1, ...)."""
     n_seeds: int = 3
@@ -45,7 +47,7 @@ class ReproduceConfig:
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     if not cfg.quick:
         return cfg
-    return ReproduceConfig(quick=True, task=cfg.task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
+    return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
                            fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature)
 
 
@@ -60,7 +62,7 @@ def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None):
 
 
 def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, head="mlp", device="cpu", dtype=None,
-                  progress=True) -> Path:
+                  progress=True, figure_task: str | None = None) -> Path:
     """Calibrate, save the exit model to ``out/model`` and the history and Fig. 4 beside it."""
     from eetools.calibration import calibrate
     from eetools.figures import exit_distribution_vs_target
@@ -73,7 +75,7 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
                     checkpoint_dir=out / "checkpoint", progress=progress, **kw)
     ee.save(out / "model")
     res.history.to_csv(out / "calibration_history.csv", index=False)
-    fig4 = exit_distribution_vs_target(ee, task, n=64, kl_factor=cfg.kl_factor)
+    fig4 = exit_distribution_vs_target(ee, figure_task or task, n=64, kl_factor=cfg.kl_factor)
     fig4.figure().write_json(out / "fig4.json")
     fig4.df.to_csv(out / "fig4.csv")
     (out / "fig4_tv.txt").write_text(f"{fig4.tv:.4f}\n")
@@ -135,7 +137,8 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     timings = {}
     # 1. calibration at the default KL factor (+ Fig. 4)
     ccfg = CalibrationConfig(steps=cfg.calib_steps, seed=cfg.seed)
-    calibrated = run_calibrate(ccfg, out / "calibrated", task=cfg.task, device=device, dtype=dtype, progress=progress)
+    calibrated = run_calibrate(ccfg, out / "calibrated", task=cfg.calib_task, device=device, dtype=dtype,
+                               progress=progress, figure_task=cfg.task)
     timings["calibration_s"] = time.time() - t0
     # 2. Fig. 3: other KL factors, short calibrations
     models = {ccfg.kl_factor: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype))}
