@@ -8,6 +8,7 @@ layer whose logit-lens argmax equals the final argmax, on the base model's greed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -51,47 +52,13 @@ class Evaluation:
 
 def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress):
     rollouts = []
-    ctx = ee_model.adapters_disabled() if base else _null()
+    ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
         for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({'base' if base else mode})",
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
                                               temperature=temperature, threshold=threshold, seed=seed + i))
     return rollouts
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
-@torch.no_grad()
-def oracle_exit_layers(ee_model, prompts: Sequence[str], completions: Sequence[str]) -> list[torch.Tensor]:
-    """Per continuation token, the earliest exitable layer whose readout argmax equals the final one (else L).
-
-    Entry t of each tensor is for the forward that predicts continuation token t; the first
-    (predicted from the prompt) is L, as prompt positions never exit.
-    """
-    from eetools.calibration import encode_sequences
-
-    out = []
-    L = ee_model.n_layers
-    layer_of = torch.tensor([*ee_model.exit_layers, L])
-    for p, c in zip(prompts, completions):
-        ids, attn, predict = encode_sequences(ee_model, [p], [c])
-        t = ee_model.teacher_forward(ids, attn)
-        final = t.logprobs.argmax(-1)  # [1,pos]
-        agree = t.early_logprobs.argmax(-1) == final.unsqueeze(1)  # [1,m,pos]
-        agree = torch.cat([agree, torch.ones_like(agree[:, :1])], 1)
-        first = layer_of[agree.float().argmax(1)[0].cpu()]
-        pos = predict[0].nonzero().squeeze(-1).cpu()
-        layers = first[pos].clone()
-        layers[0] = L
-        out.append(layers)
-    return out
 
 
 def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
@@ -134,11 +101,14 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         if base:
             base_text = texts
     if compare and base_text is not None:
-        oracle = oracle_exit_layers(ee_model, prompts, [task_lib.cut_at_answer(t) for t in base_text])
-        allx = torch.cat(oracle)
-        counts = np.array([float((allx == l).sum()) for l in [*layers, L]])
+        from eetools.probes import oracle_exits  # per-token oracle on the base model's greedy text
+
+        pairs = [(p, task_lib.cut_at_answer(t)) for p, t in zip(prompts, base_text)]
+        odf = oracle_exits(ee_model, pairs, base=True).df
+        counts = np.array([float((odf["oracle_layer"] == l).sum()) for l in [*layers, L]])
         hist["oracle"] = counts / max(counts.sum(), 1)
-        comp = [float(o.float().mean() / L) for o in oracle]
+        per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
+        comp = [float(per_seq.get(i, 1.0)) for i in range(len(prompts))]
         rows += _rows("oracle", task, exs, base_text, comp, judges)
     per = pd.DataFrame(rows)
     for name, g in per.groupby("system", sort=False):

@@ -101,6 +101,7 @@ class EarlyExitModel(nn.Module):
         self.head_kind = head
         d_model = int(model.cfg.d_model)
         self.heads = nn.ModuleList([ExitHead(d_model, head) for _ in self.exit_layers])
+        self._exit_lookup: dict[torch.device, Tensor] = {}
         device = next(model.parameters()).device
         self.heads.to(device)
 
@@ -115,10 +116,12 @@ class EarlyExitModel(nn.Module):
 
     def exit_index(self, exit_layers: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
         """Map exit layers (exitable layer or L) to outcome indices 0..m (m = no exit)."""
-        lookup = torch.full((self.n_layers + 1,), -1, dtype=torch.long, device=exit_layers.device)
-        for i, l in enumerate(self.exit_layers):
-            lookup[l] = i
-        lookup[self.n_layers] = len(self.exit_layers)
+        lookup = self._exit_lookup.get(exit_layers.device)
+        if lookup is None:  # built once per device: decode steps call this every token
+            lookup = torch.full((self.n_layers + 1,), -1, dtype=torch.long)
+            lookup[self.exit_layers] = torch.arange(len(self.exit_layers))
+            lookup[self.n_layers] = len(self.exit_layers)
+            lookup = self._exit_lookup[exit_layers.device] = lookup.to(exit_layers.device)
         return lookup[exit_layers]
 
     def readout(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
