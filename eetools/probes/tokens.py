@@ -26,6 +26,7 @@ _ADD_LINE = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
 _ADD_PROMPT = re.compile(r"Q: \d+\+\d+")
 _NAME = r"[A-Z][a-z]+"
 _TOM_PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)$")
+_TOM_MOVE = re.compile(rf"^({_NAME}) (in|out): ({_NAME}(?: {_NAME})*)$")
 _TOM_NOW = re.compile(r"^now ([a-z]+)$")
 _TOM_SAW = re.compile(rf"^((?:{_NAME} )+)saw ([a-z]+)$")
 _ANSWER = "A: "
@@ -72,6 +73,9 @@ def _char_labels(text: str, task: str | None) -> tuple[list[str], list[int | Non
             if m := _TOM_PLACE.match(line):
                 cls = ["container"] * len(m.group(1)) + ["format", "format"]
                 cls += ["format" if ch == " " else "copied_name" for ch in m.group(2)]
+            elif m := _TOM_MOVE.match(line):
+                cls = ["copied_name"] * len(m.group(1)) + ["format"] * (len(m.group(2)) + 3)
+                cls += ["format" if ch == " " else "copied_name" for ch in m.group(3)]
             elif m := _TOM_NOW.match(line):
                 cls = ["format"] * 4 + ["container"] * len(m.group(1))
             elif m := _TOM_SAW.match(line):

@@ -5,16 +5,23 @@ enter, and present agents move the object. Agents only see moves made while they
 in the room. Questions ask where the object is, where an agent thinks it is
 (first order), or where one agent thinks another will look for it (second order).
 
-The written reasoning lists, for every placement of the object, the container and who
-saw it; then the placement that decides the question; then the answer::
+The written reasoning has one line per event of the story, so that every line follows
+from the line before it and one sentence of the story: the initial placement and every
+move give the container and who is in the room to see it; every exit or entrance gives
+who is in the room after it. Then comes the placement that decides the question, then
+the answer::
 
     Ann, Bob and Eve are in the room. The ball is in the box. Bob leaves. Ann moves
     the ball to the bag.
     Q: Where does Bob think the ball is?
     box: Ann Bob Eve
+    Bob out: Ann Eve
     bag: Ann Eve
     Bob saw box
     A: box
+
+(An earlier format listed only the placements; its witness lists had to be computed
+across several events at once and the 8-block model got 91 % of stories right.)
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ CONTAINERS = ("box", "bag", "jar", "cup", "pot")
 _NAME = r"[A-Z][a-z]+"
 _PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)$")
 _WELL_FORMED = re.compile(
-    rf"^([a-z]+: {_NAME}( {_NAME})*\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\n"
+    rf"^(([a-z]+|{_NAME} in|{_NAME} out): {_NAME}( {_NAME})*\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\n"
     rf"A: [a-z]+\n?$"
 )
 
@@ -54,6 +61,23 @@ def placements(meta: dict) -> list[tuple[str, list[str]]]:
         else:
             out.append((ev[2], [a for a in agents if a in present]))
     return out
+
+
+def trace(meta: dict) -> list[str]:
+    """The per-event reasoning lines: ``"<container>: <present>"`` for the initial
+    placement and every move, ``"<agent> in|out: <present>"`` for entrances and exits."""
+    agents = list(meta["agents"])
+    present = set(agents)
+    lines = [f"{meta['start']}: {' '.join(agents)}"]
+    for ev in meta["events"]:
+        kind, who = ev[0], ev[1]
+        if kind == "leave":
+            present.discard(who)
+        elif kind == "enter":
+            present.add(who)
+        names = " ".join(a for a in agents if a in present)
+        lines.append(f"{ev[2]}: {names}" if kind == "move" else f"{who} {'out' if kind == 'leave' else 'in'}: {names}")
+    return lines
 
 
 def decision(meta: dict) -> tuple[str, str]:
@@ -125,7 +149,7 @@ class TomTask(Task):
             else:
                 story.append(f"{ev[1]} {'leaves' if ev[0] == 'leave' else 'enters'}.")
         line, answer = decision(meta)
-        reasoning = "".join(f"{c}: {' '.join(w)}\n" for c, w in placements(meta))
+        reasoning = "".join(f"{line}\n" for line in trace(meta))
         reasoning += f"{line}\n{ANSWER_PREFIX}{answer}\n"
         return Example(task=self.name, prompt=" ".join(story) + f"\nQ: {q}\n",
                        reasoning=reasoning, answer=answer, meta=meta)
@@ -134,8 +158,8 @@ class TomTask(Task):
         return bool(_WELL_FORMED.match(completion))
 
     def steps(self, example: Example, completion: str) -> list[bool]:
-        """Per placement line and the deciding line: present, well-formed and right."""
-        truth = [f"{c}: {' '.join(w)}" for c, w in placements(example.meta)]
+        """Per event line and the deciding line: present, well-formed and right."""
+        truth = trace(example.meta)
         truth.append(decision(example.meta)[0])
         lines = completion.split("\n") if isinstance(completion, str) else []
         return [i < len(lines) and lines[i] == t for i, t in enumerate(truth)]

@@ -59,12 +59,14 @@ def test_addition_final_carry_and_operand_range():
 
 
 def test_tom_false_belief_logic():
-    from eetools.tasks.tom import decision, placements
+    from eetools.tasks.tom import decision, placements, trace
 
     meta = {"agents": ["Ann", "Bob", "Eve"], "object": "ball", "start": "box",
             "events": [["leave", "Bob"], ["move", "Ann", "bag"], ["enter", "Bob"], ["leave", "Eve"],
                        ["move", "Ann", "jar"]], "question": ["first", "Eve"]}
     assert placements(meta) == [("box", ["Ann", "Bob", "Eve"]), ("bag", ["Ann", "Eve"]), ("jar", ["Ann", "Bob"])]
+    assert trace(meta) == ["box: Ann Bob Eve", "Bob out: Ann Eve", "bag: Ann Eve", "Bob in: Ann Bob Eve",
+                           "Eve out: Ann Bob", "jar: Ann Bob"]
     assert decision(meta) == ("Eve saw bag", "bag")
     assert decision({**meta, "question": ["reality"]}) == ("now jar", "jar")
     assert decision({**meta, "question": ["first", "Bob"]}) == ("Bob saw jar", "jar")
