@@ -25,11 +25,16 @@ _RANK = {c: i for i, c in enumerate(_PRIORITY)}
 _ADD_LINE = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
 _ADD_PROMPT = re.compile(r"Q: \d+\+\d+")
 _NAME = r"[A-Z][a-z]+"
-_TOM_PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)$")
-_TOM_MOVE = re.compile(rf"^({_NAME}) (in|out): ({_NAME}(?: {_NAME})*)$")
+_TOM_PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)( \([a-z]+\))?$")
+_TOM_MOVE = re.compile(rf"^({_NAME}) (in|out): ({_NAME}(?: {_NAME})*)( \([a-z]+\))?$")
 _TOM_NOW = re.compile(r"^now ([a-z]+)$")
 _TOM_SAW = re.compile(rf"^((?:{_NAME} )+)saw ([a-z]+)$")
 _ANSWER = "A: "
+
+
+def _belief_classes(suffix: str | None) -> list[str]:
+    """Classes of a ToM line's running-belief suffix ``" (<container>)"``."""
+    return [] if not suffix else ["format"] * 2 + ["container"] * (len(suffix) - 3) + ["format"]
 
 
 def guess_task(prompt: str) -> str | None:
@@ -73,9 +78,11 @@ def _char_labels(text: str, task: str | None) -> tuple[list[str], list[int | Non
             if m := _TOM_PLACE.match(line):
                 cls = ["container"] * len(m.group(1)) + ["format", "format"]
                 cls += ["format" if ch == " " else "copied_name" for ch in m.group(2)]
+                cls += _belief_classes(m.group(3))
             elif m := _TOM_MOVE.match(line):
                 cls = ["copied_name"] * len(m.group(1)) + ["format"] * (len(m.group(2)) + 3)
                 cls += ["format" if ch == " " else "copied_name" for ch in m.group(3)]
+                cls += _belief_classes(m.group(4))
             elif m := _TOM_NOW.match(line):
                 cls = ["format"] * 4 + ["container"] * len(m.group(1))
             elif m := _TOM_SAW.match(line):

@@ -65,8 +65,10 @@ def test_tom_false_belief_logic():
             "events": [["leave", "Bob"], ["move", "Ann", "bag"], ["enter", "Bob"], ["leave", "Eve"],
                        ["move", "Ann", "jar"]], "question": ["first", "Eve"]}
     assert placements(meta) == [("box", ["Ann", "Bob", "Eve"]), ("bag", ["Ann", "Eve"]), ("jar", ["Ann", "Bob"])]
-    assert trace(meta) == ["box: Ann Bob Eve", "Bob out: Ann Eve", "bag: Ann Eve", "Bob in: Ann Bob Eve",
-                           "Eve out: Ann Bob", "jar: Ann Bob"]
+    # the running belief is Eve's (the question's): she saw the move to the bag, not the one to the jar
+    assert trace(meta) == ["box: Ann Bob Eve (box)", "Bob out: Ann Eve (box)", "bag: Ann Eve (bag)",
+                           "Bob in: Ann Bob Eve (bag)", "Eve out: Ann Bob (bag)", "jar: Ann Bob (bag)"]
+    assert trace({**meta, "question": ["reality"]})[-1] == "jar: Ann Bob (jar)"
     assert decision(meta) == ("Eve saw bag", "bag")
     assert decision({**meta, "question": ["reality"]}) == ("now jar", "jar")
     assert decision({**meta, "question": ["first", "Bob"]}) == ("Bob saw jar", "jar")
