@@ -41,6 +41,7 @@ class AdditionTask(Task):
     """Addition of two operands of `min_digits` to `max_digits` digits each."""
 
     name = "addition"
+    max_new_tokens = 80  # 5-digit sums: at most 56 characters of reasoning
 
     def __init__(self, min_digits: int = 2, max_digits: int = 5):
         if not 1 <= min_digits <= max_digits:

@@ -57,10 +57,13 @@ class Task:
     Attributes:
         name: registry name.
         malformed_score: score of a correct answer in a malformed completion.
+        max_new_tokens: tokens that fit the longest written reasoning of the task (with its
+            answer and EOS); generation for this task uses it when not told otherwise.
     """
 
     name: str = ""
     malformed_score: float = -1.0
+    max_new_tokens: int = 128
 
     def sample(self, n: int, seed: int) -> list[Example]:
         """Draw `n` fresh examples; the same `seed` always gives the same list."""

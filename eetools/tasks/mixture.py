@@ -15,6 +15,7 @@ class MixtureTask(Task):
             raise ValueError("a mixture needs at least two tasks")
         self.parts = {p.name: p for p in parts}
         self.name = "+".join(self.parts)
+        self.max_new_tokens = max(p.max_new_tokens for p in parts)
 
     def sample(self, n: int, seed: int) -> list[Example]:
         per = [p.sample((n + len(self.parts) - 1 - i) // len(self.parts), seed) for i, p in enumerate(self.parts.values())]

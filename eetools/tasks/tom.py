@@ -110,6 +110,7 @@ class TomTask(Task):
     """Reality, first-order and second-order false-belief questions."""
 
     name = "tom"
+    max_new_tokens = 160  # at most four events: at most 142 tokens of reasoning
 
     def __init__(self, min_events: int = 2, max_events: int = 4):
         if not 1 <= min_events <= max_events:
@@ -130,7 +131,8 @@ class TomTask(Task):
                 options += ["move", "leave"] if len(present) > 1 else ["move"]
             if len(present) < len(agents):
                 options.append("enter")
-            kind = rng.choice(options)
+            # the last event is a move if none happened yet, so stories have at most max_events events
+            kind = rng.choice(options) if len(meta["events"]) < n - 1 or moved else "move"
             if kind == "move":
                 who = rng.choice(sorted(present))
                 loc = rng.choice([c for c in CONTAINERS if c != loc])

@@ -117,3 +117,14 @@ def test_mixture_alternates_and_dispatches():
     assert all(mix.score(e, e.reasoning) == 1.0 for e in exs)
     assert mix.sample(6, seed=0) == exs
     assert len(mix.test_split()) == 1000
+
+
+@pytest.mark.parametrize("name", T.NAMES)
+def test_max_new_tokens_fits_every_written_reasoning(name):
+    from eetools.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    task = T.get(name)
+    longest = max(len(tok(e.reasoning, add_special_tokens=False)["input_ids"]) + 1
+                  for e in task.sample(2000, seed=5) + task.test_split())
+    assert longest <= task.max_new_tokens, f"{name}: {longest} tokens > max_new_tokens {task.max_new_tokens}"
