@@ -10,6 +10,8 @@ give the same tokens and exits.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -17,8 +19,10 @@ from tqdm.auto import tqdm
 from eetools.exits import ExitState
 from eetools.heads import exit_log_probs
 from eetools.rollout import Rollout
+from eetools.skipping import compute_skipping
 
 MODES = ("sample", "threshold", "off")
+SKIPS = ("mask", "compute")
 
 
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
@@ -50,7 +54,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 @torch.no_grad()
 def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, progress: bool = False) -> Rollout:
+             threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, skip: str = "mask",
+             progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -62,11 +67,20 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         threshold: the exit threshold of mode "threshold".
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
+        skip: "mask" (every block runs on every token and exited tokens' results are thrown
+            away: exact, the reference) or "compute" (exited tokens only compute their keys and
+            values in later blocks, see `eetools.skipping`; same tokens, exits and log-probs up to
+            float rounding, less time). "compute" needs ``use_cache=True``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if skip not in SKIPS:
+        raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
+    if skip == "compute" and not use_cache:
+        raise ValueError("skip='compute' needs use_cache=True: without a KV cache every step recomputes "
+                         "the prefix, so exited tokens' later blocks cannot be skipped")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -75,7 +89,9 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
     state = ExitState(ee_model)
-    with ee_model.model.hooks(fwd_hooks=state.hooks()):  # attached once for the loop; removed even on errors
+    skipping = compute_skipping(ee_model, state) if skip == "compute" else contextlib.nullcontext()
+    # attached once for the loop; hooks and skipping wrappers are removed even on errors
+    with ee_model.model.hooks(fwd_hooks=state.hooks()), skipping:
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if bool(dec.done.all()):
