@@ -5,7 +5,7 @@
 - sample_vs_generate_b{1,32}: tokens/s of `EarlyExitModel.generate(mode="sample")` over
   tokens/s of `bridge.generate` (KV-cached, sampling), batch 1 and 32 (target >= 1.0).
 
-    python benchmarks/bench_exits.py [--quick]
+    python benchmarks/bench_exits.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import compare  # noqa: E402
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     import eetools
 
     torch.manual_seed(0)
-    bridge = eetools.load_model()
+    bridge = eetools.load_model(device=device, dtype=dtype)
     ee = eetools.attach_exit_heads(bridge)
     b, n = (4, 64) if quick else (8, 128)
-    toks = torch.randint(4, bridge.cfg.d_vocab, (b, n))
+    toks = torch.randint(4, bridge.cfg.d_vocab, (b, n), device=device)
     no_exit = torch.full_like(toks, ee.n_layers)
     with torch.no_grad():
         t = compare({"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
@@ -55,5 +55,8 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    for k, v in run(ap.parse_args().quick).items():
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    for k, v in run(a.quick, a.device, a.dtype).items():
         print(f"{k}: {v:.3f}")

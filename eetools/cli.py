@@ -197,7 +197,7 @@ def _run(args) -> int:
         from eetools.pretrain import PretrainConfig, pretrain
 
         cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
-        print(pretrain(cfg, progress=progress))
+        print(pretrain(cfg, progress=progress, device=args.device, dtype=args.dtype))
     elif args.command == "calibrate":
         from eetools.calibration import CalibrationConfig
 
