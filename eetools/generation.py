@@ -112,6 +112,9 @@ class _Decoder:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos or 0)
         self.done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
         self.seq, self.mask, self.step_input = ids, pmask, ids
+        # without padding the mask says nothing the causal mask does not; passing None spares the
+        # bridge re-deriving position ids from it at every step
+        self.padded = bool((pmask == 0).any())
         self.exit_hist = torch.full_like(ids, self.L)
         self.cache = None
         self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs")}
@@ -129,7 +132,8 @@ class _Decoder:
             return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
 
         if self.use_cache:
-            logits, z, exit_at, self.cache = self.ee._forward(self.step_input, self.mask, decide=decide, state=state,
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee._forward(self.step_input, mask, decide=decide, state=state,
                                                               past_key_values=self.cache, use_cache=True)
         else:
             logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,

@@ -4,12 +4,12 @@ The masked path (the default and the reference) runs every block on every token 
 the freeze hooks throw away what an exited token computed. Here, for a token that exited
 at layer `l`, blocks ``>= l`` still compute its keys and values from the frozen residual
 (later tokens attend to them), but not the rest: its query, the attention output
-projection and the MLP. Those three are row-wise functions whose output for an exited
-row reaches only that row's own residual, which the freeze hook overwrites, so skipping
-them changes nothing that anyone reads.
+projection, the MLP and the MLP's input norm. These are row-wise functions whose output
+for an exited row reaches only that row's own residual, which the freeze hook
+overwrites, so skipping them changes nothing that anyone reads.
 
 It goes through the bridge's components, not a per-model forward: for every block from
-the first exitable layer on, the ``attn.q``, ``attn.o`` and ``mlp`` components get their
+the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``ln2``) components get their
 `forward` wrapped (on the instance, inside a context manager, restored even on errors) so
 that at a one-position decode step they run only on the rows still running at that block
 and return zeros for the rest. An architecture whose blocks lack these components (or
@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 SKIPPABLE = ("attn.q", "attn.o", "mlp")  # row-wise; their output for a row reaches only that row
+OPTIONAL = ("ln2",)  # the MLP's input norm, where a block has one: skipped with the MLP
 
 
 def _component(block: nn.Module, path: str) -> nn.Module | None:
@@ -106,8 +107,10 @@ def compute_skipping(ee_model, state):
     try:
         for layer in range(ee_model.exit_layers[0], ee_model.n_layers):
             block = ee_model.model.blocks[layer]
-            for path in SKIPPABLE:
+            for path in SKIPPABLE + OPTIONAL:
                 module = _component(block, path)
+                if module is None:
+                    continue
                 patched.append((module, module.__dict__.get("forward")))
                 # object.__setattr__: bridge components forward attribute sets to the wrapped HF module
                 object.__setattr__(module, "forward", _RowSkip(module, active_at(layer)))

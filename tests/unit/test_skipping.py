@@ -63,7 +63,7 @@ def test_compute_skipping_actually_skips(tiny_ee):
 
 def test_wrappers_are_removed_even_on_errors(tiny_ee):
     bridge = tiny_ee.model
-    modules = [m for b in bridge.blocks for m in (b.attn.q, b.attn.o, b.mlp)]
+    modules = [m for b in bridge.blocks for m in (b.attn.q, b.attn.o, b.mlp, b.ln2)]
     assert not any("forward" in m.__dict__ for m in modules)
     orig = tiny_ee.heads[0].forward
 
