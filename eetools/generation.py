@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eetools.adapters import adapters_merged
 from eetools.exits import ExitState
 from eetools.heads import exit_log_probs
 from eetools.rollout import Rollout
@@ -69,8 +70,9 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
             away: exact, the reference) or "compute" (exited tokens only compute their keys and
-            values in later blocks, see `eetools.skipping`; same tokens, exits and log-probs up to
-            float rounding, less time). "compute" needs ``use_cache=True``.
+            values in later blocks, see `eetools.skipping`, and LoRA adapters are merged into the
+            weights for the call; same tokens, exits and log-probs up to float rounding, less
+            time). "compute" needs ``use_cache=True``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -89,9 +91,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
     state = ExitState(ee_model)
-    skipping = compute_skipping(ee_model, state) if skip == "compute" else contextlib.nullcontext()
-    # attached once for the loop; hooks and skipping wrappers are removed even on errors
-    with ee_model.model.hooks(fwd_hooks=state.hooks()), skipping:
+    fast = contextlib.ExitStack()
+    if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
+        fast.enter_context(adapters_merged(ee_model))
+        fast.enter_context(compute_skipping(ee_model, state))
+    # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
+    with ee_model.model.hooks(fwd_hooks=state.hooks()), fast:
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if bool(dec.done.all()):

@@ -100,3 +100,20 @@ def test_context_manager_reports_support(tiny_ee):
 
     with compute_skipping(tiny_ee, ExitState(tiny_ee)) as active:
         assert active is True
+
+
+def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
+    from eetools.adapters import add_lora, lora_layers
+
+    add_lora(tiny_ee, r=4)
+    with torch.no_grad():  # non-zero adapters, so merging changes the weights
+        for n, p in tiny_ee.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])
+    before = {n: p.detach().clone() for n, p in tiny_ee.model.named_parameters()}
+    prompts = ["Q: 12+34\n", "Q: 1+2\nab c"]
+    _assert_same(tiny_ee.generate(prompts, 16, seed=0), tiny_ee.generate(prompts, 16, seed=0, skip="compute"))
+    assert not any(m.merged for m in lora_layers(tiny_ee))
+    for n, p in tiny_ee.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed after generate(skip='compute')"
