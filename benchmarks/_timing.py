@@ -5,6 +5,14 @@ from __future__ import annotations
 import statistics
 import time
 
+import torch
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so a call's time includes its kernels."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
 
 def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
@@ -14,7 +22,9 @@ def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     times = {k: [] for k in fns}
     for _ in range(repeats):
         for k, f in fns.items():
+            _sync()
             t = time.perf_counter()
             f()
+            _sync()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}

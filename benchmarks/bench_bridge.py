@@ -1,6 +1,6 @@
 """Tokens/s of the TransformerLens bridge forward vs the raw HF forward of the shipped model.
 
-    python benchmarks/bench_bridge.py [--quick]
+    python benchmarks/bench_bridge.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import compare  # noqa: E402
 
 
-def run(quick: bool = False) -> dict:
+def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     from transformers import AutoModelForCausalLM
 
     import eetools
     from eetools.models import shipped_model_dir
 
     torch.manual_seed(0)
-    bridge = eetools.load_model()
-    hf = AutoModelForCausalLM.from_pretrained(shipped_model_dir()).eval()
+    bridge = eetools.load_model(device=device, dtype=dtype)
+    hf = AutoModelForCausalLM.from_pretrained(shipped_model_dir(), dtype=getattr(torch, dtype)).to(device).eval()
     b, n = (4, 64) if quick else (8, 128)
-    toks = torch.randint(4, bridge.cfg.d_vocab, (b, n))
+    toks = torch.randint(4, bridge.cfg.d_vocab, (b, n), device=device)
     with torch.no_grad():
         t = compare({"bridge": lambda: bridge(toks), "hf": lambda: hf(toks)}, repeats=3 if quick else 7)
     return {"bridge_tokens_per_s": b * n / t["bridge"], "hf_tokens_per_s": b * n / t["hf"],
@@ -35,6 +35,9 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    r = run(ap.parse_args().quick)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    r = run(a.quick, a.device, a.dtype)
     print(f"bridge {r['bridge_tokens_per_s']:.0f} tok/s, HF {r['hf_tokens_per_s']:.0f} tok/s, "
           f"bridge/HF speed ratio {r['bridge_vs_hf_speed']:.2f}")

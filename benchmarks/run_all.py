@@ -1,9 +1,17 @@
 """Run every benchmark in one process and print the ratios (optionally write JSON).
 
-    python benchmarks/run_all.py [--quick] [--json FILE]
+    python benchmarks/run_all.py [--quick] [--json FILE] [--device cpu|cuda] [--dtype float32|bfloat16]
 
 Ratios are measured side by side in one run (interleaved repeats, medians), never
-against a stored number: shared machines are noisy.
+against a stored number: shared machines are noisy. Keys and targets (issue 3, 8):
+
+- hook_overhead: heads attached, no exits / plain bridge forward (<= 1.15);
+- sample_vs_generate_b1, _b32: exit sampling tokens/s / `bridge.generate` tokens/s (>= 1.0);
+- skip_speedup_{0,25,50,75}: decode time masked / with real skipping, batch 1, on a random
+  Qwen3-0.6B-shaped model (>= 1.3 at 50 %, >= 1.0 at 0 %); tiny_* on the shipped model;
+- ddp_step_ratio: one RL step of 2 processes (torchrun, gloo, 1 thread each) / 1 process
+  (2 threads), same global batch (<= 0.7); measured on CPU whatever --device says;
+- calib_step_s, rl_step_s, peak_mem_mb: training step times and peak memory.
 """
 
 from __future__ import annotations
@@ -23,22 +31,32 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import bench_bridge
+    import bench_ddp
     import bench_exits
+    import bench_skip
+    import bench_train
 
+    suites = {"bridge": lambda: bench_bridge.run(args.quick, args.device, args.dtype),
+              "exits": lambda: bench_exits.run(args.quick, args.device, args.dtype),
+              "skip": lambda: bench_skip.run(args.quick, args.device, args.dtype),
+              "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
+              "ddp": lambda: bench_ddp.measure(args.quick)}
     results = {}
-    results.update(bench_bridge.run(args.quick))
-    results.update(bench_exits.run(args.quick))
-    # issue 8 (real skipping, DDP) is not built yet: reported as null rather than invented
-    results.setdefault("skip_speedup_50", None)
-    results.setdefault("ddp_step_ratio", None)
+    for name, fn in suites.items():
+        if name not in args.skip:
+            print(f"[{name}]", file=sys.stderr, flush=True)
+            results.update(fn())
     for k, v in results.items():
         print(f"{k:28s} {'n/a' if v is None else f'{v:.3f}'}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"device": args.device, "dtype": args.dtype, "quick": args.quick, **results}, f, indent=2)
 
 
 if __name__ == "__main__":

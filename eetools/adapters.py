@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
@@ -41,6 +42,28 @@ def adapters_disabled(ee_model):
     finally:
         for m, on in zip(layers, before):
             m.enable_adapters(on)
+
+
+@contextlib.contextmanager
+def adapters_merged(ee_model):
+    """Fold the active LoRA deltas into the base weights inside the block; restore them exactly after.
+
+    The merged model computes the same function up to float rounding at the base model's
+    cost (an unmerged peft layer adds two small matmuls and module calls per weight). The
+    base weights are copied first and copied back after, so no rounding drift builds up
+    over repeated calls. Used by ``generate(skip="compute")``, the fast decode path.
+    """
+    layers = [m for m in lora_layers(ee_model) if not m.merged and not m.disable_adapters]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    try:
+        for m in layers:
+            m.merge()
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.merged_adapters = []  # unmerged (weights restored below), without re-subtracting
+            with torch.no_grad():
+                m.get_base_layer().weight.copy_(w)
 
 
 def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS) -> list[nn.Parameter]:

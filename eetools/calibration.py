@@ -7,6 +7,13 @@ readout already matches the final one), stick-broken into a target distribution 
 exits. `exit_samples` exit prescriptions are drawn from it per sequence; the student
 (adapters on) runs in prescribed mode, and the loss is the mean over generated tokens of
 ``KL(student_t || teacher_t)`` plus the mean ``-log pi_student(sampled exit)``.
+
+Under torchrun each process takes its shards of a step's sequences (`eetools.distributed`):
+the exit prescriptions of shard ``g`` are drawn with ``shard_seed(seed * 7919 + step, g)``,
+both loss terms are divided by the *global* number of positions they average over, and
+gradients are averaged across processes, so the update is the one-process update of the
+same global batch. ``micro_batches`` splits a process's share further (less memory); a run
+is fixed by its seed and its number of shards (processes x micro_batches).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.heads import exit_log_probs, stick_breaking
 from eetools.training_state import resume_run, save_run
@@ -75,6 +83,8 @@ class CalibrationConfig:
     """Length cap of greedy teacher continuations."""
     checkpoint_every: int = 50
     """Steps between checkpoints (when checkpoint_dir is given)."""
+    micro_batches: int = 1
+    """Micro-batches per process per step, run one after another with gradients accumulated (less memory). Exit sampling is seeded per micro-batch: processes x micro_batches fixes a run."""
 
 
 @dataclass
@@ -133,9 +143,8 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
     return ids.to(ee_model.device), attn.to(ee_model.device), predict.to(ee_model.device)
 
 
-def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
-    """Token ids, attention mask and prediction mask for one step."""
-    examples = _examples_for_step(source, cfg, step)
+def encode_examples(ee_model, examples: list, cfg: CalibrationConfig, step: int):
+    """Token ids, attention mask and prediction mask of `examples` (`Example`s or prompt strings)."""
     if examples and isinstance(examples[0], str):
         prompts, conts = list(examples), None
     else:
@@ -148,17 +157,39 @@ def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
     return encode_sequences(ee_model, prompts, conts)
 
 
-def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
-                     exit_samples: int, generator: torch.Generator):
-    """The calibration loss of one batch and its diagnostics (a dict of floats)."""
+def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
+    """Token ids, attention mask and prediction mask for one step (the whole batch)."""
+    return encode_examples(ee_model, _examples_for_step(source, cfg, step), cfg, step)
+
+
+def _exitable(predict: Tensor) -> Tensor:
+    """Positions that may exit: those that predict a continuation token, except the prompt's last."""
+    exitable = predict.clone()
+    exitable[torch.arange(predict.shape[0]), predict.float().argmax(1)] = False
+    return exitable
+
+
+def _counts(predict: Tensor, exit_samples: int) -> Tensor:
+    """``[positions averaged by the KL term, positions averaged by the exit term]`` of a batch."""
+    return torch.stack([predict.sum(), _exitable(predict).sum()]).float() * exit_samples
+
+
+def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
+                     exit_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
+
+    Sums add up across shards; dividing by the global counts (``sums["n_predict"]``,
+    ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_loss`).
+
+    Returns:
+        ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
+        (differentiable), and a dict of detached sums for `calibration_stats`.
+    """
     L, layers = ee_model.n_layers, ee_model.exit_layers
     with torch.no_grad():
         teacher = ee_model.teacher_forward(ids, attn)
         target = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor)  # [b,pos,m+1]
-    # positions that may exit: generated tokens that predict a next token (not the prompt's last)
-    exitable = predict.clone()
-    first = predict.float().argmax(1)
-    exitable[torch.arange(ids.shape[0]), first] = False
+    exitable = _exitable(predict)
     b, t = ids.shape
     flat = target.reshape(-1, target.shape[-1]).cpu()
     draws = torch.multinomial(flat, exit_samples, replacement=True, generator=generator)  # [b*pos, S]
@@ -170,28 +201,60 @@ def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
     kl = kl_student_teacher(out.logprobs, rep(teacher.logprobs))  # [S*b, pos]
     pm = rep(predict).float()
     em = rep(exitable).float()
-    kl_loss = (kl * pm).sum() / pm.sum().clamp(min=1)
+    kl_sum = (kl * pm).sum()
     logpi = exit_log_probs(out.exit_logits)  # [S*b,pos,m+1]
     idx = ee_model.exit_index(sampled.reshape(exit_samples * b, t))
-    nll = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum() / em.sum().clamp(min=1)
-    loss = kl_loss + nll
+    nll_sum = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum()
     with torch.no_grad():
         e = exitable.float()
-        denom = e.sum().clamp(min=1)
-        tgt_mean = (target * e.unsqueeze(-1)).sum((0, 1)) / denom
         stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
-        stu_mean = (stu * e.unsqueeze(-1)).sum((0, 1)) / denom
-        frac = torch.tensor([*layers, L], dtype=torch.float, device=ids.device) / L
-        stats = {"loss": loss.item(), "kl": kl_loss.item(), "exit_nll": nll.item(),
-                 "target_compute": float((tgt_mean * frac).sum()), "student_compute": float((stu_mean * frac).sum()),
-                 "sampled_compute": float((sampled.float() / L * exitable).sum() / (exit_samples * denom))}
         flat_s = sampled.reshape(exit_samples * b, t)
-        for i, l in enumerate([*layers, L]):
-            stats[f"target_p_{l}"] = float(tgt_mean[i])
-            stats[f"student_p_{l}"] = float(stu_mean[i])
-            sel = (flat_s == l) & rep(exitable)
-            stats[f"kl_at_{l}"] = float(kl[sel].mean()) if bool(sel.any()) else float("nan")
-    return loss, stats
+        sel = [(flat_s == l) & rep(exitable) for l in [*layers, L]]
+        sums = {"kl": kl_sum.detach(), "exit_nll": nll_sum.detach(), "n_predict": pm.sum(), "n_exit": em.sum(),
+                "n_exitable": e.sum(), "target": (target * e.unsqueeze(-1)).sum((0, 1)),
+                "student": (stu * e.unsqueeze(-1)).sum((0, 1)), "sampled": (sampled.float() / L * exitable).sum(),
+                "kl_at": torch.stack([kl[s].sum() for s in sel]), "n_at": torch.stack([s.sum() for s in sel]).float()}
+    return kl_sum, nll_sum, sums
+
+
+def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: int, exit_samples: int) -> dict:
+    """Loss terms and diagnostics (floats) from the sums of `calibration_sums` (of one batch, or added over shards)."""
+    kl = sums["kl"] / sums["n_predict"].clamp(min=1)
+    nll = sums["exit_nll"] / sums["n_exit"].clamp(min=1)
+    denom = sums["n_exitable"].clamp(min=1)
+    tgt_mean, stu_mean = sums["target"] / denom, sums["student"] / denom
+    frac = torch.tensor([*layers, n_layers], dtype=torch.float, device=tgt_mean.device) / n_layers
+    stats = {"loss": (kl + nll).item(), "kl": kl.item(), "exit_nll": nll.item(),
+             "target_compute": float((tgt_mean * frac).sum()), "student_compute": float((stu_mean * frac).sum()),
+             "sampled_compute": float(sums["sampled"] / (exit_samples * denom))}
+    for i, l in enumerate([*layers, n_layers]):
+        stats[f"target_p_{l}"] = float(tgt_mean[i])
+        stats[f"student_p_{l}"] = float(stu_mean[i])
+        n = float(sums["n_at"][i])
+        stats[f"kl_at_{l}"] = float(sums["kl_at"][i] / n) if n > 0 else float("nan")
+    return stats
+
+
+def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
+                     exit_samples: int, generator: torch.Generator):
+    """The calibration loss of one batch and its diagnostics (a dict of floats)."""
+    kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, kl_factor, exit_samples, generator)
+    loss = kl_sum / sums["n_predict"].clamp(min=1) + nll_sum / sums["n_exit"].clamp(min=1)
+    return loss, calibration_stats(sums, ee_model.exit_layers, ee_model.n_layers, exit_samples)
+
+
+def _reduce_sums(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sums over every rank, in one collective."""
+    if not distributed.is_distributed():
+        return sums
+    keys = list(sums)
+    flat = distributed.all_reduce_sum(torch.cat([sums[k].reshape(-1).float() for k in keys]))
+    out, i = {}, 0
+    for k in keys:
+        n = sums[k].numel()
+        out[k] = flat[i:i + n].view_as(sums[k])
+        i += n
+    return out
 
 
 def _check_args(cfg: CalibrationConfig, source) -> None:
@@ -205,6 +268,7 @@ def _check_args(cfg: CalibrationConfig, source) -> None:
         raise ValueError(f"continuations must be 'reasoning' or 'greedy', got {cfg.continuations!r}")
     if not isinstance(source, task_lib.Task) and len(source) == 0:
         raise ValueError("the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts")
+    distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
 
 
 def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_samples: int = 4, steps: int = 500,
@@ -212,17 +276,24 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
               checkpoint_dir: str | Path | None = None, progress: bool = True, **options) -> CalibrationResult:
     """Calibrate the exit heads (and LoRA adapters) of `ee_model` by self-distillation.
 
+    Under ``torchrun`` every process makes the same call: each takes its shards of every
+    step's batch, gradients are averaged, only rank 0 writes checkpoints and shows progress,
+    and every rank returns the same history (see the module docstring).
+
     Args:
         ee_model: an `EarlyExitModel`.
         task_or_dataset: a task name, a `Task` (fresh examples every step), or a list of
             `Example`s or prompt strings (prompts get greedy teacher continuations).
         kl_factor: k of the target ``2 - 2 sigmoid(k KL)``.
         exit_samples: exit prescriptions sampled per sequence.
-        steps, batch_size, lr: optimisation.
+        steps, batch_size, lr: optimisation; `batch_size` is the global batch (all processes).
         lora: also train LoRA adapters (added if the model has none).
-        seed: seeds data order and exit sampling; a rerun is identical.
-        checkpoint_dir: where to write checkpoints; an existing one is resumed.
-        **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens, checkpoint_every).
+        seed: seeds data order and exit sampling; a rerun with the same number of processes
+            x micro_batches is identical.
+        checkpoint_dir: where to write checkpoints; an existing one is resumed (every rank
+            reads it, so it must be visible to all of them).
+        **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens,
+            checkpoint_every, micro_batches).
 
     Returns:
         A `CalibrationResult` with the history as a DataFrame.
@@ -235,7 +306,9 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
                             lr=lr, lora=lora, seed=seed, **options)
     source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    distributed.setup(ee_model.device)
     _check_args(cfg, source)
+    world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
     if cfg.lora and not lora_layers(ee_model):
         add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r)
     for p in ee_model.model.parameters():
@@ -246,30 +319,41 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     rows: list[dict] = []
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and (ckpt / "trainer.json").exists():
-        saved = resume_run(ckpt, ee_model, opt, cfg)
+    if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
+        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards)
         start, rows = saved["step"], saved["history"]
+    distributed.broadcast_parameters(params)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
-               disable=not progress)
+               disable=not progress or not distributed.is_main())
     for step in bar:
-        gen = torch.Generator().manual_seed(cfg.seed * 7_919 + step)
-        ids, attn, predict = calibration_batch(ee_model, source, cfg, step)
-        loss, stats = calibration_loss(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
-        if not math.isfinite(loss.item()):
-            if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows)
-            raise FloatingPointError(f"calibration loss is {loss.item()} at step {step}; stopped before the optimizer "
-                                     f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
+        examples = _examples_for_step(source, cfg, step)  # the global batch, the same on every rank
+        shards = [(g, encode_examples(ee_model, part, cfg, step))
+                  for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")]
+        # both loss terms are means over the global batch's positions: normalise every shard by the global counts
+        counts = distributed.all_reduce_sum(sum(_counts(predict, cfg.exit_samples) for _, (_, _, predict) in shards))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        total: dict[str, Tensor] = {}
+        for g, (ids, attn, predict) in shards:
+            gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
+            kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
+            # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
+            (world * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
+            total = {k: total[k] + v for k, v in sums.items()} if total else sums
+        stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
+        if not math.isfinite(stats["loss"]):
+            if ckpt is not None:
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards)
+            raise FloatingPointError(f"calibration loss is {stats['loss']} at step {step}; stopped before the optimizer "
+                                     f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
+        distributed.all_reduce_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards)
             raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied")
         opt.step()
         rows.append({"step": step + 1, **stats})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards)
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)

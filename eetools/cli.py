@@ -4,6 +4,10 @@ Options come from the dataclass configs (`PretrainConfig`, `CalibrationConfig`, 
 `ReproduceConfig`); each field's docstring is its ``--help`` text. ``--config FILE``
 (TOML or YAML) sets defaults that explicit options override. Bad input exits non-zero
 with a one-line reason.
+
+``calibrate`` and ``rl`` also run under ``torchrun --nproc_per_node N -m eetools.cli ...``:
+each process trains its shards of every step (`eetools.distributed`), only rank 0 prints
+and writes; ``--device cuda`` then means ``cuda:LOCAL_RANK``.
 """
 
 from __future__ import annotations
@@ -170,50 +174,65 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    import torch.distributed as dist
+
+    from eetools import distributed
     from eetools.checkpoints import CheckpointError
     from eetools.judges import JudgeError
     from eetools.models import ModelNotFoundError
     from eetools.rl import RewardError
 
+    joined_here = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone
     try:
         return _run(args)
     except (ValueError, TypeError, CheckpointError, ModelNotFoundError, RewardError, JudgeError,
             FileNotFoundError, FloatingPointError) as e:
-        print(f"eetools {args.command}: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
+        print(f"eetools {args.command}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+              file=sys.stderr)
         return 2
+    finally:
+        if joined_here:
+            distributed.teardown()
 
 
 def _run(args) -> int:
     import torch
 
-    from eetools import pipeline
+    from eetools import distributed, pipeline
 
     file_cfg = load_config_file(args.config)
     progress = not args.no_progress
     out = Path(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here")
+    if distributed.launched():
+        if args.command not in ("calibrate", "rl"):
+            raise ValueError(f"`eetools {args.command}` runs in one process; under torchrun use calibrate or rl")
+        args.device = str(distributed.device_for(args.device))
+        distributed.setup(args.device)
+    say = print if distributed.is_main() else (lambda *a, **k: None)  # under torchrun rank 0 prints
     if args.command == "pretrain":
         from eetools.pretrain import PretrainConfig, pretrain
 
         cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
-        print(pretrain(cfg, progress=progress))
+        say(pretrain(cfg, progress=progress, device=args.device, dtype=args.dtype))
     elif args.command == "calibrate":
         from eetools.calibration import CalibrationConfig
 
         cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
-        print(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
-                                     device=args.device, dtype=args.dtype, progress=progress))
+        say(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
+                                   device=args.device, dtype=args.dtype, progress=progress))
     elif args.command == "rl":
         from eetools.rl import RLConfig
 
         cfg = build_config(RLConfig, args, file_cfg, "rl")
-        print(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
-                              progress=progress))
+        say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
+                            progress=progress))
     elif args.command == "evaluate":
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
                                    seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
-        print(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "accuracy":
         import eetools
         from eetools.evaluation import greedy_accuracy
@@ -222,15 +241,15 @@ def _run(args) -> int:
         for name in args.task:
             acc = greedy_accuracy(model, name, n=args.n, progress=progress)
             n = args.n or len(eetools.tasks.get(name).test_split())
-            print(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
+            say(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
     elif args.command == "report":
-        print(pipeline.write_report(out))
+        say(pipeline.write_report(out))
     elif args.command == "ship":
         for path in pipeline.ship(out):
-            print(path)
+            say(path)
     elif args.command == "reproduce":
         cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
-        print(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
+        say(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
     return 0
 
 

@@ -10,15 +10,20 @@ give the same tokens and exits.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eetools.adapters import adapters_merged
 from eetools.exits import ExitState
 from eetools.heads import exit_log_probs
 from eetools.rollout import Rollout
+from eetools.skipping import compute_skipping
 
 MODES = ("sample", "threshold", "off")
+SKIPS = ("mask", "compute")
 
 
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
@@ -50,7 +55,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 @torch.no_grad()
 def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, progress: bool = False) -> Rollout:
+             threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, skip: str = "mask",
+             progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -62,11 +68,21 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         threshold: the exit threshold of mode "threshold".
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
+        skip: "mask" (every block runs on every token and exited tokens' results are thrown
+            away: exact, the reference) or "compute" (exited tokens only compute their keys and
+            values in later blocks, see `eetools.skipping`, and LoRA adapters are merged into the
+            weights for the call; same tokens, exits and log-probs up to float rounding, less
+            time). "compute" needs ``use_cache=True``.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if skip not in SKIPS:
+        raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
+    if skip == "compute" and not use_cache:
+        raise ValueError("skip='compute' needs use_cache=True: without a KV cache every step recomputes "
+                         "the prefix, so exited tokens' later blocks cannot be skipped")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -75,7 +91,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
     state = ExitState(ee_model)
-    with ee_model.model.hooks(fwd_hooks=state.hooks()):  # attached once for the loop; removed even on errors
+    fast = contextlib.ExitStack()
+    if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
+        fast.enter_context(adapters_merged(ee_model))
+        fast.enter_context(compute_skipping(ee_model, state))
+    # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
+    with ee_model.model.hooks(fwd_hooks=state.hooks()), fast:
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if bool(dec.done.all()):
@@ -96,6 +117,9 @@ class _Decoder:
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos or 0)
         self.done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
         self.seq, self.mask, self.step_input = ids, pmask, ids
+        # without padding the mask says nothing the causal mask does not; passing None spares the
+        # bridge re-deriving position ids from it at every step
+        self.padded = bool((pmask == 0).any())
         self.exit_hist = torch.full_like(ids, self.L)
         self.cache = None
         self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs")}
@@ -113,7 +137,8 @@ class _Decoder:
             return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
 
         if self.use_cache:
-            logits, z, exit_at, self.cache = self.ee._forward(self.step_input, self.mask, decide=decide, state=state,
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee._forward(self.step_input, mask, decide=decide, state=state,
                                                               past_key_values=self.cache, use_cache=True)
         else:
             logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,

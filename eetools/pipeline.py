@@ -2,7 +2,8 @@
 
 Each writes into an output folder: checkpoints (exit-model folders), histories (CSV),
 figures (plotly JSON, so `write_report` can assemble them without a model), and for
-`reproduce` a self-contained ``report.html``.
+`reproduce` a self-contained ``report.html``. `run_calibrate` and `run_rl` also run under
+torchrun (every process trains its shards; only rank 0 writes); `reproduce` runs in one process.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+
+from eetools import distributed
 
 
 @dataclass
@@ -73,6 +76,8 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
     res = calibrate(ee, task, kl_factor=cfg.kl_factor, exit_samples=cfg.exit_samples, steps=cfg.steps,
                     batch_size=cfg.batch_size, lr=cfg.lr, lora=cfg.lora, seed=cfg.seed,
                     checkpoint_dir=out / "checkpoint", progress=progress, **kw)
+    if not distributed.is_main():  # under torchrun rank 0 writes the results
+        return out / "model"
     ee.save(out / "model")
     res.history.to_csv(out / "calibration_history.csv", index=False)
     fig4 = exit_distribution_vs_target(ee, figure_task or task, n=64, kl_factor=cfg.kl_factor)
@@ -92,6 +97,8 @@ def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition",
     ee = eetools.load_exit_model(start, model=_base_for(start, device, dtype))
     res = train_rl(ee, task, checkpoint_dir=out / "checkpoint", progress=progress,
                    **{k: v for k, v in asdict(cfg).items()})
+    if not distributed.is_main():  # under torchrun rank 0 writes the results
+        return out / "model"
     ee.save(out / "model")
     res.history.to_csv(out / "rl_history.csv", index=False)
     res.evals.to_csv(out / "rl_evals.csv", index=False)
@@ -130,6 +137,8 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     from eetools.figures import coherence_by_kl_factor
     from eetools.rl import run_sweep
 
+    if distributed.launched():
+        raise ValueError("reproduce runs in one process; under torchrun run `eetools calibrate` and `eetools rl`")
     cfg = _quick(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -106,11 +106,19 @@ def _check_resume(cfg: PretrainConfig, saved: dict) -> None:
         raise ValueError(f"cannot resume {cfg.out}: configuration differs ({detail}); use another --out")
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
-    """Train (or resume) and save the model; returns the HF-format model folder."""
+def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dtype: str | None = None) -> Path:
+    """Train (or resume) and save the model; returns the HF-format model folder.
+
+    Weights and optimizer state stay float32 on `device`; ``dtype="bfloat16"`` runs the
+    forward under autocast (mixed precision), the usual choice on a GPU.
+    """
     from transformers import Qwen3ForCausalLM
 
     torch.set_num_threads(cfg.threads)
+    device = torch.device(device)
+    amp = getattr(torch, dtype) if dtype else None
+    if amp is not None and amp not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     out = Path(cfg.out)
     ckpt = out / "checkpoint"
     tokenizer = build_tokenizer()
@@ -119,6 +127,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if cfg.init:
         model.load_state_dict(load_tensors(Path(cfg.init) / "model.safetensors"), strict=False)
         model.tie_weights()
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     start = 0
@@ -134,8 +143,9 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
     for step in bar:
-        ids, attn, lmask = encode_batch(batch_for_step(cfg, step), tokenizer)
-        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]
+        ids, attn, lmask = (t.to(device) for t in encode_batch(batch_for_step(cfg, step), tokenizer))
+        with torch.autocast(device.type, dtype=amp, enabled=amp not in (None, torch.float32)):
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
         m = lmask[:, 1:].reshape(-1).float()
         loss = (nll * m).sum() / m.sum()
@@ -153,7 +163,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
             save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}, ckpt)
             save_json({"step": done, "config": dataclasses.asdict(cfg), "loss": loss.item()}, ckpt / "trainer.json")
     final = out / "model"
-    model.eval()
+    model.eval().to("cpu")
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     write_model_card(final, cfg)

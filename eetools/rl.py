@@ -7,6 +7,14 @@ and the mean normalised blocks used. The leave-one-out advantage is
 ``A_i = R_i - mean_{j != i} R_j`` and the loss
 ``-mean_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``: the policy samples both tokens and
 exits. Trainable: exit heads and LoRA adapters.
+
+Under torchrun each process takes its shards of a step's prompts (`eetools.distributed`),
+each prompt with all its `k` rollouts, so RLOO groups stay whole on one process. The
+rollouts of shard ``g`` are generated with seed ``shard_seed(seed * 7919 + step, g)``; the
+objective is divided by the global number of rollouts and gradients are averaged across
+processes, so the update is the one-process update of the same global batch. The history
+is computed from every rollout of the step (per-rollout values gathered from all ranks);
+held-out evaluations run on rank 0 and are shared with the others.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.judges import ReasoningJudge
 from eetools.training_state import resume_run, save_run
@@ -59,6 +68,8 @@ class RLConfig:
     """Held-out prompts per evaluation (from the task's test split)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (with checkpoint_dir)."""
+    micro_batches: int = 1
+    """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
 
 
 @dataclass
@@ -87,10 +98,11 @@ def rloo_advantages(rewards: Float[Tensor, "groups k"]) -> Float[Tensor, "groups
     return torch.where(flat, torch.zeros_like(adv), adv)
 
 
-def _task_rewards(task, reward_fn, examples, completions, step) -> list[float]:
+def _task_rewards(task, reward_fn, examples, completions, step, first: int = 0) -> list[float]:
+    """Verifier (or `reward_fn`) scores; errors name the sample by its index in the step's global batch."""
     out = []
     fn = reward_fn or task.score
-    for i, (e, c) in enumerate(zip(examples, completions)):
+    for i, (e, c) in enumerate(zip(examples, completions), start=first):
         try:
             r = fn(e, c)
         except Exception as err:
@@ -103,11 +115,15 @@ def _task_rewards(task, reward_fn, examples, completions, step) -> list[float]:
     return out
 
 
-def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float, token_term: bool = True):
-    """Loss and statistics of one RLOO step for a rollout batch ordered as groups of `k`.
+def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float,
+             token_term: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+    """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
-    `token_term=False` (greedy tokens, temperature 0) keeps only the sampled exit decisions
-    in the policy gradient: greedy tokens are not samples of the policy.
+    Returns ``(objective, per_rollout)``: ``-sum_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``
+    (differentiable) and a dict of per-rollout tensors (reward, task, kl, exitcost, adv, and
+    each rollout's share of the objective) for `rl_stats`. `token_term=False` (greedy tokens,
+    temperature 0) keeps only the sampled exit decisions in the policy gradient: greedy tokens
+    are not samples of the policy.
     """
     seqs, attn = rollout.sequences.to(ee_model.device), rollout.attention_mask.to(ee_model.device)
     P = rollout.prompt_tokens.shape[1]
@@ -124,39 +140,104 @@ def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, bet
         kl_tok = (pol.exp() * (pol - ref)).sum(-1)
         kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
         cost = rollout.compute.to(ee_model.device)
-        reward = task_reward.to(ee_model.device) - beta * kl - lam * cost
+        task_reward = task_reward.to(ee_model.device)
+        reward = task_reward - beta * kl - lam * cost
         adv = rloo_advantages(reward.view(-1, k)).view(-1)
-    logp = (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1)
-    loss = -(adv * logp).mean()
-    stats = {"reward": reward.mean().item(), "task": task_reward.mean().item(), "kl": kl.mean().item(),
-             "exitcost": cost.mean().item(), "adv_mean": adv.mean().item(), "adv_std": adv.std().item(),
-             "adv_abs_max": adv.abs().max().item(), "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean())}
-    return loss, stats, adv
+    per_rollout = -(adv * (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1))
+    return per_rollout.sum(), {"reward": reward, "task": task_reward, "kl": kl, "exitcost": cost, "adv": adv,
+                               "objective": per_rollout.detach()}
+
+
+def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:
+    """Loss and reward statistics of a batch from `rl_terms`'s per-rollout values (one batch, or gathered)."""
+    adv = per_rollout["adv"]
+    return {"loss": per_rollout["objective"].mean().item(), "reward": per_rollout["reward"].mean().item(),
+            "task": per_rollout["task"].mean().item(), "kl": per_rollout["kl"].mean().item(),
+            "exitcost": per_rollout["exitcost"].mean().item(), "adv_mean": adv.mean().item(),
+            "adv_std": adv.std().item(), "adv_abs_max": adv.abs().max().item(),
+            "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean())}
+
+
+def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float, token_term: bool = True):
+    """Loss (mean over rollouts), statistics and advantages of one RLOO step; see `rl_terms`."""
+    objective, per = rl_terms(ee_model, rollout, task_reward, k, lam, beta, token_term)
+    stats = rl_stats(per, k)
+    del stats["loss"]
+    return objective / len(rollout), stats, per["adv"]
+
+
+def _rollout_columns(ee_model, rollout, per: dict[str, Tensor], scores, coherence) -> dict[str, Tensor]:
+    """Per-rollout values of one shard, as float64 columns on the CPU (to be gathered across ranks)."""
+    mask = rollout.mask
+    used = (rollout.exit_layers.float() / rollout.n_layers * mask).sum(1)
+    outcomes = [*ee_model.exit_layers, ee_model.n_layers]
+    exits = torch.stack([((rollout.exit_layers == l) & mask).sum(1) for l in outcomes], 1)
+    cols = {k: v.detach().cpu().double().reshape(len(rollout), -1) for k, v in per.items()}
+    cols.update(score=torch.tensor(scores, dtype=torch.float64)[:, None],
+                coherence=torch.tensor(coherence, dtype=torch.float64)[:, None],
+                used=used.double()[:, None], n_tokens=mask.sum(1).double()[:, None], exits=exits.double())
+    return cols
+
+
+def _gather_columns(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """This rank's shards' columns concatenated, then every rank's, in global order (one collective)."""
+    keys = list(shards[0])
+    widths = [shards[0][key].shape[1] for key in keys]
+    local = torch.cat([torch.cat([s[key] for key in keys], 1) for s in shards])
+    table = distributed.all_gather_cat(local)
+    out, i = {}, 0
+    for key, w in zip(keys, widths):
+        out[key] = table[:, i:i + w].squeeze(1) if w == 1 else table[:, i:i + w]
+        i += w
+    return out
+
+
+def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
+    row = {"step": step + 1, **rl_stats(cols, k),
+           "accuracy": float((cols["score"] == 1.0).sum()) / len(cols["score"]),
+           "compute": float(cols["used"].sum() / cols["n_tokens"].sum().clamp(min=1))}
+    row["layers_saved"] = 1 - row["compute"]
+    row["coherence"] = float(cols["coherence"].mean())
+    hist = cols["exits"].sum(0)
+    for l, f in zip([*ee_model.exit_layers, "full"], (hist / hist.sum().clamp(min=1)).tolist()):
+        row[f"exit_p_{l}"] = f
+    return row
 
 
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
              steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
-             reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10) -> RLResult:
+             reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
+             micro_batches: int = 1) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
+
+    Under ``torchrun`` every process makes the same call: each takes its shards of every
+    step's prompts (`prompts_per_step` is global), gradients are averaged, only rank 0 writes
+    checkpoints, evaluates and shows progress, and every rank returns the same result.
 
     Args:
         ee_model: an `EarlyExitModel` (usually calibrated first).
         task: task name or `Task`; training prompts are fresh samples, evaluation uses the test split.
         reward_fn: optional ``fn(example, completion) -> float`` replacing `task.score`.
-        checkpoint_dir: checkpoints every `checkpoint_every` steps; an existing one is resumed.
+        checkpoint_dir: checkpoints every `checkpoint_every` steps; an existing one is resumed
+            (every rank reads it, so it must be visible to all of them).
+        micro_batches: shards per process per step (see `RLConfig.micro_batches`).
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
     """
     cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
-                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every)
+                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches)
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
         raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
     task = task_lib.get(task)
+    distributed.setup(ee_model.device)
+    distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
+    world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
+    n_rollouts = cfg.prompts_per_step * cfg.k
     params = ee_model.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
@@ -164,47 +245,60 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     judge = ReasoningJudge()
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and (ckpt / "trainer.json").exists():
-        saved = resume_run(ckpt, ee_model, opt, cfg)
+    if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
+        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards)
         start, rows, evals = saved["step"], saved["history"], saved["evals"]
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl", disable=not progress)
+    distributed.broadcast_parameters(params)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl",
+               disable=not progress or not distributed.is_main())
     if start == 0 and cfg.eval_every:
-        evals.append(_evaluate(ee_model, task, cfg, 0))
+        evals.append(_evaluate_on_main(ee_model, task, cfg, 0))
     for step in bar:
-        exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)
-        group = [e for e in exs for _ in range(cfg.k)]
-        rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens, mode="sample",
-                                    temperature=cfg.temperature, seed=cfg.seed * 7_919 + step)
-        completions = [task_lib.cut_at_answer(t) for t in rollout.text]
-        task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step))
-        loss, stats, adv = rl_step_loss(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta,
-                                        token_term=cfg.temperature > 0)
-        if not math.isfinite(loss.item()) or not all(math.isfinite(v) for v in stats.values()):
-            if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals)
-            raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({stats}); stopped without updating")
+        exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)  # global, every rank
         opt.zero_grad(set_to_none=True)
-        if bool((adv != 0).any()):  # every group flat: no signal, leave the parameters alone
-            loss.backward()
+        shards = []
+        for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step"):
+            group = [e for e in part for _ in range(cfg.k)]
+            rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens, mode="sample",
+                                        temperature=cfg.temperature,
+                                        seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
+            completions = [task_lib.cut_at_answer(t) for t in rollout.text]
+            task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
+            objective, per = rl_terms(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta,
+                                      token_term=cfg.temperature > 0)
+            if bool((per["adv"] != 0).any()):  # a shard of flat groups adds nothing to the gradient
+                # x world / all rollouts: gradients are averaged over ranks into the global mean
+                (objective * (world / n_rollouts)).backward()
+            scores = [task.score(e, c) for e, c in zip(group, completions)]
+            coherence = [judge(e, c) for e, c in zip(group, completions)]
+            shards.append(_rollout_columns(ee_model, rollout, per, scores, coherence))
+        cols = _gather_columns(shards)  # every rollout of the step, in global order, on every rank
+        row = _history_row(ee_model, step, cols, cfg.k)
+        if not all(math.isfinite(row[key]) for key in ("loss", "reward", "task", "kl", "exitcost", "adv_mean",
+                                                       "adv_std", "adv_abs_max")):
+            if ckpt is not None:
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards)
+            raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({rl_stats(cols, cfg.k)}); "
+                                     "stopped without updating")
+        if bool((cols["adv"] != 0).any()):  # every group flat: no signal, leave the parameters alone
+            distributed.all_reduce_gradients(params)
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 if ckpt is not None:
-                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals)
+                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards)
                 raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied")
             opt.step()
-        scores = [task.score(e, c) for e, c in zip(group, completions)]
-        row = {"step": step + 1, "loss": loss.item(), **stats,
-               "accuracy": sum(s == 1.0 for s in scores) / len(scores), "compute": rollout.batch_compute,
-               "layers_saved": 1 - rollout.batch_compute,
-               "coherence": sum(judge(e, c) for e, c in zip(group, completions)) / len(group)}
-        for l, f in zip([*ee_model.exit_layers, "full"], rollout.exit_histogram().tolist()):
-            row[f"exit_p_{l}"] = f
         rows.append(row)
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", compute=f"{row['compute']:.2f}", reward=f"{row['reward']:.2f}")
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            evals.append(_evaluate(ee_model, task, cfg, step + 1))
+            evals.append(_evaluate_on_main(ee_model, task, cfg, step + 1))
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals, shards=n_shards)
     return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
+
+
+def _evaluate_on_main(ee_model, task, cfg: RLConfig, step: int) -> dict:
+    """`_evaluate` on rank 0 only; every rank gets its result (the others wait for it)."""
+    return distributed.broadcast_object(_evaluate(ee_model, task, cfg, step) if distributed.is_main() else None)
 
 
 def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:

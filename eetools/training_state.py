@@ -2,8 +2,9 @@
 
 A run's folder holds ``model/`` (heads + adapters, `EarlyExitModel.save`), ``state.*``
 (optimizer and every RNG state, pickle-free) and ``trainer.json`` (step, configuration,
-and whatever history the run keeps). Resuming with a different configuration is refused
-with the differing fields named.
+the number of shards each step was split into, and whatever history the run keeps).
+Resuming with a different configuration or a different number of shards is refused with
+the differing fields named. In a multi-process run only rank 0 writes; every rank resumes.
 """
 
 from __future__ import annotations
@@ -11,21 +12,28 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from eetools import distributed
 from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
 
-# fields that may change between a run and its resumption
-RESUMABLE_CHANGES = ("steps", "checkpoint_every")
+# fields that may change between a run and its resumption (micro_batches: only processes x micro_batches matters)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
 
 
-def save_run(ckpt: Path, ee_model, opt, cfg, step: int, **records) -> None:
-    """Write model, optimizer, RNG states, step, config and `records` (e.g. history) atomically."""
+def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, **records) -> None:
+    """Write model, optimizer, RNG states, step, config, `shards` and `records` (e.g. history) atomically.
+
+    `shards` is how many shards (processes x micro-batches) each step was split into; the
+    random draws depend on it. Only rank 0 writes (a no-op on the other ranks).
+    """
+    if not distributed.is_main():
+        return
     ckpt = Path(ckpt)
     ee_model.save(ckpt / "model")
     save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
-    save_json({"step": step, "config": dataclasses.asdict(cfg), **records}, ckpt / "trainer.json")
+    save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, **records}, ckpt / "trainer.json")
 
 
-def resume_run(ckpt: Path, ee_model, opt, cfg) -> dict:
+def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1) -> dict:
     """Load a saved run into `ee_model` and `opt` (and the RNGs); returns the saved trainer record."""
     from eetools.exit_checkpoint import load_weights_into
 
@@ -36,6 +44,11 @@ def resume_run(ckpt: Path, ee_model, opt, cfg) -> dict:
     if diff:
         raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
                          + ", ".join(f"{k} (saved {saved['config'].get(k)!r}, now {now[k]!r})" for k in diff))
+    was = saved.get("shards", 1)
+    if was != shards:
+        raise ValueError(f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "
+                         f"micro_batches), this run splits them into {shards}, and the random draws depend on it; "
+                         f"resume with processes x micro_batches = {was} (e.g. micro_batches={was} in one process)")
     load_weights_into(ee_model, ckpt / "model")
     state = load_state(ckpt)
     opt.load_state_dict(state["optimizer"])

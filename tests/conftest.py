@@ -12,6 +12,20 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu", help="device of the tiny bridges (cpu, cuda); see benchmarks/gpu_check.sh")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    import torch as _torch
+
+    d = request.config.getoption("--device")
+    if d.startswith("cuda") and not _torch.cuda.is_available():
+        pytest.skip("--device cuda given but no CUDA device is available")
+    return d
+
+
 def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
@@ -48,11 +62,11 @@ def arch(request):
 
 
 @pytest.fixture()
-def tiny_bridge(tiny_folders, arch):
-    """A fresh tiny random bridge (function scope: tests may add adapters)."""
+def tiny_bridge(tiny_folders, arch, device):
+    """A fresh tiny random bridge (function scope: tests may add adapters), on ``--device``."""
     import eetools
 
-    bridge = eetools.load_model(tiny_folders[arch])
+    bridge = eetools.load_model(tiny_folders[arch], device=device)
     bridge.cfg.default_prepend_bos = True
     return bridge
 

@@ -77,3 +77,20 @@ def test_shipped_exit_models_load_and_exit(preset):
     acc = sum(tasks.get("addition").score(e, tasks.cut_at_answer(t)) == 1.0 for e, t in zip(exs, r.text)) / len(exs)
     assert acc >= 0.85, f"{preset}: accuracy with sampled exits {acc:.2f}"
     assert r.batch_compute < 0.95, f"{preset}: exits barely used (compute {r.batch_compute:.2f})"
+
+
+def test_compute_skipping_matches_masking_on_the_shipped_model():
+    """`skip="compute"` on the shipped RL model: same tokens, exits and log-probs (1e-4) as masking."""
+    from eetools.exit_checkpoint import PRESETS
+    from eetools.paths import data_dir
+
+    if not (data_dir() / "models" / PRESETS["tiny-reasoner/rl"]).is_dir():
+        pytest.skip("tiny-reasoner/rl not shipped yet")
+    ee = eetools.load_exit_model("tiny-reasoner/rl")
+    prompts = [e.prompt for e in tasks.get("addition").test_split()[:8]]
+    a = ee.generate(prompts, 60, seed=5, temperature=1.0)
+    b = ee.generate(prompts, 60, seed=5, temperature=1.0, skip="compute")
+    assert (a.exit_layers[a.mask] < ee.n_layers).float().mean() > 0.2, "the test needs exits"
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers)
+    torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
+    torch.testing.assert_close(a.exit_logprobs, b.exit_logprobs, atol=1e-4, rtol=0)

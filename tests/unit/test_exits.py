@@ -17,7 +17,7 @@ BATCH_TOL = 1e-3
 
 
 def _toks(bridge, text="Q: 12+34\nab cd"):
-    return bridge.to_tokens([text], prepend_bos=True)
+    return bridge.to_tokens([text], prepend_bos=True).to(bridge.cfg.device)
 
 
 def _eager_heads(ee, bias=-0.5):

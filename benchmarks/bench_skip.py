@@ -1,0 +1,104 @@
+"""Decode wall-clock with real compute skipping vs masking vs no exits, side by side in one run.
+
+Every generated token exits at a prescribed layer (heads set to fire there and nowhere
+else), so a share 0 %, 25 %, 50 % or 75 % of the blocks is skipped for every generated token.
+Batch 1, greedy tokens, KV cache. Two models:
+
+- ``tiny``: the shipped tiny reasoner (8 blocks, d_model 128);
+- ``qwen3_0.6b``: a randomly initialised model with Qwen3-0.6B's shapes (28 blocks, d_model
+  1024, GQA 16/8 heads of 128, MLP 3072, vocabulary 151,936), built offline from a config.
+
+Keys: ``skip_speedup_{rate}`` = masked time / skipping time on the Qwen3-0.6B-shaped model
+(target >= 1.3 at 50 %, >= 1.0 at 0 %); ``skip_vs_plain_{rate}`` = time with no exits
+(``mode="off"``) / skipping time; the ``tiny_`` variants are the same on the shipped model.
+
+    python benchmarks/bench_skip.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import compare  # noqa: E402
+
+RATES = (0, 25, 50, 75)
+
+
+def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int = 28):
+    """A random bridge with Qwen3-0.6B's shapes; no weights downloaded or written."""
+    import eetools
+    from eetools.tokenizer import build_tokenizer
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = build_tokenizer()
+    cfg = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=n_layers,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    hf = Qwen3ForCausalLM(cfg).to(dtype=getattr(torch, dtype)).eval()
+    folder = tempfile.mkdtemp(prefix="qwen3-0.6b-shaped-")
+    cfg.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    bridge = eetools.load_model(folder, device=device, dtype=dtype, hf_model=hf.to(device))
+    bridge.cfg.default_prepend_bos = True
+    return bridge
+
+
+def exit_model_at(bridge, rate: int):
+    """Heads that send every generated token out at the layer that skips `rate` % of the blocks."""
+    import eetools
+
+    L = int(bridge.cfg.n_layers)
+    layer = max(1, min(L - 1, round(L * (100 - rate) / 100))) if rate else L // 2
+    ee = eetools.attach_exit_heads(bridge, layers=[layer])
+    with torch.no_grad():
+        ee.heads[0].net[-1].weight.zero_()
+        ee.heads[0].net[-1].bias.fill_(30.0 if rate else -30.0)  # always / never exit
+    return ee
+
+
+def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
+    """Seconds per generated token for skip / mask / off at each rate, and their ratios."""
+    prompt = "Q: 48213+9175\n"
+    out = {}
+    for rate in RATES:
+        ee = exit_model_at(bridge, rate)
+
+        def run(**kw):
+            return lambda: ee.generate(prompt, new_tokens, temperature=0, seed=0, **kw)
+
+        r = ee.generate(prompt, new_tokens, temperature=0, seed=0, skip="compute")
+        saved = 1 - r.batch_compute
+        t = compare({"compute": run(skip="compute"), "mask": run(skip="mask"), "off": run(mode="off")},
+                    repeats=repeats)
+        out[f"{prefix}skip_speedup_{rate}"] = t["mask"] / t["compute"]
+        out[f"{prefix}skip_vs_plain_{rate}"] = t["off"] / t["compute"]
+        out[f"{prefix}layers_saved_{rate}"] = float(saved)
+    return out
+
+
+def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
+    import eetools
+
+    out = measure(eetools.load_model(device=device, dtype=dtype), 16 if quick else 48, 3 if quick else 5, "tiny_")
+    big = qwen3_06b_shaped(device, dtype, n_layers=8 if quick else 28)
+    out.update(measure(big, 8 if quick else 24, 2 if quick else 3))
+    del big
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    args = ap.parse_args()
+    for k, v in run(args.quick, args.device, args.dtype).items():
+        print(f"{k:28s} {v:.3f}")

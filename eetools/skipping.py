@@ -1,0 +1,123 @@
+"""Real compute skipping at decode: exited tokens only compute what later tokens need.
+
+The masked path (the default and the reference) runs every block on every token and lets
+the freeze hooks throw away what an exited token computed. Here, for a token that exited
+at layer `l`, blocks ``>= l`` still compute its keys and values from the frozen residual
+(later tokens attend to them), but not the rest: its query, the attention output
+projection, the MLP and the MLP's input norm. These are row-wise functions whose output
+for an exited row reaches only that row's own residual, which the freeze hook
+overwrites, so skipping them changes nothing that anyone reads.
+
+It goes through the bridge's components, not a per-model forward: for every block from
+the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``ln2``) components get their
+`forward` wrapped (on the instance, inside a context manager, restored even on errors) so
+that at a one-position decode step they run only on the rows still running at that block
+and return zeros for the rest. An architecture whose blocks lack these components (or
+whose components return something other than a tensor) is reported by
+`skip_support` and generation falls back to masking with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+SKIPPABLE = ("attn.q", "attn.o", "mlp")  # row-wise; their output for a row reaches only that row
+OPTIONAL = ("ln2",)  # the MLP's input norm, where a block has one: skipped with the MLP
+
+
+def _component(block: nn.Module, path: str) -> nn.Module | None:
+    m = block
+    for part in path.split("."):
+        m = getattr(m, part, None) if m is not None else None
+    return m if isinstance(m, nn.Module) else None
+
+
+def skip_support(model) -> str | None:
+    """None if `model`'s blocks can skip compute, else why not (in words)."""
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or len(blocks) == 0:
+        return "the model has no `blocks` components"
+    missing = sorted({p for b in blocks for p in SKIPPABLE if _component(b, p) is None})
+    if missing:
+        return (f"its blocks lack the components {missing} (a {type(blocks[0]).__name__} block); "
+                f"compute skipping needs separate attn.q, attn.o and mlp components")
+    return None
+
+
+class _RowSkip:
+    """The wrapped forward of one component: runs only on `active()` rows at one-position steps."""
+
+    def __init__(self, module: nn.Module, active: Callable[[], Tensor | None]):
+        self.module, self.active = module, active
+        self.inner = module.forward  # bound method (or an earlier instance override)
+        self.out_dim: int | None = None
+
+    def __call__(self, x, *args, **kwargs):
+        rows = self.active() if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 1 and not args else None
+        if rows is None or self.out_dim is None:
+            out = self.inner(x, *args, **kwargs)
+            if isinstance(out, Tensor):
+                self.out_dim = out.shape[-1]
+            return out
+        n = int(rows.sum())
+        if n == rows.numel():
+            return self.inner(x, *args, **kwargs)
+        if n == 0:
+            return x.new_zeros((*x.shape[:-1], self.out_dim))
+        part = self.inner(x[rows], *args, **kwargs)
+        out = part.new_zeros((x.shape[0], *part.shape[1:]))
+        out[rows] = part
+        return out
+
+
+@contextlib.contextmanager
+def compute_skipping(ee_model, state):
+    """Within this context, decode steps skip exited rows' query, output projection and MLP.
+
+    Args:
+        ee_model: the `EarlyExitModel`.
+        state: the `ExitState` whose hooks are attached; its ``exit_at[:, -1]`` says which rows
+            of the current one-position step have exited (rows with ``exit_at <= layer`` are skipped
+            at block `layer`).
+
+    Yields True if skipping is active, False if the architecture is unsupported (then a
+    warning says why and the masked path runs).
+    """
+    reason = skip_support(ee_model.model)
+    if reason is not None:
+        warnings.warn(f"skip='compute' is not supported for this model: {reason}; falling back to masking "
+                      f"(same results, no time saved)", stacklevel=3)
+        yield False
+        return
+    patched: list[tuple[nn.Module, object]] = []
+
+    def active_at(layer: int):
+        def active():
+            exit_at = state.exit_at
+            if exit_at is None or not state.any_exit:
+                return None
+            return exit_at[:, -1] > layer
+        return active
+
+    try:
+        for layer in range(ee_model.exit_layers[0], ee_model.n_layers):
+            block = ee_model.model.blocks[layer]
+            for path in SKIPPABLE + OPTIONAL:
+                module = _component(block, path)
+                if module is None:
+                    continue
+                patched.append((module, module.__dict__.get("forward")))
+                # object.__setattr__: bridge components forward attribute sets to the wrapped HF module
+                object.__setattr__(module, "forward", _RowSkip(module, active_at(layer)))
+        yield True
+    finally:
+        for module, before in reversed(patched):
+            if before is None:
+                module.__dict__.pop("forward", None)
+            else:
+                object.__setattr__(module, "forward", before)

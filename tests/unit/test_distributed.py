@@ -1,0 +1,231 @@
+"""Multi-process training: shards, and 2 gloo processes on CPU against 1 process with the same shards.
+
+A step's global batch is cut into processes x micro_batches shards, each with its own seed,
+so two processes with one micro-batch each must end where one process with two
+micro-batches ends (same examples, same exit draws, same rollouts), up to float summation
+order. The optimizer's moment estimates are compared too: Adam's update is invariant to a
+constant scale of the gradient, its first moment is not, so a wrong loss normalisation
+(the x world factor) cannot hide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eetools import distributed
+from eetools.calibration import calibrate
+from eetools.rl import train_rl
+
+# 2 processes vs 1: the same float ops but for the order of a sum over shards; Adam can
+# turn a rounding difference of a gradient near zero into one of its step (lr=1e-2)
+DDP_ATOL = 1e-5
+WORKER_TIMEOUT_S = 300
+
+CAL = dict(batch_size=4, exit_samples=2, lr=1e-2, seed=1, lora_r=2, progress=False)
+RL = dict(prompts_per_step=4, k=2, max_new_tokens=6, eval_every=2, eval_prompts=2, lr=1e-2, progress=False)
+
+
+def _reward(example, completion):
+    return float(len(completion) % 3)
+
+
+def _fresh(folder, bias=None):
+    import eetools
+
+    b = eetools.load_model(folder)
+    b.cfg.default_prepend_bos = True
+    torch.manual_seed(0)
+    ee = eetools.attach_exit_heads(b, layers=[1, 2, 3])
+    if bias is not None:
+        with torch.no_grad():
+            for h in ee.heads:
+                h.net[-1].bias.fill_(bias)
+    return ee
+
+
+def _moments(ckpt) -> list[torch.Tensor]:
+    """Adam's first moments (scale-sensitive, unlike its update) from a run's checkpoint."""
+    from eetools.checkpoints import load_state
+
+    state = load_state(ckpt)["optimizer"]["state"]
+    return [state[i]["exp_avg"] for i in sorted(state)]
+
+
+def _scenario(folder, out: Path, **shards) -> dict:
+    """Calibration and RL, straight (3 steps) and resumed (2 steps, then on to 3); final parameters and histories."""
+    res = {}
+    res["cal"] = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=out / "cal", **CAL, **shards)
+    calibrate(_fresh(folder), "addition", steps=2, checkpoint_dir=out / "cal_resume", **CAL, **shards)
+    res["cal_resume"] = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=out / "cal_resume", **CAL,
+                                  **shards)
+    rl = dict(**RL, **shards, reward_fn=_reward)
+    res["rl"] = train_rl(_fresh(folder, -0.5), "addition", steps=3, checkpoint_dir=out / "rl", **rl)
+    train_rl(_fresh(folder, -0.5), "addition", steps=2, checkpoint_dir=out / "rl_resume", **rl)
+    res["rl_resume"] = train_rl(_fresh(folder, -0.5), "addition", steps=3, checkpoint_dir=out / "rl_resume", **rl)
+    return res
+
+
+def _worker(folder: str, out: str) -> None:
+    """One rank of the 2-process run (started by `test_two_processes_...` with torchrun's env variables)."""
+    from safetensors.torch import save_file
+
+    from eetools import checkpoints
+
+    torch.set_num_threads(1)
+    written = []
+    atomic_write = checkpoints._atomic_write
+
+    def spy(path, write):  # every checkpoint file goes through here
+        written.append(str(path))
+        return atomic_write(path, write)
+
+    checkpoints._atomic_write = spy
+    assert distributed.setup("cpu") and distributed.world_size() == 2
+    r, out = distributed.rank(), Path(out)
+    res = _scenario(folder, out / "ckpt")
+    tensors = {f"{name}.{i}": p.detach().clone() for name, x in res.items()
+               for i, p in enumerate(x.ee_model.trainable_parameters())}
+    save_file(tensors, str(out / f"rank{r}.safetensors"))
+    for name, x in res.items():
+        x.history.to_pickle(out / f"rank{r}_{name}.pkl")
+        if name.startswith("rl"):
+            x.evals.to_pickle(out / f"rank{r}_{name}_evals.pkl")
+    (out / f"rank{r}_written.json").write_text(json.dumps(written))
+    distributed.teardown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_shards_are_contiguous_and_must_divide_evenly():
+    assert distributed.shard(list("abcdef"), 1, 3) == ["c", "d"]
+    assert distributed.local_shards(list("abcd"), 2) == [(0, ["a", "b"]), (1, ["c", "d"])]  # one process
+    assert distributed.shard_seed(7, 0) == 7 and distributed.shard_seed(7, 1) != distributed.shard_seed(8, 0)
+    with pytest.raises(ValueError, match=r"batch_size=6 does not split into 4 process\(es\) x 1 .*multiple of 4"):
+        distributed.check_divisible(6, 1, name="batch_size", world=4)
+    with pytest.raises(ValueError, match="micro_batches must be >= 1"):
+        distributed.check_divisible(4, 0)
+    assert not distributed.is_distributed() and distributed.rank() == 0 and distributed.world_size() == 1
+
+
+def test_indivisible_batches_are_refused_before_training(tiny_folders):
+    ee = _fresh(tiny_folders["qwen3"])
+    with pytest.raises(ValueError, match="batch_size=3 .* multiple of 2"):
+        calibrate(ee, "addition", steps=1, batch_size=3, micro_batches=2, progress=False)
+    with pytest.raises(ValueError, match="prompts_per_step=3 .* multiple of 2"):
+        train_rl(ee, "addition", steps=1, prompts_per_step=3, micro_batches=2, k=2, progress=False)
+
+
+def test_micro_batches_leave_a_deterministic_calibration_unchanged(tiny_folders, tmp_path):
+    """With kl_factor huge every target is "no exit", so no draw matters: micro-batching must not change the update."""
+    folder = tiny_folders["qwen3"]
+    kw = {**CAL, "kl_factor": 1e9}
+    one = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=tmp_path / "one", **kw)
+    two = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=tmp_path / "two", micro_batches=2, **kw)
+    assert (one.history["sampled_compute"] == 1.0).all(), "the test needs deterministic (no-exit) prescriptions"
+    assert one.history["kl"].iloc[-1] > 0, "the KL term must take part"
+    for a, b in zip(one.ee_model.trainable_parameters(), two.ee_model.trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=DDP_ATOL,
+                                   msg="micro-batches changed the update: loss normalisation")
+    for a, b in zip(_moments(tmp_path / "one"), _moments(tmp_path / "two")):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg="gradient scale differs: loss normalisation")
+    torch.testing.assert_close(torch.tensor(one.history["loss"].values), torch.tensor(two.history["loss"].values))
+
+
+def test_resuming_with_another_number_of_shards_is_refused(tiny_folders, tmp_path):
+    folder = tiny_folders["qwen3"]
+    calibrate(_fresh(folder), "addition", steps=1, checkpoint_dir=tmp_path / "ck", **{**CAL, "lora": False})
+    with pytest.raises(ValueError, match="split into 1 shard.*this run splits them into 2"):
+        calibrate(_fresh(folder), "addition", steps=2, checkpoint_dir=tmp_path / "ck", micro_batches=2,
+                  **{**CAL, "lora": False})
+
+
+def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_path):
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    folder = tiny_folders["qwen3"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            "import test_distributed as t; t._worker(*sys.argv[1:])")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(tmp_path)],
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        ref = _scenario(folder, tmp_path / "ref", micro_batches=2)  # meanwhile: one process, the same 2 shards
+        logs = [p.communicate(timeout=WORKER_TIMEOUT_S)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {r} failed:\n{log[-3000:]}"
+
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks disagree on {key}: gradients not all-reduced?"
+    for name, res in ref.items():
+        for i, p in enumerate(res.ee_model.trainable_parameters()):
+            torch.testing.assert_close(ranks[0][f"{name}.{i}"], p.detach(), rtol=0, atol=DDP_ATOL,
+                                       msg=f"{name}: 2 processes != 1 process with 2 micro-batches (parameter {i})")
+        for r in range(2):
+            hist = pd.read_pickle(tmp_path / f"rank{r}_{name}.pkl")
+            pd.testing.assert_frame_equal(hist, res.history, check_exact=False, rtol=1e-4, atol=1e-6,
+                                          check_dtype=False, obj=f"{name} history of rank {r}")
+            if name.startswith("rl"):
+                evals = pd.read_pickle(tmp_path / f"rank{r}_{name}_evals.pkl")
+                pd.testing.assert_frame_equal(evals, res.evals, check_exact=False, check_dtype=False)
+    for name in ("cal", "rl"):
+        for a, b in zip(_moments(tmp_path / "ckpt" / name), _moments(tmp_path / "ref" / name)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=f"{name}: gradient scale differs")
+
+    # a 2-process checkpoint resumes in 1 process with 2 micro-batches (the same shards)
+    on = calibrate(_fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ckpt" / "cal", micro_batches=2,
+                   **CAL)
+    ref_on = calibrate(_fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ref" / "cal", micro_batches=2,
+                       **CAL)
+    for a, b in zip(on.ee_model.trainable_parameters(), ref_on.ee_model.trainable_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=DDP_ATOL, msg="resuming a 2-process run in 1 process")
+
+    written = [json.loads((tmp_path / f"rank{r}_written.json").read_text()) for r in range(2)]
+    assert written[1] == [], f"rank 1 wrote checkpoint files: {written[1]}"
+    assert any(w.endswith("trainer.json") for w in written[0]) and any("safetensors" in w for w in written[0])
+
+
+def _torchrun(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "eetools.cli", *argv, "--no-progress"]
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+
+
+def test_cli_calibrate_and_rl_under_torchrun(tiny_folders, tmp_path):
+    cal = _torchrun(["calibrate", "--model", str(tiny_folders["qwen3"]), "--steps", "2", "--batch-size", "2",
+                     "--lora-r", "2", "--out", str(tmp_path / "cal")], tmp_path)
+    assert cal.returncode == 0, cal.stderr[-3000:]
+    assert cal.stdout.split() == [str(tmp_path / "cal" / "model")], "only rank 0 prints"
+    assert (tmp_path / "cal" / "calibration_history.csv").exists() and (tmp_path / "cal" / "fig4.json").exists()
+    rl = _torchrun(["rl", "--from", str(tmp_path / "cal" / "model"), "--steps", "1", "--k", "2", "--prompts-per-step",
+                    "2", "--max-new-tokens", "4", "--eval-every", "1", "--eval-prompts", "2", "--out",
+                    str(tmp_path / "rl")], tmp_path)
+    assert rl.returncode == 0, rl.stderr[-3000:]
+    assert rl.stdout.split() == [str(tmp_path / "rl" / "model")]
+    import pandas as pd
+    assert len(pd.read_csv(tmp_path / "rl" / "rl_history.csv")) == 1
+    assert len(pd.read_csv(tmp_path / "rl" / "rl_evals.csv")) == 2

@@ -1,0 +1,119 @@
+"""Real compute skipping (`generate(skip="compute")`) against the masked reference, on tiny
+random bridges of two architectures (the shipped model is covered in tests/integration).
+
+Tolerance: log-probs within SKIP_TOL = 1e-4 of the masked path (the same computation on
+fewer rows, so only float rounding of the batched matmuls differs); tokens and exit
+layers identical.
+"""
+
+import pytest
+import torch
+
+import eetools
+from eetools.hooks import count_hooks
+from eetools.skipping import SKIPPABLE, compute_skipping, skip_support
+
+SKIP_TOL = 1e-4
+
+
+def _eager_heads(ee, biases):
+    with torch.no_grad():
+        for h, b in zip(ee.heads, biases):
+            h.net[-1].bias.fill_(b)
+
+
+def _assert_same(a, b):
+    assert torch.equal(a.tokens, b.tokens), "skipping changed the generated tokens"
+    assert torch.equal(a.exit_layers, b.exit_layers), "skipping changed the exits"
+    torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=SKIP_TOL, rtol=0)
+    torch.testing.assert_close(a.exit_logprobs, b.exit_logprobs, atol=SKIP_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_compute_skipping_matches_masking(tiny_ee, temperature):
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])  # many exits, at every layer
+    prompts = ["Q: 12+34\n", "Q: 1+2\nab c", "hello"]  # left padding, rows exit at different layers
+    masked = tiny_ee.generate(prompts, 24, seed=1, temperature=temperature)
+    skipped = tiny_ee.generate(prompts, 24, seed=1, temperature=temperature, skip="compute")
+    _assert_same(masked, skipped)
+    ex = masked.exit_layers[masked.mask]
+    assert len(set(ex.tolist())) >= 3, "the test needs exits at several layers"
+    # a batch where in some steps every row exits and in others none does
+    one = tiny_ee.generate(["Q: 5+6\n"], 24, seed=2, skip="compute")
+    _assert_same(tiny_ee.generate(["Q: 5+6\n"], 24, seed=2), one)
+
+
+def test_compute_skipping_actually_skips(tiny_ee):
+    """Exited rows never reach the MLP of later blocks: count the rows each MLP sees."""
+    _eager_heads(tiny_ee, [30.0, 30.0, 30.0])  # every generated token exits at layer 1
+    seen = []
+    # the weight-holding leaves inside the MLP run only when its real forward runs
+    leaves = [m for m in tiny_ee.model.blocks[2].mlp.modules() if getattr(m, "weight", None) is not None
+              and not list(m.children())]
+    handles = [m.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2]))) for m in leaves]
+    try:
+        r = tiny_ee.generate(["Q: 1+2\n", "Q: 3+4\n"], 6, seed=0, temperature=0, skip="compute")
+    finally:
+        for h in handles:
+            h.remove()
+    assert leaves and (r.exit_layers[:, 1:] == 1).all()
+    # the prompt step runs the MLP on every row and position; later steps skip it (all rows exited)
+    assert set(seen) == {(2, r.prompt_tokens.shape[1])}
+
+
+def test_wrappers_are_removed_even_on_errors(tiny_ee):
+    bridge = tiny_ee.model
+    modules = [m for b in bridge.blocks for m in (b.attn.q, b.attn.o, b.mlp, b.ln2)]
+    assert not any("forward" in m.__dict__ for m in modules)
+    orig = tiny_ee.heads[0].forward
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    tiny_ee.heads[0].forward = boom
+    with pytest.raises(RuntimeError, match="injected"):
+        tiny_ee.generate("Q: 1+2\n", 4, seed=0, skip="compute")
+    tiny_ee.heads[0].forward = orig
+    assert not any("forward" in m.__dict__ for m in modules), "a skipping wrapper stayed on a component"
+    assert count_hooks(bridge) == 0
+
+
+def test_bad_skip_options_are_clear(tiny_ee):
+    with pytest.raises(ValueError, match="skip must be one of"):
+        tiny_ee.generate("Q: 1+2\n", 4, skip="fast")
+    with pytest.raises(ValueError, match="needs use_cache=True"):
+        tiny_ee.generate("Q: 1+2\n", 4, skip="compute", use_cache=False)
+
+
+def test_unsupported_architecture_falls_back_to_masking_with_a_warning(tiny_ee, monkeypatch):
+    assert skip_support(tiny_ee.model) is None
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])
+    masked = tiny_ee.generate(["Q: 12+34\n"], 12, seed=0)
+    monkeypatch.setattr("eetools.skipping.SKIPPABLE", (*SKIPPABLE, "attn.no_such_projection"))
+    with pytest.warns(UserWarning, match="falling back to masking"):
+        fallback = tiny_ee.generate(["Q: 12+34\n"], 12, seed=0, skip="compute")
+    _assert_same(masked, fallback)
+
+
+def test_context_manager_reports_support(tiny_ee):
+    from eetools.exits import ExitState
+
+    with compute_skipping(tiny_ee, ExitState(tiny_ee)) as active:
+        assert active is True
+
+
+def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
+    from eetools.adapters import add_lora, lora_layers
+
+    add_lora(tiny_ee, r=4)
+    with torch.no_grad():  # non-zero adapters, so merging changes the weights
+        for n, p in tiny_ee.model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.05)
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])
+    before = {n: p.detach().clone() for n, p in tiny_ee.model.named_parameters()}
+    prompts = ["Q: 12+34\n", "Q: 1+2\nab c"]
+    _assert_same(tiny_ee.generate(prompts, 16, seed=0), tiny_ee.generate(prompts, 16, seed=0, skip="compute"))
+    assert not any(m.merged for m in lora_layers(tiny_ee))
+    for n, p in tiny_ee.model.named_parameters():
+        assert torch.equal(p, before[n]), f"{n} changed after generate(skip='compute')"
