@@ -62,7 +62,7 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
 
 
 def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
-             max_new_tokens: int = 100, batch_size: int = 50, temperature: float = 0.0, threshold: float = 0.5,
+             max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float = 0.5,
              examples: Sequence | None = None, compare: bool = True, progress: bool = True) -> Evaluation:
     """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
 
@@ -74,11 +74,13 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model and the oracle-exit bound.
+        max_new_tokens: generation cap (default: the task's, which fits its longest reasoning).
 
     Returns:
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
     task = task_lib.get(task)
+    max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
     if not exs:
         raise ValueError("no examples to evaluate")
@@ -130,12 +132,13 @@ def _rows(system, task, exs, texts, compute, judges):
             for i, (s, c, t) in enumerate(zip(scores, compute, cut))]
 
 
-def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100, max_new_tokens: int = 160,
+def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100, max_new_tokens: int | None = None,
                     progress: bool = True) -> float:
     """Greedy accuracy of a base model (a bridge, no exits) on the task's frozen test split."""
     from eetools.exits import attach_exit_heads
 
     task = task_lib.get(task)
+    max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = task.test_split()[:n] if n else task.test_split()
     ee = attach_exit_heads(model)
     rs = _generate_all(ee, [e.prompt for e in exs], mode="off", max_new_tokens=max_new_tokens, seed=0,

@@ -181,9 +181,10 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
             "coherence": float(table.loc[table.system == "base", "coherence_reasoning"].iloc[0])}
     sweep.figure(base=base).write_json(out / "fig2_left.json")
     # 5. Fig. 2 right: the same prompt before and after RL
-    prompt = eetools.tasks.get(cfg.task).test_split()[0].prompt
-    before = models[ccfg.kl_factor].generate(prompt, 100, temperature=0, seed=cfg.seed)
-    after = rl_model.generate(prompt, 100, temperature=0, seed=cfg.seed)
+    task = eetools.tasks.get(cfg.task)
+    prompt = task.test_split()[0].prompt
+    before = models[ccfg.kl_factor].generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
+    after = rl_model.generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
     (out / "fig2_right_calibrated.html").write_text(str(viz.color_tokens(before, title="calibrated")))
     (out / "fig2_right_rl.html").write_text(str(viz.color_tokens(after, title="after RL")))
     timings["eval_s"] = time.time() - t0 - sum(timings.values())

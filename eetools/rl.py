@@ -56,8 +56,8 @@ class RLConfig:
     """Optimizer steps."""
     lr: float = 1e-3
     """AdamW learning rate."""
-    max_new_tokens: int = 80
-    """Generation length cap."""
+    max_new_tokens: int = 0
+    """Generation length cap; 0: the task's `max_new_tokens` (its longest written reasoning fits)."""
     temperature: float = 1.0
     """Token sampling temperature of the rollouts; 0 = greedy tokens, only exits sampled (and trained)."""
     seed: int = 0
@@ -205,7 +205,7 @@ def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
 
 
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
-             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 80, temperature: float = 1.0, seed: int = 0,
+             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
              micro_batches: int = 1) -> RLResult:
@@ -259,7 +259,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         shards = []
         for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step"):
             group = [e for e in part for _ in range(cfg.k)]
-            rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens, mode="sample",
+            rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
                                         temperature=cfg.temperature,
                                         seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
             completions = [task_lib.cut_at_answer(t) for t in rollout.text]
@@ -307,7 +307,7 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     out = {"step": step}
     judge = ReasoningJudge()
     for mode in ("sample", "threshold"):
-        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens, mode=mode, temperature=0,
+        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens, mode=mode, temperature=0,
                               seed=cfg.seed + 12_345)
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)

@@ -90,10 +90,10 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
 class Explorer:
     """The interactive explorer. Build with `explore(ee_model)`; display it in Jupyter."""
 
-    def __init__(self, ee_model, task: str = "addition", n_examples: int = 20, max_new_tokens: int = 100):
+    def __init__(self, ee_model, task: str = "addition", n_examples: int = 20, max_new_tokens: int | None = None):
         self.ee_model, self.task = ee_model, task_lib.get(task)
         self.examples = self.task.test_split()[:n_examples]
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
         self.rollout = None
         self.generate(self.examples[0].prompt, mode="sample", temperature=0.0, threshold=0.5, seed=0)
 
