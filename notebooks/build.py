@@ -61,8 +61,16 @@ print("score", task.score(example, ee.tasks.cut_at_answer(r.text[0])), "| layers
 ("code", "ee.viz.exit_heatmap(r)"),
 ("md", "Several prompts of both tasks at once (batched, KV-cached generation):"),
 ("code", """prompts = [e.prompt for e in task.sample(3, seed=1)] + [e.prompt for e in ee.tasks.get("tom").sample(2, seed=1)]
-rs = calibrated.generate(prompts, 100, temperature=0, seed=0)
+rs = calibrated.generate(prompts, 160, temperature=0, seed=0)
 ee.viz.color_tokens_many(rs)"""),
+("md", """Exits can also **save time**. By default (`skip="mask"`, the exact reference) every block still runs on an exited
+token and the hooks discard the result; with `skip="compute"` an exited token only computes its keys and values in the
+blocks it skips (later tokens attend to them): its query, attention output and MLP are not run, and LoRA adapters are
+merged for the call. The result is the same up to float rounding:"""),
+("code", """# NBVAL_CHECK_OUTPUT
+fast = calibrated.generate(prompts, 160, temperature=0, seed=0, skip="compute")
+print("same tokens:", torch.equal(fast.tokens, rs.tokens), "| same exits:", torch.equal(fast.exit_layers, rs.exit_layers))
+print("max log-prob difference < 1e-4:", bool((fast.token_logprobs - rs.token_logprobs).abs().max() < 1e-4))"""),
 ("md", "## The explorer\n`ee.widgets.explore(model)` opens an ipywidgets UI (pick a prompt, mode, temperature, threshold, seed; click through tokens). Here its static form, which also works without a widget frontend:"),
 ("code", """explorer = ee.widgets.explore(calibrated, static=True, max_new_tokens=80)
 explorer"""),
