@@ -26,7 +26,9 @@ class ReproduceConfig:
     quick: bool = False
     """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
     task: str = "addition"
-    """Task for RL, evaluation and the figures."""
+    """Task for evaluation and the figures."""
+    rl_task: str = "addition"
+    """Task (or mixture, e.g. "addition+tom") RL trains on."""
     calib_task: str = "addition+tom"
     """Task (or mixture) the shipped exit heads are calibrated on, so they behave on every task."""
     seed: int = 0
@@ -50,7 +52,7 @@ class ReproduceConfig:
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     if not cfg.quick:
         return cfg
-    return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
+    return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0], calib_steps=12,
                            fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature)
 
 
@@ -162,7 +164,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     fig3.figure().write_json(out / "fig3.json")
     timings["fig3_s"] = time.time() - t0 - sum(timings.values())
     # 3. RL across seeds (Fig. 2 left)
-    sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.task,
+    sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
                       temperature=cfg.rl_temperature,
                       progress=progress, checkpoint_root=out / "rl")
@@ -171,14 +173,18 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 4. evaluation: base, calibrated, RL (first seed)
     rl_model = eetools.load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model",
                                        model=_base_for(calibrated, device, dtype))
-    ev_cal = eetools.evaluate(models[ccfg.kl_factor], cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
-    ev_rl = eetools.evaluate(rl_model, cfg.task, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
-    s = ev_cal.summary.copy()
-    s["system"] = s["system"].replace({"model": "calibrated"})
-    table = pd.concat([s, ev_rl.summary.assign(system="rl")], ignore_index=True)
+    parts = []
+    for name in [cfg.task, *[t for t in eetools.tasks.NAMES if t != cfg.task]]:  # the main task first
+        ev_cal = eetools.evaluate(models[ccfg.kl_factor], name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+        ev_rl = eetools.evaluate(rl_model, name, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
+        s = ev_cal.summary.copy()
+        s["system"] = s["system"].replace({"model": "calibrated"})
+        parts += [s.assign(task=name), ev_rl.summary.assign(system="rl", task=name)]
+    table = pd.concat(parts, ignore_index=True)
+    table = table[["task", *[c for c in table.columns if c != "task"]]]
     table.to_csv(out / "evaluation.csv", index=False)
-    base = {"accuracy": float(table.loc[table.system == "base", "accuracy"].iloc[0]), "compute": 1.0,
-            "coherence": float(table.loc[table.system == "base", "coherence_reasoning"].iloc[0])}
+    main_base = table[(table.system == "base") & (table.task == cfg.task)].iloc[0]
+    base = {"accuracy": float(main_base["accuracy"]), "compute": 1.0, "coherence": float(main_base["coherence_reasoning"])}
     sweep.figure(base=base).write_json(out / "fig2_left.json")
     # 5. Fig. 2 right: the same prompt before and after RL
     task = eetools.tasks.get(cfg.task)
@@ -216,7 +222,7 @@ def write_report(out: Path) -> Path:
 
     table = pd.read_csv(out / "evaluation.csv")
     sections = [
-        ("Results: base, calibrated and RL-trained models", table),
+        ("Results: base, calibrated and RL-trained models, per task", table),
         ("Fig. 2 (left): RL dynamics", pio.read_json(out / "fig2_left.json")),
         ("Fig. 2 (right): tokens coloured by exit layer, calibrated", _Html((out / "fig2_right_calibrated.html").read_text())),
         ("Fig. 2 (right): tokens coloured by exit layer, after RL", _Html((out / "fig2_right_rl.html").read_text())),

@@ -134,7 +134,7 @@ res.history[["step", "reward", "task", "kl", "exitcost", "accuracy", "compute", 
 results = ee.paths.data_dir() / "results"
 history = pd.read_csv(results / "rl_history.csv")
 table = pd.read_csv(results / "evaluation.csv")
-base = table[table.system == "base"].iloc[0]
+base = table[(table.system == "base") & (table.task == "addition")].iloc[0]
 ee.figures.rl_dynamics_figure(history, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})"""),
 ("code", "table"),
 ("md", "## Fig. 2 (right): the same prompt before and after RL"),
