@@ -28,8 +28,8 @@ def test_boots_offline_and_matches_hf(reasoner):
 def test_greedy_accuracy_on_the_frozen_test_split(reasoner, name):
     ee = eetools.attach_exit_heads(reasoner)
     exs = tasks.get(name).test_split()[:SAMPLE]
-    r = ee.generate([e.prompt for e in exs], 110, mode="off", temperature=0, seed=0)
     task = tasks.get(name)
+    r = ee.generate([e.prompt for e in exs], task.max_new_tokens, mode="off", temperature=0, seed=0)
     acc = sum(task.score(e, tasks.cut_at_answer(t)) == 1.0 for e, t in zip(exs, r.text)) / len(exs)
     assert acc >= 0.9, f"{name}: greedy accuracy {acc:.2f} on {len(exs)} held-out examples"
 
