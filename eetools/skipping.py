@@ -52,19 +52,19 @@ def skip_support(model) -> str | None:
 class _RowSkip:
     """The wrapped forward of one component: runs only on `active()` rows at one-position steps."""
 
-    def __init__(self, module: nn.Module, active: Callable[[], Tensor | None]):
+    def __init__(self, module: nn.Module, active: Callable[[], "tuple[Tensor, int] | None"]):
         self.module, self.active = module, active
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
 
     def __call__(self, x, *args, **kwargs):
-        rows = self.active() if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 1 and not args else None
-        if rows is None or self.out_dim is None:
+        running = self.active() if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 1 and not args else None
+        if running is None or self.out_dim is None:
             out = self.inner(x, *args, **kwargs)
             if isinstance(out, Tensor):
                 self.out_dim = out.shape[-1]
             return out
-        n = int(rows.sum())
+        rows, n = running
         if n == rows.numel():
             return self.inner(x, *args, **kwargs)
         if n == 0:
@@ -96,12 +96,22 @@ def compute_skipping(ee_model, state):
         return
     patched: list[tuple[nn.Module, object]] = []
 
+    cache: dict[int, tuple[Tensor, int]] = {}
+    seen = [None]
+
     def active_at(layer: int):
         def active():
+            """(rows still running at `layer`, their number) for this forward; None if nothing exited."""
             exit_at = state.exit_at
             if exit_at is None or not state.any_exit:
                 return None
-            return exit_at[:, -1] > layer
+            if seen[0] is not state.logits:  # a new forward (ExitState.reset makes a new list)
+                cache.clear()
+                seen[0] = state.logits
+            if layer not in cache:  # final for this block: later decisions cannot exit at or before it
+                rows = exit_at[:, -1] > layer
+                cache[layer] = (rows, int(rows.sum()))  # one device sync per block, not per component
+            return cache[layer]
         return active
 
     try:
