@@ -39,6 +39,15 @@ def _describe(fp: dict) -> str:
             f"vocab={fp.get('d_vocab')}, W_U {fp.get('unembed_sha256')})")
 
 
+def check_base_model(folder, want: dict, model) -> None:
+    """Refuse a checkpoint whose recorded base model (`want`) is not `model`, naming both."""
+    have = fingerprint(model)
+    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab", "unembed_sha256") if have[k] != want.get(k)]
+    if differs:
+        raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
+                              f"they differ in {', '.join(differs)}")
+
+
 def save_exit_model(ee_model, folder) -> None:
     """Write heads, adapters and config atomically into `folder`."""
     from eetools.adapters import adapter_parameters, lora_layers
@@ -96,11 +105,7 @@ def load_exit_model(path_or_preset, model=None):
         if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
             src = want["name"]
         model = load_model(src)
-    have = fingerprint(model)
-    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab", "unembed_sha256") if have[k] != want[k]]
-    if differs:
-        raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
-                              f"they differ in {', '.join(differs)}")
+    check_base_model(folder, want, model)
     ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
     if cfg.get("lora"):
         add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
@@ -114,6 +119,8 @@ def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
 
     folder = Path(folder)
     cfg = cfg or load_json(folder / "exit_config.json")
+    if cfg.get("base_model") is not None:  # e.g. a run folder left by an earlier version of the base model
+        check_base_model(folder, cfg["base_model"], ee_model.model)
     if cfg["exit_layers"] != ee_model.exit_layers or cfg["head"] != ee_model.head_kind:
         raise CheckpointError(f"{folder} has exit layers {cfg['exit_layers']} ({cfg['head']} heads); the model has "
                               f"{ee_model.exit_layers} ({ee_model.head_kind})")

@@ -52,6 +52,12 @@ def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def build_tiny():
+    """``build_tiny(folder, arch, n_layers=4, seed=0)``: write another tiny random model."""
+    return _build
+
+
+@pytest.fixture(scope="session")
 def tiny_folders(tmp_path_factory):
     return {arch: _build(tmp_path_factory.mktemp(arch), arch) for arch in ("qwen3", "gpt2")}
 

@@ -99,3 +99,15 @@ def test_nested_state_round_trip(tmp_path):
     assert json.dumps(opt2.state_dict()["param_groups"]) == json.dumps(opt.state_dict()["param_groups"])
     for k, v in opt.state_dict()["state"][0].items():
         assert torch.equal(v, opt2.state_dict()["state"][0][k])
+
+
+def test_resuming_a_run_folder_of_another_base_model_is_refused(tiny_folders, build_tiny, tmp_path):
+    """A run folder left by an earlier version of the base model (same shapes, other weights) is not resumed."""
+    first = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
+    eetools.calibrate(first, "addition", steps=1, batch_size=2, exit_samples=1, lora=False, progress=False,
+                      checkpoint_dir=tmp_path / "run")
+    retrained = build_tiny(tmp_path / "retrained", "qwen3", seed=1)  # same architecture and shapes
+    second = eetools.attach_exit_heads(eetools.load_model(retrained), layers=[1, 2])
+    with pytest.raises(CheckpointError, match="belongs to .*not to .*differ in unembed_sha256"):
+        eetools.calibrate(second, "addition", steps=2, batch_size=2, exit_samples=1, lora=False, progress=False,
+                          checkpoint_dir=tmp_path / "run")
