@@ -306,6 +306,7 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
                             lr=lr, lora=lora, seed=seed, **options)
     source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
     distributed.setup(ee_model.device)
     _check_args(cfg, source)
     world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
@@ -320,7 +321,7 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
-        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards)
+        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=data)
         start, rows = saved["step"], saved["history"]
     distributed.broadcast_parameters(params)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
@@ -342,18 +343,18 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
         stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
         if not math.isfinite(stats["loss"]):
             if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
             raise FloatingPointError(f"calibration loss is {stats['loss']} at step {step}; stopped before the optimizer "
                                      f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
         distributed.all_reduce_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
             raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied")
         opt.step()
         rows.append({"step": step + 1, **stats})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards, data=data)
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)

@@ -246,7 +246,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
-        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards)
+        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=task.name)
         start, rows, evals = saved["step"], saved["history"], saved["evals"]
     distributed.broadcast_parameters(params)
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl",
@@ -277,14 +277,14 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         if not all(math.isfinite(row[key]) for key in ("loss", "reward", "task", "kl", "exitcost", "adv_mean",
                                                        "adv_std", "adv_abs_max")):
             if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards)
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
             raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({rl_stats(cols, cfg.k)}); "
                                      "stopped without updating")
         if bool((cols["adv"] != 0).any()):  # every group flat: no signal, leave the parameters alone
             distributed.all_reduce_gradients(params)
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 if ckpt is not None:
-                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards)
+                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
                 raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied")
             opt.step()
         rows.append(row)
@@ -292,7 +292,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             evals.append(_evaluate_on_main(ee_model, task, cfg, step + 1))
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals, shards=n_shards)
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals, shards=n_shards, data=task.name)
     return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
 
 

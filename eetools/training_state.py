@@ -19,21 +19,24 @@ from eetools.checkpoints import load_json, load_state, rng_state, save_json, sav
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
 
 
-def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, **records) -> None:
+def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data: str | None = None,
+             **records) -> None:
     """Write model, optimizer, RNG states, step, config, `shards` and `records` (e.g. history) atomically.
 
     `shards` is how many shards (processes x micro-batches) each step was split into; the
-    random draws depend on it. Only rank 0 writes (a no-op on the other ranks).
+    random draws depend on it. `data` names what the run trains on (a task or mixture name).
+    Only rank 0 writes (a no-op on the other ranks).
     """
     if not distributed.is_main():
         return
     ckpt = Path(ckpt)
     ee_model.save(ckpt / "model")
     save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
-    save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, **records}, ckpt / "trainer.json")
+    save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, "data": data, **records},
+              ckpt / "trainer.json")
 
 
-def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1) -> dict:
+def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1, data: str | None = None) -> dict:
     """Load a saved run into `ee_model` and `opt` (and the RNGs); returns the saved trainer record."""
     from eetools.exit_checkpoint import load_weights_into
 
@@ -44,6 +47,9 @@ def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1) -> dict:
     if diff:
         raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
                          + ", ".join(f"{k} (saved {saved['config'].get(k)!r}, now {now[k]!r})" for k in diff))
+    if saved.get("data") is not None and data is not None and saved["data"] != data:
+        raise ValueError(f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on {data!r}; "
+                         f"use another checkpoint folder")
     was = saved.get("shards", 1)
     if was != shards:
         raise ValueError(f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "

@@ -94,6 +94,8 @@ def test_resume_is_identical(tiny_folders, tmp_path):
     assert list(full.history["reward"]) == list(res.history["reward"])
     with pytest.raises(ValueError, match="lam"):
         train_rl(fresh(), "addition", steps=4, checkpoint_dir=tmp_path / "ck", **{**kw, "lam": 0.5})
+    with pytest.raises(ValueError, match="trained on 'addition', this run trains on 'addition\\+tom'"):
+        train_rl(fresh(), "addition+tom", steps=4, checkpoint_dir=tmp_path / "ck", **kw)
 
 
 def test_exit_cost_alone_pushes_exit_probabilities_up(tiny_ee):
