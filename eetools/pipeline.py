@@ -27,7 +27,7 @@ class ReproduceConfig:
     """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
     task: str = "addition"
     """Task for evaluation and the figures."""
-    rl_task: str = "addition"
+    rl_task: str = "addition+tom"
     """Task (or mixture, e.g. "addition+tom") RL trains on."""
     calib_task: str = "addition+tom"
     """Task (or mixture) the shipped exit heads are calibrated on, so they behave on every task."""
