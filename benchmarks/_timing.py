@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
@@ -28,3 +29,14 @@ def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
             _sync()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(run) -> None:
+    """Command line of a benchmark module: ``[--quick] [--device cpu|cuda] [--dtype float32|bfloat16]``."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    a = ap.parse_args()
+    for k, v in run(a.quick, a.device, a.dtype).items():
+        print(f"{k:28s} {v:.3f}")

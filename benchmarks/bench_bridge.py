@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare  # noqa: E402
+from _timing import compare, main  # noqa: E402
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
@@ -33,11 +32,4 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
-    r = run(a.quick, a.device, a.dtype)
-    print(f"bridge {r['bridge_tokens_per_s']:.0f} tok/s, HF {r['hf_tokens_per_s']:.0f} tok/s, "
-          f"bridge/HF speed ratio {r['bridge_vs_hf_speed']:.2f}")
+    main(run)

@@ -11,14 +11,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare  # noqa: E402
+from _timing import compare, main  # noqa: E402
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
@@ -59,10 +58,4 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
-    for k, v in run(a.quick, a.device, a.dtype).items():
-        print(f"{k}: {v:.3f}")
+    main(run)

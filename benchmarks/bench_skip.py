@@ -19,7 +19,6 @@ on the shipped model.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import tempfile
@@ -27,7 +26,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare  # noqa: E402
+from _timing import compare, main  # noqa: E402
 
 RATES = (0, 25, 50, 75)
 
@@ -101,10 +100,4 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    args = ap.parse_args()
-    for k, v in run(args.quick, args.device, args.dtype).items():
-        print(f"{k:28s} {v:.3f}")
+    main(run)

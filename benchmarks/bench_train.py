@@ -11,12 +11,15 @@
 
 from __future__ import annotations
 
-import argparse
+import os
 import resource
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _timing import main  # noqa: E402
 
 
 def _peak_mb(device: str) -> float:
@@ -47,10 +50,4 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="float32")
-    a = ap.parse_args()
-    for k, v in run(a.quick, a.device, a.dtype).items():
-        print(f"{k:28s} {v:.3f}")
+    main(run)

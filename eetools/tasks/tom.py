@@ -50,20 +50,21 @@ def _join(names: list[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def placements(meta: dict) -> list[tuple[str, list[str]]]:
-    """(container, witnesses in story order) for the initial placement and every move."""
+def _presence(meta: dict):
+    """Each event with who is in the room after it (in story order)."""
     agents = list(meta["agents"])
     present = set(agents)
-    out = [(meta["start"], list(agents))]
     for ev in meta["events"]:
-        kind, who = ev[0], ev[1]
-        if kind == "leave":
-            present.discard(who)
-        elif kind == "enter":
-            present.add(who)
-        else:
-            out.append((ev[2], [a for a in agents if a in present]))
-    return out
+        if ev[0] == "leave":
+            present.discard(ev[1])
+        elif ev[0] == "enter":
+            present.add(ev[1])
+        yield ev, [a for a in agents if a in present]
+
+
+def placements(meta: dict) -> list[tuple[str, list[str]]]:
+    """(container, witnesses in story order) for the initial placement and every move."""
+    return [(meta["start"], list(meta["agents"]))] + [(ev[2], seen) for ev, seen in _presence(meta) if ev[0] == "move"]
 
 
 def trace(meta: dict) -> list[str]:
@@ -74,22 +75,15 @@ def trace(meta: dict) -> list[str]:
     questioned agents (all of them together; for "where is" questions, anyone) last saw
     the object, so far.
     """
-    agents = list(meta["agents"])
     q = meta["question"]
     need = set(q[1:]) if q[0] != "reality" else set()
-    present = set(agents)
     belief = meta["start"]
-    lines = [f"{meta['start']}: {' '.join(agents)} ({belief})"]
-    for ev in meta["events"]:
-        kind, who = ev[0], ev[1]
-        if kind == "leave":
-            present.discard(who)
-        elif kind == "enter":
-            present.add(who)
-        elif need <= present:
+    lines = [f"{meta['start']}: {' '.join(meta['agents'])} ({belief})"]
+    for ev, present in _presence(meta):
+        kind, names = ev[0], " ".join(present)
+        if kind == "move" and need <= set(present):
             belief = ev[2]
-        names = " ".join(a for a in agents if a in present)
-        head = f"{ev[2]}: {names}" if kind == "move" else f"{who} {'out' if kind == 'leave' else 'in'}: {names}"
+        head = f"{ev[2]}: {names}" if kind == "move" else f"{ev[1]} {'out' if kind == 'leave' else 'in'}: {names}"
         lines.append(f"{head} ({belief})")
     return lines
 
