@@ -259,6 +259,20 @@ class ExitState:
         self.logits: list[Tensor] = []
         # nothing to freeze until some position exits: the freeze hooks then cost nothing
         self.any_exit = exit_at is not None and bool((exit_at < self.ee.n_layers).any())
+        self._running: dict[int, tuple[Tensor, int]] = {}
+
+    def running(self, layer: int) -> "tuple[Tensor, int] | None":
+        """Rows of the last position still running at block `layer` and their number; None if none exited.
+
+        Computed once per block and forward (one device sync): decisions at later layers
+        cannot exit at or before `layer`. Used by `eetools.skipping`.
+        """
+        if self.exit_at is None or not self.any_exit:
+            return None
+        if layer not in self._running:
+            rows = self.exit_at[:, -1] > layer
+            self._running[layer] = (rows, int(rows.sum()))
+        return self._running[layer]
 
     def hooks(self) -> list:
         ee, L = self.ee, self.ee.n_layers

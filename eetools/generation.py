@@ -91,12 +91,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
     state = ExitState(ee_model)
-    fast = contextlib.ExitStack()
-    if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
-        fast.enter_context(adapters_merged(ee_model))
-        fast.enter_context(compute_skipping(ee_model, state))
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
-    with ee_model.model.hooks(fwd_hooks=state.hooks()), fast:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
+        if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
+            stack.enter_context(adapters_merged(ee_model))
+            stack.enter_context(compute_skipping(ee_model, state))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if bool(dec.done.all()):

@@ -20,10 +20,10 @@ whose components return something other than a tensor) is reported by
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from typing import Callable
 
-import torch
 from torch import Tensor, nn
 
 SKIPPABLE = ("attn.q", "attn.o", "mlp")  # row-wise; their output for a row reaches only that row
@@ -53,7 +53,7 @@ class _RowSkip:
     """The wrapped forward of one component: runs only on `active()` rows at one-position steps."""
 
     def __init__(self, module: nn.Module, active: Callable[[], "tuple[Tensor, int] | None"]):
-        self.module, self.active = module, active
+        self.active = active
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
 
@@ -96,24 +96,6 @@ def compute_skipping(ee_model, state):
         return
     patched: list[tuple[nn.Module, object]] = []
 
-    cache: dict[int, tuple[Tensor, int]] = {}
-    seen = [None]
-
-    def active_at(layer: int):
-        def active():
-            """(rows still running at `layer`, their number) for this forward; None if nothing exited."""
-            exit_at = state.exit_at
-            if exit_at is None or not state.any_exit:
-                return None
-            if seen[0] is not state.logits:  # a new forward (ExitState.reset makes a new list)
-                cache.clear()
-                seen[0] = state.logits
-            if layer not in cache:  # final for this block: later decisions cannot exit at or before it
-                rows = exit_at[:, -1] > layer
-                cache[layer] = (rows, int(rows.sum()))  # one device sync per block, not per component
-            return cache[layer]
-        return active
-
     try:
         for layer in range(ee_model.exit_layers[0], ee_model.n_layers):
             block = ee_model.model.blocks[layer]
@@ -123,7 +105,7 @@ def compute_skipping(ee_model, state):
                     continue
                 patched.append((module, module.__dict__.get("forward")))
                 # object.__setattr__: bridge components forward attribute sets to the wrapped HF module
-                object.__setattr__(module, "forward", _RowSkip(module, active_at(layer)))
+                object.__setattr__(module, "forward", _RowSkip(module, functools.partial(state.running, layer)))
         yield True
     finally:
         for module, before in reversed(patched):

@@ -9,7 +9,6 @@ layers identical.
 import pytest
 import torch
 
-import eetools
 from eetools.hooks import count_hooks
 from eetools.skipping import SKIPPABLE, compute_skipping, skip_support
 
