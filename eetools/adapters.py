@@ -51,15 +51,25 @@ def adapters_merged(ee_model):
     The merged model computes the same function up to float rounding at the base model's
     cost (an unmerged peft layer adds two small matmuls and module calls per weight). The
     base weights are copied first and copied back after, so no rounding drift builds up
-    over repeated calls. Used by ``generate(skip="compute")``, the fast decode path.
+    over repeated calls. Inside the block the merged peft layers are also taken out of the
+    module tree (their parents call the base layers directly, sparing a wrapper call per
+    weight and token). Used by ``generate(skip="compute")``, the fast decode path.
     """
     layers = [m for m in lora_layers(ee_model) if not m.merged and not m.disable_adapters]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    merged = {id(m) for m in layers}
+    # a merged peft layer only forwards to its base layer: call that directly inside the block
+    swapped = [(parent, name, child) for parent in ee_model.model.modules()
+               for name, child in parent._modules.items() if id(child) in merged]
     try:
         for m in layers:
             m.merge()
+        for parent, name, child in swapped:
+            parent._modules[name] = child.get_base_layer()
         yield
     finally:
+        for parent, name, child in swapped:
+            parent._modules[name] = child
         for m, w in zip(layers, saved):
             m.merged_adapters = []  # unmerged (weights restored below), without re-subtracting
             with torch.no_grad():

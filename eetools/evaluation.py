@@ -57,7 +57,8 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
         for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({'base' if base else mode})",
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
-                                              temperature=temperature, threshold=threshold, seed=seed + i))
+                                              temperature=temperature, threshold=threshold, seed=seed + i,
+                                              skip="compute"))
     return rollouts
 
 

@@ -6,7 +6,9 @@ per-token ``KL(policy || reference)`` (reference = base model, no exits, adapter
 and the mean normalised blocks used. The leave-one-out advantage is
 ``A_i = R_i - mean_{j != i} R_j`` and the loss
 ``-mean_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``: the policy samples both tokens and
-exits. Trainable: exit heads and LoRA adapters.
+exits. Trainable: exit heads and LoRA adapters. Rollouts decode with ``skip="compute"``
+(exited tokens' later blocks compute only keys and values; the same tokens and exits as the
+masked reference up to float rounding), and the loss is recomputed by `prescribed_forward`.
 
 Under torchrun each process takes its shards of a step's prompts (`eetools.distributed`),
 each prompt with all its `k` rollouts, so RLOO groups stay whole on one process. The
@@ -260,7 +262,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step"):
             group = [e for e in part for _ in range(cfg.k)]
             rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
-                                        temperature=cfg.temperature,
+                                        temperature=cfg.temperature, skip="compute",
                                         seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
             completions = [task_lib.cut_at_answer(t) for t in rollout.text]
             task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
@@ -308,7 +310,7 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     judge = ReasoningJudge()
     for mode in ("sample", "threshold"):
         r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens, mode=mode, temperature=0,
-                              seed=cfg.seed + 12_345)
+                              seed=cfg.seed + 12_345, skip="compute")
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute

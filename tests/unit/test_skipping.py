@@ -116,3 +116,16 @@ def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
     assert not any(m.merged for m in lora_layers(tiny_ee))
     for n, p in tiny_ee.model.named_parameters():
         assert torch.equal(p, before[n]), f"{n} changed after generate(skip='compute')"
+
+
+def test_merged_adapters_bypass_the_peft_wrappers_inside_the_block_only(tiny_ee):
+    from eetools.adapters import adapters_merged, add_lora, lora_layers
+
+    add_lora(tiny_ee, r=4)
+    n_lora = len(lora_layers(tiny_ee))
+    modules_before = dict(tiny_ee.model.named_modules())
+    with adapters_merged(tiny_ee):
+        # a merged peft layer only forwards to its base layer, so the base layer is called directly
+        assert lora_layers(tiny_ee) == []
+    assert len(lora_layers(tiny_ee)) == n_lora
+    assert all(modules_before[n] is m for n, m in tiny_ee.model.named_modules())
