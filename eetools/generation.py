@@ -131,10 +131,11 @@ class _Decoder:
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
         def decide(i: int, z: Tensor) -> Tensor:
-            if never:
-                return torch.zeros_like(z, dtype=torch.bool)
             c = torch.sigmoid(z.float())
             return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
+
+        if never:  # no decisions: the heads only record their probabilities
+            decide = None
 
         if self.use_cache:
             mask = self.mask if self.padded else None
