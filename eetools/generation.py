@@ -130,13 +130,11 @@ class _Decoder:
         u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
-        def decide(i: int, z: Tensor) -> Tensor:
+        def decide_exit(i: int, z: Tensor) -> Tensor:
             c = torch.sigmoid(z.float())
             return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
 
-        if never:  # no decisions: the heads only record their probabilities
-            decide = None
-
+        decide = None if never else decide_exit  # None: the heads only record their probabilities
         if self.use_cache:
             mask = self.mask if self.padded else None
             logits, z, exit_at, self.cache = self.ee._forward(self.step_input, mask, decide=decide, state=state,
