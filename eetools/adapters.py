@@ -55,21 +55,24 @@ def adapters_merged(ee_model):
     module tree (their parents call the base layers directly, sparing a wrapper call per
     weight and token). Used by ``generate(skip="compute")``, the fast decode path.
     """
-    layers = [m for m in lora_layers(ee_model) if not m.merged and not m.disable_adapters]
-    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
-    merged = {id(m) for m in layers}
-    # a merged peft layer only forwards to its base layer: call that directly inside the block
+    from peft.tuners.lora import LoraLayer
+
+    # one walk of the tree: each active adapter with the parent slot that holds it
     swapped = [(parent, name, child) for parent in ee_model.model.modules()
-               for name, child in parent._modules.items() if id(child) in merged]
+               for name, child in parent._modules.items()
+               if isinstance(child, LoraLayer) and not child.merged and not child.disable_adapters]
+    layers = [m for _, _, m in swapped]
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
         for m in layers:
             m.merge()
-        for parent, name, child in swapped:
-            parent._modules[name] = child.get_base_layer()
+        # a merged peft layer only forwards to its base layer: call that directly inside the block
+        for parent, name, m in swapped:
+            parent._modules[name] = m.get_base_layer()
         yield
     finally:
-        for parent, name, child in swapped:
-            parent._modules[name] = child
+        for parent, name, m in swapped:
+            parent._modules[name] = m
         for m, w in zip(layers, saved):
             m.merged_adapters = []  # unmerged (weights restored below), without re-subtracting
             with torch.no_grad():
