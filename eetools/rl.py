@@ -57,7 +57,10 @@ class RLConfig:
     steps: int = 30
     """Optimizer steps."""
     lr: float = 1e-3
-    """AdamW learning rate."""
+    """AdamW learning rate (LoRA adapters, and exit heads unless `head_lr` is set)."""
+    head_lr: float = 0.0
+    """AdamW learning rate of the exit heads; 0: the same as `lr`. Heads decide the exits and
+    can move faster than the adapters, which also shape the tokens (the KL term)."""
     max_new_tokens: int = 0
     """Generation length cap; 0: the task's `max_new_tokens` (its longest written reasoning fits)."""
     temperature: float = 1.0
@@ -207,7 +210,7 @@ def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
 
 
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
-             steps: int = 30, lr: float = 1e-3, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
+             steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
              micro_batches: int = 1) -> RLResult:
@@ -228,13 +231,15 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
     """
-    cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr,
+    cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches)
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
         raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
+    if not (cfg.lr > 0 and cfg.head_lr >= 0):
+        raise ValueError(f"lr must be > 0 and head_lr >= 0 (0: same as lr), got lr={cfg.lr}, head_lr={cfg.head_lr}")
     task = task_lib.get(task)
     distributed.setup(ee_model.device)
     distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
@@ -243,7 +248,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     params = ee_model.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(ee_model, cfg), lr=cfg.lr, weight_decay=0.0)
     judge = ReasoningJudge()
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -296,6 +301,16 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals, shards=n_shards, data=task.name)
     return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
+
+
+def _param_groups(ee_model, cfg: RLConfig) -> list[dict]:
+    """One AdamW group of every trainable parameter, or heads at `head_lr` and adapters at `lr`."""
+    params = ee_model.trainable_parameters()
+    if cfg.head_lr in (0.0, cfg.lr):
+        return [{"params": params}]
+    heads = {id(p) for p in ee_model.heads.parameters()}
+    return [{"params": [p for p in params if id(p) in heads], "lr": cfg.head_lr},
+            {"params": [p for p in params if id(p) not in heads], "lr": cfg.lr}]
 
 
 def _evaluate_on_main(ee_model, task, cfg: RLConfig, step: int) -> dict:

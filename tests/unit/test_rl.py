@@ -114,3 +114,18 @@ def test_exit_cost_alone_pushes_exit_probabilities_up(tiny_ee):
     train_rl(tiny_ee, "addition", steps=6, reward_fn=lambda e, c: 0.0, lam=1.0, beta=0.0,
              **{**FAST, "k": 4, "max_new_tokens": 8, "lr": 3e-2})
     assert mean_exit_prob() > before + 0.02
+
+
+def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
+    """`head_lr` trains the heads at their own rate; the adapters keep `lr` (here ~0: they stay put)."""
+    from eetools.adapters import add_lora, adapter_parameters
+
+    add_lora(tiny_ee, r=2)
+    heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
+    lora0 = [p.detach().clone() for p in adapter_parameters(tiny_ee)]
+    train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3),
+             **{**FAST, "lr": 1e-12, "head_lr": 1e-2})
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(heads0, tiny_ee.heads.parameters()))
+    assert all((a - b).abs().max() < 1e-9 for a, b in zip(lora0, adapter_parameters(tiny_ee)))
+    with pytest.raises(ValueError, match="head_lr >= 0"):
+        train_rl(tiny_ee, "addition", steps=1, **{**FAST, "head_lr": -1.0})
