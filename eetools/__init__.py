@@ -28,6 +28,7 @@ _LAZY = {
     "calibrate": "eetools.calibration",
     "train_rl": "eetools.rl",
     "evaluate": "eetools.evaluation",
+    "tradeoff": "eetools.operating_points",
     "viz": "eetools.viz",
     "judges": "eetools.judges",
     "probes": "eetools.probes",

@@ -1,0 +1,96 @@
+"""Accuracy against layers saved as the exit threshold moves: a model's operating points.
+
+Sampled exits give one point. Thresholded exits (exit where ``c >= t``) give a curve, from
+cautious thresholds near 1 to eager ones near 0. `tradeoff` evaluates the model at each
+threshold on the same held-out examples (greedy tokens). It puts beside them the base model
+(no exits, 0 % saved) and the oracle-exit bound (DESIGN.md section 8: the most any exit
+policy could save while keeping the base model's greedy text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+import plotly.graph_objects as go
+from tqdm.auto import tqdm
+
+DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.15, 0.05)
+
+
+@dataclass
+class Tradeoff:
+    """Operating points of one model on one task.
+
+    Attributes:
+        df: one row per point: ``system`` ("threshold", "sample", "base", "oracle"),
+            ``threshold`` (NaN except for "threshold" rows), ``n``, ``accuracy``, ``layers_saved``,
+            ``compute`` and ``coherence`` (the judge's mean).
+        task: the task's name.
+    """
+
+    df: pd.DataFrame
+    task: str
+
+    def _repr_html_(self) -> str:
+        return self.df.to_html(float_format=lambda v: f"{v:.3f}", index=False)
+
+    def figure(self) -> go.Figure:
+        """Accuracy against layers saved: the threshold curve, the sampled point, base and oracle."""
+        fig = go.Figure()
+        styles = {"threshold": dict(mode="lines+markers+text", marker=dict(size=8, color="rgb(40,70,170)")),
+                  "sample": dict(mode="markers", marker=dict(size=12, symbol="diamond", color="rgb(215,48,31)")),
+                  "base": dict(mode="markers", marker=dict(size=11, symbol="square", color="gray")),
+                  "oracle": dict(mode="markers", marker=dict(size=14, symbol="star", color="rgb(90,160,90)"))}
+        for system, g in self.df.groupby("system", sort=False):
+            text = [f"t={t:g}" for t in g["threshold"]] if system == "threshold" else None
+            fig.add_trace(go.Scatter(x=100 * g["layers_saved"], y=100 * g["accuracy"], name=system, text=text,
+                                     textposition="top center", customdata=g[["coherence"]],
+                                     hovertemplate="%{x:.1f} % saved, %{y:.1f} % correct, coherence %{customdata[0]:.3f}",
+                                     **styles.get(system, {})))
+        base = self.df[self.df.system == "base"]
+        if len(base):
+            fig.add_hline(y=100 * float(base["accuracy"].iloc[0]), line_dash="dash", line_color="gray")
+        fig.update_layout(title=f"Accuracy vs layers saved ({self.task}, threshold exits labelled t)",
+                          xaxis_title="layers saved (%)", yaxis_title="accuracy (%)", template="plotly_white",
+                          height=420, width=640)
+        return fig
+
+
+def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
+             sample: bool = True, judge="reasoning", progress: bool = True) -> Tradeoff:
+    """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
+
+    Args:
+        ee_model: an `EarlyExitModel`.
+        task: task name or `Task`; the first `n` examples of its frozen test split.
+        thresholds: exit thresholds, each in (0, 1]; a token exits at the first layer whose
+            head gives ``c >= t``.
+        sample: also evaluate sampled exits (seeded by `seed`).
+        judge: the coherence judge (name, judge object or function).
+
+    Returns:
+        A `Tradeoff` (`.df`, `.figure()`).
+    """
+    from eetools import tasks as task_lib
+    from eetools.evaluation import evaluate
+
+    thresholds = [float(t) for t in thresholds]
+    if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
+        raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1], got {thresholds}")
+    name = task_lib.get(task).name
+    runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
+    rows = []
+    for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
+        ev = evaluate(ee_model, task, n=n, seed=seed, judges=(judge,), mode=system,
+                      threshold=0.5 if t is None else t, compare=i == 0, progress=False)
+        for rec in ev.summary.to_dict(orient="records"):
+            label = system if rec["system"] == "model" else rec["system"]
+            coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))
+            rows.append({"system": label, "threshold": t if label == "threshold" else float("nan"), "n": rec["n"],
+                         "accuracy": rec["accuracy"], "layers_saved": rec["layers_saved"],
+                         "compute": rec["compute"], "coherence": coherence})
+    order = {"base": 0, "sample": 1, "threshold": 2, "oracle": 3}
+    df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
+    return Tradeoff(df=df, task=name)
