@@ -153,6 +153,15 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
+    p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
+    _common(p, "runs/tradeoff")
+    p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
+    p.add_argument("--task", default="addition", help="task name")
+    p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+                   help="exit thresholds in (0, 1] (default: 0.9 0.7 0.5 0.3 0.15 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
+
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
     p.add_argument("--model", default=None, help="base model (default: the shipped tiny reasoner)")
@@ -233,6 +242,11 @@ def _run(args) -> int:
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
                                    seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    elif args.command == "tradeoff":
+        res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
+                                    thresholds=args.thresholds, seed=args.seed, device=args.device, dtype=args.dtype,
+                                    progress=progress)
+        say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "accuracy":
         import eetools
         from eetools.evaluation import greedy_accuracy

@@ -131,6 +131,21 @@ def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
     return ev
 
 
+def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
+                 device="cpu", dtype=None, progress=True):
+    """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
+    import eetools
+    from eetools.operating_points import DEFAULT_THRESHOLDS
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ee = eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, progress=progress)
+    res.df.to_csv(out / "tradeoff.csv", index=False)
+    res.figure().write_json(out / "tradeoff.json")
+    return res
+
+
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, every figure, and ``report.html``."""
     import eetools

@@ -149,6 +149,15 @@ ee.viz.color_tokens(before, title="calibrated")"""),
 ev = ee.evaluate(rl, "addition", n=40, seed=0)
 ev.summary"""),
 ("code", "ev.figure()"),
+("md", """## Operating points: accuracy against layers saved
+Thresholded exits (a token exits at the first layer whose head gives `c >= t`) trade accuracy for depth
+as `t` falls. `ee.tradeoff` evaluates several thresholds on the same held-out prompts, next to sampled
+exits, the base model and the oracle bound (the most any exit policy could save with the base model's text).
+On the command line: `eetools tradeoff --exit-model tiny-reasoner/rl --n 200`."""),
+("code", """# NBVAL_IGNORE_OUTPUT
+points = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0)
+points.df"""),
+("code", "points.figure()"),
 ],
 "04_probes.ipynb": [
 ("md", """# Probes: what is in the residual stream where a token exits, and what did the exit skip?

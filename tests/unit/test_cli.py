@@ -31,6 +31,14 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "oracle" in out
+    tr = tmp_path / "tr"
+    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "0.1",
+                 "--out", str(tr), "--no-progress"]) == 0
+    assert (tr / "tradeoff.csv").exists() and (tr / "tradeoff.json").exists()
+    assert "threshold" in capsys.readouterr().out
+    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "2",
+                 "--out", str(tr), "--no-progress"]) == 2
+    assert "in (0, 1]" in capsys.readouterr().err
 
 
 def test_config_file_sets_options_and_flags_override(tiny_folders, tmp_path):
