@@ -59,8 +59,7 @@ class RLConfig:
     lr: float = 1e-3
     """AdamW learning rate (LoRA adapters, and exit heads unless `head_lr` is set)."""
     head_lr: float = 0.0
-    """AdamW learning rate of the exit heads; 0: the same as `lr`. Heads decide the exits and
-    can move faster than the adapters, which also shape the tokens (the KL term)."""
+    """AdamW learning rate of the exit heads; 0: the same as `lr` (adapters always use `lr`)."""
     max_new_tokens: int = 0
     """Generation length cap; 0: the task's `max_new_tokens` (its longest written reasoning fits)."""
     temperature: float = 1.0
