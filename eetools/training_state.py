@@ -36,6 +36,12 @@ def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data
               ckpt / "trainer.json")
 
 
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
 def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1, data: str | None = None) -> dict:
     """Load a saved run into `ee_model` and `opt` (and the RNGs); returns the saved trainer record."""
     from eetools.exit_checkpoint import load_weights_into
@@ -43,10 +49,12 @@ def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1, data: str | N
     ckpt = Path(ckpt)
     saved = load_json(ckpt / "trainer.json")
     now = dataclasses.asdict(cfg)
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and saved["config"].get(k) != now[k]]
+    # options added after the checkpoint was written: it ran with their defaults
+    was_cfg = {**{f.name: _default(f) for f in dataclasses.fields(cfg)}, **saved["config"]}
+    diff = [k for k in now if k not in RESUMABLE_CHANGES and was_cfg.get(k) != now[k]]
     if diff:
         raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
-                         + ", ".join(f"{k} (saved {saved['config'].get(k)!r}, now {now[k]!r})" for k in diff))
+                         + ", ".join(f"{k} (saved {was_cfg.get(k)!r}, now {now[k]!r})" for k in diff))
     if saved.get("data") is not None and data is not None and saved["data"] != data:
         raise ValueError(f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on {data!r}; "
                          f"use another checkpoint folder")

@@ -129,3 +129,19 @@ def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
     assert all((a - b).abs().max() < 1e-9 for a, b in zip(lora0, adapter_parameters(tiny_ee)))
     with pytest.raises(ValueError, match="head_lr >= 0"):
         train_rl(tiny_ee, "addition", steps=1, **{**FAST, "head_lr": -1.0})
+
+
+def test_checkpoint_from_before_an_option_existed_resumes_with_its_default(tiny_ee, tmp_path):
+    """A checkpoint written before `head_lr` existed ran with its default: resuming with it works, not without."""
+    import json
+
+    kw = {**FAST, "reward_fn": lambda e, c: float(len(c) % 3), "checkpoint_every": 1}
+    train_rl(tiny_ee, "addition", steps=1, checkpoint_dir=tmp_path / "ck", **kw)
+    record = tmp_path / "ck" / "trainer.json"
+    saved = json.loads(record.read_text())
+    del saved["config"]["head_lr"]
+    record.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"head_lr \(saved 0.0, now 0.01\)"):
+        train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **{**kw, "head_lr": 1e-2})
+    res = train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
+    assert list(res.history["step"]) == [1, 2]
