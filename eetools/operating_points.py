@@ -79,7 +79,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     thresholds = [float(t) for t in thresholds]
     if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
         raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1], got {thresholds}")
-    name = task_lib.get(task).name
+    task = task_lib.get(task)  # resolved once for every evaluation
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
     rows = []
     for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
@@ -93,4 +93,4 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
                          "compute": rec["compute"], "coherence": coherence})
     order = {"base": 0, "sample": 1, "threshold": 2, "oracle": 3}
     df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    return Tradeoff(df=df, task=name)
+    return Tradeoff(df=df, task=task.name)

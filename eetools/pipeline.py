@@ -118,13 +118,20 @@ def _base_for(start, device, dtype):
     return eetools.load_model(name, device=device, dtype=_dtype(dtype))
 
 
-def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", seed=0,
-                 device="cpu", dtype=None, progress=True):
+def _output_and_model(out, exit_model, device, dtype):
+    """The output folder (created) and the exit model on its base, for `run_evaluate` and `run_tradeoff`."""
     import eetools
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ee = eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    return out, eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+
+
+def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", seed=0,
+                 device="cpu", dtype=None, progress=True):
+    import eetools
+
+    out, ee = _output_and_model(out, exit_model, device, dtype)
     ev = eetools.evaluate(ee, task, n=n, mode=mode, seed=seed, progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
     ev.figure().write_json(out / "exit_histogram.json")
@@ -137,9 +144,7 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
     import eetools
     from eetools.operating_points import DEFAULT_THRESHOLDS
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    ee = eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    out, ee = _output_and_model(out, exit_model, device, dtype)
     res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")

@@ -247,7 +247,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     params = ee_model.trainable_parameters()
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(_param_groups(ee_model, cfg), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
     judge = ReasoningJudge()
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -302,9 +302,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
 
 
-def _param_groups(ee_model, cfg: RLConfig) -> list[dict]:
-    """One AdamW group of every trainable parameter, or heads at `head_lr` and adapters at `lr`."""
-    params = ee_model.trainable_parameters()
+def _param_groups(ee_model, params: list, cfg: RLConfig) -> list[dict]:
+    """One AdamW group of the trainable `params`, or heads at `head_lr` and adapters at `lr`."""
     if cfg.head_lr in (0.0, cfg.lr):
         return [{"params": params}]
     heads = {id(p) for p in ee_model.heads.parameters()}
