@@ -357,4 +357,6 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
         bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
         if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards, data=data)
+    # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
+    ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)

@@ -1,8 +1,8 @@
 """Saving and loading exit heads (and LoRA adapters) with a fingerprint of their base model.
 
 A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
-``exit_config.json`` with the exitable layers, head kind, LoRA settings and the base
-model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
+``exit_config.json`` with the exitable layers, head kind, LoRA settings, the calibration's
+settings (KL factor, steps, data) and the base model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
 model with another fingerprint is refused with an error naming both models.
 """
 
@@ -61,7 +61,8 @@ def save_exit_model(ee_model, folder) -> None:
         lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
         lora["n_tensors"] = len(adapter_parameters(ee_model))
     save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
-               "base_model": fingerprint(ee_model.model), "lora": lora}, folder / "exit_config.json")
+               "base_model": fingerprint(ee_model.model), "lora": lora,
+               "calibration": getattr(ee_model, "calibration", None)}, folder / "exit_config.json")
 
 
 def resolve_checkpoint(path_or_preset) -> Path:
@@ -93,7 +94,7 @@ def load_exit_model(path_or_preset, model=None):
     cfg = load_json(folder / "exit_config.json")
     if cfg.get("format") != FORMAT:
         raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
-    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora"}
+    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration"}
     if unknown:
         warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
     want = cfg["base_model"]
@@ -110,6 +111,7 @@ def load_exit_model(path_or_preset, model=None):
     if cfg.get("lora"):
         add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
     load_weights_into(ee_model, folder, cfg)
+    ee_model.calibration = cfg.get("calibration")
     return ee_model
 
 

@@ -90,6 +90,8 @@ class EarlyExitModel(nn.Module):
         model: the untouched TransformerLens bridge.
         exit_layers: the exitable layers, increasing, within ``1 .. L-1``.
         heads: one `ExitHead` per exitable layer.
+        calibration: ``{"kl_factor", "steps", "data"}`` of the calibration that trained the heads
+            (None for fresh heads); kept through RL and checkpoints.
     """
 
     def __init__(self, model, layers: Sequence[int] | None = None, head: str = "mlp"):
@@ -101,6 +103,8 @@ class EarlyExitModel(nn.Module):
         self.head_kind = head
         d_model = int(model.cfg.d_model)
         self.heads = nn.ModuleList([ExitHead(d_model, head) for _ in self.exit_layers])
+        # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
+        self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
         device = next(model.parameters()).device
         self.heads.to(device)

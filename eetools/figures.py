@@ -42,16 +42,22 @@ class ExitDistributionComparison:
 
 
 @torch.no_grad()
-def exit_distribution_vs_target(ee_model, task="addition", *, n: int = 64, kl_factor: float = 64.0,
+def exit_distribution_vs_target(ee_model, task="addition", *, n: int = 64, kl_factor: float | None = None,
                                 examples: Sequence | None = None, batch_size: int = 16) -> ExitDistributionComparison:
     """Fig. 4 on held-out examples: mean stick-breaking distribution of the heads (no exits
     prescribed, adapters on) vs the calibration target, over the continuation tokens that may exit.
 
-    `kl_factor` must be the one the heads were calibrated with (default: calibration's default, 64).
+    `kl_factor` must be the one the heads were calibrated with; None takes it from the model's
+    ``calibration`` record (saved with its checkpoint) and refuses heads that have none.
     """
     from eetools.calibration import encode_sequences, exit_targets
     from eetools.heads import exit_log_probs
 
+    if kl_factor is None:
+        kl_factor = (getattr(ee_model, "calibration", None) or {}).get("kl_factor")
+        if kl_factor is None:
+            raise ValueError("these heads carry no calibration record (not calibrated, or saved before eetools kept "
+                             "one); pass kl_factor=, the k they were calibrated with")
     exs = list(examples) if examples is not None else task_lib.get(task).test_split()[:n]
     student, target, count = 0.0, 0.0, 0.0
     L = ee_model.n_layers

@@ -118,3 +118,18 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
     assert (tmp_path / "ck" / "trainer.json").exists(), "checkpoint saved before stopping"
     after = [p.detach() for p in tiny_ee.heads[1:].parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "no optimizer step may be applied"
+
+
+def test_calibration_record_is_saved_with_the_heads_and_drives_fig4(tiny_ee, tmp_path):
+    from eetools import load_exit_model
+    from eetools.figures import exit_distribution_vs_target
+
+    exs = tasks.get("addition").sample(2, seed=0)
+    with pytest.raises(ValueError, match="no calibration record"):  # fresh heads: k must be given
+        exit_distribution_vs_target(tiny_ee, examples=exs)
+    calibrate(tiny_ee, "addition", kl_factor=8.0, steps=1, batch_size=2, progress=False, lora=False)
+    assert tiny_ee.calibration == {"kl_factor": 8.0, "steps": 1, "data": "addition"}
+    tiny_ee.save(tmp_path / "m")
+    loaded = load_exit_model(tmp_path / "m", model=tiny_ee.model)
+    assert loaded.calibration == tiny_ee.calibration
+    assert exit_distribution_vs_target(loaded, examples=exs).kl_factor == 8.0
