@@ -266,7 +266,7 @@ class ExitState:
         self._running: dict[int, tuple[Tensor, int]] = {}
 
     def running(self, layer: int) -> "tuple[Tensor, int] | None":
-        """Rows of the last position still running at block `layer` and their number; None if none exited.
+        """Indices of the last position's rows still running at block `layer`, and their number; None if none exited.
 
         Computed once per block and forward (one device sync): decisions at later layers
         cannot exit at or before `layer`. Used by `eetools.skipping`.
@@ -274,8 +274,8 @@ class ExitState:
         if self.exit_at is None or not self.any_exit:
             return None
         if layer not in self._running:
-            rows = self.exit_at[:, -1] > layer
-            self._running[layer] = (rows, int(rows.sum()))
+            rows = (self.exit_at[:, -1] > layer).nonzero().squeeze(1)  # indices: cheaper to gather than a mask
+            self._running[layer] = (rows, int(rows.numel()))
         return self._running[layer]
 
     def hooks(self) -> list:

@@ -64,15 +64,13 @@ class _RowSkip:
             if isinstance(out, Tensor):
                 self.out_dim = out.shape[-1]
             return out
-        rows, n = running
-        if n == rows.numel():
+        rows, n = running  # indices of the running rows
+        if n == x.shape[0]:
             return self.inner(x, *args, **kwargs)
         if n == 0:
             return x.new_zeros((*x.shape[:-1], self.out_dim))
-        part = self.inner(x[rows], *args, **kwargs)
-        out = part.new_zeros((x.shape[0], *part.shape[1:]))
-        out[rows] = part
-        return out
+        part = self.inner(x.index_select(0, rows), *args, **kwargs)
+        return part.new_zeros((x.shape[0], *part.shape[1:])).index_copy_(0, rows, part)
 
 
 @contextlib.contextmanager
