@@ -151,6 +151,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="addition", help="task name")
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
+    p.add_argument("--threshold", type=float, default=0.5, help="exit where c >= this, with --mode threshold (default: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -240,7 +241,7 @@ def _run(args) -> int:
                             progress=progress))
     elif args.command == "evaluate":
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
-                                   seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
+                                   threshold=args.threshold, seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,

@@ -72,6 +72,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         task: task name or `Task`; examples come from its frozen test split unless `examples` is given.
         n: number of examples.
         mode: "sample", "threshold" or "off" exits for the model under test.
+        threshold: with mode "threshold", exit where ``c >= threshold``.
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model and the oracle-exit bound.
@@ -80,6 +81,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     Returns:
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
+    if mode == "threshold" and not 0 < threshold <= 1:
+        raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {threshold}")
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]

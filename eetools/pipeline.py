@@ -131,12 +131,12 @@ def _output_and_model(out, exit_model, device, dtype):
     return out, eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
 
 
-def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", seed=0,
-                 device="cpu", dtype=None, progress=True):
+def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", threshold=0.5,
+                 seed=0, device="cpu", dtype=None, progress=True):
     import eetools
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    ev = eetools.evaluate(ee, task, n=n, mode=mode, seed=seed, progress=progress)
+    ev = eetools.evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
     ev.figure().write_json(out / "exit_histogram.json")
     return ev

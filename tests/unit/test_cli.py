@@ -1,5 +1,6 @@
 """The command line, called in-process with a few steps on a tiny random model."""
 
+import pandas as pd
 import pytest
 
 from eetools.cli import field_docs, main, make_parser
@@ -31,6 +32,12 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
                  "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "oracle" in out
+    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold", "1",
+                 "--out", str(tmp_path / "ev1"), "--no-progress"]) == 0
+    ev1 = pd.read_csv(tmp_path / "ev1" / "evaluation.csv").set_index("system")
+    assert ev1.loc["model", "layers_saved"] == 0  # c >= 1 never holds: no token exits
+    assert main(["evaluate", "--exit-model", str(rl / "model"), "--mode", "threshold", "--threshold", "0",
+                 "--out", str(tmp_path / "ev1"), "--no-progress"]) == 2
     tr = tmp_path / "tr"
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "0.1",
                  "--out", str(tr), "--no-progress"]) == 0
