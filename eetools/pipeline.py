@@ -50,6 +50,8 @@ class ReproduceConfig:
     """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
+    thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15, 0.05])
+    """Exit thresholds of the operating-points figures (accuracy vs layers saved)."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
@@ -57,7 +59,7 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
         return cfg
     return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0],
                            calib_kl_factor=cfg.calib_kl_factor, calib_steps=12,
-                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature)
+                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature, thresholds=[0.5, 0.15])
 
 
 def _dtype(dtype):
@@ -156,7 +158,7 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
 
 
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
-    """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, every figure, and ``report.html``."""
+    """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
     import eetools
     from eetools import viz
     from eetools.calibration import CalibrationConfig
@@ -210,6 +212,14 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     main_base = table[(table.system == "base") & (table.task == cfg.task)].iloc[0]
     base = {"accuracy": float(main_base["accuracy"]), "compute": 1.0, "coherence": float(main_base["coherence_reasoning"])}
     sweep.figure(base=base).write_json(out / "fig2_left.json")
+    # 4b. operating points (accuracy vs layers saved over exit thresholds) of the calibrated and RL models
+    points = []
+    for label, m in (("calibrated", models[ccfg.kl_factor]), ("rl", rl_model)):
+        tr = eetools.tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+        tr.figure().update_layout(title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
+                                  ).write_json(out / f"tradeoff_{label}.json")
+        points.append(tr.df.assign(model=label, task=cfg.task))
+    pd.concat(points, ignore_index=True).to_csv(out / "tradeoff.csv", index=False)
     # 5. Fig. 2 right: the same prompt before and after RL
     task = eetools.tasks.get(cfg.task)
     prompt = task.test_split()[0].prompt
@@ -253,6 +263,10 @@ def write_report(out: Path) -> Path:
         ("Fig. 3: coherence by KL factor", pio.read_json(out / "fig3.json")),
         ("Fig. 4: learned vs target exit distribution", pio.read_json(out / "calibrated" / "fig4.json")),
     ]
+    for label in ("calibrated", "rl"):  # absent from output folders of earlier versions
+        if (out / f"tradeoff_{label}.json").exists():
+            sections.append((f"Operating points: accuracy vs layers saved, {label}",
+                             pio.read_json(out / f"tradeoff_{label}.json")))
     summ = out / "summary.json"
     if summ.exists():
         t = json.loads(summ.read_text())["timings"]
@@ -282,7 +296,9 @@ def ship(out: Path, data: Path | None = None) -> list[Path]:
     res = data / "results"
     res.mkdir(parents=True, exist_ok=True)
     for name in ("evaluation.csv", "rl_history.csv", "fig3.csv", "calibrated/fig4.csv", "calibrated/calibration_history.csv",
-                 "summary.json"):
+                 "summary.json", "tradeoff.csv"):
+        if name == "tradeoff.csv" and not (out / name).exists():  # written by reproduce since 2026-11-29
+            continue
         shutil.copy(out / name, res / Path(name).name)
         written.append(res / Path(name).name)
     return written

@@ -26,15 +26,19 @@ def quick_report(tmp_path_factory):
 
 def test_quick_reproduce_writes_every_figure(quick_report):
     for name in ("report.html", "evaluation.csv", "fig2_left.json", "fig3.json", "calibrated/fig4.json",
-                 "fig2_right_rl.html", "summary.json"):
+                 "fig2_right_rl.html", "summary.json", "tradeoff.csv", "tradeoff_rl.json"):
         assert (quick_report / name).exists(), name
+    import pandas as pd
+
+    points = pd.read_csv(quick_report / "tradeoff.csv")
+    assert set(points.model) == {"calibrated", "rl"} and {"threshold", "sample", "base", "oracle"} <= set(points.system)
     html = (quick_report / "report.html").read_text()
     # self-contained: nothing fetched from the network (plotly.js is inlined)
     import re
 
     assert not re.search(r"<script[^>]*\ssrc=", html), "external script"
     assert not re.search(r"<link[^>]*\shref=[\"']?https?:", html), "external stylesheet"
-    assert html.count("Plotly.newPlot") >= 3
+    assert html.count("Plotly.newPlot") >= 5 and "Operating points" in html
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
