@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
+from eetools.generation import check_threshold
 from eetools.judges import as_judge, score_all
 
 
@@ -81,8 +82,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     Returns:
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
-    if mode == "threshold" and not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {threshold}")
+    if mode == "threshold":
+        check_threshold(threshold)
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]

@@ -62,7 +62,7 @@ def save_exit_model(ee_model, folder) -> None:
         lora["n_tensors"] = len(adapter_parameters(ee_model))
     save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
                "base_model": fingerprint(ee_model.model), "lora": lora,
-               "calibration": getattr(ee_model, "calibration", None)}, folder / "exit_config.json")
+               "calibration": ee_model.calibration}, folder / "exit_config.json")
 
 
 def resolve_checkpoint(path_or_preset) -> Path:

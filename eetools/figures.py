@@ -54,7 +54,7 @@ def exit_distribution_vs_target(ee_model, task="addition", *, n: int = 64, kl_fa
     from eetools.heads import exit_log_probs
 
     if kl_factor is None:
-        kl_factor = (getattr(ee_model, "calibration", None) or {}).get("kl_factor")
+        kl_factor = (ee_model.calibration or {}).get("kl_factor")
         if kl_factor is None:
             raise ValueError("these heads carry no calibration record (not calibrated, or saved before eetools kept "
                              "one); pass kl_factor=, the k they were calibrated with")

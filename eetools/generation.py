@@ -26,6 +26,12 @@ MODES = ("sample", "threshold", "off")
 SKIPS = ("mask", "compute")
 
 
+def check_threshold(threshold: float) -> None:
+    """Refuse an exit threshold outside (0, 1] (exits happen where ``c >= threshold``); used by `evaluate` and `tradeoff`."""
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {threshold}")
+
+
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
     """Left-padded prompt ids and mask; validates empty and over-long prompts."""
     model = ee_model.model

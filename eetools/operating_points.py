@@ -75,10 +75,13 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     """
     from eetools import tasks as task_lib
     from eetools.evaluation import evaluate
+    from eetools.generation import check_threshold
 
     thresholds = [float(t) for t in thresholds]
-    if not thresholds or not all(0.0 < t <= 1.0 for t in thresholds):
-        raise ValueError(f"thresholds must be a non-empty list of numbers in (0, 1], got {thresholds}")
+    if not thresholds:
+        raise ValueError("thresholds is empty; give at least one number in (0, 1]")
+    for t in thresholds:  # all checked before any evaluation runs
+        check_threshold(t)
     task = task_lib.get(task)  # resolved once for every evaluation
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
     rows = []

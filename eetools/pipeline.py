@@ -19,6 +19,12 @@ import torch
 from eetools import distributed
 
 
+def _default_thresholds():
+    from eetools.operating_points import DEFAULT_THRESHOLDS  # imported lazily: it pulls in plotly
+
+    return DEFAULT_THRESHOLDS
+
+
 @dataclass
 class ReproduceConfig:
     """Settings of ``eetools reproduce`` (the paper's figures on the shipped tiny reasoner)."""
@@ -50,7 +56,7 @@ class ReproduceConfig:
     """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
-    thresholds: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3, 0.15, 0.05])
+    thresholds: list[float] = field(default_factory=lambda: list(_default_thresholds()))
     """Exit thresholds of the operating-points figures (accuracy vs layers saved)."""
 
 
@@ -295,10 +301,10 @@ def ship(out: Path, data: Path | None = None) -> list[Path]:
         written.append(dst)
     res = data / "results"
     res.mkdir(parents=True, exist_ok=True)
-    for name in ("evaluation.csv", "rl_history.csv", "fig3.csv", "calibrated/fig4.csv", "calibrated/calibration_history.csv",
-                 "summary.json", "tradeoff.csv"):
-        if name == "tradeoff.csv" and not (out / name).exists():  # written by reproduce since 2026-11-29
-            continue
+    required = ("evaluation.csv", "rl_history.csv", "fig3.csv", "calibrated/fig4.csv", "calibrated/calibration_history.csv",
+                "summary.json")
+    optional = ("tradeoff.csv",)  # absent from output folders of earlier versions
+    for name in required + tuple(n for n in optional if (out / n).exists()):
         shutil.copy(out / name, res / Path(name).name)
         written.append(res / Path(name).name)
     return written
