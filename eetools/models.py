@@ -35,8 +35,14 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
     """(what to pass to `boot_transformers`, whether it is a local folder)."""
     if name_or_path is None:
         name_or_path = TINY_REASONER
+    if not str(name_or_path).strip():
+        raise ModelNotFoundError("model name is empty; pass None for the shipped tiny reasoner, "
+                                 "a model folder or a hub name")
     p = Path(name_or_path)
     if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(f"folder {str(p)!r} has no config.json; pass a Hugging Face-format "
+                                     f"model folder (config.json, weights, tokenizer)")
         return str(p), True
     shipped = shipped_model_dir(str(name_or_path))
     if shipped.is_dir() and (shipped / "config.json").exists():

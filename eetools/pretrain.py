@@ -106,6 +106,25 @@ def _check_resume(cfg: PretrainConfig, saved: dict) -> None:
         raise ValueError(f"cannot resume {cfg.out}: configuration differs ({detail}); use another --out")
 
 
+def _load_init(model, folder: Path) -> None:
+    """Load ``--init`` weights, refusing a model of another shape instead of half-loading it."""
+    weights = folder / "model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"--init {folder}: no model.safetensors there; pass an HF-format model "
+                                f"folder such as <out>/model of an earlier `eetools pretrain`")
+    try:
+        missing, unexpected = model.load_state_dict(load_tensors(weights), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers, "
+                         f"--d-model, --n-heads, --n-kv-heads, --d-mlp to its config.json): "
+                         f"{str(e).splitlines()[-1].strip()}") from None
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers and the "
+                         f"other sizes to its config.json): missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dtype: str | None = None) -> Path:
     """Train (or resume) and save the model; returns the HF-format model folder.
 
@@ -125,8 +144,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM._from_config(model_config(cfg, tokenizer), attn_implementation="sdpa")
     if cfg.init:
-        model.load_state_dict(load_tensors(Path(cfg.init) / "model.safetensors"), strict=False)
-        model.tie_weights()
+        _load_init(model, Path(cfg.init))
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)

@@ -37,3 +37,16 @@ def test_resume_with_another_config_is_refused(tmp_path):
     pretrain(PretrainConfig(out=str(tmp_path / "a"), **TINY), progress=False)
     with pytest.raises(ValueError, match="lr"):
         pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 4}, lr=1e-3), progress=False)
+
+
+def test_init_continues_from_a_model_and_refuses_another_shape(tmp_path):
+    first = pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 2}), progress=False)
+    cont = pretrain(PretrainConfig(out=str(tmp_path / "b"), init=str(first), **{**TINY, "steps": 2}), progress=False)
+    assert not torch.equal(load_tensors(first / "model.safetensors")["model.embed_tokens.weight"],
+                           load_tensors(cont / "model.safetensors")["model.embed_tokens.weight"])
+    with pytest.raises(ValueError, match="--n-layers"):  # deeper than the init: would half-load silently
+        pretrain(PretrainConfig(out=str(tmp_path / "c"), init=str(first), **{**TINY, "n_layers": 3}), progress=False)
+    with pytest.raises(ValueError, match="--d-model"):
+        pretrain(PretrainConfig(out=str(tmp_path / "d"), init=str(first), **{**TINY, "d_mlp": 48}), progress=False)
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        pretrain(PretrainConfig(out=str(tmp_path / "e"), init=str(tmp_path), **TINY), progress=False)
