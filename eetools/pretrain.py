@@ -62,6 +62,9 @@ class PretrainConfig:
     """torch CPU threads (fixed for reproducibility)."""
     init: str = ""
     """Start from this HF-format model folder instead of random weights (continued training)."""
+    grow: bool = False
+    """With ``init`` from a shallower model of the same width: insert identity blocks to reach
+    ``n_layers`` (see `grow_blocks`), so training continues from the same function with more depth."""
 
 
 def model_config(cfg: PretrainConfig, tokenizer):
@@ -106,14 +109,44 @@ def _check_resume(cfg: PretrainConfig, saved: dict) -> None:
         raise ValueError(f"cannot resume {cfg.out}: configuration differs ({detail}); use another --out")
 
 
-def _load_init(model, folder: Path) -> None:
+def grow_blocks(state: dict[str, torch.Tensor], n_old: int, n_new: int) -> dict[str, torch.Tensor]:
+    """A Qwen3 state dict with ``n_new - n_old`` identity blocks inserted, spread evenly.
+
+    Each new block is a copy of the block before it with ``o_proj`` and ``down_proj``
+    zeroed: it adds nothing to the residual stream, so the grown model computes exactly
+    what the old one did (depth growth as in Net2Net / "stacking"), and training gives the
+    new blocks something to do. For 8 -> 12 the new blocks follow old blocks 1, 3, 5 and 7.
+    """
+    if not 0 < n_old <= n_new:
+        raise ValueError(f"can only grow {n_old} blocks to at least as many, got {n_new}")
+    extra = n_new - n_old
+    after = {round((j + 1) * n_old / extra) - 1 for j in range(extra)} if extra else set()
+    if len(after) != extra:
+        raise ValueError(f"cannot spread {extra} new blocks over {n_old} (at most one after each); grow in stages")
+    order = [(i, fresh) for i in range(n_old) for fresh in ((False, True) if i in after else (False,))]
+    grown = {k: v for k, v in state.items() if not k.startswith("model.layers.")}
+    for j, (i, fresh) in enumerate(order):
+        prefix = f"model.layers.{i}."
+        for k, v in state.items():
+            if k.startswith(prefix):
+                name = k[len(prefix):]
+                zero = fresh and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+                grown[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
+    return grown
+
+
+def _load_init(model, folder: Path, grow: bool = False) -> None:
     """Load ``--init`` weights, refusing a model of another shape instead of half-loading it."""
     weights = folder / "model.safetensors"
     if not weights.exists():
         raise FileNotFoundError(f"--init {folder}: no model.safetensors there; pass an HF-format model "
                                 f"folder such as <out>/model of an earlier `eetools pretrain`")
+    state = load_tensors(weights)
+    if grow:
+        n_old = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
+        state = grow_blocks(state, n_old, model.config.num_hidden_layers)
     try:
-        missing, unexpected = model.load_state_dict(load_tensors(weights), strict=False)
+        missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers, "
                          f"--d-model, --n-heads, --n-kv-heads, --d-mlp to its config.json): "
@@ -121,7 +154,7 @@ def _load_init(model, folder: Path) -> None:
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
         raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers and the "
-                         f"other sizes to its config.json): missing {missing[:3]}, unexpected {unexpected[:3]}")
+                         f"other sizes to its config.json, or pass --grow to add blocks): missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.tie_weights()
 
 
@@ -144,7 +177,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM._from_config(model_config(cfg, tokenizer), attn_implementation="sdpa")
     if cfg.init:
-        _load_init(model, Path(cfg.init))
+        _load_init(model, Path(cfg.init), grow=cfg.grow)
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)

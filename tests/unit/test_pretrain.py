@@ -50,3 +50,24 @@ def test_init_continues_from_a_model_and_refuses_another_shape(tmp_path):
         pretrain(PretrainConfig(out=str(tmp_path / "d"), init=str(first), **{**TINY, "d_mlp": 48}), progress=False)
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         pretrain(PretrainConfig(out=str(tmp_path / "e"), init=str(tmp_path), **TINY), progress=False)
+
+
+def test_grow_adds_identity_blocks_that_keep_the_function(tmp_path):
+    from transformers import Qwen3ForCausalLM
+
+    first = pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 2}), progress=False)
+    grown_cfg = PretrainConfig(out=str(tmp_path / "g"), init=str(first), grow=True, **{**TINY, "steps": 1, "n_layers": 3})
+    import eetools.pretrain as P
+
+    old = Qwen3ForCausalLM.from_pretrained(first).eval()
+    new = Qwen3ForCausalLM._from_config(P.model_config(grown_cfg, P.build_tokenizer())).eval()
+    P._load_init(new, first, grow=True)
+    ids = torch.randint(3, 30, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(new(ids).logits, old(ids).logits, rtol=0, atol=1e-5)
+    assert new.config.num_hidden_layers == 3
+    # training then moves the grown model away from the old function
+    out = pretrain(grown_cfg, progress=False)
+    assert Qwen3ForCausalLM.from_pretrained(out).config.num_hidden_layers == 3
+    with pytest.raises(ValueError, match="can only grow"):
+        P.grow_blocks(load_tensors(first / "model.safetensors"), 2, 1)
