@@ -15,6 +15,8 @@ from eetools.tasks.tom import TomTask
 
 _REGISTRY = {"addition": AdditionTask, "tom": TomTask}
 NAMES = tuple(_REGISTRY)
+# training variants: same format and verifier, another question mix (not evaluated on their own)
+_VARIANTS = {"tom-false-belief": lambda: TomTask(false_belief=0.5)}
 
 
 def get(name: str | Task) -> Task:
@@ -25,8 +27,11 @@ def get(name: str | Task) -> Task:
         from eetools.tasks.mixture import MixtureTask
 
         return MixtureTask([get(part) for part in name.split("+")])
+    if name in _VARIANTS:
+        return _VARIANTS[name]()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)}")
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)} (training variants: "
+                         f"{', '.join(_VARIANTS)})")
     return _REGISTRY[name]()
 
 

@@ -106,10 +106,13 @@ class TomTask(Task):
     name = "tom"
     max_new_tokens = 160  # at most four events: at most 142 tokens of reasoning
 
-    def __init__(self, min_events: int = 2, max_events: int = 4):
+    def __init__(self, min_events: int = 2, max_events: int = 4, false_belief: float = 0.0):
         if not 1 <= min_events <= max_events:
             raise ValueError(f"need 1 <= min_events <= max_events, got {min_events}, {max_events}")
+        if not 0.0 <= false_belief <= 1.0:
+            raise ValueError(f"false_belief is a probability in [0, 1], got {false_belief}")
         self.min_events, self.max_events = min_events, max_events
+        self.false_belief = false_belief
 
     def _make(self, rng: random.Random) -> Example:
         agents = rng.sample(AGENTS, rng.randint(2, 3))
@@ -140,18 +143,14 @@ class TomTask(Task):
                 who = rng.choice(sorted(set(agents) - present))
                 present.add(who)
                 meta["events"].append(["enter", who])
-        kind = rng.choice(["reality", "first", "second"])
+        meta["question"] = self._question(rng, meta)
+        kind, *who = meta["question"]
         if kind == "reality":
-            meta["question"] = ["reality"]
             q = f"Where is the {obj}?"
         elif kind == "first":
-            a = rng.choice(agents)
-            meta["question"] = ["first", a]
-            q = f"Where does {a} think the {obj} is?"
+            q = f"Where does {who[0]} think the {obj} is?"
         else:
-            a, b = rng.sample(agents, 2)
-            meta["question"] = ["second", a, b]
-            q = f"Where does {a} think {b} will look for the {obj}?"
+            q = f"Where does {who[0]} think {who[1]} will look for the {obj}?"
         story = [f"{_join(agents)} are in the room.", f"The {obj} is in the {meta['start']}."]
         for ev in meta["events"]:
             if ev[0] == "move":
@@ -163,6 +162,29 @@ class TomTask(Task):
         reasoning += f"{line}\n{ANSWER_PREFIX}{answer}\n"
         return Example(task=self.name, prompt=" ".join(story) + f"\nQ: {q}\n",
                        reasoning=reasoning, answer=answer, meta=meta)
+
+    def _question(self, rng: random.Random, meta: dict) -> list[str]:
+        """``["reality"]``, ``["first", a]`` or ``["second", a, b]``.
+
+        With probability `false_belief` (a training option; 0 for the test split) the
+        question is about agents who missed a move, when the story has any: the case a
+        false-belief test is about, which uniform questions rarely ask (about 6 % of move
+        lines in the test split, where the 8-block model made 40 % of its errors).
+        """
+        agents = meta["agents"]
+        if self.false_belief and rng.random() < self.false_belief:
+            moves = [set(seen) for ev, seen in _presence(meta) if ev[0] == "move"]
+            firsts = [["first", a] for a in agents if any(a not in seen for seen in moves)]
+            seconds = [["second", a, b] for a in agents for b in agents
+                       if a != b and any(not {a, b} <= seen for seen in moves)]
+            if firsts or seconds:
+                return rng.choice(firsts + seconds)
+        kind = rng.choice(["reality", "first", "second"])
+        if kind == "reality":
+            return ["reality"]
+        if kind == "first":
+            return ["first", rng.choice(agents)]
+        return ["second", *rng.sample(agents, 2)]
 
     def is_well_formed(self, completion: str) -> bool:
         return bool(_WELL_FORMED.match(completion))
