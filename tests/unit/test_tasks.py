@@ -128,3 +128,23 @@ def test_max_new_tokens_fits_every_written_reasoning(name):
     longest = max(len(tok(e.reasoning, add_special_tokens=False)["input_ids"]) + 1
                   for e in task.sample(2000, seed=5) + task.test_split())
     assert longest <= task.max_new_tokens, f"{name}: {longest} tokens > max_new_tokens {task.max_new_tokens}"
+
+
+def test_false_belief_variant_asks_about_agents_who_missed_a_move():
+    from eetools.tasks.tom import _presence
+
+    exs = T.get("tom-false-belief").sample(200, seed=3)
+    assert "tom-false-belief" not in T.NAMES and all(e.task == "tom" for e in exs)
+
+    def missed(e):
+        need = set(e.meta["question"][1:])
+        return e.meta["question"][0] != "reality" and any(
+            ev[0] == "move" and not need <= set(seen) for ev, seen in _presence(e.meta))
+
+    always = [missed(e) for e in T.TomTask(false_belief=1.0).sample(200, seed=3)]
+    uniform = [missed(e) for e in T.get("tom").sample(200, seed=3)]
+    # every story with a move someone missed gets such a question; uniform questions rarely do
+    assert sum(always) > 2 * sum(uniform) and sum(uniform) < 0.3 * 200 < sum(missed(e) for e in exs)
+    assert all(T.get("tom").score(e, e.reasoning) == 1.0 for e in exs)
+    with pytest.raises(ValueError, match="false_belief"):
+        T.TomTask(false_belief=1.5)
