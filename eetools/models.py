@@ -47,7 +47,11 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
     shipped = shipped_model_dir(str(name_or_path))
     if shipped.is_dir() and (shipped / "config.json").exists():
         return str(shipped), True
-    return str(name_or_path), False
+    text = str(name_or_path)
+    if p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:  # a path, not "org/name"
+        raise ModelNotFoundError(f"no model folder at {text!r}; pass an existing HF-format folder, a shipped "
+                                 f"model name or a hub name like 'Qwen/Qwen3-0.6B'")
+    return text, False
 
 
 def _check_hub_available(name: str) -> None:

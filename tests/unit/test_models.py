@@ -23,3 +23,9 @@ def test_unresolvable_hub_name_fails_in_one_line_offline(monkeypatch):
         ee.load_model("no-such-org/no-such-model")
     msg = str(err.value)
     assert "\n" not in msg and "no-such-org/no-such-model" in msg and "cache" in msg
+
+
+@pytest.mark.parametrize("path", ["/no/such/folder", "./missing-model", "runs/x/model"])
+def test_missing_local_folder_is_not_sent_to_the_hub(path):
+    with pytest.raises(ModelNotFoundError, match="no model folder at"):
+        ee.load_model(path)
