@@ -29,7 +29,7 @@ def bracket_errors(model_dir: str | None = None, n: int = 500) -> dict[tuple, tu
     model = AutoModelForCausalLM.from_pretrained(resolve(model_dir)[0]).eval()
     stats = collections.defaultdict(lambda: [0, 0])
     for ex in tasks.get("tom").test_split()[:n]:
-        ids = tok(ex.prompt + ex.reasoning)["input_ids"]  # starts with <bos>, as in training
+        ids = tok(ex.text)["input_ids"]  # prompt + reasoning, starting with <bos> as in training
         with torch.no_grad():
             pred = model(torch.tensor([ids])).logits[0].argmax(-1)
         start = len(tok(ex.prompt)["input_ids"])  # index of the first reasoning token
