@@ -36,7 +36,7 @@ Conventions:
 - Token classes: addition -- "format" (``+ = : A``, spaces, newlines), "copied_digit"
   (the two operand digits and the carry-in of a column line), "computed_digit" (digits
   of a column sum), "answer" (digits after ``"A: "``); ToM -- "format", "copied_name"
-  (agent names), "container", "answer". Also "prompt" (a prompt token), "eos", and
+  (agent names), "mark" (``+``/``-``: in the room or not), "container", "answer". Also "prompt" (a prompt token), "eos", and
   "other" (letters or digits in a line that does not follow the task's format).
 """
 

@@ -16,25 +16,37 @@ import pandas as pd
 
 TOKEN_CLASSES = {
     "addition": ("format", "copied_digit", "computed_digit", "answer"),
-    "tom": ("format", "copied_name", "container", "answer"),
+    "tom": ("format", "copied_name", "mark", "container", "answer"),
 }
 # When a token spans characters of several classes, the most informative one wins.
-_PRIORITY = ("answer", "computed_digit", "copied_digit", "copied_name", "container", "other", "format")
+_PRIORITY = ("answer", "computed_digit", "copied_digit", "copied_name", "mark", "container", "other", "format")
 _RANK = {c: i for i, c in enumerate(_PRIORITY)}
 
 _ADD_LINE = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
 _ADD_PROMPT = re.compile(r"Q: \d+\+\d+")
 _NAME = r"[A-Z][a-z]+"
-_TOM_PLACE = re.compile(rf"^([a-z]+): ({_NAME}(?: {_NAME})*)( \([a-z]+\))?$")
-_TOM_MOVE = re.compile(rf"^({_NAME}) (in|out): ({_NAME}(?: {_NAME})*)( \([a-z]+\))?$")
+_TOM_EVENT = re.compile(rf"^([a-z]+|{_NAME} (?:in|out)): {_NAME}[+-](?: {_NAME}[+-])*(?: \((?:{_NAME}[+-] )*[a-z]+\))?$")
+_TOM_WORD = re.compile(r"[A-Z][a-z]+|[a-z]+|.")
 _TOM_NOW = re.compile(r"^now ([a-z]+)$")
 _TOM_SAW = re.compile(rf"^((?:{_NAME} )+)saw ([a-z]+)$")
 _ANSWER = "A: "
 
 
-def _belief_classes(suffix: str | None) -> list[str]:
-    """Classes of a ToM line's running-belief suffix ``" (<container>)"``."""
-    return [] if not suffix else ["format"] * 2 + ["container"] * (len(suffix) - 3) + ["format"]
+def _event_classes(line: str) -> list[str]:
+    """Classes of a ToM event line ``"bag: Ann+ Bob- (Bob- box)"`` / ``"Bob out: ..."``."""
+    cls: list[str] = []
+    for m in _TOM_WORD.finditer(line):
+        w = m.group()
+        if w[0].isupper():
+            c = "copied_name"
+        elif w in ("+", "-"):
+            c = "mark"
+        elif w.isalpha() and w not in ("in", "out"):
+            c = "container"
+        else:
+            c = "format"
+        cls += [c] * len(w)
+    return cls
 
 
 def guess_task(prompt: str) -> str | None:
@@ -75,14 +87,8 @@ def _char_labels(text: str, task: str | None) -> tuple[list[str], list[int | Non
             col = [n_col] * (len(line) + 1)  # the whole line and its newline
             n_col += 1
         elif task == "tom":
-            if m := _TOM_PLACE.match(line):
-                cls = ["container"] * len(m.group(1)) + ["format", "format"]
-                cls += ["format" if ch == " " else "copied_name" for ch in m.group(2)]
-                cls += _belief_classes(m.group(3))
-            elif m := _TOM_MOVE.match(line):
-                cls = ["copied_name"] * len(m.group(1)) + ["format"] * (len(m.group(2)) + 3)
-                cls += ["format" if ch == " " else "copied_name" for ch in m.group(3)]
-                cls += _belief_classes(m.group(4))
+            if _TOM_EVENT.match(line):
+                cls = _event_classes(line)
             elif m := _TOM_NOW.match(line):
                 cls = ["format"] * 4 + ["container"] * len(m.group(1))
             elif m := _TOM_SAW.match(line):

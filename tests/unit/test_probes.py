@@ -42,17 +42,18 @@ def test_addition_token_classes_by_hand():
 
 
 def test_tom_token_classes_by_hand():
-    text = "box: Ann Bob (box)\nBob out: Ann (box)\nbag: Ann (box)\nBob saw box\nA: box\n"
+    text = "box: Ann+ Bob+ (Bob+ box)\nBob out: Ann+ Bob- (Bob- box)\nbag: Ann+ Bob- (Bob- box)\nBob saw box\nA: box\n"
     ex = Example(task="tom", prompt="...", reasoning=text, answer="box", meta={})
     df = probes.annotate_tokens(list(text), "tom", ex)
-    code = {"format": ".", "copied_name": "N", "container": "C", "answer": "A"}
+    code = {"format": ".", "copied_name": "N", "mark": "M", "container": "C", "answer": "A"}
     got = "".join(code[c] for c in df["token_class"])
-    assert got == "CCC..NNN.NNN..CCC.." "NNN......NNN..CCC.." "CCC..NNN..CCC.." "NNN.....CCC." "...AAA."
+    assert got == ("CCC..NNNM.NNNM..NNNM.CCC.." "NNN......NNNM.NNNM..NNNM.CCC.." "CCC..NNNM.NNNM..NNNM.CCC.."
+                   "NNN.....CCC." "...AAA.")
     assert (df["believed_location"] == "box").all()
     # a real example: every class occurs, nothing is "other"
     real = TomTask().sample(1, seed=3)[0]
     cls = set(probes.annotate_tokens(list(real.reasoning), "tom", real)["token_class"])
-    assert cls == {"format", "copied_name", "container", "answer"}
+    assert cls == {"format", "copied_name", "mark", "container", "answer"}
 
 
 # ----------------------------------------------------------------------------- residuals

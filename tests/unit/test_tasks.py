@@ -66,9 +66,13 @@ def test_tom_false_belief_logic():
                        ["move", "Ann", "jar"]], "question": ["first", "Eve"]}
     assert placements(meta) == [("box", ["Ann", "Bob", "Eve"]), ("bag", ["Ann", "Eve"]), ("jar", ["Ann", "Bob"])]
     # the running belief is Eve's (the question's): she saw the move to the bag, not the one to the jar
-    assert trace(meta) == ["box: Ann Bob Eve (box)", "Bob out: Ann Eve (box)", "bag: Ann Eve (bag)",
-                           "Bob in: Ann Bob Eve (bag)", "Eve out: Ann Bob (bag)", "jar: Ann Bob (bag)"]
-    assert trace({**meta, "question": ["reality"]})[-1] == "jar: Ann Bob (jar)"
+    assert trace(meta) == ["box: Ann+ Bob+ Eve+ (Eve+ box)", "Bob out: Ann+ Bob- Eve+ (Eve+ box)",
+                           "bag: Ann+ Bob- Eve+ (Eve+ bag)", "Bob in: Ann+ Bob+ Eve+ (Eve+ bag)",
+                           "Eve out: Ann+ Bob+ Eve- (Eve- bag)", "jar: Ann+ Bob+ Eve- (Eve- bag)"]
+    assert trace({**meta, "question": ["reality"]})[-1] == "jar: Ann+ Bob+ Eve- (jar)"
+    # second order: the questioned agents in the question's order, each with its mark on the line
+    assert trace({**meta, "question": ["second", "Eve", "Bob"]})[2:4] == [
+        "bag: Ann+ Bob- Eve+ (Eve+ Bob- box)", "Bob in: Ann+ Bob+ Eve+ (Eve+ Bob+ box)"]
     assert decision(meta) == ("Eve saw bag", "bag")
     assert decision({**meta, "question": ["reality"]}) == ("now jar", "jar")
     assert decision({**meta, "question": ["first", "Bob"]}) == ("Bob saw jar", "jar")
@@ -85,6 +89,9 @@ def test_tom_covers_all_question_kinds_and_scores_wrong_answers_zero():
     other = next(c for c in ("box", "bag", "jar") if c != ex.answer)
     assert task.score(ex, ex.reasoning.replace(f"A: {ex.answer}", f"A: {other}")) == 0.0
     assert task.score(ex, f"A: {ex.answer}\n") == task.malformed_score
+    # a line whose marks are dropped (the pre-2026-12 format) is malformed, the answer still right
+    unmarked = ex.reasoning.replace("+", "").replace("-", "")
+    assert task.score(ex, unmarked) == task.malformed_score
 
 
 def test_frozen_test_splits_are_shipped_and_disjoint_from_training_seeds():
