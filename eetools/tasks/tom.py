@@ -191,7 +191,8 @@ class TomTask(Task):
         With probability `false_belief` (a training option; 0 for the test split) the
         question is about agents who missed a move, when the story has any: the case a
         false-belief test is about, which uniform questions rarely ask (about 6 % of move
-        lines in the test split; the shipped model gets 37.5 % of those brackets wrong).
+        lines in the test split; before the marked format the model got 37.5 % of those
+        brackets wrong).
         """
         agents = meta["agents"]
         if self.false_belief and rng.random() < self.false_belief:
