@@ -1,7 +1,8 @@
 """Where a model gets the ToM running belief wrong, teacher-forced, by case.
 
 For every move line of the frozen ToM test split, feed the true text up to the bracket and
-check the model's greedy prediction of the bracketed belief. Error rates are split by
+check the model's greedy prediction of every token in the brackets (the questioned agents with
+their marks, then the belief); a line counts as wrong if any of them is. Error rates are split by
 question kind and by whether the questioned agents saw the move (``saw=False``: the
 false-belief case, where the belief must *not* follow the object).
 
