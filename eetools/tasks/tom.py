@@ -97,16 +97,16 @@ def trace(meta: dict) -> list[str]:
     belief = meta["start"]
     agents = list(meta["agents"])
 
-    def line(head: str, present) -> str:
+    def line(head: str, present, belief: str) -> str:
         return f"{head}: {_marks(agents, present)} ({_marks(asked, present) + ' ' if asked else ''}{belief})"
 
-    lines = [line(meta["start"], agents)]
+    lines = [line(meta["start"], agents, belief)]
     for ev, present in _presence(meta):
         kind = ev[0]
         if kind == "move" and set(asked) <= set(present):
             belief = ev[2]
         head = ev[2] if kind == "move" else f"{ev[1]} {'out' if kind == 'leave' else 'in'}"
-        lines.append(line(head, present))
+        lines.append(line(head, present, belief))
     return lines
 
 
