@@ -13,6 +13,8 @@ from typing import Sequence
 
 import pandas as pd
 
+from eetools.tasks.tom import EVENT_LINE as _TOM_EVENT
+
 
 TOKEN_CLASSES = {
     "addition": ("format", "copied_digit", "computed_digit", "answer"),
@@ -25,7 +27,6 @@ _RANK = {c: i for i, c in enumerate(_PRIORITY)}
 _ADD_LINE = re.compile(r"^(\d)\+(\d)\+(\d)=(\d+)$")
 _ADD_PROMPT = re.compile(r"Q: \d+\+\d+")
 _NAME = r"[A-Z][a-z]+"
-_TOM_EVENT = re.compile(rf"^([a-z]+|{_NAME} (?:in|out)): {_NAME}[+-](?: {_NAME}[+-])*(?: \((?:{_NAME}[+-] )*[a-z]+\))?$")
 _TOM_WORD = re.compile(r"[A-Z][a-z]+|[a-z]+|.")
 _TOM_NOW = re.compile(r"^now ([a-z]+)$")
 _TOM_SAW = re.compile(rf"^((?:{_NAME} )+)saw ([a-z]+)$")

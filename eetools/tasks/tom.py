@@ -50,9 +50,11 @@ CONTAINERS = ("box", "bag", "jar", "cup", "pot")
 
 _NAME = r"[A-Z][a-z]+"
 _MARKED = rf"{_NAME}[+-]"
+_EVENT = rf"(?:[a-z]+|{_NAME} in|{_NAME} out): {_MARKED}(?: {_MARKED})* \((?:{_MARKED} ){{0,2}}[a-z]+\)"
+EVENT_LINE = re.compile(rf"^{_EVENT}$")
+"""One well-formed event line of the written reasoning (see `trace`)."""
 _WELL_FORMED = re.compile(
-    rf"^(([a-z]+|{_NAME} in|{_NAME} out): {_MARKED}( {_MARKED})* \(({_MARKED} ){{0,2}}[a-z]+\)\n)+"
-    rf"(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\nA: [a-z]+\n?$"
+    rf"^({_EVENT}\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\nA: [a-z]+\n?$"
 )
 
 
