@@ -129,11 +129,19 @@ class _Decoder:
         self.exit_hist = torch.full_like(ids, self.L)
         self.cache = None
         self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs")}
+        # rows of the full batch still in the running batch: with a KV cache, finished rows leave
+        # it (their cache rows are dropped), so a batch of mixed lengths stops paying for the
+        # short ones once they end
+        self.rows = torch.arange(self.b, device=self.device)
+        self.compact = use_cache
 
     def step(self, step: int, state) -> None:
-        b, device = self.b, self.device
-        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(device)  # fixed draw order
-        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)
+        b, device, rows = self.b, self.device, self.rows
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(device)  # fixed draw order,
+        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)  # whatever rows are still running
+        running = rows.numel() < b
+        if running:
+            u_exit, u_tok = u_exit[rows], u_tok[rows]
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
         def decide_exit(i: int, z: Tensor) -> Tensor:
@@ -151,7 +159,7 @@ class _Decoder:
             self.exit_hist = exit_at
         # log-prob of the exit decisions taken, under the heads' stick-breaking distribution
         if step == 0:
-            elp = torch.zeros(b, device=device)
+            elp = torch.zeros(len(rows), device=device)
         else:
             elp = exit_log_probs(z[:, -1].float()).gather(-1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
         last = logits[:, -1].float()
@@ -161,22 +169,37 @@ class _Decoder:
         else:  # inverse-CDF sampling with the pre-drawn uniform
             cdf = (last / self.temperature).softmax(-1).cumsum(-1)
             tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
-        done = self.done
+        done = self.done[rows] if running else self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
-        # raw per-step values; finished rows are masked once, in `rollout`
-        self.out["tok"].append(tok)
-        self.out["mask"].append(~done)
-        self.out["exit"].append(exit_at[:, -1])
-        self.out["lp"].append(logp.gather(-1, tok[:, None]).squeeze(-1))
-        self.out["elp"].append(elp)
-        self.out["probs"].append(z[:, -1])
+        values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
+                  "elp": elp, "probs": z[:, -1]}
+        fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0}
+        for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
+            if running:
+                v = v.new_full((b, *v.shape[1:]), fill[key]).index_copy_(0, rows, v)
+            self.out[key].append(v)
         if self.eos is not None:
-            self.done = done | (tok == self.eos)
+            done = done | (tok == self.eos)
+            self.done = self.done.index_copy(0, rows, done) if running else done
         self.step_input = tok[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if not self.use_cache:  # the uncached reference re-runs the whole prefix
             self.seq = torch.cat([self.seq, self.step_input], dim=1)
             self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
+        elif self.compact:
+            self._drop_finished(done)
+
+    def _drop_finished(self, done: Tensor) -> None:
+        """Drop finished rows from the running batch and the KV cache once they are an eighth of it."""
+        n_done = int(done.sum())
+        if n_done == 0 or n_done == len(done) or n_done * 8 < len(done):
+            return
+        if not hasattr(self.cache, "batch_select_indices"):  # a cache type we cannot slice: keep every row
+            self.compact = False
+            return
+        keep = (~done).nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.rows, self.mask, self.step_input = self.rows[keep], self.mask[keep], self.step_input[keep]
 
     def rollout(self, prompts: list[str]) -> Rollout:
         stack = lambda k: torch.stack(self.out[k], 1).cpu()
@@ -184,7 +207,7 @@ class _Decoder:
         exits = torch.where(gmask, stack("exit"), self.L)
         lp = torch.where(gmask, stack("lp"), 0.0)
         elp = torch.where(gmask, stack("elp"), 0.0)
-        probs = torch.sigmoid(stack("probs").float())
+        probs = torch.where(gmask[..., None], torch.sigmoid(stack("probs").float()), 0.0)
         tok = self.ee.model.tokenizer
         ids, pmask = self.ids.cpu(), self.pmask.cpu()
         str_tokens, text, prompt_str = [], [], []

@@ -119,8 +119,11 @@ def _task_rewards(task, reward_fn, examples, completions, step, first: int = 0) 
     return out
 
 
+CHUNK_ROWS = 16  # rollouts per teacher-forced pass in `rl_terms`
+
+
 def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float,
-             token_term: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+             token_term: bool = True, chunk_rows: int | None = CHUNK_ROWS) -> tuple[Tensor, dict[str, Tensor]]:
     """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
     Returns ``(objective, per_rollout)``: ``-sum_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``
@@ -128,28 +131,56 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
     each rollout's share of the objective) for `rl_stats`. `token_term=False` (greedy tokens,
     temperature 0) keeps only the sampled exit decisions in the policy gradient: greedy tokens
     are not samples of the policy.
+
+    The policy and reference passes run on rollouts sorted by length, `chunk_rows` at a time,
+    each chunk cut to its own longest prompt and completion: a batch that mixes short and long
+    tasks then stops paying for padding. Every term is per rollout, so this is the one-pass
+    result (``chunk_rows=None``) up to float rounding.
     """
-    seqs, attn = rollout.sequences.to(ee_model.device), rollout.attention_mask.to(ee_model.device)
-    P = rollout.prompt_tokens.shape[1]
-    mask = rollout.mask.to(ee_model.device).float()
+    device = ee_model.device
+    lengths = rollout.prompt_mask.sum(1) + rollout.mask.sum(1)
+    order = lengths.argsort(descending=True, stable=True)
+    chunks = order.split(chunk_rows or len(order))
+    summed, kls = [], []
+    for rows in chunks:
+        s, kl = _policy_terms(ee_model, rollout, rows, token_term)
+        summed.append(s)
+        kls.append(kl)
+    inverse = order.argsort().to(device)
+    summed, kl = torch.cat(summed)[inverse], torch.cat(kls)[inverse]
     with torch.no_grad():
-        ref = ee_model.teacher_forward(seqs, attn).logprobs[:, P - 1:-1]
-    out = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers().to(ee_model.device), attention_mask=attn)
-    pol = out.logprobs[:, P - 1:-1]
-    tokens = rollout.tokens.to(ee_model.device)
-    tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
-    ex_lp = out.exit_logprobs()[:, P - 1:-1].gather(-1, ee_model.exit_index(rollout.exit_layers.to(ee_model.device))[..., None]).squeeze(-1)
+        cost = rollout.compute.to(device)
+        task_reward = task_reward.to(device)
+        reward = task_reward - beta * kl - lam * cost
+        adv = rloo_advantages(reward.view(-1, k)).view(-1)
+    per_rollout = -(adv * summed)
+    return per_rollout.sum(), {"reward": reward, "task": task_reward, "kl": kl, "exitcost": cost, "adv": adv,
+                               "objective": per_rollout.detach()}
+
+
+def _policy_terms(ee_model, rollout, rows: Tensor, token_term: bool) -> tuple[Tensor, Tensor]:
+    """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model."""
+    device = ee_model.device
+    P = rollout.prompt_tokens.shape[1]
+    prompt_mask, mask = rollout.prompt_mask[rows], rollout.mask[rows]
+    p0 = P - int(prompt_mask.sum(1).max())  # left padding every row of the chunk has
+    n = max(int(mask.sum(1).max()), 1)  # the chunk's longest completion
+    seqs = torch.cat([rollout.prompt_tokens[rows, p0:], rollout.tokens[rows, :n]], 1).to(device)
+    attn = torch.cat([prompt_mask[:, p0:], mask[:, :n].long()], 1).to(device)
+    exits = rollout.prescribed_exit_layers()[rows][:, p0:P + n].to(device)
+    p, mask = P - p0, mask[:, :n].to(device).float()
+    with torch.no_grad():
+        ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
+    out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
+    pol = out.logprobs[:, p - 1:-1]
+    tok_lp = pol.gather(-1, rollout.tokens[rows, :n].to(device)[..., None]).squeeze(-1)
+    taken = ee_model.exit_index(rollout.exit_layers[rows, :n].to(device))
+    ex_lp = out.exit_logprobs()[:, p - 1:-1].gather(-1, taken[..., None]).squeeze(-1)
     ex_lp = torch.cat([torch.zeros_like(ex_lp[:, :1]), ex_lp[:, 1:]], 1)  # first token: no decision
     with torch.no_grad():
         kl_tok = (pol.exp() * (pol - ref)).sum(-1)
         kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
-        cost = rollout.compute.to(ee_model.device)
-        task_reward = task_reward.to(ee_model.device)
-        reward = task_reward - beta * kl - lam * cost
-        adv = rloo_advantages(reward.view(-1, k)).view(-1)
-    per_rollout = -(adv * (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1))
-    return per_rollout.sum(), {"reward": reward, "task": task_reward, "kl": kl, "exitcost": cost, "adv": adv,
-                               "objective": per_rollout.detach()}
+    return (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1), kl
 
 
 def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:

@@ -28,7 +28,7 @@ class Rollout:
         exit_layers: layer at which each token was predicted (`n_layers` = no exit).
         token_logprobs: log-prob of each token under the model (temperature 1).
         exit_logprobs: log-prob of each exit decision under the heads' stick-breaking.
-        exit_probs: heads' conditional exit probabilities ``[batch, new, n_exit_layers]``.
+        exit_probs: heads' conditional exit probabilities ``[batch, new, n_exit_layers]`` (0 after EOS).
         text: decoded continuations (EOS and padding removed).
         str_tokens: generated tokens as strings, per sequence (up to and including EOS).
         prompt_str_tokens: prompt tokens as strings, per sequence (no padding).

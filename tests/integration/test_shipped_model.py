@@ -94,3 +94,26 @@ def test_compute_skipping_matches_masking_on_the_shipped_model():
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers)
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
     torch.testing.assert_close(a.exit_logprobs, b.exit_logprobs, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("skip", ["compute", "mask"])
+def test_finished_rows_leave_the_batch_without_changing_results(monkeypatch, skip):
+    """Sums of different lengths end at different steps; dropping finished rows from the batch and
+    the KV cache gives the tokens, exits and log-probs (1e-4) of keeping every row to the end."""
+    from transformers.cache_utils import DynamicCache
+
+    from eetools import generation
+
+    ee = eetools.load_exit_model("tiny-reasoner/calibrated")
+    prompts = [e.prompt for e in tasks.get("addition").test_split()[:8]]
+    selects = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: (selects.append(len(idx)), select(self, idx)))
+    a = ee.generate(prompts, 80, seed=5, temperature=1.0, skip=skip)
+    assert selects and min(selects) < len(prompts), "the test needs rows that finish early"
+    monkeypatch.setattr(generation._Decoder, "_drop_finished", lambda self, done: None)
+    b = ee.generate(prompts, 80, seed=5, temperature=1.0, skip=skip)
+    assert int(a.n_tokens.min()) < int(a.n_tokens.max())
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers) and torch.equal(a.mask, b.mask)
+    for name in ("token_logprobs", "exit_logprobs", "exit_probs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)

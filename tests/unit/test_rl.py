@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eetools.rl import RewardError, rloo_advantages, train_rl
+from eetools.rl import RewardError, rl_terms, rloo_advantages, train_rl
 
 FAST = dict(prompts_per_step=2, k=2, max_new_tokens=6, eval_every=0, progress=False, lr=1e-2)
 
@@ -23,6 +23,40 @@ def test_rloo_advantages_by_hand():
 
 def _params(ee):
     return [p.detach().clone() for p in ee.trainable_parameters()]
+
+
+@pytest.mark.parametrize("token_term", [True, False])
+def test_length_chunked_terms_equal_one_pass(tiny_ee, token_term):
+    """Rollouts of different prompt and completion lengths, cut into chunks: same objective, values and gradients."""
+    import dataclasses
+
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(-0.5)
+    prompts = ["Q: 1+2\n", "Q: 1+2\n", "Q: 12345+678\nab cd", "Q: 12345+678\nab cd", "Q: 9+99\nx", "Q: 9+99\nx"]
+    r = tiny_ee.generate(prompts, 12, seed=0)
+    mask = r.mask.clone()
+    mask[0, 5:] = False  # as if rows 0 and 3 had stopped at EOS early
+    mask[3, 9:] = False
+    r = dataclasses.replace(r, mask=mask)
+    reward = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    params = tiny_ee.trainable_parameters()
+    results = []
+    for chunk_rows in (None, 1, 4):
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        objective, per = rl_terms(tiny_ee, r, reward, 2, 1.5, 0.25, token_term=token_term, chunk_rows=chunk_rows)
+        objective.backward()
+        results.append((objective.detach(), per, [p.grad.clone() for p in params]))
+    (obj, per, grads), others = results[0], results[1:]
+    assert float(per["adv"].abs().sum()) > 0, "the test needs a non-flat group"
+    for o, pr, gr in others:
+        torch.testing.assert_close(o, obj, rtol=1e-5, atol=1e-5)
+        for key in per:
+            torch.testing.assert_close(pr[key], per[key], rtol=1e-5, atol=1e-5)
+        for a, b in zip(gr, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_k_equal_one_is_a_configuration_error(tiny_ee):
