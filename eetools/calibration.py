@@ -27,13 +27,15 @@ from typing import Sequence
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.heads import exit_log_probs, stick_breaking
 from eetools.training_state import resume_run, save_run
+
+CHUNK_ROWS = 16  # sequences per teacher-forced training pass (calibration and RL): see `_student_terms`
 
 
 def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
@@ -175,11 +177,15 @@ def _counts(predict: Tensor, exit_samples: int) -> Tensor:
 
 
 def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
-                     exit_samples: int, generator: torch.Generator) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+                     exit_samples: int, generator: torch.Generator,
+                     chunk_rows: int | None = CHUNK_ROWS) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
     Sums add up across shards; dividing by the global counts (``sums["n_predict"]``,
     ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_loss`).
+
+    The student runs on the sequences sorted by length, `chunk_rows` at a time, each chunk cut to
+    its own longest sequence (see `_student_terms`); ``chunk_rows=None`` is one padded pass.
 
     Returns:
         ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
@@ -197,12 +203,11 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
     sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]
     sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
     rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
-    out = ee_model.prescribed_forward(rep(ids), sampled.reshape(exit_samples * b, t), attention_mask=rep(attn))
-    kl = kl_student_teacher(out.logprobs, rep(teacher.logprobs))  # [S*b, pos]
+    kl, logpi = _student_terms(ee_model, rep(ids), sampled.reshape(exit_samples * b, t), rep(attn),
+                               rep(teacher.logprobs), chunk_rows)  # [S*b, pos], [S*b, pos, m+1]
     pm = rep(predict).float()
     em = rep(exitable).float()
     kl_sum = (kl * pm).sum()
-    logpi = exit_log_probs(out.exit_logits)  # [S*b,pos,m+1]
     idx = ee_model.exit_index(sampled.reshape(exit_samples * b, t))
     nll_sum = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum()
     with torch.no_grad():
@@ -215,6 +220,26 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
                 "student": (stu * e.unsqueeze(-1)).sum((0, 1)), "sampled": (sampled.float() / L * exitable).sum(),
                 "kl_at": torch.stack([kl[s].sum() for s in sel]), "n_at": torch.stack([s.sum() for s in sel]).float()}
     return kl_sum, nll_sum, sums
+
+
+def _student_terms(ee_model, ids: Int[Tensor, "n pos"], exits: Int[Tensor, "n pos"], attn: Tensor,
+                   teacher_logprobs: Float[Tensor, "n pos vocab"], chunk_rows: int | None):
+    """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
+
+    Sequences are right-padded, so a chunk is cut to its longest sequence and its results padded
+    back with zeros (positions no loss reads): a batch mixing short and long tasks stops paying
+    for padding, with the one-pass result up to float rounding.
+    """
+    n, t = ids.shape
+    order = attn.sum(1).argsort(descending=True, stable=True)
+    kls, logpis = [], []
+    for rows in order.split(chunk_rows or n):
+        w = max(int(attn[rows].sum(1).max()), 1)
+        out = ee_model.prescribed_forward(ids[rows, :w], exits[rows, :w], attention_mask=attn[rows, :w])
+        kls.append(nn.functional.pad(kl_student_teacher(out.logprobs, teacher_logprobs[rows, :w]), (0, t - w)))
+        logpis.append(nn.functional.pad(exit_log_probs(out.exit_logits), (0, 0, 0, t - w)))
+    inverse = order.argsort()
+    return torch.cat(kls)[inverse], torch.cat(logpis)[inverse]
 
 
 def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: int, exit_samples: int) -> dict:

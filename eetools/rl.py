@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from eetools import distributed
 from eetools import tasks as task_lib
+from eetools.calibration import CHUNK_ROWS
 from eetools.judges import ReasoningJudge
 from eetools.training_state import resume_run, save_run
 
@@ -117,9 +118,6 @@ def _task_rewards(task, reward_fn, examples, completions, step, first: int = 0) 
                               f"(completion {c[:120]!r}); rewards must be finite numbers")
         out.append(float(r))
     return out
-
-
-CHUNK_ROWS = 16  # rollouts per teacher-forced pass in `rl_terms`
 
 
 def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float,

@@ -67,6 +67,34 @@ def test_a_few_steps_lower_the_loss_and_change_only_trainable_parameters(tiny_ee
     torch.testing.assert_close(off, tiny_ee.model(toks))
 
 
+def test_length_chunked_student_equals_one_pass(tiny_ee):
+    """Sequences of different lengths, student run in chunks cut to their own length: same sums and gradients."""
+    from eetools.calibration import calibration_sums, encode_sequences
+
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(0.0)
+    ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n", "Q: 9+9\n"],
+                                          ["3", "1+8=9\n4+7=11\nA: 13023", "18\nA: 18"])
+    assert len(set(attn.sum(1).tolist())) == 3
+    params = tiny_ee.trainable_parameters()
+    results = []
+    for chunk_rows in (None, 2, 5):
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        kl, nll, sums = calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0),
+                                         chunk_rows=chunk_rows)
+        (kl + nll).backward()
+        results.append((sums, [p.grad.clone() for p in params]))
+    (sums, grads), others = results[0], results[1:]
+    for s, g in others:
+        for key in sums:
+            torch.testing.assert_close(s[key], sums[key], rtol=1e-5, atol=1e-5)
+        for a, b in zip(g, grads):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
     import eetools
 
