@@ -3,6 +3,11 @@
 - ``calib_step_s``: seconds per calibration step (batch 8, 4 exit samples, LoRA on), addition;
 - ``rl_step_s``: seconds per RL step (8 prompts x K=8 rollouts, 80 new tokens), addition,
   from the calibrated preset (target <= 3 s on CPU);
+- ``rl_step_mixture_s``: the same on the addition+tom mixture (long ToM reasoning), as ``reproduce`` runs it;
+- ``rl_terms_chunked_vs_one_pass``: time of the RL loss and its backward on one mixture rollout batch,
+  length-sorted chunks (the default) / one padded pass;
+- ``decode_compact_vs_full``: time of generating that batch with finished rows leaving it (the
+  default) / every row kept to the end;
 - ``peak_mem_mb``: peak memory while training: resident set size on CPU, or
   ``torch.cuda.max_memory_allocated`` on a GPU.
 
@@ -19,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import main  # noqa: E402
+from _timing import compare, main  # noqa: E402
 
 
 def _peak_mb(device: str) -> float:
@@ -46,7 +51,49 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     t = time.perf_counter()
     train_rl(ee, "addition", steps=steps, eval_every=0, progress=False, temperature=0, seed=1)
     rl = (time.perf_counter() - t) / steps
-    return {"calib_step_s": calib, "rl_step_s": rl, "peak_mem_mb": _peak_mb(device)}
+    t = time.perf_counter()
+    train_rl(ee, "addition+tom", steps=1 if quick else 2, eval_every=0, progress=False, temperature=0, seed=1)
+    mixture = (time.perf_counter() - t) / (1 if quick else 2)
+    return {"calib_step_s": calib, "rl_step_s": rl, "rl_step_mixture_s": mixture,
+            **_mixture_ratios(ee, quick), "peak_mem_mb": _peak_mb(device)}
+
+
+def _mixture_ratios(ee, quick: bool) -> dict:
+    """Chunked RL loss vs one pass, and decoding with vs without dropping finished rows, side by side."""
+    from eetools import generation, tasks
+    from eetools.calibration import CHUNK_ROWS
+    from eetools.rl import rl_terms
+
+    task = tasks.get("addition+tom")
+    group = [e for e in task.sample(4 if quick else 8, seed=0) for _ in range(8)]
+    prompts = [e.prompt for e in group]
+    rollout = ee.generate(prompts, task.max_new_tokens, mode="sample", temperature=0, skip="compute", seed=0)
+    reward = torch.tensor([task.score(e, tasks.cut_at_answer(c)) for e, c in zip(group, rollout.text)])
+
+    def loss(chunk_rows):
+        def f():
+            objective, _ = rl_terms(ee, rollout, reward, 8, 1.5, 0.25, token_term=False, chunk_rows=chunk_rows)
+            objective.backward()
+        return f
+
+    def decode(compact):
+        def f():
+            keep = generation._Decoder._drop_finished
+            if not compact:  # every row kept to the end: the decoder's behaviour before rows could leave
+                generation._Decoder._drop_finished = lambda self, done: None
+            try:
+                ee.generate(prompts, task.max_new_tokens, mode="sample", temperature=0, skip="compute", seed=0)
+            finally:
+                generation._Decoder._drop_finished = keep
+        return f
+
+    n = 1 if quick else 3
+    t = compare({"chunked": loss(CHUNK_ROWS), "one_pass": loss(None),
+                 "compact": decode(True), "full": decode(False)}, repeats=n, warmup=0)
+    for p in ee.trainable_parameters():
+        p.grad = None
+    return {"rl_terms_chunked_vs_one_pass": t["chunked"] / t["one_pass"],
+            "decode_compact_vs_full": t["compact"] / t["full"]}
 
 
 if __name__ == "__main__":
