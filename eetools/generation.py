@@ -5,7 +5,9 @@ the head's ``c_l`` decides whether that position exits (Bernoulli with the step'
 pre-drawn uniforms, or ``c_l >= threshold``), and the token it predicts is drawn from the
 (possibly early) readout. Random numbers are drawn per step from one explicit
 `torch.Generator` in a fixed order, so cached and uncached generation with the same seed
-give the same tokens and exits.
+give the same tokens and exits. With a KV cache, rows that have finished (EOS) leave the
+running batch and the cache, so a batch mixing short and long answers stops paying for the
+short ones; the uniforms are still drawn for the full batch, so the rollout does not change.
 """
 
 from __future__ import annotations

@@ -139,9 +139,10 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
     lengths = rollout.prompt_mask.sum(1) + rollout.mask.sum(1)
     order = lengths.argsort(descending=True, stable=True)
     chunks = order.split(chunk_rows or len(order))
+    exits = rollout.prescribed_exit_layers()
     summed, kls = [], []
     for rows in chunks:
-        s, kl = _policy_terms(ee_model, rollout, rows, token_term)
+        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term)
         summed.append(s)
         kls.append(kl)
     inverse = order.argsort().to(device)
@@ -156,8 +157,11 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
                                "objective": per_rollout.detach()}
 
 
-def _policy_terms(ee_model, rollout, rows: Tensor, token_term: bool) -> tuple[Tensor, Tensor]:
-    """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model."""
+def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool) -> tuple[Tensor, Tensor]:
+    """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model.
+
+    `exits` is ``rollout.prescribed_exit_layers()``.
+    """
     device = ee_model.device
     P = rollout.prompt_tokens.shape[1]
     prompt_mask, mask = rollout.prompt_mask[rows], rollout.mask[rows]
@@ -165,7 +169,7 @@ def _policy_terms(ee_model, rollout, rows: Tensor, token_term: bool) -> tuple[Te
     n = max(int(mask.sum(1).max()), 1)  # the chunk's longest completion
     seqs = torch.cat([rollout.prompt_tokens[rows, p0:], rollout.tokens[rows, :n]], 1).to(device)
     attn = torch.cat([prompt_mask[:, p0:], mask[:, :n].long()], 1).to(device)
-    exits = rollout.prescribed_exit_layers()[rows][:, p0:P + n].to(device)
+    exits = exits[rows][:, p0:P + n].to(device)
     p, mask = P - p0, mask[:, :n].to(device).float()
     with torch.no_grad():
         ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
