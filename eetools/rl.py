@@ -61,6 +61,8 @@ class RLConfig:
     """AdamW learning rate (LoRA adapters, and exit heads unless `head_lr` is set)."""
     head_lr: float = 0.0
     """AdamW learning rate of the exit heads; 0: the same as `lr` (adapters always use `lr`)."""
+    train_adapters: bool = True
+    """Train the LoRA adapters with the heads; False: only the exit heads learn, so the token model stays the one RL started from."""
     max_new_tokens: int = 0
     """Generation length cap; 0: the task's `max_new_tokens` (its longest written reasoning fits)."""
     temperature: float = 1.0
@@ -245,7 +247,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
              steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
-             micro_batches: int = 1) -> RLResult:
+             micro_batches: int = 1, train_adapters: bool = True) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -259,13 +261,15 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         checkpoint_dir: checkpoints every `checkpoint_every` steps; an existing one is resumed
             (every rank reads it, so it must be visible to all of them).
         micro_batches: shards per process per step (see `RLConfig.micro_batches`).
+        train_adapters: False trains the exit heads only (the adapters are left as they are).
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
     """
     cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
-                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches)
+                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
+                   train_adapters=train_adapters)
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
@@ -277,7 +281,10 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
     world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
     n_rollouts = cfg.prompts_per_step * cfg.k
-    params = ee_model.trainable_parameters()
+    params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
+    # frozen adapters stay out of the optimizer; peft turns their requires_grad back on whenever
+    # adapters are re-enabled, so their gradients are dropped at every step instead
+    frozen = [p for p in ee_model.trainable_parameters() if not any(p is q for q in params)]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
@@ -311,6 +318,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
             scores = [task.score(e, c) for e, c in zip(group, completions)]
             coherence = [judge(e, c) for e, c in zip(group, completions)]
             shards.append(_rollout_columns(ee_model, rollout, per, scores, coherence))
+        for p in frozen:
+            p.grad = None
         cols = _gather_columns(shards)  # every rollout of the step, in global order, on every rank
         row = _history_row(ee_model, step, cols, cfg.k)
         if not all(math.isfinite(row[key]) for key in ("loss", "reward", "task", "kl", "exitcost", "adv_mean",

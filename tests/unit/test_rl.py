@@ -165,6 +165,22 @@ def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
         train_rl(tiny_ee, "addition", steps=1, **{**FAST, "head_lr": -1.0})
 
 
+def test_frozen_adapters_stay_exact_while_the_heads_learn(tiny_ee):
+    """`train_adapters=False`: RL moves only the heads; a later calibration trains the adapters again."""
+    from eetools.adapters import add_lora, adapter_parameters
+    from eetools.calibration import calibrate
+
+    add_lora(tiny_ee, r=2)
+    heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
+    lora0 = [p.detach().clone() for p in adapter_parameters(tiny_ee)]
+    train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3), train_adapters=False, **FAST)
+    assert any((a - b).abs().max() > 1e-4 for a, b in zip(heads0, tiny_ee.heads.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(lora0, adapter_parameters(tiny_ee)))
+    assert all(p.grad is None for p in adapter_parameters(tiny_ee)), "frozen adapters keep no gradients"
+    calibrate(tiny_ee, "addition", steps=2, batch_size=2, max_new_tokens=6, lr=1e-2, progress=False)
+    assert any((a - b).abs().max() > 1e-6 for a, b in zip(lora0, adapter_parameters(tiny_ee)))
+
+
 def test_checkpoint_from_before_an_option_existed_resumes_with_its_default(tiny_ee, tmp_path):
     """A checkpoint written before `head_lr` existed ran with its default: resuming with it works, not without."""
     import json
