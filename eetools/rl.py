@@ -6,7 +6,8 @@ per-token ``KL(policy || reference)`` (reference = base model, no exits, adapter
 and the mean normalised blocks used. The leave-one-out advantage is
 ``A_i = R_i - mean_{j != i} R_j`` and the loss
 ``-mean_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``: the policy samples both tokens and
-exits. Trainable: exit heads and LoRA adapters. Rollouts decode with ``skip="compute"``
+exits. Trainable: exit heads and LoRA adapters (the heads alone with
+``train_adapters=False``). Rollouts decode with ``skip="compute"``
 (exited tokens' later blocks compute only keys and values; the same tokens and exits as the
 masked reference up to float rounding), and the loss is recomputed by `prescribed_forward`.
 
