@@ -231,10 +231,11 @@ def _student_terms(ee_model, ids: Int[Tensor, "n pos"], exits: Int[Tensor, "n po
     for padding, with the one-pass result up to float rounding.
     """
     n, t = ids.shape
-    order = attn.sum(1).argsort(descending=True, stable=True)
+    lengths = attn.sum(1)
+    order = lengths.argsort(descending=True, stable=True)
     kls, logpis = [], []
     for rows in order.split(chunk_rows or n):
-        w = max(int(attn[rows].sum(1).max()), 1)
+        w = max(int(lengths[rows].max()), 1)
         out = ee_model.prescribed_forward(ids[rows, :w], exits[rows, :w], attention_mask=attn[rows, :w])
         kls.append(nn.functional.pad(kl_student_teacher(out.logprobs, teacher_logprobs[rows, :w]), (0, t - w)))
         logpis.append(nn.functional.pad(exit_log_probs(out.exit_logits), (0, 0, 0, t - w)))

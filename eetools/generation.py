@@ -136,6 +136,8 @@ class _Decoder:
         # short ones once they end
         self.rows = torch.arange(self.b, device=self.device)
         self.compact = use_cache
+        # what a row that is not running records at a step (masked out in `rollout` anyway)
+        self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0}
 
     def step(self, step: int, state) -> None:
         b, device, rows = self.b, self.device, self.rows
@@ -175,10 +177,9 @@ class _Decoder:
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
         values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
                   "elp": elp, "probs": z[:, -1]}
-        fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0}
         for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
             if running:
-                v = v.new_full((b, *v.shape[1:]), fill[key]).index_copy_(0, rows, v)
+                v = v.new_full((b, *v.shape[1:]), self.fill[key]).index_copy_(0, rows, v)
             self.out[key].append(v)
         if self.eos is not None:
             done = done | (tok == self.eos)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from eetools import distributed
 from eetools import tasks as task_lib
+from eetools.adapters import adapter_parameters
 from eetools.calibration import CHUNK_ROWS
 from eetools.judges import ReasoningJudge
 from eetools.training_state import resume_run, save_run
@@ -285,7 +286,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
     # frozen adapters stay out of the optimizer; peft turns their requires_grad back on whenever
     # adapters are re-enabled, so their gradients are dropped at every step instead
-    frozen = [p for p in ee_model.trainable_parameters() if not any(p is q for q in params)]
+    frozen = [] if cfg.train_adapters else adapter_parameters(ee_model)
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
