@@ -112,6 +112,16 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     return dec.rollout(prompts)
 
 
+def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, inverse)`` with ``rows[first][inverse] == rows``: one index per distinct row; None if all differ."""
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(uniq) == len(rows):
+        return None
+    first = torch.full((len(uniq),), len(rows), dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(rows), device=rows.device), reduce="amin")
+    return first, inverse
+
+
 class _Decoder:
     """The state of one batched decode loop, and the per-step logic."""
 
@@ -136,6 +146,9 @@ class _Decoder:
         # short ones once they end
         self.rows = torch.arange(self.b, device=self.device)
         self.compact = use_cache
+        # with a KV cache, each distinct prompt is prefilled once and its cache rows copied to its
+        # duplicates (RL decodes k rollouts of every prompt): None when every prompt is distinct
+        self.distinct = distinct_rows(torch.cat([ids, pmask], 1)) if use_cache else None
         # what a row that is not running records at a step (masked out in `rollout` anyway)
         self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0}
 
@@ -153,7 +166,9 @@ class _Decoder:
             return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
-        if self.use_cache:
+        if self.use_cache and step == 0 and self.distinct is not None:
+            logits, z, exit_at = self._prefill_distinct(state)
+        elif self.use_cache:
             mask = self.mask if self.padded else None
             logits, z, exit_at, self.cache = self.ee._forward(self.step_input, mask, decide=decide, state=state,
                                                               past_key_values=self.cache, use_cache=True)
@@ -191,6 +206,19 @@ class _Decoder:
             self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
         elif self.compact:
             self._drop_finished(done)
+
+    def _prefill_distinct(self, state) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 0 on each distinct prompt once; logits, exit logits, exits and cache copied back to every row."""
+        first, inverse = self.distinct
+        mask = self.mask[first] if self.padded else None
+        logits, z, exit_at, cache = self.ee._forward(self.ids[first], mask, state=state, use_cache=True)
+        if not hasattr(cache, "batch_select_indices"):  # a cache type we cannot copy rows of: prefill every row
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee._forward(self.ids, mask, state=state, use_cache=True)
+            return logits, z, exit_at
+        cache.batch_select_indices(inverse)
+        self.cache = cache
+        return logits[inverse], z[inverse], exit_at[inverse]
 
     def _drop_finished(self, done: Tensor) -> None:
         """Drop finished rows from the running batch and the KV cache once they are an eighth of it."""

@@ -29,7 +29,7 @@ from typing import Callable
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -37,6 +37,8 @@ from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.adapters import adapter_parameters
 from eetools.calibration import CHUNK_ROWS
+from eetools.generation import distinct_rows
+from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
 from eetools.training_state import resume_run, save_run
 
@@ -125,7 +127,8 @@ def _task_rewards(task, reward_fn, examples, completions, step, first: int = 0) 
 
 
 def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float,
-             token_term: bool = True, chunk_rows: int | None = CHUNK_ROWS) -> tuple[Tensor, dict[str, Tensor]]:
+             token_term: bool = True, chunk_rows: int | None = CHUNK_ROWS,
+             share_prompts: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
     """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
     Returns ``(objective, per_rollout)``: ``-sum_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``
@@ -134,19 +137,21 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
     temperature 0) keeps only the sampled exit decisions in the policy gradient: greedy tokens
     are not samples of the policy.
 
-    The policy and reference passes run on rollouts sorted by length, `chunk_rows` at a time,
-    each chunk cut to its own longest prompt and completion: a batch that mixes short and long
-    tasks then stops paying for padding. Every term is per rollout, so this is the one-pass
-    result (``chunk_rows=None``) up to float rounding.
+    The policy and reference passes run `chunk_rows` rollouts at a time, the rollouts of one
+    prompt together and the longest groups first; each chunk is cut to its own longest prompt
+    and completion, so a batch that mixes short and long tasks stops paying for padding. With
+    `share_prompts`, each distinct prompt of a chunk runs once and its KV cache (with its
+    gradient) is copied to its rollouts, which then run their completions only. Every term is
+    per rollout, so this is the one-pass result (``chunk_rows=None, share_prompts=False``) up
+    to float rounding.
     """
     device = ee_model.device
     lengths = rollout.prompt_mask.sum(1) + rollout.mask.sum(1)
-    order = lengths.argsort(descending=True, stable=True)
-    chunks = order.split(chunk_rows or len(order))
     exits = rollout.prescribed_exit_layers()
     summed, kls = [], []
-    for rows in chunks:
-        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term)
+    order = _group_order(rollout, lengths)
+    for rows in order.split(chunk_rows or len(order)):
+        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term, share_prompts)
         summed.append(s)
         kls.append(kl)
     inverse = order.argsort().to(device)
@@ -161,7 +166,19 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
                                "objective": per_rollout.detach()}
 
 
-def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool) -> tuple[Tensor, Tensor]:
+def _group_order(rollout, lengths: Tensor) -> Tensor:
+    """Rollout indices with the rollouts of one prompt together, longest rows first, groups by their longest row."""
+    distinct = distinct_rows(torch.cat([rollout.prompt_tokens, rollout.prompt_mask.long()], 1))
+    prompt_id = torch.arange(len(lengths)) if distinct is None else distinct[1].cpu()
+    group_len = torch.zeros(int(prompt_id.max()) + 1, dtype=lengths.dtype).scatter_reduce(
+        0, prompt_id, lengths, reduce="amax")
+    order = lengths.argsort(descending=True, stable=True)
+    order = order[prompt_id[order].argsort(stable=True)]
+    return order[group_len[prompt_id[order]].argsort(descending=True, stable=True)]
+
+
+def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool,
+                  share_prompts: bool) -> tuple[Tensor, Tensor]:
     """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model.
 
     `exits` is ``rollout.prescribed_exit_layers()``.
@@ -171,22 +188,65 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
     prompt_mask, mask = rollout.prompt_mask[rows], rollout.mask[rows]
     p0 = P - int(prompt_mask.sum(1).max())  # left padding every row of the chunk has
     n = max(int(mask.sum(1).max()), 1)  # the chunk's longest completion
-    seqs = torch.cat([rollout.prompt_tokens[rows, p0:], rollout.tokens[rows, :n]], 1).to(device)
-    attn = torch.cat([prompt_mask[:, p0:], mask[:, :n].long()], 1).to(device)
+    prompts, pmask = rollout.prompt_tokens[rows, p0:].to(device), prompt_mask[:, p0:].long().to(device)
+    tokens = rollout.tokens[rows, :n].to(device)
+    attn = torch.cat([pmask, mask[:, :n].long().to(device)], 1)
     exits = exits[rows][:, p0:P + n].to(device)
     p, mask = P - p0, mask[:, :n].to(device).float()
-    with torch.no_grad():
-        ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
-    out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
-    pol = out.logprobs[:, p - 1:-1]
-    tok_lp = pol.gather(-1, rollout.tokens[rows, :n].to(device)[..., None]).squeeze(-1)
+    distinct = distinct_rows(torch.cat([prompts, pmask], 1)) if share_prompts else None
+    if distinct is not None:
+        passes = _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
+    if distinct is None or passes is None:  # one pass over prompt and completion
+        seqs = torch.cat([prompts, tokens], 1)
+        with torch.no_grad():
+            ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
+        out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
+        pol, exit_lp = out.logprobs[:, p - 1:-1], out.exit_logprobs()[:, p - 1:-1]
+    else:
+        ref, pol, exit_lp = passes
+    tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
     taken = ee_model.exit_index(rollout.exit_layers[rows, :n].to(device))
-    ex_lp = out.exit_logprobs()[:, p - 1:-1].gather(-1, taken[..., None]).squeeze(-1)
+    ex_lp = exit_lp.gather(-1, taken[..., None]).squeeze(-1)
     ex_lp = torch.cat([torch.zeros_like(ex_lp[:, :1]), ex_lp[:, 1:]], 1)  # first token: no decision
     with torch.no_grad():
         kl_tok = (pol.exp() * (pol - ref)).sum(-1)
         kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
     return (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1), kl
+
+
+def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Tensor, "b n"],
+                          attn: Int[Tensor, "b p_plus_n"], exits: Int[Tensor, "b n"], distinct):
+    """Reference and policy log-probs of every completion token, each distinct prompt run once.
+
+    Each distinct prompt runs once (with its KV cache); the cache rows are copied to its
+    rollouts (`distinct` = ``(first, inverse)``), which then run their completions with the
+    prescribed exits. Returns ``(ref, pol, exit_logprobs)`` at the positions predicting each
+    completion token (``[b, n, vocab]``, ``[b, n, vocab]``, ``[b, n, m+1]``), the values of one
+    pass over prompt and completion; None if the model's cache cannot copy rows.
+    """
+    first, inverse = distinct
+    p, n = prompts.shape[1], tokens.shape[1]
+    head, rest = prompts[first], tokens[:, :-1]  # the last token predicts nothing we score
+    head_attn, rest_attn = attn[first, :p], attn[:, :-1]
+    with torch.no_grad(), ee_model.adapters_disabled():
+        logits, cache = ee_model.model(head, return_type="logits_and_cache", attention_mask=head_attn)
+        if not hasattr(cache, "batch_select_indices"):
+            return None
+        parts = [logits[:, -1:][inverse]]
+        if n > 1:
+            cache.batch_select_indices(inverse)
+            parts.append(ee_model.model(rest, return_type="logits", attention_mask=rest_attn, past_key_values=cache))
+        ref = torch.cat(parts, 1).float().log_softmax(-1)
+    # the policy: prompt positions never exit; the cache keeps the adapters' gradient
+    logits, z, _, cache = ee_model._forward(head, head_attn, use_cache=True)
+    logits, z = [logits[:, -1:][inverse]], [z[:, -1:][inverse]]
+    if n > 1:
+        cache.batch_select_indices(inverse)
+        more, more_z, _, _ = ee_model._forward(rest, rest_attn, exit_at=exits[:, :n - 1], past_key_values=cache)
+        logits.append(more)
+        z.append(more_z)
+    pol = torch.cat(logits, 1).float().log_softmax(-1)
+    return ref, pol, exit_log_probs(torch.cat(z, 1))
 
 
 def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:

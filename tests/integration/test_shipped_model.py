@@ -117,3 +117,28 @@ def test_finished_rows_leave_the_batch_without_changing_results(monkeypatch, ski
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers) and torch.equal(a.mask, b.mask)
     for name in ("token_logprobs", "exit_logprobs", "exit_probs"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("skip", ["compute", "mask"])
+def test_repeated_prompts_are_prefilled_once_without_changing_results(monkeypatch, skip):
+    """RL decodes k rollouts of each prompt: each distinct prompt is prefilled once and its cache
+    copied to its duplicates, giving the tokens, exits and log-probs (1e-4) of prefilling every row."""
+    from eetools import exits, generation
+
+    ee = eetools.load_exit_model("tiny-reasoner/calibrated")
+    examples = tasks.get("addition").test_split()[:3]
+    prompts = [e.prompt for e in examples for _ in range(4)]
+    widths = []
+    forward = exits.EarlyExitModel._forward
+    monkeypatch.setattr(exits.EarlyExitModel, "_forward",
+                        lambda self, tokens, *a, **k: (widths.append(len(tokens)), forward(self, tokens, *a, **k))[1])
+    a = ee.generate(prompts, 40, seed=5, temperature=1.0, skip=skip)
+    assert widths[0] == 3, "the prefill should run on the 3 distinct prompts"
+    monkeypatch.setattr(generation, "distinct_rows", lambda rows: None)
+    widths.clear()
+    b = ee.generate(prompts, 40, seed=5, temperature=1.0, skip=skip)
+    assert widths[0] == len(prompts)
+    assert not torch.equal(a.tokens[0], a.tokens[1]), "rollouts of one prompt should still differ"
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers) and torch.equal(a.mask, b.mask)
+    for name in ("token_logprobs", "exit_logprobs", "exit_probs"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)

@@ -26,13 +26,19 @@ def _params(ee):
 
 
 @pytest.mark.parametrize("token_term", [True, False])
-def test_length_chunked_terms_equal_one_pass(tiny_ee, token_term):
-    """Rollouts of different prompt and completion lengths, cut into chunks: same objective, values and gradients."""
+def test_chunked_and_prompt_shared_terms_equal_one_pass(tiny_ee, token_term):
+    """Rollouts of different prompt and completion lengths, cut into chunks, each prompt run once for its
+    rollouts (its KV cache copied to them): the objective, values and gradients of one plain pass."""
     import dataclasses
 
+    from eetools.adapters import add_lora, adapter_parameters
+
+    add_lora(tiny_ee, r=2)  # gradients must reach the adapters through the shared prompts' cache
     with torch.no_grad():
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(-0.5)
+        for p in adapter_parameters(tiny_ee):  # lora_B starts at 0: make the adapters change the model
+            p.normal_(std=0.3)
     prompts = ["Q: 1+2\n", "Q: 1+2\n", "Q: 12345+678\nab cd", "Q: 12345+678\nab cd", "Q: 9+99\nx", "Q: 9+99\nx"]
     r = tiny_ee.generate(prompts, 12, seed=0)
     mask = r.mask.clone()
@@ -42,21 +48,26 @@ def test_length_chunked_terms_equal_one_pass(tiny_ee, token_term):
     reward = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     params = tiny_ee.trainable_parameters()
     results = []
-    for chunk_rows in (None, 1, 4):
+    # first the reference: one pass over every prompt and completion; then chunks, prompts shared or not
+    for chunk_rows, share in ((None, False), (None, True), (1, True), (4, True), (4, False)):
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        objective, per = rl_terms(tiny_ee, r, reward, 2, 1.5, 0.25, token_term=token_term, chunk_rows=chunk_rows)
+        objective, per = rl_terms(tiny_ee, r, reward, 2, 1.5, 0.25, token_term=token_term, chunk_rows=chunk_rows,
+                                  share_prompts=share)
         objective.backward()
-        results.append((objective.detach(), per, [p.grad.clone() for p in params]))
+        results.append((objective.detach(), per, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]))
     (obj, per, grads), others = results[0], results[1:]
     assert float(per["adv"].abs().sum()) > 0, "the test needs a non-flat group"
+    assert float(per["kl"].min()) > 0, "the adapters should move the policy away from the reference"
+    n_heads = len(list(tiny_ee.heads.parameters()))
+    assert any(float(g.abs().sum()) > 0 for g in grads[n_heads:]), "the adapters should get a gradient"
     for o, pr, gr in others:
         torch.testing.assert_close(o, obj, rtol=1e-5, atol=1e-5)
         for key in per:
             torch.testing.assert_close(pr[key], per[key], rtol=1e-5, atol=1e-5)
         for a, b in zip(gr, grads):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_k_equal_one_is_a_configuration_error(tiny_ee):
