@@ -5,9 +5,13 @@
   from the calibrated preset (target <= 3 s on CPU);
 - ``rl_step_mixture_s``: the same on the addition+tom mixture (long ToM reasoning), as ``reproduce`` runs it;
 - ``rl_terms_chunked_vs_one_pass``: time of the RL loss and its backward on one mixture rollout batch,
-  length-sorted chunks (the default) / one padded pass;
+  length-sorted chunks / one padded pass (both running every rollout's prompt);
+- ``rl_terms_shared_vs_chunked``: the same, each distinct prompt run once for its k rollouts (the
+  default) / chunks running every rollout's prompt;
 - ``decode_compact_vs_full``: time of generating that batch with finished rows leaving it (the
   default) / every row kept to the end;
+- ``decode_distinct_prefill_vs_every_row``: generating it with each distinct prompt prefilled once
+  (the default) / every row prefilled;
 - ``peak_mem_mb``: peak memory while training: resident set size on CPU, or
   ``torch.cuda.max_memory_allocated`` on a GPU.
 
@@ -70,30 +74,36 @@ def _mixture_ratios(ee, quick: bool) -> dict:
     rollout = ee.generate(prompts, task.max_new_tokens, mode="sample", temperature=0, skip="compute", seed=0)
     reward = torch.tensor([task.score(e, tasks.cut_at_answer(c)) for e, c in zip(group, rollout.text)])
 
-    def loss(chunk_rows):
+    def loss(chunk_rows, share_prompts):
         def f():
-            objective, _ = rl_terms(ee, rollout, reward, 8, 1.5, 0.25, token_term=False, chunk_rows=chunk_rows)
+            objective, _ = rl_terms(ee, rollout, reward, 8, 1.5, 0.25, token_term=False, chunk_rows=chunk_rows,
+                                    share_prompts=share_prompts)
             objective.backward()
         return f
 
-    def decode(compact):
+    def decode(compact, distinct=True):
         def f():
-            keep = generation._Decoder._drop_finished
+            keep, rows = generation._Decoder._drop_finished, generation.distinct_rows
             if not compact:  # every row kept to the end: the decoder's behaviour before rows could leave
                 generation._Decoder._drop_finished = lambda self, done: None
+            if not distinct:  # every row prefilled, duplicates included
+                generation.distinct_rows = lambda r: None
             try:
                 ee.generate(prompts, task.max_new_tokens, mode="sample", temperature=0, skip="compute", seed=0)
             finally:
-                generation._Decoder._drop_finished = keep
+                generation._Decoder._drop_finished, generation.distinct_rows = keep, rows
         return f
 
     n = 1 if quick else 3
-    t = compare({"chunked": loss(CHUNK_ROWS), "one_pass": loss(None),
-                 "compact": decode(True), "full": decode(False)}, repeats=n, warmup=0)
+    t = compare({"shared": loss(CHUNK_ROWS, True), "chunked": loss(CHUNK_ROWS, False), "one_pass": loss(None, False),
+                 "compact": decode(True), "full": decode(False), "every_prefill": decode(True, distinct=False)},
+                repeats=n, warmup=0)
     for p in ee.trainable_parameters():
         p.grad = None
     return {"rl_terms_chunked_vs_one_pass": t["chunked"] / t["one_pass"],
-            "decode_compact_vs_full": t["compact"] / t["full"]}
+            "rl_terms_shared_vs_chunked": t["shared"] / t["chunked"],
+            "decode_compact_vs_full": t["compact"] / t["full"],
+            "decode_distinct_prefill_vs_every_row": t["compact"] / t["every_prefill"]}
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
 - ddp_step_ratio: one RL step of 2 processes (torchrun, gloo, 1 thread each) / 1 process
   (2 threads), same global batch (<= 0.7); measured on CPU whatever --device says;
 - calib_step_s, rl_step_s, rl_step_mixture_s, peak_mem_mb: training step times and peak memory;
-  rl_terms_chunked_vs_one_pass, decode_compact_vs_full: what length-sorted chunks and dropping
-  finished rows save on a mixture batch (< 1: faster).
+  rl_terms_chunked_vs_one_pass, rl_terms_shared_vs_chunked, decode_compact_vs_full,
+  decode_distinct_prefill_vs_every_row: what length-sorted chunks, running each prompt once for
+  its k rollouts, and dropping finished rows save on a mixture batch (< 1: faster).
 """
 
 from __future__ import annotations
