@@ -8,6 +8,7 @@ pre-drawn uniforms, or ``c_l >= threshold``), and the token it predicts is drawn
 give the same tokens and exits. With a KV cache, rows that have finished (EOS) leave the
 running batch and the cache, so a batch mixing short and long answers stops paying for the
 short ones; the uniforms are still drawn for the full batch, so the rollout does not change.
+Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache rows copied.
 """
 
 from __future__ import annotations

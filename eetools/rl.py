@@ -9,7 +9,8 @@ and the mean normalised blocks used. The leave-one-out advantage is
 exits. Trainable: exit heads and LoRA adapters (the heads alone with
 ``train_adapters=False``). Rollouts decode with ``skip="compute"``
 (exited tokens' later blocks compute only keys and values; the same tokens and exits as the
-masked reference up to float rounding), and the loss is recomputed by `prescribed_forward`.
+masked reference up to float rounding), and the loss is recomputed teacher-forced with the
+prescribed exits, each prompt run once for its `k` rollouts (see `rl_terms`).
 
 Under torchrun each process takes its shards of a step's prompts (`eetools.distributed`),
 each prompt with all its `k` rollouts, so RLOO groups stay whole on one process. The
@@ -194,9 +195,8 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
     exits = exits[rows][:, p0:P + n].to(device)
     p, mask = P - p0, mask[:, :n].to(device).float()
     distinct = distinct_rows(torch.cat([prompts, pmask], 1)) if share_prompts else None
-    if distinct is not None:
-        passes = _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
-    if distinct is None or passes is None:  # one pass over prompt and completion
+    passes = None if distinct is None else _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
+    if passes is None:  # one pass over prompt and completion
         seqs = torch.cat([prompts, tokens], 1)
         with torch.no_grad():
             ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
@@ -218,9 +218,8 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
                           attn: Int[Tensor, "b p_plus_n"], exits: Int[Tensor, "b n"], distinct):
     """Reference and policy log-probs of every completion token, each distinct prompt run once.
 
-    Each distinct prompt runs once (with its KV cache); the cache rows are copied to its
-    rollouts (`distinct` = ``(first, inverse)``), which then run their completions with the
-    prescribed exits. Returns ``(ref, pol, exit_logprobs)`` at the positions predicting each
+    The prompt's KV cache rows are copied to its rollouts (`distinct` = ``(first, inverse)``),
+    which then run their completions with the prescribed exits. Returns ``(ref, pol, exit_logprobs)`` at the positions predicting each
     completion token (``[b, n, vocab]``, ``[b, n, vocab]``, ``[b, n, m+1]``), the values of one
     pass over prompt and completion; None if the model's cache cannot copy rows.
     """
