@@ -54,6 +54,8 @@ class ReproduceConfig:
     """RL steps per run."""
     rl_temperature: float = 0.0
     """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
+    rl_train_adapters: bool = True
+    """RL trains the LoRA adapters with the exit heads; False (``--no-rl-train-adapters``): the heads alone (README, "RL on the exit heads alone")."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
     thresholds: list[float] = field(default_factory=lambda: list(_default_thresholds()))
@@ -65,7 +67,8 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
         return cfg
     return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0],
                            calib_kl_factor=cfg.calib_kl_factor, calib_steps=12,
-                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature, thresholds=[0.5, 0.15])
+                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature,
+                           rl_train_adapters=cfg.rl_train_adapters, thresholds=[0.5, 0.15])
 
 
 def _dtype(dtype):
@@ -198,7 +201,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 3. RL across seeds (Fig. 2 left)
     sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
-                      temperature=cfg.rl_temperature,
+                      temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters,
                       progress=progress, checkpoint_root=out / "rl")
     sweep.history.to_csv(out / "rl_history.csv", index=False)
     timings["rl_s"] = time.time() - t0 - sum(timings.values())

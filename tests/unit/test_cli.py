@@ -1,5 +1,7 @@
 """The command line, called in-process with a few steps on a tiny random model."""
 
+import dataclasses
+
 import pandas as pd
 import pytest
 
@@ -79,3 +81,15 @@ def test_yaml_config(tiny_folders, tmp_path):
     cfg.write_text("calibrate:\n  steps: 1\n  batch_size: 2\n  lora: false\n")
     assert main(["calibrate", "--model", str(tiny_folders["qwen3"]), "--config", str(cfg), "--out",
                  str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+def test_reproduce_can_train_the_heads_alone(monkeypatch, tmp_path):
+    """``--no-rl-train-adapters`` reaches the reproduce config, also in its quick version."""
+    from eetools import pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "reproduce", lambda cfg, out, **kw: (seen.append(cfg), "ok")[1])
+    assert main(["reproduce", "--no-rl-train-adapters", "--out", str(tmp_path)]) == 0
+    assert main(["reproduce", "--out", str(tmp_path)]) == 0
+    assert [c.rl_train_adapters for c in seen] == [False, True]
+    assert pipeline._quick(dataclasses.replace(seen[0], quick=True)).rl_train_adapters is False
