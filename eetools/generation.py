@@ -114,7 +114,7 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
 
 
 def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
-    """``(first, inverse)`` with ``rows[first][inverse] == rows``: one index per distinct row; None if all differ."""
+    """``(first, inverse)`` with ``rows[first][inverse] == rows``: one index per distinct row (value, for 1-D); None if all differ."""
     uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if len(uniq) == len(rows):
         return None

@@ -150,9 +150,11 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
     lengths = rollout.prompt_mask.sum(1) + rollout.mask.sum(1)
     exits = rollout.prescribed_exit_layers()
     summed, kls = [], []
-    order = _group_order(rollout, lengths)
+    distinct = distinct_rows(torch.cat([rollout.prompt_tokens, rollout.prompt_mask.long()], 1))
+    prompt_id = torch.arange(len(lengths)) if distinct is None else distinct[1].cpu()  # rollout -> its prompt
+    order = _group_order(prompt_id, lengths)
     for rows in order.split(chunk_rows or len(order)):
-        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term, share_prompts)
+        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term, prompt_id[rows] if share_prompts else None)
         summed.append(s)
         kls.append(kl)
     inverse = order.argsort().to(device)
@@ -167,10 +169,8 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
                                "objective": per_rollout.detach()}
 
 
-def _group_order(rollout, lengths: Tensor) -> Tensor:
+def _group_order(prompt_id: Tensor, lengths: Tensor) -> Tensor:
     """Rollout indices with the rollouts of one prompt together, longest rows first, groups by their longest row."""
-    distinct = distinct_rows(torch.cat([rollout.prompt_tokens, rollout.prompt_mask.long()], 1))
-    prompt_id = torch.arange(len(lengths)) if distinct is None else distinct[1].cpu()
     group_len = torch.zeros(int(prompt_id.max()) + 1, dtype=lengths.dtype).scatter_reduce(
         0, prompt_id, lengths, reduce="amax")
     order = lengths.argsort(descending=True, stable=True)
@@ -179,10 +179,11 @@ def _group_order(rollout, lengths: Tensor) -> Tensor:
 
 
 def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool,
-                  share_prompts: bool) -> tuple[Tensor, Tensor]:
+                  prompt_id: Tensor | None) -> tuple[Tensor, Tensor]:
     """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model.
 
-    `exits` is ``rollout.prescribed_exit_layers()``.
+    `exits` is ``rollout.prescribed_exit_layers()``; `prompt_id` (each row's prompt) shares
+    prompts between rows, None runs every row's prompt.
     """
     device = ee_model.device
     P = rollout.prompt_tokens.shape[1]
@@ -194,7 +195,7 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
     attn = torch.cat([pmask, mask[:, :n].long().to(device)], 1)
     exits = exits[rows][:, p0:P + n].to(device)
     p, mask = P - p0, mask[:, :n].to(device).float()
-    distinct = distinct_rows(torch.cat([prompts, pmask], 1)) if share_prompts else None
+    distinct = None if prompt_id is None else distinct_rows(prompt_id.to(device))
     passes = None if distinct is None else _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
     if passes is None:  # one pass over prompt and completion
         seqs = torch.cat([prompts, tokens], 1)
@@ -219,9 +220,10 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
     """Reference and policy log-probs of every completion token, each distinct prompt run once.
 
     The prompt's KV cache rows are copied to its rollouts (`distinct` = ``(first, inverse)``),
-    which then run their completions with the prescribed exits. Returns ``(ref, pol, exit_logprobs)`` at the positions predicting each
-    completion token (``[b, n, vocab]``, ``[b, n, vocab]``, ``[b, n, m+1]``), the values of one
-    pass over prompt and completion; None if the model's cache cannot copy rows.
+    which then run their completions with the prescribed exits. Returns ``(ref, pol,
+    exit_logprobs)`` at the positions predicting each completion token (``[b, n, vocab]``,
+    ``[b, n, vocab]``, ``[b, n, m+1]``), the values of one pass over prompt and completion;
+    None if the model's cache cannot copy rows.
     """
     first, inverse = distinct
     p, n = prompts.shape[1], tokens.shape[1]
