@@ -263,19 +263,20 @@ class ExitState:
         self.logits: list[Tensor] = []
         # nothing to freeze until some position exits: the freeze hooks then cost nothing
         self.any_exit = exit_at is not None and bool((exit_at < self.ee.n_layers).any())
-        self._running: dict[int, tuple[Tensor, int]] = {}
+        self._running: dict[int, tuple[Tensor, int, int]] = {}
 
-    def running(self, layer: int) -> "tuple[Tensor, int] | None":
-        """Indices of the last position's rows still running at block `layer`, and their number; None if none exited.
+    def running(self, layer: int) -> "tuple[Tensor, int, int] | None":
+        """Indices of the rows still running at block `layer`, their number and the batch size, in a one-position forward.
 
-        Computed once per block and forward (one device sync): decisions at later layers
-        cannot exit at or before `layer`. Used by `eetools.skipping`.
+        None if the forward covers several positions (a prefill: rows there are not one token)
+        or if no row exited. Computed once per block and forward (one device sync): decisions
+        at later layers cannot exit at or before `layer`. Used by `eetools.skipping`.
         """
-        if self.exit_at is None or not self.any_exit:
+        if self.exit_at is None or not self.any_exit or self.exit_at.shape[1] != 1:
             return None
         if layer not in self._running:
             rows = (self.exit_at[:, -1] > layer).nonzero().squeeze(1)  # indices: cheaper to gather than a mask
-            self._running[layer] = (rows, int(rows.numel()))
+            self._running[layer] = (rows, int(rows.numel()), len(self.exit_at))
         return self._running[layer]
 
     def hooks(self) -> list:

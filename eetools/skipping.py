@@ -3,15 +3,15 @@
 The masked path (the default and the reference) runs every block on every token and lets
 the freeze hooks throw away what an exited token computed. Here, for a token that exited
 at layer `l`, blocks ``>= l`` still compute its keys and values from the frozen residual
-(later tokens attend to them), but not the rest: its query, the attention output
-projection, the MLP and the MLP's input norm. These are row-wise functions whose output
+(later tokens attend to them), but not the rest: its query (and the query norm, where
+a block has one), the attention output projection, the MLP and the MLP's input norm. These are row-wise functions whose output
 for an exited row reaches only that row's own residual, which the freeze hook
 overwrites, so skipping them changes nothing that anyone reads.
 
 It goes through the bridge's components, not a per-model forward: for every block from
-the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``ln2``) components get their
+the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``attn.q_norm``, ``ln2``) components get their
 `forward` wrapped (on the instance, inside a context manager, restored even on errors) so
-that at a one-position decode step they run only on the rows still running at that block
+that at a one-position decode step they run only on the rows (dim 0) still running at that block
 and return zeros for the rest. An architecture whose blocks lack these components (or
 whose components return something other than a tensor) is reported by
 `skip_support` and generation falls back to masking with a warning.
@@ -27,7 +27,8 @@ from typing import Callable
 from torch import Tensor, nn
 
 SKIPPABLE = ("attn.q", "attn.o", "mlp")  # row-wise; their output for a row reaches only that row
-OPTIONAL = ("ln2",)  # the MLP's input norm, where a block has one: skipped with the MLP
+# where a block has them: the query's norm (skipped with the query) and the MLP's input norm (with the MLP)
+OPTIONAL = ("attn.q_norm", "ln2")
 
 
 def _component(block: nn.Module, path: str) -> nn.Module | None:
@@ -50,22 +51,27 @@ def skip_support(model) -> str | None:
 
 
 class _RowSkip:
-    """The wrapped forward of one component: runs only on `active()` rows at one-position steps."""
+    """The wrapped forward of one component: runs only on `active()` rows (batch dim 0) at one-position steps.
 
-    def __init__(self, module: nn.Module, active: Callable[[], "tuple[Tensor, int] | None"]):
+    `active()` is None unless the forward is a one-position step in which some row exited, so
+    the input's dim 0 is the batch whatever its layout (``[b, 1, d]``, or ``[b, heads, 1, d_head]``
+    for a query norm).
+    """
+
+    def __init__(self, module: nn.Module, active: Callable[[], "tuple[Tensor, int, int] | None"]):
         self.active = active
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
 
     def __call__(self, x, *args, **kwargs):
-        running = self.active() if isinstance(x, Tensor) and x.ndim == 3 and x.shape[1] == 1 and not args else None
+        running = self.active() if isinstance(x, Tensor) and x.ndim >= 2 and not args else None
         if running is None or self.out_dim is None:
             out = self.inner(x, *args, **kwargs)
             if isinstance(out, Tensor):
                 self.out_dim = out.shape[-1]
             return out
-        rows, n = running  # indices of the running rows
-        if n == x.shape[0]:
+        rows, n, batch = running  # indices of the running rows, their number, the batch size
+        if n == batch or x.shape[0] != batch:  # all running, or an input not laid out batch first
             return self.inner(x, *args, **kwargs)
         if n == 0:
             return x.new_zeros((*x.shape[:-1], self.out_dim))

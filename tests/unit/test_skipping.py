@@ -60,9 +60,31 @@ def test_compute_skipping_actually_skips(tiny_ee):
     assert set(seen) == {(2, r.prompt_tokens.shape[1])}
 
 
+def test_query_norm_runs_only_on_running_rows(tiny_ee, arch):
+    """Qwen3's query norm (``[batch, heads, 1, d_head]`` at a decode step) is skipped with the query."""
+    if arch != "qwen3":
+        pytest.skip("GPT-2 blocks have no query norm")
+    _eager_heads(tiny_ee, [-30.0, 30.0, -30.0])  # every generated token exits at layer 2
+    seen = []
+    norm = tiny_ee.model.blocks[2].attn.q_norm
+    leaf = norm.original_component
+    handle = leaf.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    try:
+        prompts = ["Q: 1+2\n", "Q: 3+4\n", "Q: 5+6\n"]
+        masked = tiny_ee.generate(prompts, 6, seed=0, temperature=0)
+        seen.clear()
+        skipped = tiny_ee.generate(prompts, 6, seed=0, temperature=0, skip="compute")
+    finally:
+        handle.remove()
+    _assert_same(masked, skipped)
+    assert (skipped.exit_layers[:, 1:] == 2).all()
+    assert seen == [3], "the query norm of block 2 ran on exited rows after the prompt step"
+    assert "forward" not in norm.__dict__
+
+
 def test_wrappers_are_removed_even_on_errors(tiny_ee):
     bridge = tiny_ee.model
-    modules = [m for b in bridge.blocks for m in (b.attn.q, b.attn.o, b.mlp, b.ln2)]
+    modules = [m for b in bridge.blocks for m in (b.attn.q, b.attn.o, b.mlp, b.ln2, getattr(b.attn, "q_norm", b.ln2))]
     assert not any("forward" in m.__dict__ for m in modules)
     orig = tiny_ee.heads[0].forward
 
