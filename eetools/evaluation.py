@@ -2,8 +2,10 @@
 
 `evaluate` runs the model on held-out prompts (the task's frozen test split) with greedy
 tokens and exits following `mode`, and puts beside it the base model (no exits, adapters
-off) and the oracle-exit bound (DESIGN.md section 8: per token, the earliest exitable
-layer whose logit-lens argmax equals the final argmax, on the base model's greedy text).
+off), the oracle-exit bound (DESIGN.md section 8: per token, the earliest exitable
+layer whose logit-lens argmax equals the final argmax, on the base model's greedy text)
+and, for a model with LoRA adapters, the same model at full depth ("no_exit"): the
+adapters can cost accuracy on their own, and that row separates their cost from the exits'.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ class Evaluation:
     """Results of `evaluate`.
 
     Attributes:
-        summary: one row per system ("model", "base", "oracle"): accuracy, compute,
+        summary: one row per system ("model", "base", "no_exit" for a model with LoRA adapters,
+            "oracle"): accuracy, compute,
             layers_saved and one ``coherence_<judge>`` column per judge.
         per_example: one row per (system, example): score, correct, compute, coherences, completion.
         histogram: fraction of generated tokens per exit outcome (exitable layers, then "full"), per system.
@@ -76,7 +79,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         threshold: with mode "threshold", exit where ``c >= threshold``.
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
-        compare: also evaluate the base model and the oracle-exit bound.
+        compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
+            adapters, the model itself with exits off ("no_exit": adapters on, full depth).
         max_new_tokens: generation cap (default: the task's, which fits its longest reasoning).
 
     Returns:
@@ -92,7 +96,13 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     judges = [as_judge(j) for j in judges]
     prompts = [e.prompt for e in exs]
     L, layers = ee_model.n_layers, list(ee_model.exit_layers)
-    systems = [("model", mode, False)] + ([("base", "off", True)] if compare else [])
+    systems = [("model", mode, False)]
+    if compare:
+        from eetools.adapters import lora_layers
+
+        systems.append(("base", "off", True))
+        if lora_layers(ee_model):  # the adapted weights at full depth: what the adapters alone cost
+            systems.append(("no_exit", "off", False))
     rows, hist, summary = [], {}, []
     base_text = None
     for name, m, base in systems:

@@ -3,8 +3,9 @@
 Sampled exits give one point. Thresholded exits (exit where ``c >= t``) give a curve, from
 cautious thresholds near 1 to eager ones near 0. `tradeoff` evaluates the model at each
 threshold on the same held-out examples (greedy tokens). It puts beside them the base model
-(no exits, 0 % saved) and the oracle-exit bound (DESIGN.md section 8: the most any exit
-policy could save while keeping the base model's greedy text).
+(no exits, 0 % saved), the model itself at full depth when it has LoRA adapters ("no_exit":
+what the adapters alone cost) and the oracle-exit bound (DESIGN.md section 8: the most any
+exit policy could save while keeping the base model's greedy text).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ class Tradeoff:
     """Operating points of one model on one task.
 
     Attributes:
-        df: one row per point: ``system`` ("threshold", "sample", "base", "oracle"),
+        df: one row per point: ``system`` ("threshold", "sample", "base", "no_exit" with adapters, "oracle"),
             ``threshold`` (NaN except for "threshold" rows), ``n``, ``accuracy``, ``layers_saved``,
             ``compute`` and ``coherence`` (the judge's mean).
         task: the task's name.
@@ -42,6 +43,7 @@ class Tradeoff:
         styles = {"threshold": dict(mode="lines+markers+text", marker=dict(size=8, color="rgb(40,70,170)")),
                   "sample": dict(mode="markers", marker=dict(size=12, symbol="diamond", color="rgb(215,48,31)")),
                   "base": dict(mode="markers", marker=dict(size=11, symbol="square", color="gray")),
+                  "no_exit": dict(mode="markers", marker=dict(size=11, symbol="square-open", color="gray")),
                   "oracle": dict(mode="markers", marker=dict(size=14, symbol="star", color="rgb(90,160,90)"))}
         for system, g in self.df.groupby("system", sort=False):
             text = [f"t={t:g}" for t in g["threshold"]] if system == "threshold" else None
@@ -94,6 +96,6 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
             rows.append({"system": label, "threshold": t if label == "threshold" else float("nan"), "n": rec["n"],
                          "accuracy": rec["accuracy"], "layers_saved": rec["layers_saved"],
                          "compute": rec["compute"], "coherence": coherence})
-    order = {"base": 0, "sample": 1, "threshold": 2, "oracle": 3}
+    order = {"base": 0, "no_exit": 1, "sample": 2, "threshold": 3, "oracle": 4}
     df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
     return Tradeoff(df=df, task=task.name)

@@ -32,3 +32,24 @@ def test_threshold_curve_spans_no_exits_to_exiting_at_the_first_layer(tiny_ee):
 def test_thresholds_outside_zero_one_are_refused(tiny_ee, bad):
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         tradeoff(tiny_ee, "addition", thresholds=bad, n=2, progress=False)
+
+
+def test_a_model_with_adapters_also_shows_itself_at_full_depth(tiny_ee):
+    """`no_exit`: the adapted weights without exits, so the adapters' own cost is not blamed on the exits."""
+    from eetools.adapters import add_lora
+    from eetools.evaluation import evaluate
+
+    add_lora(tiny_ee, r=2)
+    with torch.no_grad():  # nonzero adapters: the adapted model's greedy text is not the base model's
+        for p in tiny_ee.trainable_parameters()[len(list(tiny_ee.heads.parameters())):]:
+            p.normal_(0, 0.5)
+    res = tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, sample=False, progress=False)
+    assert list(res.df.system) == ["base", "no_exit", "threshold", "oracle"]
+    no_exit = res.df[res.df.system == "no_exit"].iloc[0]
+    assert no_exit.layers_saved == 0.0
+    assert [t.name for t in res.figure().data] == ["base", "no_exit", "threshold", "oracle"]
+    ev = evaluate(tiny_ee, "addition", n=3, mode="off", compare=True, progress=False)
+    per = ev.per_example.set_index(["system", "example"]).completion
+    assert [per["model", i] for i in range(3)] == [per["no_exit", i] for i in range(3)]
+    assert [per["base", i] for i in range(3)] != [per["no_exit", i] for i in range(3)], "the adapters did nothing"
+    assert list(ev.histogram.columns) == ["model", "base", "no_exit", "oracle"]
