@@ -162,6 +162,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="exit thresholds in (0, 1] (default: 0.9 0.7 0.5 0.3 0.15 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
+    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
+                   help="also evaluate sampled exits (--no-sample: thresholds only, one evaluation fewer)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -245,8 +247,8 @@ def _run(args) -> int:
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
-                                    thresholds=args.thresholds, seed=args.seed, device=args.device, dtype=args.dtype,
-                                    progress=progress)
+                                    thresholds=args.thresholds, seed=args.seed, sample=args.sample, device=args.device,
+                                    dtype=args.dtype, progress=progress)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "accuracy":
         import eetools

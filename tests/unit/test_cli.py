@@ -45,6 +45,10 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
                  "--out", str(tr), "--no-progress"]) == 0
     assert (tr / "tradeoff.csv").exists() and (tr / "tradeoff.json").exists()
     assert "threshold" in capsys.readouterr().out
+    assert "sample" in set(pd.read_csv(tr / "tradeoff.csv").system)
+    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "--no-sample",
+                 "--out", str(tr), "--no-progress"]) == 0
+    assert "sample" not in set(pd.read_csv(tr / "tradeoff.csv").system)
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "2",
                  "--out", str(tr), "--no-progress"]) == 2
     assert "in (0, 1]" in capsys.readouterr().err
