@@ -15,8 +15,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
+def timings(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds of each call of each function, `repeats` rounds, calls interleaved within a round."""
     for f in fns.values():
         for _ in range(warmup):
             f()
@@ -28,7 +28,18 @@ def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
             f()
             _sync()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def compare(fns: dict, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved so machine noise hits all alike."""
+    return {k: statistics.median(v) for k, v in timings(fns, repeats, warmup).items()}
+
+
+def paired_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of ``time[a] / time[b]``: each ratio compares two calls made back to back,
+    so load that drifts between rounds (a shared machine) cancels; steadier than a ratio of medians."""
+    return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
 
 def main(run) -> None:

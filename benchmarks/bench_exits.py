@@ -6,6 +6,9 @@
   with the calibrated shipped heads over tokens/s of `bridge.generate` (KV-cached, sampling),
   batch 1 and 32 (target >= 1.0); ``_masked``: the same with the masked (reference) path.
 
+Each ratio is the median over rounds of two calls made back to back (`_timing.paired_ratio`),
+so load from other work on a shared machine that changes between rounds cancels out.
+
     python benchmarks/bench_exits.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
@@ -17,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare, main  # noqa: E402
+from _timing import main, paired_ratio, timings  # noqa: E402
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
@@ -30,9 +33,9 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     toks = torch.randint(4, bridge.cfg.d_vocab, (b, n), device=device)
     no_exit = torch.full_like(toks, ee.n_layers)
     with torch.no_grad():
-        t = compare({"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
-                    repeats=3 if quick else 7)
-    out = {"hook_overhead": t["heads"] / t["plain"]}
+        t = timings({"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
+                    repeats=3 if quick else 15)
+    out = {"hook_overhead": paired_ratio(t, "heads", "plain")}
     new = 16 if quick else 48
     prompt = eetools.tasks.get("addition").sample(1, seed=0)[0].prompt
     # its own bridge: the calibrated model's LoRA adapters must not slow down the plain one
@@ -50,10 +53,10 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
         # ours may stop early at EOS: compare tokens per second, counting what each produced
         n_ours = float(ours("compute")().mask.sum())
-        tt = compare({"compute": ours("compute"), "mask": ours("mask"), "theirs": theirs}, repeats=2 if quick else 5)
-        theirs_rate = batch * new / tt["theirs"]
-        out[f"sample_vs_generate_b{batch}"] = (n_ours / tt["compute"]) / theirs_rate
-        out[f"sample_vs_generate_b{batch}_masked"] = (n_ours / tt["mask"]) / theirs_rate
+        tt = timings({"compute": ours("compute"), "mask": ours("mask"), "theirs": theirs}, repeats=2 if quick else 9)
+        tokens = n_ours / (batch * new)  # ours / theirs tokens per call
+        out[f"sample_vs_generate_b{batch}"] = tokens / paired_ratio(tt, "compute", "theirs")
+        out[f"sample_vs_generate_b{batch}_masked"] = tokens / paired_ratio(tt, "mask", "theirs")
     return out
 
 

@@ -144,7 +144,10 @@ before = calibrated.generate(prompt, 80, temperature=0, seed=0)
 after = rl.generate(prompt, 80, temperature=0, seed=0)
 ee.viz.color_tokens(before, title="calibrated")"""),
 ("code", "ee.viz.color_tokens(after, title=\"after RL\")"),
-("md", "## Evaluation against the base model and the oracle bound"),
+("md", """## Evaluation against the base model and the oracle bound
+Besides the base model (adapters off, no exits) and the oracle bound, a model with LoRA adapters gets a
+`no_exit` row: its own weights at full depth. What the adapters cost on their own shows there, so it is
+not blamed on the exits."""),
 ("code", """# NBVAL_IGNORE_OUTPUT
 ev = ee.evaluate(rl, "addition", n=40, seed=0)
 ev.summary"""),
@@ -152,7 +155,8 @@ ev.summary"""),
 ("md", """## Operating points: accuracy against layers saved
 Thresholded exits (a token exits at the first layer whose head gives `c >= t`) trade accuracy for depth
 as `t` falls. `ee.tradeoff` evaluates several thresholds on the same held-out prompts, next to sampled
-exits, the base model and the oracle bound (the most any exit policy could save with the base model's text).
+exits, the base model, the model without exits (`no_exit`) and the oracle bound (the most any exit policy
+could save with the base model's text).
 On the command line: `eetools tradeoff --exit-model tiny-reasoner/rl --n 200`."""),
 ("code", """# NBVAL_IGNORE_OUTPUT
 points = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0)
