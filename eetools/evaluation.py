@@ -54,11 +54,12 @@ class Evaluation:
         return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
 
 
-def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress):
+def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress,
+                  label=None):
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({'base' if base else mode})",
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({label or ('base' if base else mode)})",
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
                                               temperature=temperature, threshold=threshold, seed=seed + i,
@@ -108,7 +109,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     for name, m, base in systems:
         rs = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
                            batch_size=batch_size, temperature=temperature, threshold=threshold, base=base,
-                           progress=progress)
+                           progress=progress, label=mode if name == "model" else name)
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()
         exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
