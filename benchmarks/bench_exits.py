@@ -4,7 +4,8 @@
   (target <= 1.15);
 - sample_vs_generate_b{1,32}: tokens/s of `EarlyExitModel.generate(mode="sample", skip="compute")`
   with the calibrated shipped heads over tokens/s of `bridge.generate` (KV-cached, sampling),
-  batch 1 and 32 (target >= 1.0); ``_masked``: the same with the masked (reference) path.
+  batch 1 and 32 (target >= 1.0); ``_masked``: the same with the masked (reference) path;
+  ``_no_exits``: the fast path with exits off (``mode="off"``): the heads' and hooks' own cost.
 
 Each ratio is the median over rounds of two calls made back to back (`_timing.paired_ratio`),
 so load from other work on a shared machine that changes between rounds cancels out.
@@ -44,8 +45,8 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     for batch in (1, 32):
         prompts = [prompt] * batch
 
-        def ours(skip):
-            return lambda: calibrated.generate(prompts, new, mode="sample", seed=0, skip=skip)
+        def ours(skip, mode="sample"):
+            return lambda: calibrated.generate(prompts, new, mode=mode, seed=0, skip=skip)
 
         def theirs():
             return bridge.generate(prompts if batch > 1 else prompt, max_new_tokens=new, do_sample=True,
@@ -53,10 +54,13 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
         # ours may stop early at EOS: compare tokens per second, counting what each produced
         n_ours = float(ours("compute")().mask.sum())
-        tt = timings({"compute": ours("compute"), "mask": ours("mask"), "theirs": theirs}, repeats=2 if quick else 9)
+        n_off = float(ours("compute", "off")().mask.sum())
+        tt = timings({"compute": ours("compute"), "mask": ours("mask"), "off": ours("compute", "off"), "theirs": theirs},
+                     repeats=2 if quick else 9)
         tokens = n_ours / (batch * new)  # ours / theirs tokens per call
         out[f"sample_vs_generate_b{batch}"] = tokens / paired_ratio(tt, "compute", "theirs")
         out[f"sample_vs_generate_b{batch}_masked"] = tokens / paired_ratio(tt, "mask", "theirs")
+        out[f"sample_vs_generate_b{batch}_no_exits"] = n_off / (batch * new) / paired_ratio(tt, "off", "theirs")
     return out
 
 

@@ -2,11 +2,13 @@
 
     python benchmarks/run_all.py [--quick] [--json FILE] [--device cpu|cuda] [--dtype float32|bfloat16]
 
-Ratios are measured side by side in one run (interleaved repeats, medians), never
+Ratios are measured side by side in one run (interleaved repeats, medians; bench_exits
+takes the median of per-round paired ratios), never
 against a stored number: shared machines are noisy. Keys and targets (issue 3, 8):
 
 - hook_overhead: heads attached, no exits / plain bridge forward (<= 1.15);
 - sample_vs_generate_b1, _b32: exit sampling tokens/s / `bridge.generate` tokens/s (>= 1.0);
+  ``_masked``: the masked path; ``_no_exits``: the fast path with exits off (the heads' own cost);
 - skip_speedup_{0,25,50,75}: decode time masked / with real skipping, batch 1, on a random
   Qwen3-0.6B-shaped model (>= 1.3 at 50 %, >= 1.0 at 0 %); tiny_* on the shipped model;
 - ddp_step_ratio: one RL step of 2 processes (torchrun, gloo, 1 thread each) / 1 process

@@ -41,13 +41,15 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
     if not prompts:
         raise ValueError("no prompts given")
     n_ctx = int(model.cfg.n_ctx)
-    seqs = []
+    seqs, known = [], {}  # each distinct prompt tokenized once (RL repeats every prompt k times)
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"prompt {i} is a {type(p).__name__}, expected str")
         if p == "":
             raise ValueError(f"prompt {i} is empty; give at least one character of text")
-        ids = model.to_tokens(p, prepend_bos=bool(model.cfg.default_prepend_bos), truncate=False)[0].tolist()
+        if p not in known:
+            known[p] = model.to_tokens(p, prepend_bos=bool(model.cfg.default_prepend_bos), truncate=False)[0].tolist()
+        ids = known[p]
         if len(ids) + max_new_tokens > n_ctx:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
                              f"{len(ids) + max_new_tokens} > the model's context of {n_ctx} tokens")
@@ -242,12 +244,14 @@ class _Decoder:
         probs = torch.where(gmask[..., None], torch.sigmoid(stack("probs").float()), 0.0)
         tok = self.ee.model.tokenizer
         ids, pmask = self.ids.cpu(), self.pmask.cpu()
-        str_tokens, text, prompt_str = [], [], []
-        for i in range(self.b):
-            valid = tokens[i][gmask[i]].tolist()
-            str_tokens.append(tok.batch_decode([[t] for t in valid]))
-            text.append(tok.decode([t for t in valid if t != self.eos], skip_special_tokens=True))
-            prompt_str.append(tok.batch_decode([[t] for t in ids[i][pmask[i].bool()].tolist()]))
+        valid = [tokens[i][gmask[i]].tolist() for i in range(self.b)]
+        prompt_ids = [ids[i][pmask[i].bool()].tolist() for i in range(self.b)]
+        # every token's string, decoded once per distinct id (a token decodes alone, without context)
+        distinct = sorted({t for row in valid + prompt_ids for t in row})
+        piece = dict(zip(distinct, tok.batch_decode([[t] for t in distinct])))
+        str_tokens = [[piece[t] for t in row] for row in valid]
+        prompt_str = [[piece[t] for t in row] for row in prompt_ids]
+        text = [tok.decode([t for t in row if t != self.eos], skip_special_tokens=True) for row in valid]
         return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
                        exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
                        exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
