@@ -266,11 +266,12 @@ class ExitState:
         self._running: dict[int, tuple[Tensor, int, int]] = {}
 
     def running(self, layer: int) -> "tuple[Tensor, int, int] | None":
-        """Indices of the rows still running at block `layer`, their number and the batch size, in a one-position forward.
+        """``(rows, n, batch)``: indices of the rows still running at block `layer`, their number, the batch size.
 
-        None if the forward covers several positions (a prefill: rows there are not one token)
-        or if no row exited. Computed once per block and forward (one device sync): decisions
-        at later layers cannot exit at or before `layer`. Used by `eetools.skipping`.
+        Only in a one-position forward: None if it covers several positions (a prefill, where a
+        row is not one token) or if no row exited. Computed once per block and forward (one
+        device sync): decisions at later layers cannot exit at or before `layer`. Used by
+        `eetools.skipping`.
         """
         if self.exit_at is None or not self.any_exit or self.exit_at.shape[1] != 1:
             return None

@@ -3,18 +3,20 @@
 The masked path (the default and the reference) runs every block on every token and lets
 the freeze hooks throw away what an exited token computed. Here, for a token that exited
 at layer `l`, blocks ``>= l`` still compute its keys and values from the frozen residual
-(later tokens attend to them), but not the rest: its query (and the query norm, where
-a block has one), the attention output projection, the MLP and the MLP's input norm. These are row-wise functions whose output
-for an exited row reaches only that row's own residual, which the freeze hook
-overwrites, so skipping them changes nothing that anyone reads.
+(later tokens attend to them), but not the rest: its query (and the query norm, where a
+block has one), the attention output projection, the MLP and the MLP's input norm. These
+are row-wise functions whose output for an exited row reaches only that row's own
+residual, which the freeze hook overwrites, so skipping them changes nothing that anyone
+reads.
 
 It goes through the bridge's components, not a per-model forward: for every block from
-the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``attn.q_norm``, ``ln2``) components get their
-`forward` wrapped (on the instance, inside a context manager, restored even on errors) so
-that at a one-position decode step they run only on the rows (dim 0) still running at that block
-and return zeros for the rest. An architecture whose blocks lack these components (or
-whose components return something other than a tensor) is reported by
-`skip_support` and generation falls back to masking with a warning.
+the first exitable layer on, the ``attn.q``, ``attn.o``, ``mlp`` (and ``attn.q_norm``,
+``ln2``) components get their `forward` wrapped (on the instance, inside a context
+manager, restored even on errors) so that at a one-position decode step they run only on
+the rows (dim 0) still running at that block and return zeros for the rest. An
+architecture whose blocks lack these components (or whose components return something
+other than a tensor) is reported by `skip_support` and generation falls back to masking
+with a warning.
 """
 
 from __future__ import annotations
