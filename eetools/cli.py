@@ -164,6 +164,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
     p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
                    help="also evaluate sampled exits (--no-sample: thresholds only, one evaluation fewer)")
+    p.add_argument("--split", default="test", choices=["test", "validation"],
+                   help="examples: the frozen test split, or a validation split drawn apart from it (to choose "
+                        "a threshold without looking at the test split)")
+    p.add_argument("--max-drop", type=float, default=0.01,
+                   help="report the threshold saving the most layers within this accuracy drop from the base model")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -247,9 +252,12 @@ def _run(args) -> int:
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
-                                    thresholds=args.thresholds, seed=args.seed, sample=args.sample, device=args.device,
-                                    dtype=args.dtype, progress=progress)
+                                    thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
+                                    device=args.device, dtype=args.dtype, progress=progress)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        best = res.best_threshold(args.max_drop)
+        say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
+            f"model's accuracy is {best if best is not None else 'none of those given'}")
     elif args.command == "accuracy":
         import eetools
         from eetools.evaluation import greedy_accuracy

@@ -29,10 +29,23 @@ class Tradeoff:
             ``threshold`` (NaN except for "threshold" rows), ``n``, ``accuracy``, ``layers_saved``,
             ``compute`` and ``coherence`` (the judge's mean).
         task: the task's name.
+        split: "test" (the frozen test split) or "validation" (`Task.validation_split`).
     """
 
     df: pd.DataFrame
     task: str
+    split: str = "test"
+
+    def best_threshold(self, max_drop: float = 0.01) -> float | None:
+        """The threshold saving the most layers with accuracy at least the base model's minus `max_drop`.
+
+        None if no threshold qualifies. Pick it on the validation split (``split="validation"``)
+        and report the test split at it: the best point of a curve measured on the test split is
+        an optimistic estimate of that point.
+        """
+        base = float(self.df.loc[self.df.system == "base", "accuracy"].iloc[0])
+        ok = self.df[(self.df.system == "threshold") & (self.df.accuracy >= base - max_drop - 1e-9)]
+        return None if ok.empty else float(ok.sort_values("layers_saved").threshold.iloc[-1])
 
     def _repr_html_(self) -> str:
         return self.df.to_html(float_format=lambda v: f"{v:.3f}", index=False)
@@ -54,19 +67,22 @@ class Tradeoff:
         base = self.df[self.df.system == "base"]
         if len(base):
             fig.add_hline(y=100 * float(base["accuracy"].iloc[0]), line_dash="dash", line_color="gray")
-        fig.update_layout(title=f"Accuracy vs layers saved ({self.task}, threshold exits labelled t)",
+        fig.update_layout(title=f"Accuracy vs layers saved ({self.task}, {self.split} split, "
+                                "threshold exits labelled t)",
                           xaxis_title="layers saved (%)", yaxis_title="accuracy (%)", template="plotly_white",
                           height=420, width=640)
         return fig
 
 
 def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
-             sample: bool = True, judge="reasoning", progress: bool = True) -> Tradeoff:
+             sample: bool = True, judge="reasoning", split: str = "test", progress: bool = True) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
         ee_model: an `EarlyExitModel`.
-        task: task name or `Task`; the first `n` examples of its frozen test split.
+        task: task name or `Task`; the first `n` examples of its frozen test split, or with
+            ``split="validation"`` `n` examples of `Task.validation_split` (to choose a threshold
+            with `Tradeoff.best_threshold` without looking at the test split).
         thresholds: exit thresholds, each in (0, 1]; a token exits at the first layer whose
             head gives ``c >= t``.
         sample: also evaluate sampled exits (seeded by `seed`).
@@ -79,16 +95,19 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     from eetools.evaluation import evaluate
     from eetools.generation import check_threshold
 
+    if split not in ("test", "validation"):
+        raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     thresholds = [float(t) for t in thresholds]
     if not thresholds:
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")
     for t in thresholds:  # all checked before any evaluation runs
         check_threshold(t)
     task = task_lib.get(task)  # resolved once for every evaluation
+    examples = task.validation_split(n) if split == "validation" else None
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
     rows = []
     for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
-        ev = evaluate(ee_model, task, n=n, seed=seed, judges=(judge,), mode=system,
+        ev = evaluate(ee_model, task, n=n, seed=seed, judges=(judge,), mode=system, examples=examples,
                       threshold=0.5 if t is None else t, compare=i == 0, progress=False)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
@@ -98,4 +117,4 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
                          "compute": rec["compute"], "coherence": coherence})
     order = {"base": 0, "no_exit": 1, "sample": 2, "threshold": 3, "oracle": 4}
     df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
-    return Tradeoff(df=df, task=task.name)
+    return Tradeoff(df=df, task=task.name, split=split)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 ANSWER_PREFIX = "A: "
+# the seed of `Task.validation_split`: a named stream, apart from the integer seeds training uses
+VALIDATION_SEED = "validation"
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,8 @@ class Task:
     malformed_score: float = -1.0
     max_new_tokens: int = 128
 
-    def sample(self, n: int, seed: int) -> list[Example]:
-        """Draw `n` fresh examples; the same `seed` always gives the same list."""
+    def sample(self, n: int, seed: int | str) -> list[Example]:
+        """Draw `n` fresh examples; the same `seed` always gives the same list (a longer one extends it)."""
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         rng = random.Random(f"{self.name}:{seed}")
@@ -105,6 +107,23 @@ class Task:
             return 1.0 if self.is_well_formed(completion) else float(self.malformed_score)
         except Exception:  # a verifier must never take a training run down
             return 0.0
+
+    def validation_split(self, n: int) -> list[Example]:
+        """`n` held-out examples for choosing settings (an exit threshold) without looking at the test split.
+
+        Drawn from the task's generator with a seed of their own (training draws with integer
+        seeds, this stream is named), leaving out any prompt of the test split. The same `n`
+        always gives the same list, and a smaller `n` a prefix of it.
+        """
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        test = {e.prompt for e in self.test_split()}
+        draw = n
+        while True:
+            exs = [e for e in self.sample(draw, seed=VALIDATION_SEED) if e.prompt not in test]
+            if len(exs) >= n or draw > 10 * n:
+                return exs[:n]
+            draw = 2 * draw + 1
 
     def test_split(self) -> list[Example]:
         """The frozen held-out split shipped in ``data/tasks/<name>-test.jsonl``."""

@@ -17,7 +17,7 @@ class MixtureTask(Task):
         self.name = "+".join(self.parts)
         self.max_new_tokens = max(p.max_new_tokens for p in parts)
 
-    def sample(self, n: int, seed: int) -> list[Example]:
+    def sample(self, n: int, seed: int | str) -> list[Example]:
         per = [p.sample((n + len(self.parts) - 1 - i) // len(self.parts), seed) for i, p in enumerate(self.parts.values())]
         out = [ex for group in zip(*[g + [None] * (max(map(len, per)) - len(g)) for g in per]) for ex in group if ex]
         return out[:n]

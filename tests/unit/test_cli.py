@@ -49,6 +49,11 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "--no-sample",
                  "--out", str(tr), "--no-progress"]) == 0
     assert "sample" not in set(pd.read_csv(tr / "tradeoff.csv").system)
+    capsys.readouterr()
+    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "1", "--no-sample",
+                 "--split", "validation", "--max-drop", "0", "--out", str(tr), "--no-progress"]) == 0
+    assert "validation split: the threshold saving the most layers within 0 of the base model's accuracy is 1.0" \
+        in capsys.readouterr().out  # c >= 1 never holds: no exit, the base model's accuracy
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "2",
                  "--out", str(tr), "--no-progress"]) == 2
     assert "in (0, 1]" in capsys.readouterr().err

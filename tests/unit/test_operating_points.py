@@ -53,3 +53,21 @@ def test_a_model_with_adapters_also_shows_itself_at_full_depth(tiny_ee):
     assert [per["model", i] for i in range(3)] == [per["no_exit", i] for i in range(3)]
     assert [per["base", i] for i in range(3)] != [per["no_exit", i] for i in range(3)], "the adapters did nothing"
     assert list(ev.histogram.columns) == ["model", "base", "no_exit", "oracle"]
+
+
+def test_best_threshold_is_chosen_on_the_validation_split(tiny_ee):
+    import pandas as pd
+
+    from eetools.operating_points import Tradeoff
+
+    df = pd.DataFrame({"system": ["base", "threshold", "threshold", "threshold", "oracle"],
+                       "threshold": [float("nan"), 0.5, 0.3, 0.1, float("nan")],
+                       "accuracy": [1.0, 1.0, 0.99, 0.95, 1.0], "layers_saved": [0.0, 0.3, 0.4, 0.5, 0.6]})
+    points = Tradeoff(df=df, task="addition")
+    assert points.best_threshold(0.01) == 0.3 and points.best_threshold(0.0) == 0.5
+    assert points.best_threshold(0.1) == 0.1
+    assert Tradeoff(df=df.assign(accuracy=[1.0, 0.5, 0.5, 0.5, 1.0]), task="addition").best_threshold(0.01) is None
+    res = tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, sample=False, split="validation", progress=False)
+    assert res.split == "validation" and "validation split" in res.figure().layout.title.text
+    with pytest.raises(ValueError, match="split must be"):
+        tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, split="train", progress=False)

@@ -155,3 +155,20 @@ def test_false_belief_variant_asks_about_agents_who_missed_a_move():
     assert all(T.get("tom").score(e, e.reasoning) == 1.0 for e in exs)
     with pytest.raises(ValueError, match="false_belief"):
         T.TomTask(false_belief=1.5)
+
+
+@pytest.mark.parametrize("name", ["addition", "tom", "addition+tom"])
+def test_validation_split_is_fixed_and_leaves_out_the_test_split(name):
+    task = T.get(name)
+    val = task.validation_split(60)
+    assert len(val) == 60 and [e.prompt for e in val] == [e.prompt for e in task.validation_split(60)]
+    assert [e.prompt for e in task.validation_split(20)] == [e.prompt for e in val[:20]]
+    assert not {e.prompt for e in val} & {e.prompt for e in task.test_split()}
+    assert {e.prompt for e in val} != {e.prompt for e in task.sample(60, seed=0)}  # not a training draw
+
+
+def test_validation_split_skips_prompts_of_the_test_split(monkeypatch):
+    task = T.get("addition")
+    first = task.sample(3, seed=T.base.VALIDATION_SEED)
+    monkeypatch.setattr(type(task), "test_split", lambda self: first[:2])  # pretend two of them are test items
+    assert [e.prompt for e in task.validation_split(3)] == [e.prompt for e in task.sample(5, seed="validation")[2:]]
