@@ -43,6 +43,8 @@ class Tradeoff:
         and report the test split at it: the best point of a curve measured on the test split is
         an optimistic estimate of that point.
         """
+        if not max_drop >= 0:
+            raise ValueError(f"max_drop is the accuracy one may lose (a fraction, e.g. 0.01), got {max_drop}")
         base = float(self.df.loc[self.df.system == "base", "accuracy"].iloc[0])
         ok = self.df[(self.df.system == "threshold") & (self.df.accuracy >= base - max_drop - 1e-9)]
         return None if ok.empty else float(ok.sort_values("layers_saved").threshold.iloc[-1])

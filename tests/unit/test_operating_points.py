@@ -67,6 +67,8 @@ def test_best_threshold_is_chosen_on_the_validation_split(tiny_ee):
     assert points.best_threshold(0.01) == 0.3 and points.best_threshold(0.0) == 0.5
     assert points.best_threshold(0.1) == 0.1
     assert Tradeoff(df=df.assign(accuracy=[1.0, 0.5, 0.5, 0.5, 1.0]), task="addition").best_threshold(0.01) is None
+    with pytest.raises(ValueError, match="max_drop"):
+        points.best_threshold(-0.01)
     res = tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, sample=False, split="validation", progress=False)
     assert res.split == "validation" and "validation split" in res.figure().layout.title.text
     with pytest.raises(ValueError, match="split must be"):
