@@ -162,6 +162,16 @@ On the command line: `eetools tradeoff --exit-model tiny-reasoner/rl --n 200`.""
 points = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0)
 points.df"""),
 ("code", "points.figure()"),
+("md", """### Choosing a threshold without looking at the test split
+The best point of a curve measured on the test split flatters that point. Choose the threshold on
+`Task.validation_split` (fresh problems from the task's generator, none of them in the test split), then
+report the test split at it. On the command line: `eetools tradeoff --split validation --max-drop 0.01`."""),
+("code", """# NBVAL_IGNORE_OUTPUT
+val = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0, sample=False, split="validation")
+t = val.best_threshold(max_drop=0.01)  # the most layers saved within 1 point of the base model
+test = ee.evaluate(rl, "addition", n=40, mode="threshold", threshold=t, seed=0, compare=False).summary
+print(f"chosen on validation: t = {t}; on the test split: accuracy {test.accuracy[0]:.1%}, "
+      f"{test.layers_saved[0]:.1%} of layers saved")"""),
 ],
 "04_probes.ipynb": [
 ("md", """# Probes: what is in the residual stream where a token exits, and what did the exit skip?
