@@ -105,11 +105,13 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         if lora_layers(ee_model):  # the adapted weights at full depth: what the adapters alone cost
             systems.append(("no_exit", "off", False))
     rows, hist, summary = [], {}, []
-    base_text = None
+    base_text, done = None, {}  # rollouts per (mode, base): with mode "off", no_exit is the model's own run
     for name, m, base in systems:
-        rs = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
-                           batch_size=batch_size, temperature=temperature, threshold=threshold, base=base,
-                           progress=progress, label=mode if name == "model" else name)
+        if (m, base) not in done:
+            done[m, base] = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
+                                          batch_size=batch_size, temperature=temperature, threshold=threshold,
+                                          base=base, progress=progress, label=mode if name == "model" else name)
+        rs = done[m, base]
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()
         exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
