@@ -329,6 +329,7 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     unknown = set(options) - {f.name for f in dataclasses.fields(CalibrationConfig)}
     if unknown:
         raise TypeError(f"calibrate() got unknown options {sorted(unknown)}")
+    ee_model.require_learned_heads("calibrate")
     cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
                             lr=lr, lora=lora, seed=seed, **options)
     source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)

@@ -167,6 +167,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["test", "validation"],
                    help="examples: the frozen test split, or a validation split drawn apart from it (to choose "
                         "a threshold without looking at the test split)")
+    p.add_argument("--confidence", type=float, nargs="+", default=None, metavar="T",
+                   help="also evaluate the confidence baseline (the same weights, exiting where the logit lens's top "
+                        "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="report the threshold saving the most layers within this accuracy drop from the base model")
 
@@ -253,7 +256,7 @@ def _run(args) -> int:
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
                                     thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                    device=args.device, dtype=args.dtype, progress=progress)
+                                    confidence=args.confidence, device=args.device, dtype=args.dtype, progress=progress)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
         best = res.best_threshold(args.max_drop)
         say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "

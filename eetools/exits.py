@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eetools.heads import ExitHead, exit_log_probs
+from eetools.heads import exit_log_probs, make_head
 from eetools.hooks import check_hook_names, resid_post, resid_pre
 
 
@@ -89,7 +89,8 @@ class EarlyExitModel(nn.Module):
     Attributes:
         model: the untouched TransformerLens bridge.
         exit_layers: the exitable layers, increasing, within ``1 .. L-1``.
-        heads: one `ExitHead` per exitable layer.
+        heads: one head per exitable layer (`eetools.heads`: a learned `ExitHead`, or the
+            parameter-free `ConfidenceHead` baseline).
         calibration: ``{"kl_factor", "steps", "data"}`` of the calibration that trained the heads
             (None for fresh heads); kept through RL and checkpoints.
     """
@@ -102,7 +103,7 @@ class EarlyExitModel(nn.Module):
         self.exit_layers: list[int] = validate_exit_layers(layers, self.n_layers)
         self.head_kind = head
         d_model = int(model.cfg.d_model)
-        self.heads = nn.ModuleList([ExitHead(d_model, head) for _ in self.exit_layers])
+        self.heads = nn.ModuleList([make_head(head, d_model, self.readout) for _ in self.exit_layers])
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
@@ -131,6 +132,15 @@ class EarlyExitModel(nn.Module):
     def readout(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
         """Logit lens with the final norm: ``unembed(ln_final(resid))``."""
         return self.model.unembed(self.model.ln_final(resid))
+
+    def require_learned_heads(self, what: str) -> None:
+        """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
+        from eetools.heads import TRAINABLE_KINDS
+
+        if self.head_kind not in TRAINABLE_KINDS:
+            raise ValueError(f"cannot {what}: this model's exit heads are {self.head_kind!r} heads, the parameter-free "
+                             f"logit-lens baseline, with nothing to train; attach learned heads "
+                             f"(head={' or '.join(map(repr, TRAINABLE_KINDS))}) to {what}")
 
     def adapters_disabled(self):
         """Context in which LoRA adapters (if any) are off: the reference/base model."""
@@ -317,7 +327,9 @@ def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str =
         model: a `TransformerBridge` (e.g. from `eetools.load_model()`).
         layers: exitable layers, a strictly increasing subset of ``1 .. L-1``; None picks every
             layer for models up to 12 blocks, else about 8 evenly spaced layers.
-        head: "mlp" (the authors' ``d -> 2d -> 1`` ReLU MLP) or "linear".
+        head: "mlp" (the authors' ``d -> 2d -> 1`` ReLU MLP), "linear", or "confidence" (no
+            parameters: ``c_l`` is the logit lens's top probability at `l`; the baseline that
+            exits where the early readout is confident, to compare learned heads with).
 
     Example:
         >>> ee_model = eetools.attach_exit_heads(eetools.load_model(), layers=[2, 4, 6])

@@ -5,15 +5,23 @@ A head maps the residual stream entering block `l` to one logit `z_l`;
 The input is layer-normalised (no learned scale) so one learning rate suits every depth.
 Heads start with a negative bias (``c ≈ 0.007``) so an uncalibrated model behaves like
 the base model.
+
+``kind="confidence"`` is the parameter-free baseline of the early-exit literature (e.g.
+CALM's softmax confidence): ``c_l`` is the largest probability of the logit lens at `l`, so
+a token exits where the early readout is confident. It needs no calibration, and shows what
+the learned heads add.
 """
 
 from __future__ import annotations
 
 import torch
 from jaxtyping import Float
+from typing import Callable
+
 from torch import Tensor, nn
 
-HEAD_KINDS = ("mlp", "linear")
+HEAD_KINDS = ("mlp", "linear", "confidence")
+TRAINABLE_KINDS = ("mlp", "linear")
 INIT_BIAS = -5.0
 
 
@@ -22,8 +30,8 @@ class ExitHead(nn.Module):
 
     def __init__(self, d_model: int, kind: str = "mlp", init_bias: float = INIT_BIAS):
         super().__init__()
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"head must be one of {HEAD_KINDS}, got {kind!r}")
+        if kind not in TRAINABLE_KINDS:
+            raise ValueError(f"ExitHead kind must be one of {TRAINABLE_KINDS}, got {kind!r}")
         self.kind, self.d_model = kind, d_model
         if kind == "mlp":
             self.net = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, 1))
@@ -41,6 +49,31 @@ class ExitHead(nn.Module):
         if self.kind == "mlp":
             x = nn.functional.linear(torch.relu(x), last.weight, last.bias)
         return x.squeeze(-1)
+
+
+class ConfidenceHead(nn.Module):
+    """Parameter-free head: ``c_l`` = the largest probability of the logit lens ``readout(resid)``.
+
+    Returns the logit of that probability, ``x_max - logsumexp(other logits)``: exact where the
+    probability rounds to 1 in float32, so thresholds such as 0.9999 stay meaningful.
+    """
+
+    def __init__(self, readout: Callable[[Tensor], Tensor]):
+        super().__init__()
+        self.readout = readout  # a function, not a submodule: the bridge's weights stay the bridge's
+
+    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+        logits = self.readout(resid).float()
+        top, where = logits.max(-1, keepdim=True)
+        others = logits.scatter(-1, where, float("-inf")).logsumexp(-1)
+        return top.squeeze(-1) - others
+
+
+def make_head(kind: str, d_model: int, readout: Callable[[Tensor], Tensor]) -> nn.Module:
+    """An exit head of `kind` (one of `HEAD_KINDS`); `readout` is the logit lens, used by "confidence"."""
+    if kind not in HEAD_KINDS:
+        raise ValueError(f"head must be one of {HEAD_KINDS}, got {kind!r}")
+    return ConfidenceHead(readout) if kind == "confidence" else ExitHead(d_model, kind)
 
 
 def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:

@@ -5,7 +5,10 @@ cautious thresholds near 1 to eager ones near 0. `tradeoff` evaluates the model 
 threshold on the same held-out examples (greedy tokens). It puts beside them the base model
 (no exits, 0 % saved), the model itself at full depth when it has LoRA adapters ("no_exit":
 what the adapters alone cost) and the oracle-exit bound (DESIGN.md section 8: the most any
-exit policy could save while keeping the base model's greedy text).
+exit policy could save while keeping the base model's greedy text). With ``confidence=[...]``
+it adds the parameter-free baseline on the same weights: exit where the logit lens's top
+probability reaches ``t`` (``head="confidence"``, see `eetools.heads`), which shows what the
+learned heads add.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ class Tradeoff:
     """Operating points of one model on one task.
 
     Attributes:
-        df: one row per point: ``system`` ("threshold", "sample", "base", "no_exit" with adapters, "oracle"),
-            ``threshold`` (NaN except for "threshold" rows), ``n``, ``accuracy``, ``layers_saved``,
+        df: one row per point: ``system`` ("threshold", "sample", "base", "no_exit" with adapters,
+            "confidence" when asked for, "oracle"), ``threshold`` (NaN except for "threshold" and
+            "confidence" rows), ``n``, ``accuracy``, ``layers_saved``,
             ``compute`` and ``coherence`` (the judge's mean).
         task: the task's name.
         split: "test" (the frozen test split) or "validation" (`Task.validation_split`).
@@ -53,15 +57,17 @@ class Tradeoff:
         return self.df.to_html(float_format=lambda v: f"{v:.3f}", index=False)
 
     def figure(self) -> go.Figure:
-        """Accuracy against layers saved: the threshold curve, the sampled point, base and oracle."""
+        """Accuracy against layers saved: the threshold curve, the sampled point, base, oracle (and the confidence baseline)."""
         fig = go.Figure()
         styles = {"threshold": dict(mode="lines+markers+text", marker=dict(size=8, color="rgb(40,70,170)")),
                   "sample": dict(mode="markers", marker=dict(size=12, symbol="diamond", color="rgb(215,48,31)")),
                   "base": dict(mode="markers", marker=dict(size=11, symbol="square", color="gray")),
                   "no_exit": dict(mode="markers", marker=dict(size=11, symbol="square-open", color="gray")),
+                  "confidence": dict(mode="lines+markers+text", line=dict(dash="dot", color="rgb(230,140,20)"),
+                                     marker=dict(size=8, symbol="triangle-up", color="rgb(230,140,20)")),
                   "oracle": dict(mode="markers", marker=dict(size=14, symbol="star", color="rgb(90,160,90)"))}
         for system, g in self.df.groupby("system", sort=False):
-            text = [f"t={t:g}" for t in g["threshold"]] if system == "threshold" else None
+            text = [f"t={t:g}" for t in g["threshold"]] if system in ("threshold", "confidence") else None
             fig.add_trace(go.Scatter(x=100 * g["layers_saved"], y=100 * g["accuracy"], name=system, text=text,
                                      textposition="top center", customdata=g[["coherence"]],
                                      hovertemplate="%{x:.1f} % saved, %{y:.1f} % correct, coherence %{customdata[0]:.3f}",
@@ -77,7 +83,8 @@ class Tradeoff:
 
 
 def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
-             sample: bool = True, judge="reasoning", split: str = "test", progress: bool = True) -> Tradeoff:
+             sample: bool = True, judge="reasoning", split: str = "test", confidence: Sequence[float] = (),
+             progress: bool = True) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
@@ -89,34 +96,44 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
             head gives ``c >= t``.
         sample: also evaluate sampled exits (seeded by `seed`).
         judge: the coherence judge (name, judge object or function).
+        confidence: thresholds of the confidence baseline, each in (0, 1]: the same weights
+            (adapters included) with parameter-free heads, a token exiting at the first layer
+            whose logit-lens top probability is ``>= t``. Confident readouts come early, so
+            useful thresholds sit close to 1 (0.999, 0.9999).
 
     Returns:
         A `Tradeoff` (`.df`, `.figure()`).
     """
     from eetools import tasks as task_lib
     from eetools.evaluation import evaluate
+    from eetools.exits import attach_exit_heads
     from eetools.generation import check_threshold
 
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
-    thresholds = [float(t) for t in thresholds]
+    thresholds, confidence = [float(t) for t in thresholds], [float(t) for t in confidence]
     if not thresholds:
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")
-    for t in thresholds:  # all checked before any evaluation runs
+    for t in thresholds + confidence:  # all checked before any evaluation runs
         check_threshold(t)
     task = task_lib.get(task)  # resolved once for every evaluation
     examples = task.validation_split(n) if split == "validation" else None
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
+    runs += [("confidence", t) for t in confidence]
+    # the baseline: the same bridge (adapters included) seen through parameter-free heads
+    baseline = attach_exit_heads(ee_model.model, ee_model.exit_layers, head="confidence") if confidence else None
     rows = []
     for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
-        ev = evaluate(ee_model, task, n=n, seed=seed, judges=(judge,), mode=system, examples=examples,
+        model, mode = (baseline, "threshold") if system == "confidence" else (ee_model, system)
+        ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), mode=mode, examples=examples,
                       threshold=0.5 if t is None else t, compare=i == 0, progress=False)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))
-            rows.append({"system": label, "threshold": t if label == "threshold" else float("nan"), "n": rec["n"],
+            rows.append({"system": label, "threshold": t if label in ("threshold", "confidence") else float("nan"),
+                         "n": rec["n"],
                          "accuracy": rec["accuracy"], "layers_saved": rec["layers_saved"],
                          "compute": rec["compute"], "coherence": coherence})
-    order = {"base": 0, "no_exit": 1, "sample": 2, "threshold": 3, "oracle": 4}
+    order = {"base": 0, "no_exit": 1, "sample": 2, "threshold": 3, "confidence": 4, "oracle": 5}
     df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
     return Tradeoff(df=df, task=task.name, split=split)

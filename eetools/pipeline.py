@@ -154,14 +154,14 @@ def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
 
 
 def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
-                 sample=True, split="test", device="cpu", dtype=None, progress=True):
+                 sample=True, split="test", confidence=(), device="cpu", dtype=None, progress=True):
     """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
     import eetools
     from eetools.operating_points import DEFAULT_THRESHOLDS
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
     res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
-                           split=split, progress=progress)
+                           split=split, confidence=confidence or (), progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")
     return res

@@ -333,6 +333,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
                    train_adapters=train_adapters)
+    ee_model.require_learned_heads("RL-train")
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:

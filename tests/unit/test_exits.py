@@ -41,9 +41,47 @@ def test_bad_exit_layers_are_clear_errors(tiny_bridge, layers):
 def test_default_layers_and_heads():
     assert validate_exit_layers(None, 8) == [1, 2, 3, 4, 5, 6, 7]
     assert validate_exit_layers(None, 28) == [4, 8, 12, 16, 20, 24]
-    with pytest.raises(ValueError, match="head must be"):
-        from eetools.heads import ExitHead
-        ExitHead(8, "transformer")
+    from eetools.heads import ExitHead, make_head
+
+    with pytest.raises(ValueError, match="head must be one of .*'confidence'"):
+        make_head("transformer", 8, readout=None)
+    with pytest.raises(ValueError, match="kind must be"):
+        ExitHead(8, "confidence")  # a parameter-free head is not a learned one
+
+
+def test_confidence_heads_exit_where_the_logit_lens_is_confident(tiny_bridge, tmp_path):
+    """``head="confidence"``: no parameters, ``c_l`` = the logit lens's top probability, exits where it reaches t."""
+    from eetools.heads import ConfidenceHead
+
+    ee = eetools.attach_exit_heads(tiny_bridge, layers=[1, 2, 3], head="confidence")
+    assert ee.trainable_parameters() == [] and "confidence" in repr(ee)
+    _, cache = tiny_bridge.run_with_cache(_toks(tiny_bridge))
+    resid = cache["blocks.2.hook_resid_pre"][0]
+    top = ee.readout(resid).float().softmax(-1).amax(-1)
+    torch.testing.assert_close(torch.sigmoid(ee.heads[1](resid)), top)
+    # the logit stays exact where the probability rounds to 1 in float32
+    z = ConfidenceHead(lambda x: x)(torch.tensor([[30.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(z, torch.tensor([30.0 - torch.log(torch.tensor(2.0)).item(), -torch.log(torch.tensor(2.0)).item()]))
+    # threshold the median first-layer confidence: some tokens exit, and each exits at its first confident layer
+    off = ee.generate("Q: 12+34\n", 16, mode="off", temperature=0, seed=0)
+    t = float(off.exit_probs[0, 1:, 0][off.mask[0, 1:]].median())
+    r = ee.generate("Q: 12+34\n", 16, mode="threshold", threshold=t, temperature=0, seed=0)
+    m = r.mask[0].clone()
+    m[0] = False  # the first token is predicted from the prompt, which never exits
+    confident = torch.cat([r.exit_probs[0] >= t, torch.ones_like(r.exit_probs[0, :, :1], dtype=torch.bool)], -1)
+    expected = torch.tensor([*ee.exit_layers, ee.n_layers])[confident.float().argmax(-1)]
+    assert bool((r.exit_layers[0] < ee.n_layers)[m].any()), "no token exited"
+    assert r.exit_layers[0][m].tolist() == expected[m].tolist()
+    # a checkpoint of it round-trips (nothing but its config to save)
+    ee.save(tmp_path / "conf")
+    back = eetools.load_exit_model(tmp_path / "conf", model=tiny_bridge)
+    assert back.head_kind == "confidence"
+    again = back.generate("Q: 12+34\n", 16, mode="threshold", threshold=t, temperature=0, seed=0)
+    assert again.exit_layers.tolist() == r.exit_layers.tolist() and again.text == r.text
+    with pytest.raises(ValueError, match="nothing to train"):
+        eetools.calibrate(ee, "addition", steps=1)
+    with pytest.raises(ValueError, match="nothing to train"):
+        eetools.train_rl(ee, "addition", steps=1)
 
 
 def test_no_exits_equals_base_model(tiny_ee):

@@ -73,3 +73,21 @@ def test_best_threshold_is_chosen_on_the_validation_split(tiny_ee):
     assert res.split == "validation" and "validation split" in res.figure().layout.title.text
     with pytest.raises(ValueError, match="split must be"):
         tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, split="train", progress=False)
+
+
+def test_the_confidence_baseline_is_evaluated_on_the_same_weights(tiny_ee):
+    """``confidence=[t]`` adds rows of the parameter-free baseline, labelled and drawn apart from the heads' curve."""
+    res = tradeoff(tiny_ee, "addition", thresholds=[0.5], confidence=[1e-6, 1.0], n=3, sample=False, progress=False)
+    df = res.df
+    assert list(df.system) == ["base", "threshold", "confidence", "confidence", "oracle"]
+    conf = df[df.system == "confidence"].set_index("threshold")
+    # any readout's top probability is >= 1e-6: every token but the first exits at the first layer
+    assert conf.loc[1e-6, "layers_saved"] > 0.8 * (1 - tiny_ee.exit_layers[0] / tiny_ee.n_layers)
+    assert conf.loc[1.0, "layers_saved"] == 0.0  # a random model's readout is never certain
+    assert conf.loc[1.0, "accuracy"] == df[df.system == "base"].accuracy.iloc[0]
+    assert res.best_threshold(1.0) == 0.5, "best_threshold picks among the model's own thresholds only"
+    fig = res.figure()
+    assert [t.name for t in fig.data] == ["base", "threshold", "confidence", "oracle"]
+    assert list(fig.data[2].text) == ["t=1e-06", "t=1"]
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        tradeoff(tiny_ee, "addition", thresholds=[0.5], confidence=[0.0], n=2, progress=False)
