@@ -257,7 +257,8 @@ def _run(args) -> int:
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
                                     thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
                                     confidence=args.confidence, device=args.device, dtype=args.dtype, progress=progress)
-        say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+        # thresholds as given (0.9999 would print as 1.000 with three decimals)
+        say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))
         best = res.best_threshold(args.max_drop)
         say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
             f"model's accuracy is {best if best is not None else 'none of those given'}")

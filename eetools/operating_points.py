@@ -54,7 +54,7 @@ class Tradeoff:
         return None if ok.empty else float(ok.sort_values("layers_saved").threshold.iloc[-1])
 
     def _repr_html_(self) -> str:
-        return self.df.to_html(float_format=lambda v: f"{v:.3f}", index=False)
+        return self.df.to_html(float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}, index=False)
 
     def figure(self) -> go.Figure:
         """Accuracy against layers saved: the threshold curve, the sampled point, base, oracle (and the confidence baseline)."""

@@ -157,9 +157,13 @@ Thresholded exits (a token exits at the first layer whose head gives `c >= t`) t
 as `t` falls. `ee.tradeoff` evaluates several thresholds on the same held-out prompts, next to sampled
 exits, the base model, the model without exits (`no_exit`) and the oracle bound (the most any exit policy
 could save with the base model's text).
-On the command line: `eetools tradeoff --exit-model tiny-reasoner/rl --n 200`."""),
+
+`confidence=[...]` adds the baseline the learned heads have to beat: the same weights with no heads, a
+token exiting at the first layer where the logit lens's top probability reaches `t` (`head="confidence"`).
+Early readouts are confident long before they are right, so its useful thresholds sit close to 1.
+On the command line: `eetools tradeoff --exit-model tiny-reasoner/rl --n 200 --confidence 0.9999 0.999`."""),
 ("code", """# NBVAL_IGNORE_OUTPUT
-points = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0)
+points = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0, confidence=[0.9999, 0.999])
 points.df"""),
 ("code", "points.figure()"),
 ("md", """### Choosing a threshold without looking at the test split

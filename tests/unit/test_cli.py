@@ -47,9 +47,10 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
     assert "threshold" in capsys.readouterr().out
     assert "sample" in set(pd.read_csv(tr / "tradeoff.csv").system)
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "--no-sample",
-                 "--confidence", "0.9", "--out", str(tr), "--no-progress"]) == 0
+                 "--confidence", "0.9999", "--out", str(tr), "--no-progress"]) == 0
     systems = list(pd.read_csv(tr / "tradeoff.csv").system)
     assert "sample" not in systems and systems.count("confidence") == 1
+    assert "confidence    0.9999" in capsys.readouterr().out  # printed as given, not rounded to 1.000
     capsys.readouterr()
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "1", "--no-sample",
                  "--split", "validation", "--max-drop", "0", "--out", str(tr), "--no-progress"]) == 0

@@ -72,6 +72,8 @@ def test_confidence_heads_exit_where_the_logit_lens_is_confident(tiny_bridge, tm
     expected = torch.tensor([*ee.exit_layers, ee.n_layers])[confident.float().argmax(-1)]
     assert bool((r.exit_layers[0] < ee.n_layers)[m].any()), "no token exited"
     assert r.exit_layers[0][m].tolist() == expected[m].tolist()
+    fast = ee.generate("Q: 12+34\n", 16, mode="threshold", threshold=t, temperature=0, seed=0, skip="compute")
+    assert fast.exit_layers.tolist() == r.exit_layers.tolist() and fast.text == r.text
     # a checkpoint of it round-trips (nothing but its config to save)
     ee.save(tmp_path / "conf")
     back = eetools.load_exit_model(tmp_path / "conf", model=tiny_bridge)
