@@ -60,6 +60,9 @@ class ReproduceConfig:
     """Held-out examples per evaluation."""
     thresholds: list[float] = field(default_factory=lambda: list(_default_thresholds()))
     """Exit thresholds of the operating-points figures (accuracy vs layers saved)."""
+    confidence: list[float] = field(default_factory=lambda: [0.9999, 0.999])
+    """Thresholds of the confidence baseline beside them (the same weights, exiting where the logit lens's top
+    probability reaches t; README, "Learned heads against the confidence baseline")."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
@@ -68,7 +71,7 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0],
                            calib_kl_factor=cfg.calib_kl_factor, calib_steps=12,
                            fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature,
-                           rl_train_adapters=cfg.rl_train_adapters, thresholds=[0.5, 0.15])
+                           rl_train_adapters=cfg.rl_train_adapters, thresholds=[0.5, 0.15], confidence=[0.999])
 
 
 def _dtype(dtype):
@@ -225,7 +228,8 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 4b. operating points (accuracy vs layers saved over exit thresholds) of the calibrated and RL models
     points = []
     for label, m in (("calibrated", models[ccfg.kl_factor]), ("rl", rl_model)):
-        tr = eetools.tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+        tr = eetools.tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed,
+                              confidence=cfg.confidence, progress=progress)
         tr.figure().update_layout(title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
                                   ).write_json(out / f"tradeoff_{label}.json")
         points.append(tr.df.assign(model=label, task=cfg.task))

@@ -31,7 +31,7 @@ def test_quick_reproduce_writes_every_figure(quick_report):
     import pandas as pd
 
     points = pd.read_csv(quick_report / "tradeoff.csv")
-    assert set(points.model) == {"calibrated", "rl"} and {"threshold", "sample", "base", "oracle"} <= set(points.system)
+    assert set(points.model) == {"calibrated", "rl"} and {"threshold", "sample", "base", "confidence", "oracle"} <= set(points.system)
     html = (quick_report / "report.html").read_text()
     # self-contained: nothing fetched from the network (plotly.js is inlined)
     import re
