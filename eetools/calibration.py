@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.heads import exit_log_probs, stick_breaking
-from eetools.training_state import resume_run, save_run
+from eetools.training_state import has_checkpoint, resume_run, save_run
 
 CHUNK_ROWS = 16  # sequences per teacher-forced training pass (calibration and RL): see `_student_terms`
 
@@ -347,7 +347,7 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     rows: list[dict] = []
     start = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
+    if has_checkpoint(ckpt):
         saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=data)
         start, rows = saved["step"], saved["history"]
     distributed.broadcast_parameters(params)

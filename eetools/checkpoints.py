@@ -2,12 +2,17 @@
 
 Every write goes to a temporary file in the target folder and is moved into place with
 `os.replace`, so an interrupted write never leaves a half-written checkpoint behind.
+A checkpoint of several files (weights, optimizer and RNG state, ``trainer.json``) is written
+all or nothing with `staged_checkpoint`: a crash part-way through never leaves new weights
+beside an old optimizer state and step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,54 @@ def _atomic_write(path: Path, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+STAGING = ".staging"
+COMMIT_FILE = "trainer.json"  # written last: a staging folder holding it is complete
+
+
+@contextlib.contextmanager
+def staged_checkpoint(folder: str | Path):
+    """Write a checkpoint of several parts all or nothing; yields the folder to write them into.
+
+    The parts go to ``folder/.staging``, ``trainer.json`` last. Once the block ends they are
+    moved into `folder` (``trainer.json`` last) and the staging folder removed. A crash
+    before ``trainer.json`` is staged leaves the previous checkpoint untouched (the partial
+    staging is discarded); a crash while moving is completed by `recover_checkpoint`, which
+    the next save and every resume run first.
+    """
+    folder = Path(folder)
+    recover_checkpoint(folder)
+    stage = folder / STAGING
+    stage.mkdir(parents=True)
+    yield stage
+    if not (stage / COMMIT_FILE).is_file():
+        raise CheckpointError(f"staged checkpoint in {stage} has no {COMMIT_FILE}: write it last, inside the block")
+    _roll_forward(folder)
+
+
+def recover_checkpoint(folder: str | Path) -> None:
+    """Finish moving a complete staged checkpoint into `folder`, or discard an incomplete one."""
+    stage = Path(folder) / STAGING
+    if not stage.is_dir():
+        return
+    if (stage / COMMIT_FILE).is_file():
+        _roll_forward(Path(folder))
+    else:
+        shutil.rmtree(stage)
+
+
+def _roll_forward(folder: Path) -> None:
+    """Move every staged part over its counterpart (idempotent: safe to rerun after a crash)."""
+    stage = folder / STAGING
+    for part in sorted(stage.iterdir(), key=lambda p: p.name == COMMIT_FILE):  # trainer.json last
+        if part.name.endswith(".tmp"):  # a temporary file of an interrupted write
+            continue
+        dest = folder / part.name
+        if part.is_dir() and dest.exists():
+            shutil.rmtree(dest)  # a folder cannot be replaced in one step; rerun completes it
+        os.replace(part, dest)
+    shutil.rmtree(stage)
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

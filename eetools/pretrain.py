@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.checkpoints import load_json, load_state, load_tensors, rng_state, save_json, save_state, save_tensors, set_rng_state
+from eetools.checkpoints import (load_json, load_state, load_tensors, recover_checkpoint, rng_state, save_json, save_state,
+                                 save_tensors, set_rng_state, staged_checkpoint)
 from eetools.tokenizer import build_tokenizer
 
 
@@ -182,6 +183,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     start = 0
+    recover_checkpoint(ckpt)  # a save that a crash interrupted: completed, or discarded
     if (ckpt / "trainer.json").exists():
         saved = load_json(ckpt / "trainer.json")
         _check_resume(cfg, saved["config"])
@@ -210,9 +212,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
         bar.set_postfix(loss=f"{loss.item():.4f}", task=cfg.tasks[step % len(cfg.tasks)])
         done = step + 1
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            save_tensors(model.state_dict(), ckpt / "model.safetensors")
-            save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}, ckpt)
-            save_json({"step": done, "config": dataclasses.asdict(cfg), "loss": loss.item()}, ckpt / "trainer.json")
+            with staged_checkpoint(ckpt) as stage:  # all or nothing
+                save_tensors(model.state_dict(), stage / "model.safetensors")
+                save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}, stage)
+                save_json({"step": done, "config": dataclasses.asdict(cfg), "loss": loss.item()}, stage / "trainer.json")
     final = out / "model"
     model.eval().to("cpu")
     model.save_pretrained(final)

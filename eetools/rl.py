@@ -41,7 +41,7 @@ from eetools.calibration import CHUNK_ROWS
 from eetools.generation import distinct_rows
 from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
-from eetools.training_state import resume_run, save_run
+from eetools.training_state import has_checkpoint, resume_run, save_run
 
 
 class RewardError(RuntimeError):
@@ -355,7 +355,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     judge = ReasoningJudge()
     rows, evals, start = [], [], 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if ckpt is not None and distributed.broadcast_object((ckpt / "trainer.json").exists()):
+    if has_checkpoint(ckpt):
         saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=task.name)
         start, rows, evals = saved["step"], saved["history"], saved["evals"]
     distributed.broadcast_parameters(params)

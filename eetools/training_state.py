@@ -13,7 +13,8 @@ import dataclasses
 from pathlib import Path
 
 from eetools import distributed
-from eetools.checkpoints import load_json, load_state, rng_state, save_json, save_state, set_rng_state
+from eetools.checkpoints import (load_json, load_state, recover_checkpoint, rng_state, save_json, save_state,
+                                 set_rng_state, staged_checkpoint)
 
 # fields that may change between a run and its resumption (micro_batches: only processes x micro_batches matters)
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
@@ -21,7 +22,10 @@ RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
 
 def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data: str | None = None,
              **records) -> None:
-    """Write model, optimizer, RNG states, step, config, `shards` and `records` (e.g. history) atomically.
+    """Write model, optimizer, RNG states, step, config, `shards` and `records` (e.g. history), all or nothing.
+
+    The parts are staged and moved into `ckpt` together (`eetools.checkpoints.staged_checkpoint`),
+    so a crash while saving leaves the previous checkpoint or the new one, never a mix.
 
     `shards` is how many shards (processes x micro-batches) each step was split into; the
     random draws depend on it. `data` names what the run trains on (a task or mixture name).
@@ -29,11 +33,26 @@ def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data
     """
     if not distributed.is_main():
         return
-    ckpt = Path(ckpt)
-    ee_model.save(ckpt / "model")
-    save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, ckpt)
-    save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, "data": data, **records},
-              ckpt / "trainer.json")
+    with staged_checkpoint(ckpt) as stage:
+        ee_model.save(stage / "model")
+        save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, stage)
+        save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, "data": data, **records},
+                  stage / "trainer.json")
+
+
+def has_checkpoint(ckpt: Path | None) -> bool:
+    """Whether `ckpt` holds a run to resume, the same answer on every rank.
+
+    Rank 0 first completes (or discards) a save that a crash interrupted; the other ranks
+    wait for its answer, so they read the checkpoint only once it is whole.
+    """
+    if ckpt is None:
+        return False
+    found = None
+    if distributed.is_main():
+        recover_checkpoint(ckpt)
+        found = (Path(ckpt) / "trainer.json").exists()
+    return bool(distributed.broadcast_object(found))
 
 
 def _default(f: dataclasses.Field):

@@ -116,6 +116,37 @@ def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
         calibrate(fresh(), "addition", steps=6, checkpoint_dir=tmp_path / "ck", **{**kw, "seed": 1}, kl_factor=2.0)
 
 
+def test_a_crash_while_saving_leaves_a_whole_checkpoint_to_resume(tiny_folders, tmp_path, monkeypatch):
+    """A run killed while writing a checkpoint (weights written, optimizer state not) resumes as if uninterrupted."""
+    import eetools
+    import eetools.training_state as ts
+    from eetools.checkpoints import load_json
+
+    def fresh():
+        b = eetools.load_model(tiny_folders["qwen3"])
+        b.cfg.default_prepend_bos = True
+        torch.manual_seed(0)
+        return eetools.attach_exit_heads(b, layers=[1, 2, 3])
+
+    kw = dict(batch_size=3, lr=1e-2, seed=1, progress=False, lora_r=2, checkpoint_every=3)
+    full = calibrate(fresh(), "addition", steps=6, **kw)
+    ck = tmp_path / "ck"
+    calibrate(fresh(), "addition", steps=3, checkpoint_dir=ck, **kw)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ts, "save_state", killed)  # the step-6 save dies after writing the weights
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(fresh(), "addition", steps=6, checkpoint_dir=ck, **kw)
+    monkeypatch.undo()
+    assert load_json(ck / "trainer.json")["step"] == 3
+    resumed = calibrate(fresh(), "addition", steps=6, checkpoint_dir=ck, **kw)
+    for a, b in zip(full.ee_model.trainable_parameters(), resumed.ee_model.trainable_parameters()):
+        assert torch.equal(a, b), "resumed from step-6 weights with the step-3 optimizer and step"
+    assert list(full.history["loss"]) == list(resumed.history["loss"])
+
+
 @pytest.mark.parametrize("kwargs,match", [({"kl_factor": 0}, "kl_factor"), ({"kl_factor": -1}, "kl_factor"),
                                           ({"exit_samples": 0}, "exit_samples"), ({"bogus": 1}, "unknown")])
 def test_bad_arguments(tiny_ee, kwargs, match):

@@ -86,6 +86,54 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["x.safetensors"]
 
 
+def test_a_checkpoint_of_several_files_is_written_all_or_nothing(tmp_path, monkeypatch):
+    """`staged_checkpoint`: a crash while writing leaves the old checkpoint; one while moving is completed."""
+    import eetools.checkpoints as ck
+
+    folder = tmp_path / "run"
+
+    def write(stage, v):
+        ck.save_tensors({"w": torch.full((2,), float(v))}, stage / "model" / "w.safetensors")
+        ck.save_json({"v": v}, stage / "state.json")
+        ck.save_json({"step": v}, stage / "trainer.json")
+
+    def read():
+        return (float(ck.load_tensors(folder / "model" / "w.safetensors")["w"][0]),
+                ck.load_json(folder / "state.json")["v"], ck.load_json(folder / "trainer.json")["step"])
+
+    with ck.staged_checkpoint(folder) as stage:
+        write(stage, 1)
+    assert read() == (1.0, 1, 1) and sorted(os.listdir(folder)) == ["model", "state.json", "trainer.json"]
+    # a crash while writing the parts: the previous checkpoint is whole, the partial one discarded
+    with pytest.raises(KeyboardInterrupt):
+        with ck.staged_checkpoint(folder) as stage:
+            ck.save_tensors({"w": torch.full((2,), 2.0)}, stage / "model" / "w.safetensors")
+            raise KeyboardInterrupt
+    assert read() == (1.0, 1, 1)
+    ck.recover_checkpoint(folder)
+    assert read() == (1.0, 1, 1) and not (folder / ck.STAGING).exists()
+    # a crash while moving the parts in, after the weights: the folder mixes old and new until recovery
+    real, moved = os.replace, []
+
+    def crash_after_one(src, dst):
+        if moved:
+            raise KeyboardInterrupt
+        moved.append(src)
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with ck.staged_checkpoint(folder) as stage:
+            write(stage, 2)
+            monkeypatch.setattr(ck.os, "replace", crash_after_one)
+    monkeypatch.undo()
+    assert read() == (2.0, 1, 1), "the crash should have left a mix to recover from"
+    ck.recover_checkpoint(folder)  # what the next save and every resume do first
+    assert read() == (2.0, 2, 2) and not (folder / ck.STAGING).exists()
+    with pytest.raises(ck.CheckpointError, match="trainer.json"):
+        with ck.staged_checkpoint(folder) as stage:
+            ck.save_json({"v": 3}, stage / "state.json")
+
+
 def test_nested_state_round_trip(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
