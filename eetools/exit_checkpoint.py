@@ -21,8 +21,23 @@ FORMAT = "eetools.exit_model/1"
 PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl"}
 
 
+PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.2 %, another model by about 100 %
+
+
+def unembed_probe(w) -> list[float]:
+    """Eight fixed random projections of W_U: the same model in another dtype gives nearly the same numbers.
+
+    The hash of W_U identifies a model exactly but changes with its dtype (a bfloat16 copy of a
+    float32 model rounds every weight); this probe tells the two apart from another model.
+    """
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(8, w.shape[0], generator=g, dtype=torch.float64)
+    right = torch.randn(w.shape[1], generator=g, dtype=torch.float64)
+    return [float(v) for v in (left @ w.double()) @ right / w.numel() ** 0.5]
+
+
 def fingerprint(model) -> dict:
-    """What identifies a base model: name, architecture, sizes and a hash of W_U."""
+    """What identifies a base model: name, architecture, sizes, dtype, a hash of W_U and a probe of it."""
     cfg = model.cfg
     w = model.W_U.detach().to("cpu", torch.float32).contiguous()
     return {
@@ -30,8 +45,20 @@ def fingerprint(model) -> dict:
         "source": str(getattr(cfg, "model_name", "?")),
         "architecture": str(getattr(cfg, "architecture", None) or type(model.original_model).__name__),
         "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab),
+        "dtype": str(model.W_U.dtype).removeprefix("torch."),
         "unembed_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16],
+        "unembed_probe": unembed_probe(w),
     }
+
+
+def _same_unembed(have: dict, want: dict) -> bool:
+    """Equal W_U hashes; or, across dtypes (e.g. heads saved from float32, loaded on bfloat16), close probes."""
+    if have["unembed_sha256"] == want.get("unembed_sha256"):
+        return True
+    if have["dtype"] == want.get("dtype", "float32") or not want.get("unembed_probe"):
+        return False
+    a, b = torch.tensor(have["unembed_probe"]), torch.tensor(want["unembed_probe"])
+    return bool((a - b).norm() <= PROBE_TOL * b.norm())
 
 
 def _describe(fp: dict) -> str:
@@ -42,10 +69,17 @@ def _describe(fp: dict) -> str:
 def check_base_model(folder, want: dict, model) -> None:
     """Refuse a checkpoint whose recorded base model (`want`) is not `model`, naming both."""
     have = fingerprint(model)
-    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab", "unembed_sha256") if have[k] != want.get(k)]
+    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab") if have[k] != want.get(k)]
+    if not _same_unembed(have, want):
+        differs.append("unembed_sha256")
     if differs:
+        hint = ""
+        if differs == ["unembed_sha256"] and have["dtype"] != want.get("dtype", "float32"):
+            hint = (f" (the checkpoint was saved from a {want.get('dtype', 'float32')} model without the probe that "
+                    f"compares across dtypes: load the base model in {want.get('dtype', 'float32')}, or re-save the "
+                    f"checkpoint with this version of eetools)")
         raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
-                              f"they differ in {', '.join(differs)}")
+                              f"they differ in {', '.join(differs)}{hint}")
 
 
 def save_exit_model(ee_model, folder) -> None:

@@ -159,3 +159,27 @@ def test_resuming_a_run_folder_of_another_base_model_is_refused(tiny_folders, bu
     with pytest.raises(CheckpointError, match="belongs to .*not to .*differ in unembed_sha256"):
         eetools.calibrate(second, "addition", steps=2, batch_size=2, exit_samples=1, lora=False, progress=False,
                           checkpoint_dir=tmp_path / "run")
+
+
+def test_heads_saved_in_float32_load_on_a_bfloat16_copy_of_the_same_model(tiny_folders, build_tiny, tmp_path):
+    """`--dtype bfloat16` with float32 checkpoints (the shipped ones): the same model in another dtype is accepted."""
+    from eetools.adapters import add_lora
+
+    ee = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
+    add_lora(ee, r=2)
+    ee.save(tmp_path / "ck")
+    half = load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"], dtype=torch.bfloat16))
+    for a, b in zip(ee.trainable_parameters(), half.trainable_parameters()):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    assert half.generate("Q: 1+2\n", 4, seed=0).tokens.shape == (1, 4)
+    # another model with the same shapes is still refused in bfloat16
+    other = eetools.load_model(build_tiny(tmp_path / "other", "qwen3", seed=1), dtype=torch.bfloat16)
+    with pytest.raises(CheckpointError, match="differ in unembed_sha256"):
+        load_exit_model(tmp_path / "ck", model=other)
+    # a checkpoint written before the probe existed: refused across dtypes, saying what to do
+    cfg = json.loads((tmp_path / "ck" / "exit_config.json").read_text())
+    del cfg["base_model"]["unembed_probe"], cfg["base_model"]["dtype"]
+    (tmp_path / "ck" / "exit_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="load the base model in float32, or re-save"):
+        load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"], dtype=torch.bfloat16))
+    assert load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"])).exit_layers == [1, 2]
