@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.heads import exit_log_probs, stick_breaking
-from eetools.training_state import has_checkpoint, resume_run, save_run
+from eetools.training_state import has_checkpoint, resume_run, save_run, stop_note
 
 CHUNK_ROWS = 16  # sequences per teacher-forced training pass (calibration and RL): see `_student_terms`
 
@@ -133,7 +133,10 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
         rows.append(ids + cont + ([eos] if eos is not None else []))
     n = max(map(len, rows))
     if n > int(model.cfg.n_ctx):
-        raise ValueError(f"a training sequence has {n} tokens > the model's context of {model.cfg.n_ctx}")
+        i = max(range(len(rows)), key=lambda r: len(rows[r]))
+        raise ValueError(f"sequence {i} (prompt {prompts[i][:40]!r}...) has {n} tokens with its continuation, more than "
+                         f"the model's context of {model.cfg.n_ctx}; shorten it, or lower max_new_tokens for generated "
+                         f"continuations")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -372,13 +375,13 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
             if ckpt is not None:
                 save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
             raise FloatingPointError(f"calibration loss is {stats['loss']} at step {step}; stopped before the optimizer "
-                                     f"step{f' (checkpoint saved in {ckpt})' if ckpt else ''}")
+                                     f"step{stop_note(ckpt, step)}")
         distributed.all_reduce_gradients(params)
         grads = [p.grad for p in params if p.grad is not None]
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             if ckpt is not None:
                 save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
-            raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied")
+            raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied{stop_note(ckpt, step)}")
         opt.step()
         rows.append({"step": step + 1, **stats})
         bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")

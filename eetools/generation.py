@@ -52,7 +52,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
         ids = known[p]
         if len(ids) + max_new_tokens > n_ctx:
             raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                             f"{len(ids) + max_new_tokens} > the model's context of {n_ctx} tokens")
+                             f"{len(ids) + max_new_tokens} > the model's context of {n_ctx} tokens; shorten the prompt "
+                             f"or lower max_new_tokens")
         seqs.append(ids)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     n = max(map(len, seqs))

@@ -41,7 +41,7 @@ from eetools.calibration import CHUNK_ROWS
 from eetools.generation import distinct_rows
 from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
-from eetools.training_state import has_checkpoint, resume_run, save_run
+from eetools.training_state import has_checkpoint, resume_run, save_run, stop_note
 
 
 class RewardError(RuntimeError):
@@ -391,13 +391,13 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
             if ckpt is not None:
                 save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
             raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({rl_stats(cols, cfg.k)}); "
-                                     "stopped without updating")
+                                     f"stopped without updating{stop_note(ckpt, step)}")
         if bool((cols["adv"] != 0).any()):  # every group flat: no signal, leave the parameters alone
             distributed.all_reduce_gradients(params)
             if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
                 if ckpt is not None:
                     save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
-                raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied")
+                raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied{stop_note(ckpt, step)}")
             opt.step()
         rows.append(row)
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", compute=f"{row['compute']:.2f}", reward=f"{row['reward']:.2f}")

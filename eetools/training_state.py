@@ -40,6 +40,15 @@ def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data
                   stage / "trainer.json")
 
 
+def stop_note(ckpt: Path | None, step: int) -> str:
+    """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
+    if ckpt is None:
+        return ("; the weights are those before this step (pass checkpoint_dir to keep them on disk); a lower lr "
+                "or finite rewards usually help")
+    return (f"; the state before step {step} is saved in {ckpt} (the same call resumes from it; a lower lr or "
+            f"finite rewards usually help)")
+
+
 def has_checkpoint(ckpt: Path | None) -> bool:
     """Whether `ckpt` holds a run to resume, the same answer on every rank.
 

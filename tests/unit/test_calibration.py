@@ -154,6 +154,13 @@ def test_bad_arguments(tiny_ee, kwargs, match):
         calibrate(tiny_ee, "addition", steps=1, progress=False, **kwargs)
 
 
+def test_a_training_sequence_longer_than_the_context_is_named(tiny_ee):
+    from eetools.calibration import encode_sequences
+
+    with pytest.raises(ValueError, match=r"sequence 1 \(prompt 'Q: 2\+2.*context of 256; shorten it"):
+        encode_sequences(tiny_ee, ["Q: 1+1\n", "Q: 2+2\n"], ["2", "4" * 300])
+
+
 def test_empty_dataset_is_an_error(tiny_ee):
     with pytest.raises(ValueError, match="empty"):
         calibrate(tiny_ee, [], steps=1, progress=False)

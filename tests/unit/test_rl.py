@@ -206,3 +206,30 @@ def test_checkpoint_from_before_an_option_existed_resumes_with_its_default(tiny_
         train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **{**kw, "head_lr": 1e-2})
     res = train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
     assert list(res.history["step"]) == [1, 2]
+
+
+def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
+    """A NaN exit head: the run stops at step 0 naming it, saves where it stopped, and applies no update."""
+    with torch.no_grad():
+        tiny_ee.heads[0].net[-1].bias.fill_(float("nan"))
+    before = _params(tiny_ee)
+    with pytest.raises(FloatingPointError, match=r"step 0 .*state before step 0 is saved in"):
+        train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3),
+                 checkpoint_dir=tmp_path / "ck", **FAST)
+    assert (tmp_path / "ck" / "trainer.json").exists(), "checkpoint saved before stopping"
+    for a, b in zip(before, _params(tiny_ee)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), "no optimizer step may be applied"
+
+
+def test_rl_with_adapters_leaves_the_base_weights_exact(tiny_ee):
+    """Rollouts fold LoRA into the base weights for speed; after training the base weights are bit for bit the same."""
+    from eetools.adapters import adapter_parameters, add_lora
+
+    add_lora(tiny_ee, r=2)
+    base = {n: p.detach().clone() for n, p in tiny_ee.model.named_parameters() if "lora_" not in n}
+    lora = [p.detach().clone() for p in adapter_parameters(tiny_ee)]
+    train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3), **FAST)
+    assert any(not torch.equal(a, b) for a, b in zip(lora, adapter_parameters(tiny_ee))), "the adapters did not train"
+    for n, p in tiny_ee.model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), f"base weight {n} changed"
