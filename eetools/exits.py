@@ -42,9 +42,12 @@ def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[in
     if layers is None:
         return default_exit_layers(n_layers)
     try:
-        layers = [int(l) for l in layers]
+        ints = [int(l) for l in layers]
     except (TypeError, ValueError):
-        raise ValueError(f"exit layers must be integers in 1..{n_layers - 1}, got {layers!r}") from None
+        ints = None
+    if ints is None or any(i != l for i, l in zip(ints, layers)):  # 1.5 is not layer 1
+        raise ValueError(f"exit layers must be integers in 1..{n_layers - 1}, got {layers!r}")
+    layers = ints
     if not layers:
         raise ValueError(f"exit layers are empty; give a subset of 1..{n_layers - 1} (or None for a default)")
     bad = [l for l in layers if not 1 <= l <= n_layers - 1]

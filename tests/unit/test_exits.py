@@ -32,9 +32,12 @@ def test_every_hook_name_exists(tiny_bridge):
         assert name in tiny_bridge.hook_dict, f"{name} missing: the bridge renamed its residual hooks"
 
 
-@pytest.mark.parametrize("layers", [[0], [4], [-1], [1, 1], [], [3, 1], [1, 9], ["a"]])
-def test_bad_exit_layers_are_clear_errors(tiny_bridge, layers):
-    with pytest.raises(ValueError, match="1..3|duplicates|sorted|empty"):
+@pytest.mark.parametrize("layers,match", [([0], "out of range.*1..3"), ([4], "out of range.*1..3"),
+                                          ([-1], "out of range"), ([1, 9], r"\[9\] are out of range"),
+                                          ([1, 1], "duplicates"), ([], "empty"), ([3, 1], "not sorted"),
+                                          (["a"], "must be integers in 1..3"), ([1.5], "must be integers")])
+def test_bad_exit_layers_are_clear_errors(tiny_bridge, layers, match):
+    with pytest.raises(ValueError, match=match):
         eetools.attach_exit_heads(tiny_bridge, layers=layers)
 
 
