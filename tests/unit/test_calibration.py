@@ -1,5 +1,6 @@
 """Calibration: targets by hand, learning direction, frozen base, resume, bad arguments."""
 
+import functools
 import math
 
 import pytest
@@ -95,16 +96,22 @@ def test_length_chunked_student_equals_one_pass(tiny_ee):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
+RESUME_KW = dict(batch_size=3, lr=1e-2, seed=1, progress=False, lora_r=2, checkpoint_every=3)
+
+
+def _fresh_exit_model(tiny_folders):
+    """The same untrained exit model every call (tiny Qwen3 bridge, seed 0): runs to compare bit for bit."""
     import eetools
 
-    def fresh():
-        b = eetools.load_model(tiny_folders["qwen3"])
-        b.cfg.default_prepend_bos = True
-        torch.manual_seed(0)
-        return eetools.attach_exit_heads(b, layers=[1, 2, 3])
+    b = eetools.load_model(tiny_folders["qwen3"])
+    b.cfg.default_prepend_bos = True
+    torch.manual_seed(0)
+    return eetools.attach_exit_heads(b, layers=[1, 2, 3])
 
-    kw = dict(batch_size=3, lr=1e-2, seed=1, progress=False, lora_r=2, checkpoint_every=3)
+
+def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
+    fresh = functools.partial(_fresh_exit_model, tiny_folders)
+    kw = RESUME_KW
     full = calibrate(fresh(), "addition", steps=6, **kw)
     part = fresh()
     calibrate(part, "addition", steps=3, checkpoint_dir=tmp_path / "ck", **kw)
@@ -118,17 +125,11 @@ def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
 
 def test_a_crash_while_saving_leaves_a_whole_checkpoint_to_resume(tiny_folders, tmp_path, monkeypatch):
     """A run killed while writing a checkpoint (weights written, optimizer state not) resumes as if uninterrupted."""
-    import eetools
     import eetools.training_state as ts
     from eetools.checkpoints import load_json
 
-    def fresh():
-        b = eetools.load_model(tiny_folders["qwen3"])
-        b.cfg.default_prepend_bos = True
-        torch.manual_seed(0)
-        return eetools.attach_exit_heads(b, layers=[1, 2, 3])
-
-    kw = dict(batch_size=3, lr=1e-2, seed=1, progress=False, lora_r=2, checkpoint_every=3)
+    fresh = functools.partial(_fresh_exit_model, tiny_folders)
+    kw = RESUME_KW
     full = calibrate(fresh(), "addition", steps=6, **kw)
     ck = tmp_path / "ck"
     calibrate(fresh(), "addition", steps=3, checkpoint_dir=ck, **kw)
