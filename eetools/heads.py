@@ -14,10 +14,10 @@ the learned heads add.
 
 from __future__ import annotations
 
-import torch
-from jaxtyping import Float
 from typing import Callable
 
+import torch
+from jaxtyping import Float
 from torch import Tensor, nn
 
 HEAD_KINDS = ("mlp", "linear", "confidence")

@@ -43,10 +43,9 @@ def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data
 def stop_note(ckpt: Path | None, step: int) -> str:
     """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
     if ckpt is None:
-        return ("; the weights are those before this step (pass checkpoint_dir to keep them on disk); a lower lr "
-                "or finite rewards usually help")
-    return (f"; the state before step {step} is saved in {ckpt} (the same call resumes from it; a lower lr or "
-            f"finite rewards usually help)")
+        return "; the weights are those before this step; a lower lr usually helps"
+    return (f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
+            f"checkpoint_dir: a run with another lr does not resume this one)")
 
 
 def has_checkpoint(ckpt: Path | None) -> bool:
