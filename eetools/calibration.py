@@ -201,6 +201,9 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
     exitable = _exitable(predict)
     b, t = ids.shape
     flat = target.reshape(-1, target.shape[-1]).cpu()
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError("the base model's log-probs are not finite (NaN or inf in its forward pass), so "
+                                 "there are no exit targets: check its weights, or load it in float32")
     draws = torch.multinomial(flat, exit_samples, replacement=True, generator=generator)  # [b*pos, S]
     layer_of = torch.tensor([*layers, L])
     sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]

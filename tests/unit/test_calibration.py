@@ -187,6 +187,13 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "no optimizer step may be applied"
 
 
+def test_a_base_model_that_outputs_nan_is_named_not_sampled(tiny_ee):
+    with torch.no_grad():
+        next(tiny_ee.model.parameters()).fill_(float("nan"))  # the embedding: every forward is NaN
+    with pytest.raises(FloatingPointError, match="base model's log-probs are not finite"):
+        calibrate(tiny_ee, "addition", steps=1, batch_size=2, max_new_tokens=4, lora=False, progress=False)
+
+
 def test_calibration_record_is_saved_with_the_heads_and_drives_fig4(tiny_ee, tmp_path):
     from eetools import load_exit_model
     from eetools.figures import exit_distribution_vs_target

@@ -183,3 +183,15 @@ def test_heads_saved_in_float32_load_on_a_bfloat16_copy_of_the_same_model(tiny_f
     with pytest.raises(CheckpointError, match="load the base model in float32, or re-save"):
         load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"], dtype=torch.bfloat16))
     assert load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"])).exit_layers == [1, 2]
+
+
+def test_nothing_in_the_package_unpickles():
+    """Checkpoints are safetensors and JSON only: loading a file can never run code (RELIABILITY.md)."""
+    import re
+    from pathlib import Path
+
+    package = Path(eetools.__file__).parent
+    pattern = re.compile(r"\btorch\.load\(|\bimport pickle\b|\bpickle\.loads?\(|\bimport dill\b|\bjoblib\.load\(")
+    offenders = [f"{p.relative_to(package)}:{i}" for p in sorted(package.rglob("*.py"))
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == [], f"pickle-based loading in {offenders}"
