@@ -195,3 +195,33 @@ def test_nothing_in_the_package_unpickles():
     offenders = [f"{p.relative_to(package)}:{i}" for p in sorted(package.rglob("*.py"))
                  for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
     assert offenders == [], f"pickle-based loading in {offenders}"
+
+
+def test_heads_or_adapters_that_do_not_fit_the_model_are_named(tiny_ee, tmp_path):
+    """Strict loading: extra keys, wrong shapes, other exit layers and adapter mismatches each say what differs."""
+    from eetools.adapters import add_lora
+    from eetools.checkpoints import load_tensors
+    from eetools.exit_checkpoint import load_weights_into
+
+    tiny_ee.save(tmp_path / "ck")
+    heads = tmp_path / "ck" / "heads.safetensors"
+    good = load_tensors(heads)
+    save_tensors({**good, "9.net.0.weight": torch.zeros(1)}, heads)
+    with pytest.raises(CheckpointError, match=r"unexpected keys \['9.net.0.weight'\]"):
+        load_weights_into(tiny_ee, tmp_path / "ck")
+    save_tensors({**good, "0.net.0.bias": torch.zeros(3)}, heads)
+    with pytest.raises(CheckpointError, match=r"shape mismatch \['0.net.0.bias: \(3,\)"):
+        load_weights_into(tiny_ee, tmp_path / "ck")
+    save_tensors(good, heads)
+    other = eetools.attach_exit_heads(tiny_ee.model, layers=[1, 3])
+    with pytest.raises(CheckpointError, match=r"exit layers \[1, 2, 3\] \(mlp heads\); the model has \[1, 3\]"):
+        load_weights_into(other, tmp_path / "ck")
+    add_lora(tiny_ee, r=2)  # the model now has adapters, the checkpoint none
+    with pytest.raises(CheckpointError, match="has no LoRA adapters but the model has some"):
+        load_weights_into(tiny_ee, tmp_path / "ck")
+    tiny_ee.save(tmp_path / "lora")
+    state = load_tensors(tmp_path / "lora" / "adapters.safetensors")
+    name = sorted(state)[0]
+    save_tensors({**state, name: torch.zeros(1, 1)}, tmp_path / "lora" / "adapters.safetensors")
+    with pytest.raises(CheckpointError, match=f"{name} has shape \\(1, 1\\)"):
+        load_weights_into(tiny_ee, tmp_path / "lora")
