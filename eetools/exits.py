@@ -23,7 +23,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eetools.heads import exit_log_probs, make_head
+from eetools.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.hooks import check_hook_names, resid_post, resid_pre
 
 
@@ -138,8 +138,6 @@ class EarlyExitModel(nn.Module):
 
     def require_learned_heads(self, what: str) -> None:
         """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
-        from eetools.heads import TRAINABLE_KINDS
-
         if self.head_kind not in TRAINABLE_KINDS:
             raise ValueError(f"cannot {what}: this model's exit heads are {self.head_kind!r} heads, the parameter-free "
                              f"logit-lens baseline, with nothing to train; attach learned heads "
