@@ -21,7 +21,7 @@ FORMAT = "eetools.exit_model/1"
 PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl"}
 
 
-PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.1 %, another model by about 100 %
+PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.3 %, another model by about 100 %
 
 
 def unembed_probe(w) -> list[float]:
