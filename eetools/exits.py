@@ -295,15 +295,25 @@ class ExitState:
         ee, L = self.ee, self.ee.n_layers
 
         def on_pre(i: int, layer: int):
+            head = ee.heads[i]
+
             def hook(resid, hook):
-                z = ee.heads[i](resid)
+                z = head(resid)
                 self.logits.append(z)
                 exit_at = self.exit_at
                 if self.decide is not None:
-                    fire = self.decide(i, z[:, -1]) & (exit_at[:, -1] == L)
-                    if bool(fire.any()):
-                        exit_at[:, -1] = torch.where(fire, torch.full_like(exit_at[:, -1], layer), exit_at[:, -1])
+                    last = exit_at[:, -1]  # a view: written in place below
+                    fire = self.decide(i, z[:, -1]) & (last == L)
+                    if not bool(fire.any()):
+                        fire = None
+                    else:
+                        last.masked_fill_(fire, layer)
                         self.any_exit = True
+                    if exit_at.shape[1] == 1:  # a decode step: the rows exiting here are those that fired
+                        if fire is not None:
+                            self.frozen = torch.where(fire[:, None, None], resid,
+                                                      resid if self.frozen is None else self.frozen)
+                        return None
                 if self.any_exit:
                     here = (exit_at == layer).unsqueeze(-1)
                     self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)

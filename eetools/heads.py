@@ -42,11 +42,15 @@ class ExitHead(nn.Module):
         nn.init.constant_(last.bias, init_bias)
 
     def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        # functional form of self.net (same parameters): decode steps call 7 heads per token
-        first, last = self.net[0], self.net[-1]
-        x = nn.functional.layer_norm(resid.to(first.weight.dtype), (self.d_model,))
-        x = nn.functional.linear(x, first.weight, first.bias)
+        # functional form of self.net (same parameters): decode steps call 7 heads per token, so
+        # the layers are fetched from `_modules` (indexing an nn.Sequential walks it)
+        layers = self.net._modules
+        first = layers["0"]
+        w = first.weight
+        x = nn.functional.layer_norm(resid if resid.dtype == w.dtype else resid.to(w.dtype), (self.d_model,))
+        x = nn.functional.linear(x, w, first.bias)
         if self.kind == "mlp":
+            last = layers["2"]
             x = nn.functional.linear(torch.relu(x), last.weight, last.bias)
         return x.squeeze(-1)
 

@@ -28,8 +28,11 @@ def _assert_same(a, b):
     torch.testing.assert_close(a.exit_logprobs, b.exit_logprobs, atol=SKIP_TOL, rtol=0)
 
 
+@pytest.mark.parametrize("gather", [True, False], ids=["gather-rows", "cost-rule"])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_compute_skipping_matches_masking(tiny_ee, temperature):
+def test_compute_skipping_matches_masking(tiny_ee, temperature, gather, monkeypatch):
+    if gather:  # every component gathers its running rows, however small (the tiny bridge's are)
+        monkeypatch.setattr("eetools.skipping.MIN_SAVED_MACS", 0)
     _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])  # many exits, at every layer
     prompts = ["Q: 12+34\n", "Q: 1+2\nab c", "hello"]  # left padding, rows exit at different layers
     masked = tiny_ee.generate(prompts, 24, seed=1, temperature=temperature)
@@ -58,6 +61,37 @@ def test_compute_skipping_actually_skips(tiny_ee):
     assert leaves and (r.exit_layers[:, 1:] == 1).all()
     # the prompt step runs the MLP on every row and position; later steps skip it (all rows exited)
     assert set(seen) == {(2, r.prompt_tokens.shape[1])}
+
+
+def test_a_component_gathers_rows_only_when_skipping_saves_more_than_the_gather(monkeypatch):
+    """Rows are gathered when the work skipped (rows x weights) reaches MIN_SAVED_MACS; otherwise the
+    component runs on every row, as the masked path does, and every row exited means no run at all."""
+    from eetools import skipping
+
+    seen = []
+    lin = torch.nn.Linear(64, 64)  # 4,160 weights, inside the component whose forward is wrapped
+    lin.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    x = torch.randn(8, 1, 64)
+    state = {}
+    wrapped = skipping._RowSkip(torch.nn.Sequential(lin), lambda: state.get("running"))
+    full = wrapped(x)  # no step info: runs as is
+    assert seen == [8]
+
+    def call(running_rows, min_macs):
+        monkeypatch.setattr(skipping, "MIN_SAVED_MACS", min_macs)
+        rows = torch.tensor(running_rows, dtype=torch.long)
+        state["running"] = (rows, len(rows), 8)
+        seen.clear()
+        out = wrapped(x)
+        torch.testing.assert_close(out[rows], full[rows])
+        return seen[:]
+
+    assert call([0, 2, 5], 5 * 4160) == [3]  # 5 rows x 4,160 weights skipped: worth gathering
+    assert call([0, 2, 5], 5 * 4160 + 1) == [8]  # just short of the limit: all rows, no gather
+    assert call(list(range(7)), 4160 + 1) == [8]
+    assert call([], 10**12) == [], "every row exited: nothing to run, whatever the limit"
+    monkeypatch.setattr(skipping, "MIN_SAVED_MACS", 0)
+    assert (wrapped(x) == 0).all()
 
 
 def test_query_norm_runs_only_on_running_rows(tiny_ee, arch):
