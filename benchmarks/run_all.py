@@ -11,6 +11,8 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
   ``_masked``: the masked path; ``_no_exits``: the fast path with exits off (the heads' own cost);
 - skip_speedup_{0,25,50,75}: decode time masked / with real skipping, batch 1, on a random
   Qwen3-0.6B-shaped model (>= 1.3 at 50 %, >= 1.0 at 0 %); tiny_* on the shipped model;
+  qwen3_sample_vs_generate_b1: exit sampling / `bridge.generate` tokens/s on that model, heads
+  drawing exits that save qwen3_sample_layers_saved of its blocks;
 - ddp_step_ratio: one RL step of 2 processes (torchrun, gloo, 1 thread each) / 1 process
   (2 threads), same global batch (<= 0.7); measured on CPU whatever --device says;
 - calib_step_s, rl_step_s, rl_step_mixture_s, peak_mem_mb: training step times and peak memory;
