@@ -56,6 +56,11 @@ class ReproduceConfig:
     """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
     rl_train_adapters: bool = True
     """RL trains the LoRA adapters with the exit heads; False (``--no-rl-train-adapters``): the heads alone (README, "RL on the exit heads alone")."""
+    rl_lr: float = 1e-3
+    """RL learning rate of the LoRA adapters (and of the heads unless `rl_head_lr` is set)."""
+    rl_head_lr: float = 0.0
+    """RL learning rate of the exit heads; 0: `rl_lr`. ``--rl-lr 2.5e-4 --rl-head-lr 1e-3`` keeps ToM within a point
+    of the base model (README, "Slower adapters")."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
     thresholds: list[float] = field(default_factory=lambda: list(_default_thresholds()))
@@ -71,7 +76,8 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0],
                            calib_kl_factor=cfg.calib_kl_factor, calib_steps=12,
                            fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature,
-                           rl_train_adapters=cfg.rl_train_adapters, thresholds=[0.5, 0.15], confidence=[0.999])
+                           rl_train_adapters=cfg.rl_train_adapters, rl_lr=cfg.rl_lr, rl_head_lr=cfg.rl_head_lr,
+                           thresholds=[0.5, 0.15], confidence=[0.999])
 
 
 def _dtype(dtype):
@@ -205,8 +211,8 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 3. RL across seeds (Fig. 2 left)
     sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
-                      temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters,
-                      progress=progress, checkpoint_root=out / "rl")
+                      temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters, lr=cfg.rl_lr,
+                      head_lr=cfg.rl_head_lr, progress=progress, checkpoint_root=out / "rl")
     sweep.history.to_csv(out / "rl_history.csv", index=False)
     timings["rl_s"] = time.time() - t0 - sum(timings.values())
     # 4. evaluation: base, calibrated, RL (first seed)

@@ -94,8 +94,8 @@ def test_yaml_config(tiny_folders, tmp_path):
                  str(tmp_path / "o"), "--no-progress"]) == 0
 
 
-def test_reproduce_can_train_the_heads_alone(monkeypatch, tmp_path):
-    """``--no-rl-train-adapters`` reaches the reproduce config, also in its quick version."""
+def test_reproduce_rl_options_reach_its_config(monkeypatch, tmp_path):
+    """``--no-rl-train-adapters``, ``--rl-lr`` and ``--rl-head-lr`` reach the reproduce config, also in its quick version."""
     from eetools import pipeline
 
     seen = []
@@ -104,3 +104,8 @@ def test_reproduce_can_train_the_heads_alone(monkeypatch, tmp_path):
     assert main(["reproduce", "--out", str(tmp_path)]) == 0
     assert [c.rl_train_adapters for c in seen] == [False, True]
     assert pipeline._quick(dataclasses.replace(seen[0], quick=True)).rl_train_adapters is False
+    # slower adapters than heads (README, "Slower adapters")
+    assert main(["reproduce", "--rl-lr", "2.5e-4", "--rl-head-lr", "1e-3", "--out", str(tmp_path)]) == 0
+    assert (seen[-1].rl_lr, seen[-1].rl_head_lr) == (2.5e-4, 1e-3) and seen[1].rl_lr == 1e-3
+    quick = pipeline._quick(dataclasses.replace(seen[-1], quick=True))
+    assert (quick.rl_lr, quick.rl_head_lr) == (2.5e-4, 1e-3)
