@@ -18,7 +18,9 @@ from eetools.checkpoints import CheckpointError, load_json, load_tensors, save_j
 from eetools.paths import data_dir
 
 FORMAT = "eetools.exit_model/1"
-PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl"}
+# "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (README, "Slower adapters")
+PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl",
+           "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters"}
 
 
 PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.3 %, another model by about 100 %
@@ -114,7 +116,8 @@ def resolve_checkpoint(path_or_preset) -> Path:
 
 
 def load_exit_model(path_or_preset, model=None):
-    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl").
+    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl",
+    "tiny-reasoner/rl-slow-adapters").
 
     Args:
         path_or_preset: checkpoint folder written by `EarlyExitModel.save`, or a preset name.

@@ -64,7 +64,7 @@ def test_cached_equals_uncached_on_the_shipped_model(reasoner):
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl"])
+@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters"])
 def test_shipped_exit_models_load_and_exit(preset):
     from eetools.exit_checkpoint import PRESETS
     from eetools.paths import data_dir
@@ -142,3 +142,26 @@ def test_repeated_prompts_are_prefilled_once_without_changing_results(monkeypatc
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.exit_layers, b.exit_layers) and torch.equal(a.mask, b.mask)
     for name in ("token_logprobs", "exit_logprobs", "exit_probs"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-4, rtol=0)
+
+
+def test_slow_adapters_keep_the_full_depth_model_near_the_base():
+    """The `rl-slow-adapters` preset exists for this: with no exit, its adapted model stays as close to
+    the base model on ToM reasoning as the calibrated one (KL per token), where the `rl` preset's adapters,
+    trained four times faster, moved it 18 times further (README, "Slower adapters")."""
+    exs = tasks.get("tom").test_split()[:8]
+
+    def kl_to_base(preset: str) -> float:
+        ee = eetools.load_exit_model(preset)
+        kls = []
+        for e in exs:
+            toks = ee.model.to_tokens(e.text)
+            start = ee.model.to_tokens(e.prompt).shape[1] - 1  # positions predicting the reasoning
+            with torch.no_grad():
+                pol = ee.model(toks, return_type="logits")[0, start:-1].float().log_softmax(-1)
+                with ee.adapters_disabled():
+                    ref = ee.model(toks, return_type="logits")[0, start:-1].float().log_softmax(-1)
+            kls.append(float((pol.exp() * (pol - ref)).sum(-1).mean()))
+        return sum(kls) / len(kls)
+
+    slow, rl, calibrated = (kl_to_base(f"tiny-reasoner/{p}") for p in ("rl-slow-adapters", "rl", "calibrated"))
+    assert slow < 2 * calibrated and slow < rl / 4, (slow, rl, calibrated)
