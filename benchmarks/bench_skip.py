@@ -98,8 +98,9 @@ def sampling_vs_generate(bridge, new_tokens: int, repeats: int, c: float = 0.12)
     The heads (default exit layers) have zero weights and a bias giving every layer the same
     conditional exit probability `c`, so exits are drawn, not prescribed, and save about
     ``qwen3_sample_layers_saved`` of the blocks (0.12: 30 % in expectation on 28 blocks, about the
-    shipped heads' share with sampled exits; 24 tokens draw it with a spread of about 6 points). What it measures is the exit machinery's cost against what skipping
-    saves on a model whose blocks cost more than the Python around them.
+    shipped heads' share with sampled exits; 24 tokens draw it with a spread of about 6 points).
+    What it measures is the exit machinery's cost against what skipping saves on a model whose
+    blocks cost more than the Python around them.
     """
     import math
 
