@@ -301,6 +301,7 @@ class ExitState:
                 z = head(resid)
                 self.logits.append(z)
                 exit_at = self.exit_at
+                fire = None
                 if self.decide is not None:
                     last = exit_at[:, -1]  # a view: written in place below
                     fire = self.decide(i, z[:, -1]) & (last == L)
@@ -309,13 +310,12 @@ class ExitState:
                     else:
                         last.masked_fill_(fire, layer)
                         self.any_exit = True
-                    if exit_at.shape[1] == 1:  # a decode step: the rows exiting here are those that fired
-                        if fire is not None:
-                            self.frozen = torch.where(fire[:, None, None], resid,
-                                                      resid if self.frozen is None else self.frozen)
-                        return None
-                if self.any_exit:
-                    here = (exit_at == layer).unsqueeze(-1)
+                # positions exiting at this layer; at a decode step (one position) those that fired here
+                if self.decide is not None and exit_at.shape[1] == 1:
+                    here = None if fire is None else fire[:, None, None]
+                else:
+                    here = (exit_at == layer).unsqueeze(-1) if self.any_exit else None
+                if here is not None:
                     self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)
                 return None
             return hook

@@ -22,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.checkpoints import (load_json, load_state, load_tensors, recover_checkpoint, rng_state, save_json, save_state,
-                                 save_tensors, set_rng_state, staged_checkpoint)
+from eetools.checkpoints import (load_json, load_state, load_tensors, rng_state, save_json, save_state, save_tensors,
+                                 set_rng_state, staged_checkpoint)
 from eetools.tokenizer import build_tokenizer
+from eetools.training_state import has_checkpoint
 
 
 @dataclass
@@ -183,8 +184,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
     start = 0
-    recover_checkpoint(ckpt)  # a save that a crash interrupted: completed, or discarded
-    if (ckpt / "trainer.json").exists():
+    if has_checkpoint(ckpt):  # a save that a crash interrupted is completed, or discarded, first
         saved = load_json(ckpt / "trainer.json")
         _check_resume(cfg, saved["config"])
         model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=True)
