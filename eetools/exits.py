@@ -275,6 +275,12 @@ class ExitState:
         # nothing to freeze until some position exits: the freeze hooks then cost nothing
         self.any_exit = exit_at is not None and bool((exit_at < self.ee.n_layers).any())
         self._running: dict[int, tuple[Tensor, int, int]] = {}
+        # rows of the last position not exited yet, while deciding: a Python count kept from the
+        # one device sync each decision needs anyway, so once every row has exited the later
+        # heads only record their logits (no decision ops) and decode-step freezes copy `frozen`
+        self.undecided = 0 if exit_at is None or decide is None else int(exit_at.shape[0])
+        if decide is not None and self.any_exit:  # some last positions arrive already exited
+            self.undecided = int((exit_at[:, -1] == self.ee.n_layers).sum())
 
     def running(self, layer: int) -> "tuple[Tensor, int, int] | None":
         """``(rows, n, batch)``: indices of the rows still running at block `layer`, their number, the batch size.
@@ -302,14 +308,18 @@ class ExitState:
                 self.logits.append(z)
                 exit_at = self.exit_at
                 fire = None
-                if self.decide is not None:
+                if self.undecided:
                     last = exit_at[:, -1]  # a view: written in place below
-                    fire = self.decide(i, z[:, -1]) & (last == L)
-                    if not bool(fire.any()):
+                    fire = self.decide(i, z[:, -1])
+                    if self.undecided < len(last):  # rows that exited earlier do not exit again
+                        fire = fire & (last == L)
+                    n_fired = int(fire.sum())
+                    if n_fired == 0:
                         fire = None
                     else:
                         last.masked_fill_(fire, layer)
                         self.any_exit = True
+                        self.undecided -= n_fired
                 # positions exiting at this layer; at a decode step (one position) those that fired here
                 if self.decide is not None and exit_at.shape[1] == 1:
                     here = None if fire is None else fire[:, None, None]
@@ -324,6 +334,12 @@ class ExitState:
             def hook(resid, hook):
                 if not self.any_exit:
                     return None
+                if self.exit_at.shape[1] == 1:  # a decode step: nothing to do unless some rows are frozen here
+                    _, n, batch = self.running(layer)
+                    if n == batch:
+                        return None
+                    if n == 0:
+                        return self.frozen.clone()
                 return torch.where((self.exit_at <= layer).unsqueeze(-1), self.frozen, resid)
             return hook
 
