@@ -9,6 +9,7 @@ stay frozen and `adapters_disabled` gives back the base model exactly.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 from torch import nn
@@ -16,13 +17,40 @@ from torch import nn
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                    "c_attn", "c_proj", "c_fc")
 
+# bridge -> its LoRA layers with the slots holding them, found by one walk of the module tree (a
+# thousand modules on the shipped model: a few ms, which every generate and reference pass paid)
+_SLOTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
 
-def lora_layers(ee_model) -> list[nn.Module]:
+
+def lora_slots(ee_model) -> list[tuple[nn.Module, str, nn.Module]]:
+    """``(parent, name, layer)`` for every peft LoRA layer in the bridge, ``parent._modules[name] is layer``.
+
+    Found once per bridge and kept while every slot still holds its layer (or, inside
+    `adapters_merged`, the layer's base layer). `add_lora` starts a new walk; after injecting
+    adapters by other means, call `forget_lora_slots` on the bridge.
+    """
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:  # pragma: no cover - peft is a dependency
         return []
-    return [m for m in ee_model.model.modules() if isinstance(m, LoraLayer)]
+    model = ee_model.model
+    slots = _SLOTS.get(model)
+    # a slot may hold the layer's base layer instead, inside `adapters_merged`
+    if slots is None or any(parent._modules.get(name) not in (m, m.base_layer) for parent, name, m in slots):
+        slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
+                 if isinstance(child, LoraLayer)]
+        _SLOTS[model] = slots
+    return slots
+
+
+def forget_lora_slots(bridge: nn.Module) -> None:
+    """Make the next `lora_slots` walk the bridge's module tree again (after its adapters changed)."""
+    _SLOTS.pop(bridge, None)
+
+
+def lora_layers(ee_model) -> list[nn.Module]:
+    """The peft LoRA layers injected into the bridge, each once (empty when there are none)."""
+    return list(dict.fromkeys(m for _, _, m in lora_slots(ee_model)))
 
 
 def adapter_parameters(ee_model) -> list[nn.Parameter]:
@@ -55,12 +83,8 @@ def adapters_merged(ee_model):
     module tree (their parents call the base layers directly, sparing a wrapper call per
     weight and token). Used by ``generate(skip="compute")``, the fast decode path.
     """
-    from peft.tuners.lora import LoraLayer
-
-    # one walk of the tree: each active adapter with the parent slot that holds it
-    swapped = [(parent, name, child) for parent in ee_model.model.modules()
-               for name, child in parent._modules.items()
-               if isinstance(child, LoraLayer) and not child.merged and not child.disable_adapters]
+    # each active adapter with the parent slot that holds it
+    swapped = [(parent, name, m) for parent, name, m in lora_slots(ee_model) if not m.merged and not m.disable_adapters]
     layers = [m for _, _, m in swapped]
     saved = [m.get_base_layer().weight.detach().clone() for m in layers]
     try:
@@ -101,6 +125,7 @@ def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
                         fan_in_fan_out=conv1d)
     inject_adapter_in_model(config, ee_model.model)
+    forget_lora_slots(ee_model.model)
     params = adapter_parameters(ee_model)
     for p in params:
         p.requires_grad_(True)

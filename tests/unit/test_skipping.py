@@ -175,6 +175,8 @@ def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
 
 
 def test_merged_adapters_bypass_the_peft_wrappers_inside_the_block_only(tiny_ee):
+    from peft.tuners.lora import LoraLayer
+
     from eetools.adapters import adapters_merged, add_lora, lora_layers
 
     add_lora(tiny_ee, r=4)
@@ -182,6 +184,22 @@ def test_merged_adapters_bypass_the_peft_wrappers_inside_the_block_only(tiny_ee)
     modules_before = dict(tiny_ee.model.named_modules())
     with adapters_merged(tiny_ee):
         # a merged peft layer only forwards to its base layer, so the base layer is called directly
-        assert lora_layers(tiny_ee) == []
+        assert not any(isinstance(m, LoraLayer) for m in tiny_ee.model.modules())
+        assert len(lora_layers(tiny_ee)) == n_lora  # still known, as the layers to restore
     assert len(lora_layers(tiny_ee)) == n_lora
     assert all(modules_before[n] is m for n, m in tiny_ee.model.named_modules())
+
+
+def test_adapters_are_found_again_once_added_to_a_bridge_already_searched(tiny_ee):
+    """The LoRA layers are looked up once per bridge (a walk of its module tree); adding adapters
+    starts a new walk, seen by every exit model on that bridge."""
+    from eetools.adapters import add_lora, lora_layers
+    from eetools.exits import attach_exit_heads
+
+    other = attach_exit_heads(tiny_ee.model, tiny_ee.exit_layers)  # a second exit model, same bridge
+    assert lora_layers(tiny_ee) == [] and lora_layers(other) == []
+    add_lora(tiny_ee, r=2)
+    assert len(lora_layers(other)) == len(lora_layers(tiny_ee)) > 0
+    with other.adapters_disabled():
+        assert all(m.disable_adapters for m in lora_layers(tiny_ee))
+    assert not any(m.disable_adapters for m in lora_layers(tiny_ee))
