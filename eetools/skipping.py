@@ -74,7 +74,15 @@ class _RowSkip:
         self.active = active
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
-        self.row_macs = sum(p.numel() for p in module.parameters())  # multiply-adds per row, about
+        self.module = module
+        self._row_macs: int | None = None
+
+    @property
+    def row_macs(self) -> int:
+        """Multiply-adds per row, about: the component's weights (counted once, when first needed)."""
+        if self._row_macs is None:
+            self._row_macs = sum(p.numel() for p in self.module.parameters())
+        return self._row_macs
 
     def __call__(self, x, *args, **kwargs):
         running = self.active() if isinstance(x, Tensor) and x.ndim >= 2 and not args else None
