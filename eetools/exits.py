@@ -278,9 +278,10 @@ class ExitState:
         # rows of the last position not exited yet, while deciding: a Python count kept from the
         # one device sync each decision needs anyway, so once every row has exited the later
         # heads only record their logits (no decision ops) and decode-step freezes copy `frozen`
-        self.undecided = 0 if exit_at is None or decide is None else int(exit_at.shape[0])
-        if decide is not None and self.any_exit:  # some last positions arrive already exited
-            self.undecided = int((exit_at[:, -1] == self.ee.n_layers).sum())
+        if decide is None:
+            self.undecided = 0
+        else:  # without any exit yet, every row; else count (some last positions may arrive exited)
+            self.undecided = int((exit_at[:, -1] == self.ee.n_layers).sum()) if self.any_exit else len(exit_at)
 
     def running(self, layer: int) -> "tuple[Tensor, int, int] | None":
         """``(rows, n, batch)``: indices of the rows still running at block `layer`, their number, the batch size.

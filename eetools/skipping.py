@@ -75,14 +75,11 @@ class _RowSkip:
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
         self.module = module
-        self._row_macs: int | None = None
 
-    @property
+    @functools.cached_property
     def row_macs(self) -> int:
-        """Multiply-adds per row, about: the component's weights (counted once, when first needed)."""
-        if self._row_macs is None:
-            self._row_macs = sum(p.numel() for p in self.module.parameters())
-        return self._row_macs
+        """Multiply-adds per row, about: the component's weights (counted when first needed)."""
+        return sum(p.numel() for p in self.module.parameters())
 
     def __call__(self, x, *args, **kwargs):
         running = self.active() if isinstance(x, Tensor) and x.ndim >= 2 and not args else None
