@@ -77,7 +77,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         task: task name or `Task`; examples come from its frozen test split unless `examples` is given.
         n: number of examples.
         mode: "sample", "threshold" or "off" exits for the model under test.
-        threshold: with mode "threshold", exit where ``c >= threshold``.
+        threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
+            exitable layer (see `fit_thresholds`).
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
@@ -88,7 +89,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
     if mode == "threshold":
-        check_threshold(threshold)
+        threshold = check_threshold(threshold, len(ee_model.exit_layers))
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]

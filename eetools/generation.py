@@ -29,10 +29,28 @@ MODES = ("sample", "threshold", "off")
 SKIPS = ("mask", "compute")
 
 
-def check_threshold(threshold: float) -> None:
-    """Refuse an exit threshold outside (0, 1] (exits happen where ``c >= threshold``); used by `evaluate` and `tradeoff`."""
-    if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {threshold}")
+def check_threshold(threshold, n_exit: int | None = None) -> float | tuple[float, ...]:
+    """An exit threshold, checked: one number in (0, 1], or one per exitable layer (`n_exit` of them).
+
+    Exits happen where ``c_l >= threshold`` (or ``>= threshold[i]`` at the i-th exitable layer).
+    Returns a float or a tuple of floats; used by `generate`, `evaluate` and `tradeoff`.
+    """
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        values, one = [float(threshold)], True
+    else:
+        try:
+            if isinstance(threshold, (str, bytes)):
+                raise TypeError
+            values, one = [float(t) for t in threshold], False
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold must be a number in (0, 1] or one per exitable layer, got {threshold!r}") from None
+        if n_exit is not None and len(values) != n_exit:
+            raise ValueError(f"threshold has {len(values)} values but the model has {n_exit} exitable layers; "
+                             f"give one number, or one per exitable layer")
+    for t in values:
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {t}")
+    return values[0] if one else tuple(values)
 
 
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
@@ -77,7 +95,8 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         mode: "sample" (exits drawn from the heads), "threshold" (exit when ``c_l >= threshold``)
             or "off" (never exit: the base model with adapters as they are).
         temperature: token sampling temperature; 0 means greedy tokens (exits still follow `mode`).
-        threshold: the exit threshold of mode "threshold".
+        threshold: the exit threshold of mode "threshold": one number, or one per exitable layer
+            (a token exits at the first layer whose ``c_l`` reaches that layer's threshold).
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
@@ -97,6 +116,7 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
                          "the prefix, so exited tokens' later blocks cannot be skipped")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    threshold = check_threshold(threshold, len(ee_model.exit_layers))
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
     gen = torch.Generator(device="cpu")
@@ -167,7 +187,9 @@ class _Decoder:
 
         def decide_exit(i: int, z: Tensor) -> Tensor:
             c = torch.sigmoid(z.float())
-            return (u_exit[:, i] < c) if self.mode == "sample" else (c >= self.threshold)
+            if self.mode == "sample":
+                return u_exit[:, i] < c
+            return c >= (self.threshold if isinstance(self.threshold, float) else self.threshold[i])
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
         if self.use_cache and step == 0 and self.distinct is not None:
