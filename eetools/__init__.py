@@ -29,7 +29,6 @@ _LAZY = {
     "train_rl": "eetools.rl",
     "evaluate": "eetools.evaluation",
     "tradeoff": "eetools.operating_points",
-    "fit_thresholds": "eetools.layer_thresholds",
     "viz": "eetools.viz",
     "judges": "eetools.judges",
     "probes": "eetools.probes",

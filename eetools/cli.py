@@ -152,8 +152,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
     p.add_argument("--threshold", type=float, nargs="+", default=[0.5],
-                   help="exit where c >= this, with --mode threshold: one value, or one per exitable layer (as "
-                        "`fit-thresholds` prints them; default: 0.5)")
+                   help="exit where c >= this, with --mode threshold: one value, or one per exitable layer "
+                        "(default: 0.5)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -174,16 +174,6 @@ def make_parser() -> argparse.ArgumentParser:
                         "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="report the threshold saving the most layers within this accuracy drop from the base model")
-
-    p = sub.add_parser("fit-thresholds", help="one exit threshold per layer, fitted on the validation split")
-    _common(p, "runs/fit_thresholds")
-    p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
-    p.add_argument("--task", default="addition", help="task name")
-    p.add_argument("--n", type=int, default=500, help="validation examples (default: 500)")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="accuracy one may lose against the base model, a fraction (default: 0.01)")
-    p.add_argument("--grid", type=float, nargs="+", default=None,
-                   help="threshold values tried per layer (default: 0.95 0.9 0.8 ... 0.1)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -275,20 +265,6 @@ def _run(args) -> int:
         best = res.best_threshold(args.max_drop)
         say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
             f"model's accuracy is {best if best is not None else 'none of those given'}")
-    elif args.command == "fit-thresholds":
-        fit = pipeline.run_fit_thresholds(out, exit_model=args.exit_model, task=args.task, n=args.n,
-                                          max_drop=args.max_drop, grid=args.grid, device=args.device, dtype=args.dtype,
-                                          progress=progress)
-        if fit.thresholds is None:
-            say(f"no threshold keeps {fit.task} within {args.max_drop:g} of the base model's validation accuracy "
-                f"({fit.base_accuracy:.3f}); try a higher --grid value or a larger --max-drop")
-            return 1
-        say(f"{fit.task}, {fit.n} validation examples: base accuracy {fit.base_accuracy:.3f}; best single threshold "
-            f"{fit.uniform:g}; per-layer thresholds (layers {' '.join(map(str, fit.layers))}): "
-            f"{' '.join(f'{t:g}' for t in fit.thresholds)}: accuracy {fit.accuracy:.3f}, layers saved "
-            f"{fit.layers_saved:.3f}")
-        say(f"report the test split with: eetools evaluate --exit-model {args.exit_model} --task {fit.task} "
-            f"--mode threshold --threshold {' '.join(f'{t:g}' for t in fit.thresholds)}")
     elif args.command == "accuracy":
         import eetools
         from eetools.evaluation import greedy_accuracy

@@ -78,7 +78,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         n: number of examples.
         mode: "sample", "threshold" or "off" exits for the model under test.
         threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
-            exitable layer (see `fit_thresholds`).
+            exitable layer.
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA

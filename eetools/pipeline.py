@@ -176,24 +176,6 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
     return res
 
 
-def run_fit_thresholds(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=500, max_drop=0.01, grid=None,
-                       device="cpu", dtype=None, progress=True):
-    """`eetools.fit_thresholds` of an exit-model checkpoint; writes ``thresholds.json``, ``path.csv``, ``path.json`` (plotly)."""
-    import eetools
-    from eetools.checkpoints import save_json
-    from eetools.layer_thresholds import DEFAULT_GRID
-
-    out, ee = _output_and_model(out, exit_model, device, dtype)
-    fit = eetools.fit_thresholds(ee, task, n=n, max_drop=max_drop, grid=grid or DEFAULT_GRID, progress=progress)
-    record = {"exit_model": str(exit_model), "task": fit.task, "n": fit.n, "max_drop": max_drop, "layers": fit.layers,
-              "thresholds": fit.thresholds, "accuracy": fit.accuracy, "layers_saved": fit.layers_saved,
-              "base_accuracy": fit.base_accuracy, "uniform": fit.uniform}
-    save_json(record, out / "thresholds.json")
-    fit.path.to_csv(out / "path.csv", index=False)
-    fit.figure().write_json(out / "path.json")
-    return fit
-
-
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
     import eetools

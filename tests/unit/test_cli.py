@@ -1,7 +1,6 @@
 """The command line, called in-process with a few steps on a tiny random model."""
 
 import dataclasses
-import json
 
 import pandas as pd
 import pytest
@@ -60,15 +59,8 @@ def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
     assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "2",
                  "--out", str(tr), "--no-progress"]) == 2
     assert "in (0, 1]" in capsys.readouterr().err
-    fit = tmp_path / "fit"
-    assert main(["fit-thresholds", "--exit-model", str(rl / "model"), "--n", "3", "--grid", "0.9", "0.1",
-                 "--out", str(fit), "--no-progress"]) == 0
-    said = capsys.readouterr().out
-    assert "per-layer thresholds (layers 1 2 3)" in said and "--mode threshold --threshold" in said
-    fitted = json.loads((fit / "thresholds.json").read_text())
-    assert len(fitted["thresholds"]) == 3 and (fit / "path.csv").exists() and (fit / "path.json").exists()
     assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold",
-                 *map(str, fitted["thresholds"]), "--out", str(tmp_path / "ev2"), "--no-progress"]) == 0
+                 "1", "0.5", "1", "--out", str(tmp_path / "ev2"), "--no-progress"]) == 0
     assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold",
                  "0.5", "0.5", "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
     assert "3 exitable layers" in capsys.readouterr().err
