@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from eetools.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.hooks import check_hook_names, resid_post, resid_pre
+from eetools.norm_shortcut import norm_shortcut
 
 
 def default_exit_layers(n_layers: int) -> list[int]:
@@ -184,7 +185,7 @@ class EarlyExitModel(nn.Module):
             kwargs["attention_mask"] = attention_mask
         if past_key_values is not None:
             kwargs["past_key_values"] = past_key_values
-        with ctx:
+        with ctx, norm_shortcut(self.model):
             if use_cache:
                 logits, cache = self.model(tokens, return_type="logits_and_cache", **kwargs)
             else:
@@ -202,7 +203,8 @@ class EarlyExitModel(nn.Module):
             return hook
 
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
-        with self.adapters_disabled(), self.model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in self.exit_layers]):
+        with (self.adapters_disabled(), norm_shortcut(self.model),
+              self.model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in self.exit_layers])):
             logits = self.model(tokens, return_type="logits", **kwargs)
             early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
         return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))

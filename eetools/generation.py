@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from eetools.adapters import adapters_merged
 from eetools.exits import ExitState
 from eetools.heads import exit_log_probs
+from eetools.norm_shortcut import norm_shortcut
 from eetools.rollout import Rollout
 from eetools.skipping import compute_skipping
 
@@ -126,6 +127,7 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
         stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
+        stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
         if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
             stack.enter_context(adapters_merged(ee_model))
             stack.enter_context(compute_skipping(ee_model, state))

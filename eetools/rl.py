@@ -41,6 +41,7 @@ from eetools.calibration import CHUNK_ROWS
 from eetools.generation import distinct_rows
 from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
+from eetools.norm_shortcut import norm_shortcut
 from eetools.training_state import has_checkpoint, resume_run, save_run, stop_note
 
 
@@ -229,7 +230,7 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
     p, n = prompts.shape[1], tokens.shape[1]
     head, rest = prompts[first], tokens[:, :-1]  # the last token predicts nothing we score
     head_attn, rest_attn = attn[first, :p], attn[:, :-1]
-    with torch.no_grad(), ee_model.adapters_disabled():
+    with torch.no_grad(), ee_model.adapters_disabled(), norm_shortcut(ee_model.model):
         logits, cache = ee_model.model(head, return_type="logits_and_cache", attention_mask=head_attn)
         if not hasattr(cache, "batch_select_indices"):
             return None

@@ -12,6 +12,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eetools.hooks import resid_pre
+from eetools.norm_shortcut import norm_shortcut
 from eetools.probes._common import _as_pairs
 from eetools.probes.tokens import _task_of, _text_pieces, annotate_tokens
 
@@ -59,7 +60,7 @@ def _lens_rows(ee_model, examples, batch_size: int, base: bool):
             return hook
 
         ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
-        with ctx, model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in ee_model.exit_layers]):
+        with ctx, norm_shortcut(model), model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in ee_model.exit_layers]):
             logits = model(ids, attention_mask=attn, return_type="logits")
             early = torch.stack([ee_model.readout(store[l]) for l in ee_model.exit_layers], 1)
         finals.append(logits[ri, pi].float().log_softmax(-1).cpu())
