@@ -55,11 +55,12 @@ def test_a_hook_on_a_norms_internals_is_honoured(tiny_bridge, arch):
         return x * 0.5
 
     hooks = [("blocks.1.ln2.hook_normalized", halve)]
+    edited = "edited hook_scale/hook_normalized"  # the bridge's own warning, on its own path
     with torch.no_grad():
         plain = tiny_bridge(toks, return_type="logits")
-        with tiny_bridge.hooks(fwd_hooks=hooks):
+        with tiny_bridge.hooks(fwd_hooks=hooks), pytest.warns(UserWarning, match=edited):
             ref = tiny_bridge(toks, return_type="logits")
-        with norm_shortcut(tiny_bridge), tiny_bridge.hooks(fwd_hooks=hooks):
+        with norm_shortcut(tiny_bridge), tiny_bridge.hooks(fwd_hooks=hooks), pytest.warns(UserWarning, match=edited):
             out = tiny_bridge(toks, return_type="logits")
     assert not torch.equal(ref, plain), "the hook did nothing"
     assert torch.equal(out, ref) and seen == ["blocks.1.ln2.hook_normalized"] * 2
