@@ -68,7 +68,7 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
 
 
 def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
-             max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float = 0.5,
+             max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float | Sequence[float] = 0.5,
              examples: Sequence | None = None, compare: bool = True, progress: bool = True) -> Evaluation:
     """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
 

@@ -227,8 +227,8 @@ class EarlyExitModel(nn.Module):
         return self.prescribed_forward(tokens, exit_layers, attention_mask)
 
     def generate(self, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-                 threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, skip: str = "mask",
-                 progress: bool = False):
+                 threshold: float | Sequence[float] = 0.5, seed: int | None = None, use_cache: bool = True,
+                 skip: str = "mask", progress: bool = False):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.generation.generate`.
 
         ``skip="compute"`` makes exits save time (exited tokens only compute keys and values in

@@ -14,6 +14,7 @@ Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache ro
 from __future__ import annotations
 
 import contextlib
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -30,7 +31,7 @@ MODES = ("sample", "threshold", "off")
 SKIPS = ("mask", "compute")
 
 
-def check_threshold(threshold, n_exit: int | None = None) -> float | tuple[float, ...]:
+def check_threshold(threshold: float | Sequence[float], n_exit: int | None = None) -> float | tuple[float, ...]:
     """An exit threshold, checked: one number in (0, 1], or one per exitable layer (`n_exit` of them).
 
     Exits happen where ``c_l >= threshold`` (or ``>= threshold[i]`` at the i-th exitable layer).

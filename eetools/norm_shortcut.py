@@ -4,9 +4,10 @@ A TransformerLens `NormalizationBridge` on its native-autograd path (the one the
 HF norms such as `Qwen3RMSNorm`) computes the norm's statistics itself, to fire its
 ``hook_scale`` and ``hook_normalized`` hook points, and then, unless a hook edited them, returns
 the wrapped HF norm's own output. When those two hook points carry no hooks, the statistics are
-about ten tensor operations per norm call spent on values nobody reads. The shipped 8-block
-model has 33 norms (two per block, the query and key norms, the final norm), so a decode step
-spends about a quarter of its tensor operations there.
+about six tensor operations per norm call spent on values nobody reads. The shipped 8-block
+model has 33 norms (two per block, the query and key norms, the final norm): sampling with
+exits at batch 1 took 1,207 tensor operations per decoded token without the shortcut and
+1,012 with it (`bridge.generate`: 1,148).
 
 Within `norm_shortcut(bridge)`, each such norm calls the HF norm directly, checking at every
 call that its two hook points still carry no forward or backward hooks; if one does (a hook
