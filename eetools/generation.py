@@ -87,8 +87,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 @torch.no_grad()
 def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float = 0.5, seed: int | None = None, use_cache: bool = True, skip: str = "mask",
-             progress: bool = False) -> Rollout:
+             threshold: float | Sequence[float] = 0.5, seed: int | None = None, use_cache: bool = True,
+             skip: str = "mask", progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -154,8 +154,10 @@ class _Decoder:
 
     def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen):
         self.ee, self.ids, self.pmask = ee_model, ids, pmask
-        self.mode, self.temperature, self.threshold, self.use_cache, self.gen = mode, temperature, threshold, use_cache, gen
+        self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
         self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
+        # one threshold per exitable layer, whether one or several were given
+        self.thresholds = (threshold,) * self.m if isinstance(threshold, float) else tuple(threshold)
         self.device = ee_model.device
         tok = ee_model.model.tokenizer
         self.eos = tok.eos_token_id
@@ -192,7 +194,7 @@ class _Decoder:
             c = torch.sigmoid(z.float())
             if self.mode == "sample":
                 return u_exit[:, i] < c
-            return c >= (self.threshold if isinstance(self.threshold, float) else self.threshold[i])
+            return c >= self.thresholds[i]
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
         if self.use_cache and step == 0 and self.distinct is not None:

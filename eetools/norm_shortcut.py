@@ -62,7 +62,10 @@ def norm_shortcut(bridge: nn.Module):
 
     Reentrant: an inner context leaves the norms to the outer one. Restored on exit, errors included.
     """
-    mine = [m for m in _shortcut_norms(bridge) if _METHOD not in m.__dict__]
+    norms = _shortcut_norms(bridge)
+    # all or none are installed (by one context); an inner context, as each decode step's forward
+    # inside `generate`, finds them installed and leaves them to the outer one
+    mine = [] if not norms or _METHOD in norms[0].__dict__ else norms
     for m in mine:
         setattr(m, _METHOD, _direct(m))
     try:
