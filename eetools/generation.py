@@ -21,11 +21,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from eetools.adapters import adapters_merged
+from eetools.bypass import bridge_bypassed
 from eetools.exits import ExitState
 from eetools.heads import exit_log_probs
 from eetools.norm_shortcut import norm_shortcut
 from eetools.rollout import Rollout
-from eetools.skipping import compute_skipping
+from eetools.skipping import compute_skipping, skip_support, skipped_components
 
 MODES = ("sample", "threshold", "off")
 SKIPS = ("mask", "compute")
@@ -127,11 +128,17 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     state = ExitState(ee_model)
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
-        stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
-        stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
-        if skip == "compute":  # LoRA folded into the weights, exited rows' later compute skipped
+        bypassed = False
+        if skip == "compute":  # LoRA folded into the weights; the HF modules run without the bridge's wrappers
             stack.enter_context(adapters_merged(ee_model))
-            stack.enter_context(compute_skipping(ee_model, state))
+            if skip_support(ee_model.model) is None:
+                needed = [m for _, m in skipped_components(ee_model)]
+                bypassed = stack.enter_context(bridge_bypassed(ee_model, state, needed))
+        if not bypassed:  # the exit hooks on the bridge's hook points
+            stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
+        stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
+        if skip == "compute":  # exited rows' later compute skipped
+            stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if bool(dec.done.all()):

@@ -99,8 +99,17 @@ class _RowSkip:
         return part.new_zeros((x.shape[0], *part.shape[1:])).index_copy_(0, rows, part)
 
 
+def skipped_components(ee_model) -> list[tuple[int, nn.Module]]:
+    """``(layer, component)`` for every bridge component compute skipping wraps (blocks from the first exitable layer)."""
+    out = []
+    for layer in range(ee_model.exit_layers[0], ee_model.n_layers):
+        block = ee_model.model.blocks[layer]
+        out += [(layer, m) for m in (_component(block, path) for path in SKIPPABLE + OPTIONAL) if m is not None]
+    return out
+
+
 @contextlib.contextmanager
-def compute_skipping(ee_model, state):
+def compute_skipping(ee_model, state, *, bypassed: bool = False):
     """Within this context, decode steps skip exited rows' query, output projection and MLP.
 
     Args:
@@ -108,6 +117,8 @@ def compute_skipping(ee_model, state):
         state: the `ExitState` whose hooks are attached; its ``exit_at[:, -1]`` says which rows
             of the current one-position step have exited (rows with ``exit_at <= layer`` are skipped
             at block `layer`).
+        bypassed: the forward runs the HF modules directly (`eetools.bypass`): wrap the modules
+            the components wrap, not the components.
 
     Yields True if skipping is active, False if the architecture is unsupported (then a
     warning says why and the masked path runs).
@@ -121,15 +132,12 @@ def compute_skipping(ee_model, state):
     patched: list[tuple[nn.Module, object]] = []
 
     try:
-        for layer in range(ee_model.exit_layers[0], ee_model.n_layers):
-            block = ee_model.model.blocks[layer]
-            for path in SKIPPABLE + OPTIONAL:
-                module = _component(block, path)
-                if module is None:
-                    continue
-                patched.append((module, module.__dict__.get("forward")))
-                # object.__setattr__: bridge components forward attribute sets to the wrapped HF module
-                object.__setattr__(module, "forward", _RowSkip(module, functools.partial(state.running, layer)))
+        for layer, module in skipped_components(ee_model):
+            if bypassed:
+                module = module.original_component
+            patched.append((module, module.__dict__.get("forward")))
+            # object.__setattr__: bridge components forward attribute sets to the wrapped HF module
+            object.__setattr__(module, "forward", _RowSkip(module, functools.partial(state.running, layer)))
         yield True
     finally:
         for module, before in reversed(patched):

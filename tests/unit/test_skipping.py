@@ -94,26 +94,34 @@ def test_a_component_gathers_rows_only_when_skipping_saves_more_than_the_gather(
     assert (wrapped(x) == 0).all()
 
 
-def test_query_norm_runs_only_on_running_rows(tiny_ee, arch):
-    """Qwen3's query norm (``[batch, heads, 1, d_head]`` at a decode step) is skipped with the query."""
+@pytest.mark.parametrize("path", ["bypass", "bridge"])
+def test_query_norm_runs_only_on_running_rows(tiny_ee, arch, path, monkeypatch):
+    """Qwen3's query norm (``[batch, heads, 1, d_head]`` at a decode step) is skipped with the query,
+    whether the decode runs the HF modules directly or, with a hook attached, the bridge's components."""
     if arch != "qwen3":
         pytest.skip("GPT-2 blocks have no query norm")
     _eager_heads(tiny_ee, [-30.0, 30.0, -30.0])  # every generated token exits at layer 2
     seen = []
     norm = tiny_ee.model.blocks[2].attn.q_norm
     leaf = norm.original_component
-    handle = leaf.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
-    try:
-        prompts = ["Q: 1+2\n", "Q: 3+4\n", "Q: 5+6\n"]
-        masked = tiny_ee.generate(prompts, 6, seed=0, temperature=0)
+    plain = type(leaf).forward
+
+    def counted(self, x, *a, **k):  # the norm's computation, wherever it is called from
+        if self is leaf:
+            seen.append(x.shape[0])
+        return plain(self, x, *a, **k)
+
+    monkeypatch.setattr(type(leaf), "forward", counted)
+    prompts = ["Q: 1+2\n", "Q: 3+4\n", "Q: 5+6\n"]
+    masked = tiny_ee.generate(prompts, 6, seed=0, temperature=0)
+    noop = [("blocks.0.hook_resid_pre", lambda resid, hook: None)] if path == "bridge" else []
+    with tiny_ee.model.hooks(fwd_hooks=noop):  # a hook on the bridge keeps the decode on its components
         seen.clear()
         skipped = tiny_ee.generate(prompts, 6, seed=0, temperature=0, skip="compute")
-    finally:
-        handle.remove()
     _assert_same(masked, skipped)
     assert (skipped.exit_layers[:, 1:] == 2).all()
     assert seen == [3], "the query norm of block 2 ran on exited rows after the prompt step"
-    assert "forward" not in norm.__dict__
+    assert "forward" not in norm.__dict__ and "forward" not in leaf.__dict__
 
 
 def test_wrappers_are_removed_even_on_errors(tiny_ee):

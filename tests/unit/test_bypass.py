@@ -1,0 +1,117 @@
+"""`eetools.bypass`: the fast decode runs the HF modules the bridge wraps, with the same results.
+
+Rollouts with the bypass are compared with ``torch.equal`` to the bridge's own path (forced by
+a hook that changes nothing), on tiny random bridges with LoRA adapters; GPT-2, whose query is
+split from the fused ``c_attn`` by the bridge, must fall back to the bridge.
+"""
+
+import pytest
+import torch
+
+from eetools import bypass
+from eetools.adapters import adapter_parameters, add_lora
+from eetools.hooks import count_hooks
+
+FIELDS = ("tokens", "mask", "exit_layers", "token_logprobs", "exit_logprobs", "exit_probs")
+PROMPTS = ["Q: 12+34\n", "Q: 1+2\nab c", "hello", "Q: 12+34\n"]  # left padding, a repeated prompt
+
+
+def _busy_heads(ee):
+    with torch.no_grad():
+        for h, b in zip(ee.heads, [-1.0, -0.5, 0.0]):
+            h.net[-1].bias.fill_(b)  # exits at every layer
+
+
+def _tree(bridge):
+    return [(name, id(m)) for name, m in bridge.original_model.named_modules()]
+
+
+def _generate(ee, noop_hook: bool, **kw):
+    """Generate with skip="compute"; also returns how often block 2's bridge component ran."""
+    calls = []
+    handle = ee.model.blocks[2].register_forward_hook(lambda *a: calls.append(1))  # a torch hook: not a hook point
+    noop = [("blocks.0.hook_resid_pre", lambda resid, hook: None)] if noop_hook else []
+    try:
+        with ee.model.hooks(fwd_hooks=noop):
+            r = ee.generate(PROMPTS, 16, skip="compute", seed=5, **kw)
+    finally:
+        handle.remove()
+    return r, len(calls)
+
+
+@pytest.mark.parametrize("kw", [dict(mode="sample", temperature=1.0), dict(mode="threshold", threshold=0.4, temperature=0.0)],
+                         ids=["sample", "threshold"])
+def test_bypassed_decode_equals_the_bridge_path(tiny_ee, arch, kw):
+    add_lora(tiny_ee, r=2)
+    with torch.no_grad():  # adapters that change the function, so merging them matters
+        for p in adapter_parameters(tiny_ee):
+            p.normal_(0, 0.05)
+    _busy_heads(tiny_ee)
+    before = _tree(tiny_ee.model)
+    fast, fast_calls = _generate(tiny_ee, noop_hook=False, **kw)
+    ref, ref_calls = _generate(tiny_ee, noop_hook=True, **kw)
+    for f in FIELDS:
+        assert torch.equal(getattr(fast, f), getattr(ref, f)), f"the bypass changed {f}"
+    exits = set(ref.exit_layers[ref.mask].tolist())
+    assert len(exits) >= (3 if kw["mode"] == "sample" else 2), f"the test needs exits, at several layers: {exits}"
+    assert ref_calls > 0, "with a hook attached the decode must run the bridge's components"
+    if arch == "qwen3":
+        assert fast_calls == 0, "without hooks the decode should bypass the bridge's components"
+    else:  # the bridge splits GPT-2's query from c_attn: no HF module to skip rows of, so no bypass
+        assert fast_calls > 0
+    assert _tree(tiny_ee.model) == before, "the HF module tree was not restored"
+    assert count_hooks(tiny_ee.model) == 0
+
+
+def test_a_hook_on_the_bridge_is_honoured_by_the_fast_path(tiny_ee):
+    """A hook that edits the residual turns the bypass off: skip="compute" gives what the masked path gives."""
+    _busy_heads(tiny_ee)
+
+    def damp(resid, hook):
+        return resid * 0.5
+
+    with tiny_ee.model.hooks(fwd_hooks=[("blocks.1.hook_resid_post", damp)]):
+        masked = tiny_ee.generate(PROMPTS, 12, seed=1)
+        fast = tiny_ee.generate(PROMPTS, 12, seed=1, skip="compute")
+    plain = tiny_ee.generate(PROMPTS, 12, seed=1)
+    assert torch.equal(masked.tokens, fast.tokens) and torch.equal(masked.exit_layers, fast.exit_layers)
+    torch.testing.assert_close(masked.token_logprobs, fast.token_logprobs, atol=1e-4, rtol=0)
+    assert not torch.allclose(plain.token_logprobs, masked.token_logprobs), "the hook should change the model"
+
+
+def test_the_tree_and_hooks_are_restored_on_errors(tiny_ee, arch):
+    before = _tree(tiny_ee.model)
+    layers = [b.original_component for b in tiny_ee.model.blocks]
+    tiny_ee.generate(PROMPTS, 2, seed=0, skip="compute")  # transformers hooks its layers at a first forward
+    hooks_before = [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers]  # transformers' own
+    orig = tiny_ee.heads[1].forward
+
+    def boom(*a, **k):
+        raise RuntimeError("injected")
+
+    tiny_ee.heads[1].forward = boom
+    with pytest.raises(RuntimeError, match="injected"):
+        tiny_ee.generate(PROMPTS, 4, seed=0, skip="compute")
+    tiny_ee.heads[1].forward = orig
+    assert _tree(tiny_ee.model) == before
+    assert [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers] == hooks_before, \
+        "an exit hook stayed on an HF layer"
+    assert not any("forward" in m.__dict__ for m in tiny_ee.model.original_model.modules())
+    assert count_hooks(tiny_ee.model) == 0
+
+
+def test_what_blocks_the_bypass_is_said(tiny_ee):
+    bridge = tiny_ee.model
+    assert bypass.bypass_blocker(bridge) is None
+    with bridge.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda r, hook: None)]):
+        assert "hooks are attached" in bypass.bypass_blocker(bridge)
+    bridge.cfg.use_attn_result = True
+    try:
+        assert "use_attn_result" in bypass.bypass_blocker(bridge)
+    finally:
+        bridge.cfg.use_attn_result = False
+    bridge._weights_processed = True
+    try:
+        assert "processed its weights" in bypass.bypass_blocker(bridge)
+    finally:
+        bridge._weights_processed = False
