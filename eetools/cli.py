@@ -135,7 +135,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)")
     p.add_argument("--task", default="addition", help="task name (addition, tom)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="exitable layers (default: every layer 1..L-1)")
-    p.add_argument("--head", default="mlp", choices=["mlp", "linear"], help="exit head kind")
+    p.add_argument("--head", default="mlp", choices=["mlp", "linear", "lens"],
+                   help="exit head kind (lens: the MLP also reads the logit lens at its layer)")
     add_config_args(p, CalibrationConfig)
 
     p = sub.add_parser("rl", help="RLOO training of exits")

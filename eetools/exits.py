@@ -107,7 +107,8 @@ class EarlyExitModel(nn.Module):
         self.exit_layers: list[int] = validate_exit_layers(layers, self.n_layers)
         self.head_kind = head
         d_model = int(model.cfg.d_model)
-        self.heads = nn.ModuleList([make_head(head, d_model, self.readout) for _ in self.exit_layers])
+        self.heads = nn.ModuleList([make_head(head, d_model, self.readout, int(model.cfg.d_vocab))
+                                    for _ in self.exit_layers])
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}

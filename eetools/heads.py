@@ -20,21 +20,34 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-HEAD_KINDS = ("mlp", "linear", "confidence")
-TRAINABLE_KINDS = ("mlp", "linear")
+HEAD_KINDS = ("mlp", "linear", "lens", "confidence")
+TRAINABLE_KINDS = ("mlp", "linear", "lens")
 INIT_BIAS = -5.0
+# a "lens" head reads log-probabilities floored at LENS_FLOOR and divided by LENS_SCALE: in [-4, 0],
+# the scale of the layer-normalised residual beside them (below e^-16 a token's odds do not matter)
+LENS_FLOOR, LENS_SCALE = -16.0, 4.0
 
 
 class ExitHead(nn.Module):
-    """``d_model -> 1`` exit logit; ``kind="mlp"`` is the authors' ``d -> 2d -> 1`` ReLU MLP."""
+    """``d_model -> 1`` exit logit; ``kind="mlp"`` is the authors' ``d -> 2d -> 1`` ReLU MLP.
 
-    def __init__(self, d_model: int, kind: str = "mlp", init_bias: float = INIT_BIAS):
+    ``kind="lens"`` is the same MLP reading the residual *and* the logit lens at its layer (the
+    early readout's log-probabilities, ``vocab`` more inputs): what the exit would emit, so the
+    head need not re-learn the final norm and unembedding to tell a confident readout.
+    """
+
+    def __init__(self, d_model: int, kind: str = "mlp", init_bias: float = INIT_BIAS,
+                 readout: Callable[[Tensor], Tensor] | None = None, vocab: int = 0):
         super().__init__()
         if kind not in TRAINABLE_KINDS:
             raise ValueError(f"ExitHead kind must be one of {TRAINABLE_KINDS}, got {kind!r}")
+        if kind == "lens" and (readout is None or vocab < 1):
+            raise ValueError("a 'lens' head needs the model's readout and vocabulary size")
         self.kind, self.d_model = kind, d_model
-        if kind == "mlp":
-            self.net = nn.Sequential(nn.Linear(d_model, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, 1))
+        self.readout = readout if kind == "lens" else None  # a function, not a submodule
+        if kind in ("mlp", "lens"):
+            width = d_model + (vocab if kind == "lens" else 0)
+            self.net = nn.Sequential(nn.Linear(width, 2 * d_model), nn.ReLU(), nn.Linear(2 * d_model, 1))
         else:
             self.net = nn.Sequential(nn.Linear(d_model, 1))
         last = self.net[-1]
@@ -48,8 +61,11 @@ class ExitHead(nn.Module):
         first = layers["0"]
         w = first.weight
         x = nn.functional.layer_norm(resid if resid.dtype == w.dtype else resid.to(w.dtype), (self.d_model,))
+        if self.kind == "lens":
+            lens = self.readout(resid).to(w.dtype).log_softmax(-1)
+            x = torch.cat([x, lens.clamp(min=LENS_FLOOR) / LENS_SCALE], -1)
         x = nn.functional.linear(x, w, first.bias)
-        if self.kind == "mlp":
+        if self.kind != "linear":
             last = layers["2"]
             x = nn.functional.linear(torch.relu(x), last.weight, last.bias)
         return x.squeeze(-1)
@@ -73,11 +89,13 @@ class ConfidenceHead(nn.Module):
         return top.squeeze(-1) - others
 
 
-def make_head(kind: str, d_model: int, readout: Callable[[Tensor], Tensor]) -> nn.Module:
-    """An exit head of `kind` (one of `HEAD_KINDS`); `readout` is the logit lens, used by "confidence"."""
+def make_head(kind: str, d_model: int, readout: Callable[[Tensor], Tensor], vocab: int = 0) -> nn.Module:
+    """An exit head of `kind` (one of `HEAD_KINDS`); `readout` is the logit lens, used by "lens" and "confidence"."""
     if kind not in HEAD_KINDS:
         raise ValueError(f"head must be one of {HEAD_KINDS}, got {kind!r}")
-    return ConfidenceHead(readout) if kind == "confidence" else ExitHead(d_model, kind)
+    if kind == "confidence":
+        return ConfidenceHead(readout)
+    return ExitHead(d_model, kind, readout=readout, vocab=vocab)
 
 
 def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:
