@@ -358,7 +358,8 @@ def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str =
         model: a `TransformerBridge` (e.g. from `eetools.load_model()`).
         layers: exitable layers, a strictly increasing subset of ``1 .. L-1``; None picks every
             layer for models up to 12 blocks, else about 8 evenly spaced layers.
-        head: "mlp" (the authors' ``d -> 2d -> 1`` ReLU MLP), "linear", or "confidence" (no
+        head: "mlp" (the authors' ``d -> 2d -> 1`` ReLU MLP), "linear", "lens" (the MLP also fed
+            the logit lens at its layer), or "confidence" (no
             parameters: ``c_l`` is the logit lens's top probability at `l`; the baseline that
             exits where the early readout is confident, to compare learned heads with).
 
