@@ -46,6 +46,12 @@ def _is_bridge(module: nn.Module) -> bool:
     return isinstance(module._modules.get("_original_component"), nn.Module) and hasattr(module, "hook_out")
 
 
+def _restore(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back what `_swap_in_originals` replaced, last swap first."""
+    for parent, name, was in reversed(undo):
+        parent._modules[name] = was
+
+
 def _swap_in_originals(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
     """Replace every bridge component under `root` by the module it wraps; returns ``(parent, name, was)``."""
     undo: list[tuple[nn.Module, str, nn.Module]] = []
@@ -134,7 +140,7 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
     handles: list = []
     try:
         on_path = {id(m) for m in bridge.original_model.modules()}
-        blocks = [b._modules.get("_original_component") for b in bridge.blocks]
+        blocks = [b.original_component for b in bridge.blocks]
         if any(id(m) not in on_path for m in [*blocks, *(c.original_component for c in needed)]):
             ok = False
         else:
@@ -143,12 +149,10 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
                 handles += _layer_hooks(layer, by_name.get(resid_pre(l)), by_name.get(resid_post(l)))
             ok = True
         if not ok:  # put the bridge back before the caller runs its own path
-            for parent, name, was in reversed(undo):
-                parent._modules[name] = was
+            _restore(undo)
             undo = []
         yield ok
     finally:
         for h in handles:
             h.remove()
-        for parent, name, was in reversed(undo):
-            parent._modules[name] = was
+        _restore(undo)
