@@ -18,7 +18,7 @@ from eetools.checkpoints import CheckpointError, load_json, load_tensors, save_j
 from eetools.paths import data_dir
 
 FORMAT = "eetools.exit_model/1"
-# "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (README, "Slower adapters")
+# "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (docs/experiments.md, "Slower adapters")
 PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl",
            "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters"}
 

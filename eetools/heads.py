@@ -10,7 +10,7 @@ the base model.
 CALM's softmax confidence): ``c_l`` is the largest probability of the logit lens at `l`, so
 a token exits where the early readout is confident. It needs no calibration, and shows what
 the learned heads add. ``kind="lens"`` combines the two: the learned MLP, fed the logit lens
-at its layer beside the residual (README: "Heads that read the logit lens").
+at its layer beside the residual (docs/experiments.md: "Heads that read the logit lens").
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ class ReproduceConfig:
     """Other KL factors for Fig. 3 (short calibrations; the main one, `calib_kl_factor`, is added)."""
     calib_kl_factor: float = 64.0
     """KL factor of the main calibration (the shipped heads; 64, the paper's default). 32 saves more depth on
-    addition but costs ToM accuracy (README, "Operating points")."""
+    addition but costs ToM accuracy (docs/experiments.md, "KL factor 32 instead of 64")."""
     calib_steps: int = 500
     """Calibration steps at the main KL factor."""
     fig3_steps: int = 120
@@ -55,19 +55,19 @@ class ReproduceConfig:
     rl_temperature: float = 0.0
     """Token temperature of RL rollouts (0: greedy tokens, exits sampled: the exit policy alone is trained)."""
     rl_train_adapters: bool = True
-    """RL trains the LoRA adapters with the exit heads; False (``--no-rl-train-adapters``): the heads alone (README, "RL on the exit heads alone")."""
+    """RL trains the LoRA adapters with the exit heads; False (``--no-rl-train-adapters``): the heads alone (docs/experiments.md, "RL on the exit heads alone")."""
     rl_lr: float = 1e-3
     """RL learning rate of the LoRA adapters (and of the heads unless `rl_head_lr` is set)."""
     rl_head_lr: float = 0.0
     """RL learning rate of the exit heads; 0: `rl_lr`. ``--rl-lr 2.5e-4 --rl-head-lr 1e-3`` keeps ToM within a point
-    of the base model (README, "Slower adapters")."""
+    of the base model (docs/experiments.md, "Slower adapters")."""
     eval_n: int = 100
     """Held-out examples per evaluation."""
     thresholds: list[float] = field(default_factory=lambda: list(_default_thresholds()))
     """Exit thresholds of the operating-points figures (accuracy vs layers saved)."""
     confidence: list[float] = field(default_factory=lambda: [0.9999, 0.999])
     """Thresholds of the confidence baseline beside them (the same weights, exiting where the logit lens's top
-    probability reaches t; README, "Learned heads against the confidence baseline")."""
+    probability reaches t; README and docs/experiments.md, "Learned heads against the confidence baseline")."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:

@@ -147,7 +147,7 @@ def test_repeated_prompts_are_prefilled_once_without_changing_results(monkeypatc
 def test_slow_adapters_keep_the_full_depth_model_near_the_base():
     """The `rl-slow-adapters` preset exists for this: with no exit, its adapted model stays as close to
     the base model on ToM reasoning as the calibrated one (KL per token), where the `rl` preset's adapters,
-    trained four times faster, moved it 18 times further (README, "Slower adapters")."""
+    trained four times faster, moved it 18 times further (docs/experiments.md, "Slower adapters")."""
     exs = tasks.get("tom").test_split()[:8]
 
     def kl_to_base(preset: str) -> float:

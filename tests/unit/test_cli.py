@@ -109,7 +109,7 @@ def test_reproduce_rl_options_reach_its_config(monkeypatch, tmp_path):
     assert main(["reproduce", "--out", str(tmp_path)]) == 0
     assert [c.rl_train_adapters for c in seen] == [False, True]
     assert pipeline._quick(dataclasses.replace(seen[0], quick=True)).rl_train_adapters is False
-    # slower adapters than heads (README, "Slower adapters")
+    # slower adapters than heads (docs/experiments.md, "Slower adapters")
     assert main(["reproduce", "--rl-lr", "2.5e-4", "--rl-head-lr", "1e-3", "--out", str(tmp_path)]) == 0
     assert (seen[-1].rl_lr, seen[-1].rl_head_lr) == (2.5e-4, 1e-3) and seen[1].rl_lr == 1e-3
     quick = pipeline._quick(dataclasses.replace(seen[-1], quick=True))
