@@ -1,6 +1,7 @@
 """The analysis scripts under scripts/ run and count what they say they count."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 from eetools.pretrain import PretrainConfig, pretrain
@@ -11,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def _script(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the script is being executed
     spec.loader.exec_module(mod)
     return mod
 
@@ -28,3 +30,32 @@ def test_tom_bracket_errors_counts_every_move_line(tmp_path):
     assert lines == moves and 0 <= wrong <= lines
     assert sum(v[0] for k, v in stats.items() if k != ("all",)) == lines
     assert wrong > 0  # an untrained model cannot know where the object is
+
+
+def test_exit_token_errors_simulates_thresholds_token_by_token(tmp_path):
+    import numpy as np
+    import torch
+
+    import eetools
+
+    model = pretrain(PretrainConfig(out=str(tmp_path / "m"), steps=1, n_layers=3, d_model=32, n_heads=2, n_kv_heads=1,
+                                    d_mlp=64, batch_sizes={"addition": 2, "tom": 2}, threads=1), progress=False)
+    torch.manual_seed(0)
+    ee_model = eetools.attach_exit_heads(eetools.load_model(str(model)), layers=[1, 2])
+    mod = _script("exit_token_errors")
+    te = mod.token_exits(ee_model, "addition", n=6, batch=4)
+    assert len(te.c) == 6 and all(c.shape == (len(f), 2) and lens.shape == (len(f), 3)
+                                  for c, lens, f in zip(te.c, te.lens, te.final))
+    curve = mod.frontier(te, thresholds=[1.01, 0.0]).set_index("threshold")
+    # never exiting keeps every prediction; exiting everything at layer 1 saves 2 of 3 layers per token and
+    # keeps exactly the sequences whose layer-1 lens already agrees with full depth on every token
+    assert curve.loc[1.01, "kept"] == 1.0 and curve.loc[1.01, "layers_saved"] == 0.0
+    assert np.isclose(curve.loc[0.0, "layers_saved"], 2 / 3)
+    agree = np.mean([(lens[:, 1] == f).all() for lens, f in zip(te.lens, te.final)])
+    assert curve.loc[0.0, "kept"] == agree
+    wrong = mod.wrong_exits(te, 0.0)
+    assert wrong["count"].sum() == sum(int((lens[:, 1] != f).sum()) for lens, f in zip(te.lens, te.final))
+    assert set(wrong["layer"]) <= {1}
+    # patience only ever holds a token back
+    held = mod.frontier(te, thresholds=[0.0], patience=1)["layers_saved"].item()
+    assert held <= curve.loc[0.0, "layers_saved"] + 1e-12
