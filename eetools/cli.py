@@ -155,6 +155,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, nargs="+", default=[0.5],
                    help="exit where c >= this, with --mode threshold: one value, or one per exitable layer "
                         "(default: 0.5)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="with --mode threshold, also require the logit lens's top token to agree over this many "
+                        "exitable layers before an exit (default: 0, the heads alone)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -175,6 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="report the threshold saving the most layers within this accuracy drop from the base model")
+    p.add_argument("--patience", type=int, default=0,
+                   help="threshold points also require the logit lens's top token to agree over this many exitable "
+                        "layers before an exit (default: 0, the heads alone)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -255,12 +261,14 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
                                    threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold,
-                                   seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
+                                   seed=args.seed, patience=args.patience, device=args.device, dtype=args.dtype,
+                                   progress=progress)
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
                                     thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                    confidence=args.confidence, device=args.device, dtype=args.dtype, progress=progress)
+                                    confidence=args.confidence, patience=args.patience, device=args.device,
+                                    dtype=args.dtype, progress=progress)
         # thresholds as given (0.9999 would print as 1.000 with three decimals)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))
         best = res.best_threshold(args.max_drop)

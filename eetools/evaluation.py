@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.generation import check_threshold
+from eetools.generation import check_patience, check_threshold
 from eetools.judges import as_judge, score_all
 
 
@@ -55,7 +55,7 @@ class Evaluation:
 
 
 def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress,
-                  label=None):
+                  label=None, patience=0):
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
@@ -63,13 +63,14 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
                                               temperature=temperature, threshold=threshold, seed=seed + i,
-                                              skip="compute"))
+                                              patience=patience if mode == "threshold" else 0, skip="compute"))
     return rollouts
 
 
 def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
              max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float | Sequence[float] = 0.5,
-             examples: Sequence | None = None, compare: bool = True, progress: bool = True) -> Evaluation:
+             examples: Sequence | None = None, compare: bool = True, progress: bool = True,
+             patience: int = 0) -> Evaluation:
     """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
 
     Args:
@@ -79,6 +80,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         mode: "sample", "threshold" or "off" exits for the model under test.
         threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
             exitable layer.
+        patience: with mode "threshold", also require the logit lens's top token to agree over
+            this many exitable layers before the exit (see `eetools.generation.generate`).
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
@@ -90,6 +93,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     """
     if mode == "threshold":
         threshold = check_threshold(threshold, len(ee_model.exit_layers))
+    patience = check_patience(patience, mode, len(ee_model.exit_layers))
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
@@ -111,7 +115,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         if (m, base) not in done:
             done[m, base] = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
                                           batch_size=batch_size, temperature=temperature, threshold=threshold,
-                                          base=base, progress=progress, label=mode if name == "model" else name)
+                                          base=base, progress=progress, label=mode if name == "model" else name,
+                                          patience=patience)
         rs = done[m, base]
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()

@@ -83,8 +83,9 @@ class PrescribedOutput:
         return exit_log_probs(self.exit_logits)
 
 
-# decide(i, z_last) -> Bool[batch]: whether rows still running exit at exitable layer i
-Decider = Callable[[int, Tensor], Tensor]
+# decide(i, z_last, resid_last) -> Bool[batch]: whether rows still running exit at exitable layer i
+# (z_last: the head's logit, resid_last: the residual it read, both of the last position)
+Decider = Callable[[int, Tensor, Tensor], Tensor]
 
 
 class EarlyExitModel(nn.Module):
@@ -228,8 +229,8 @@ class EarlyExitModel(nn.Module):
         return self.prescribed_forward(tokens, exit_layers, attention_mask)
 
     def generate(self, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-                 threshold: float | Sequence[float] = 0.5, seed: int | None = None, use_cache: bool = True,
-                 skip: str = "mask", progress: bool = False):
+                 threshold: float | Sequence[float] = 0.5, patience: int = 0, seed: int | None = None,
+                 use_cache: bool = True, skip: str = "mask", progress: bool = False):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.generation.generate`.
 
         ``skip="compute"`` makes exits save time (exited tokens only compute keys and values in
@@ -238,7 +239,7 @@ class EarlyExitModel(nn.Module):
         from eetools.generation import generate
 
         return generate(self, prompts, max_new_tokens, mode=mode, temperature=temperature, threshold=threshold,
-                        seed=seed, use_cache=use_cache, skip=skip, progress=progress)
+                        patience=patience, seed=seed, use_cache=use_cache, skip=skip, progress=progress)
 
     # ------------------------------------------------------------------ persistence
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -314,7 +315,7 @@ class ExitState:
                 fire = None
                 if self.undecided:
                     last = exit_at[:, -1]  # a view: written in place below
-                    fire = self.decide(i, z[:, -1])
+                    fire = self.decide(i, z[:, -1], resid[:, -1])
                     if self.undecided < len(last):  # rows that exited earlier do not exit again
                         fire = fire & (last == L)
                     n_fired = int(fire.sum())

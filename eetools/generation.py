@@ -56,6 +56,19 @@ def check_threshold(threshold: float | Sequence[float], n_exit: int | None = Non
     return values[0] if one else tuple(values)
 
 
+def check_patience(patience: int, mode: str, n_exit: int) -> int:
+    """The patience of thresholded exits, checked: an int in ``0 .. n_exit - 1``, and only with mode "threshold"."""
+    if isinstance(patience, bool) or not isinstance(patience, int):
+        raise TypeError(f"patience must be an int (exitable layers whose lens must agree), got {patience!r}")
+    if patience and mode != "threshold":
+        raise ValueError(f"patience applies to thresholded exits (mode='threshold'), not mode={mode!r}: sampled exits "
+                         f"are the policy RL trains, whose log-probs a veto would falsify")
+    if not 0 <= patience < n_exit:
+        raise ValueError(f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
+                         f"`patience` of them cannot exit), got {patience}")
+    return patience
+
+
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
     """Left-padded prompt ids and mask; validates empty and over-long prompts."""
     model = ee_model.model
@@ -88,8 +101,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 @torch.no_grad()
 def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float | Sequence[float] = 0.5, seed: int | None = None, use_cache: bool = True,
-             skip: str = "mask", progress: bool = False) -> Rollout:
+             threshold: float | Sequence[float] = 0.5, patience: int = 0, seed: int | None = None,
+             use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -100,6 +113,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         temperature: token sampling temperature; 0 means greedy tokens (exits still follow `mode`).
         threshold: the exit threshold of mode "threshold": one number, or one per exitable layer
             (a token exits at the first layer whose ``c_l`` reaches that layer's threshold).
+        patience: with mode "threshold", a token also needs the logit lens's top token at its
+            exit layer to equal the lens's top token at the `patience` exitable layers before it
+            (the patience rule of early-exit classifiers, Zhou et al. 2020; the first `patience`
+            exitable layers then cannot exit). 0: the heads alone decide. The lens costs one
+            unembedding per exitable layer and decoded token: cheap for a small vocabulary, about
+            ten blocks' worth per layer for Qwen3's 151k tokens.
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
@@ -120,11 +139,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     threshold = check_threshold(threshold, len(ee_model.exit_layers))
+    patience = check_patience(patience, mode, len(ee_model.exit_layers))
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen)
+    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience)
     state = ExitState(ee_model)
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
@@ -159,8 +179,8 @@ def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
 class _Decoder:
     """The state of one batched decode loop, and the per-step logic."""
 
-    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen):
-        self.ee, self.ids, self.pmask = ee_model, ids, pmask
+    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience=0):
+        self.ee, self.ids, self.pmask, self.patience = ee_model, ids, pmask, patience
         self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
         self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
         # one threshold per exitable layer, whether one or several were given
@@ -197,11 +217,20 @@ class _Decoder:
             u_exit, u_tok = u_exit[rows], u_tok[rows]
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
-        def decide_exit(i: int, z: Tensor) -> Tensor:
+        lens: list[Tensor] = []  # with patience: the lens's top token at each exitable layer decided so far
+
+        def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
             c = torch.sigmoid(z.float())
             if self.mode == "sample":
                 return u_exit[:, i] < c
-            return c >= self.thresholds[i]
+            fire = c >= self.thresholds[i]
+            if self.patience:
+                lens.append(self.ee.readout(resid).argmax(-1))
+                if i < self.patience:
+                    return torch.zeros_like(fire)
+                for back in range(1, self.patience + 1):
+                    fire = fire & (lens[i] == lens[i - back])
+            return fire
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
         if self.use_cache and step == 0 and self.distinct is not None:

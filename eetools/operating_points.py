@@ -84,7 +84,7 @@ class Tradeoff:
 
 def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
              sample: bool = True, judge="reasoning", split: str = "test", confidence: Sequence[float] = (),
-             progress: bool = True) -> Tradeoff:
+             patience: int = 0, progress: bool = True) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
@@ -100,6 +100,9 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
             (adapters included) with parameter-free heads, a token exiting at the first layer
             whose logit-lens top probability is ``>= t``. Confident readouts come early, so
             useful thresholds sit close to 1 (0.999, 0.9999).
+        patience: the threshold points also require the logit lens's top token to agree over this
+            many exitable layers before an exit (see `eetools.generation.generate`); not applied to
+            the sampled point or the confidence baseline.
 
     Returns:
         A `Tradeoff` (`.df`, `.figure()`).
@@ -107,7 +110,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     from eetools import tasks as task_lib
     from eetools.evaluation import evaluate
     from eetools.exits import attach_exit_heads
-    from eetools.generation import check_threshold
+    from eetools.generation import check_patience, check_threshold
 
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
@@ -116,6 +119,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")
     for t in thresholds + confidence:  # all checked before any evaluation runs
         check_threshold(t)
+    check_patience(patience, "threshold", len(ee_model.exit_layers))
     task = task_lib.get(task)  # resolved once for every evaluation
     examples = task.validation_split(n) if split == "validation" else None
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
@@ -126,7 +130,8 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
         model, mode = (baseline, "threshold") if system == "confidence" else (ee_model, system)
         ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), mode=mode, examples=examples,
-                      threshold=0.5 if t is None else t, compare=i == 0, progress=False)
+                      threshold=0.5 if t is None else t, compare=i == 0, progress=False,
+                      patience=patience if system == "threshold" else 0)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))

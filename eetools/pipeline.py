@@ -152,25 +152,26 @@ def _output_and_model(out, exit_model, device, dtype):
 
 
 def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", threshold=0.5,
-                 seed=0, device="cpu", dtype=None, progress=True):
+                 seed=0, patience=0, device="cpu", dtype=None, progress=True):
     import eetools
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    ev = eetools.evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, progress=progress)
+    ev = eetools.evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, patience=patience,
+                          progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
     ev.figure().write_json(out / "exit_histogram.json")
     return ev
 
 
 def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
-                 sample=True, split="test", confidence=(), device="cpu", dtype=None, progress=True):
+                 sample=True, split="test", confidence=(), patience=0, device="cpu", dtype=None, progress=True):
     """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
     import eetools
     from eetools.operating_points import DEFAULT_THRESHOLDS
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
     res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
-                           split=split, confidence=confidence or (), progress=progress)
+                           split=split, confidence=confidence or (), patience=patience, progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")
     return res

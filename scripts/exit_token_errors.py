@@ -10,7 +10,8 @@ shipped-style models it tracks it within about a point), but it costs one forwar
 shows where the wrong exits are: at which layer, and which token became which.
 
 ``--patience p`` adds the patience rule of early-exit classifiers (Zhou et al., 2020): a token may
-exit at layer ``l`` only if the lens argmax at ``l`` equals those of the ``p`` layers before it.
+exit at an exitable layer only if the lens argmax there equals those of the ``p`` exitable layers
+before it (so the first ``p`` exitable layers cannot exit).
 
     python scripts/exit_token_errors.py EXIT_MODEL [--task addition] [--n 500] [--split test]
         [--threshold 0.7] [--patience 0 1 2]
@@ -82,8 +83,8 @@ def simulated_exits(te: TokenExits, threshold: float, patience: int = 0) -> list
         ex = np.full(len(c), te.n_layers)
         for j, layer in enumerate(te.exit_layers):
             ok = (c[:, j] >= threshold) & (ex == te.n_layers)
-            for back in range(1, patience + 1):
-                ok &= (lens[:, layer] == lens[:, layer - back]) if layer - back >= 0 else False
+            for back in range(1, patience + 1):  # the lens at the exitable layers before this one
+                ok &= (lens[:, layer] == lens[:, te.exit_layers[j - back]]) if j - back >= 0 else False
             ex[ok] = layer
         exits.append(ex)
     return exits
