@@ -16,12 +16,17 @@ trusting a small difference. With fewer than 2 idle cores the numbers say nothin
 data parallelism (and the 2-thread process can slow down many times over, its threads
 spinning while they wait for a core); `measure` warns when the load average says so.
 
-    python benchmarks/bench_ddp.py [--quick]
+With ``--phases`` each variant also reports where its step goes (rank 0's seconds per step in
+decoding the rollouts, the loss's teacher-forced passes, the backward, gathering the history
+columns and the gradient all-reduce): what a second process divides and what it does not.
+
+    python benchmarks/bench_ddp.py [--quick] [--phases]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -35,7 +40,35 @@ ROLLOUT = dict(k=8, prompts_per_step=8, max_new_tokens=80, temperature=0.0)
 TIMEOUT_S = 600
 
 
-def _worker(threads: int, steps: int) -> None:
+PHASES = {"decode": ("eetools.exits", "EarlyExitModel.generate"), "passes": ("eetools.rl", "rl_terms"),
+          "backward": ("torch", "Tensor.backward"), "gather": ("eetools.rl", "_gather_columns"),
+          "all_reduce": ("eetools.distributed", "all_reduce_gradients")}
+
+
+def _timed_phases() -> dict[str, float]:
+    """Wrap each phase's function so that its seconds add up in the returned dict (this process only)."""
+    import importlib
+
+    spent = collections.defaultdict(float)
+    for phase, (module, name) in PHASES.items():
+        owner = importlib.import_module(module)
+        *path, attr = name.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        inner = getattr(owner, attr)
+
+        def timed(*a, _inner=inner, _phase=phase, **k):
+            t = time.perf_counter()
+            try:
+                return _inner(*a, **k)
+            finally:
+                spent[_phase] += time.perf_counter() - t
+
+        setattr(owner, attr, timed)
+    return spent
+
+
+def _worker(threads: int, steps: int, phases: bool = False) -> None:
     """Time `steps` RL steps in this process (a rank under torchrun); rank 0 prints a JSON line."""
     import eetools
     from eetools import distributed
@@ -43,8 +76,10 @@ def _worker(threads: int, steps: int) -> None:
 
     torch.set_num_threads(threads)
     distributed.setup("cpu")
+    spent = _timed_phases() if phases else {}
     ee = eetools.load_exit_model("tiny-reasoner/calibrated")
     train_rl(ee, "addition", steps=1, eval_every=0, progress=False, seed=0, **ROLLOUT)  # warm-up
+    spent.clear()
     times = []
     for i in range(steps):  # seed i+1, step 0: the same global batch in every variant
         distributed.barrier()
@@ -52,14 +87,15 @@ def _worker(threads: int, steps: int) -> None:
         train_rl(ee, "addition", steps=1, eval_every=0, progress=False, seed=i + 1, **ROLLOUT)
         times.append(time.perf_counter() - t)
     if distributed.is_main():
-        print(json.dumps({"step_s": statistics.median(times), "times": times}), flush=True)
+        print(json.dumps({"step_s": statistics.median(times), "times": times,
+                          "phases": {k: v / steps for k, v in spent.items()}}), flush=True)
     distributed.teardown()
 
 
-def _launch(processes: int, threads: int, steps: int) -> float:
-    """Median seconds per RL step of `processes` processes with `threads` threads each."""
+def _launch(processes: int, threads: int, steps: int, phases: bool = False) -> dict:
+    """``{"step_s": median seconds per RL step, "phases": {...}}`` of `processes` processes with `threads` threads each."""
     me = os.path.abspath(__file__)
-    worker = [me, "--worker", "--threads", str(threads), "--steps", str(steps)]
+    worker = [me, "--worker", "--threads", str(threads), "--steps", str(steps)] + (["--phases"] if phases else [])
     if processes == 1:
         cmd = [sys.executable, *worker]
     else:
@@ -71,32 +107,38 @@ def _launch(processes: int, threads: int, steps: int) -> float:
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    return json.loads(lines[-1])["step_s"]
+    return json.loads(lines[-1])
 
 
-def measure(quick: bool = False) -> dict:
-    """``{"ddp_step_ratio": t(2 proc x 1 thread) / t(1 proc x 2 threads), "ddp_step_ratio_1thread": ...}``."""
+def measure(quick: bool = False, phases: bool = False) -> dict:
+    """``{"ddp_step_ratio": t(2 proc x 1 thread) / t(1 proc x 2 threads), "ddp_step_ratio_1thread": ...}``;
+    with `phases`, also ``phase_<phase>_s_<variant>`` (rank 0's seconds per step in each phase)."""
     steps = 2 if quick else 4
     busy = os.getloadavg()[0]
     if busy > 0.5:
         print(f"bench_ddp: load average {busy:.1f} before starting; with other work on the cores the ratios are "
               "not a measure of data parallelism", file=sys.stderr)
-    one_2t = _launch(1, 2, steps)
-    two_1t = _launch(2, 1, steps)
-    one_1t = _launch(1, 1, steps)
-    return {"ddp_step_ratio": two_1t / one_2t, "ddp_step_ratio_1thread": two_1t / one_1t,
-            "rl_step_s_1proc_2threads": one_2t, "rl_step_s_2proc_1thread": two_1t, "rl_step_s_1proc_1thread": one_1t}
+    runs = {"1proc_2threads": _launch(1, 2, steps, phases), "2proc_1thread": _launch(2, 1, steps, phases),
+            "1proc_1thread": _launch(1, 1, steps, phases)}
+    t = {name: run["step_s"] for name, run in runs.items()}
+    out = {"ddp_step_ratio": t["2proc_1thread"] / t["1proc_2threads"],
+           "ddp_step_ratio_1thread": t["2proc_1thread"] / t["1proc_1thread"],
+           **{f"rl_step_s_{name}": v for name, v in t.items()}}
+    for name, run in runs.items():
+        out.update({f"phase_{phase}_s_{name}": v for phase, v in sorted(run.get("phases", {}).items())})
+    return out
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--phases", action="store_true", help="also time each phase of the step")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
-        _worker(a.threads, a.steps)
+        _worker(a.threads, a.steps, a.phases)
     else:
-        for k, v in measure(a.quick).items():
+        for k, v in measure(a.quick, a.phases).items():
             print(f"{k:28s} {v:.3f}")
