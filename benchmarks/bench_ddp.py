@@ -11,8 +11,9 @@ gradient all-reduce counts.
 - ``ddp_step_ratio_1thread``: 2 processes x 1 thread / 1 process x 1 thread (the speed-up
   from a second process alone; 0.5 would be perfect scaling).
 
-The variants run one after another, not interleaved: on a shared machine, rerun before
-trusting a small difference. With fewer than 2 idle cores the numbers say nothing about
+The three variants run one after another in each of ``--rounds`` rounds (default 3), and each
+ratio is the median over rounds of the ratio within a round: on a shared machine a single round
+moves by 20 % and more (0.65-0.88 in three rounds on 2026-12-02). With fewer than 2 idle cores the numbers say nothing about
 data parallelism (and the 2-thread process can slow down many times over, its threads
 spinning while they wait for a core); `measure` warns when the load average says so.
 
@@ -20,7 +21,7 @@ With ``--phases`` each variant also reports where its step goes (rank 0's second
 decoding the rollouts, the loss's teacher-forced passes, the backward, gathering the history
 columns and the gradient all-reduce): what a second process divides and what it does not.
 
-    python benchmarks/bench_ddp.py [--quick] [--phases]
+    python benchmarks/bench_ddp.py [--quick] [--phases] [--rounds N]
 """
 
 from __future__ import annotations
@@ -110,22 +111,28 @@ def _launch(processes: int, threads: int, steps: int, phases: bool = False) -> d
     return json.loads(lines[-1])
 
 
-def measure(quick: bool = False, phases: bool = False) -> dict:
-    """``{"ddp_step_ratio": t(2 proc x 1 thread) / t(1 proc x 2 threads), "ddp_step_ratio_1thread": ...}``;
-    with `phases`, also ``phase_<phase>_s_<variant>`` (rank 0's seconds per step in each phase)."""
+def measure(quick: bool = False, phases: bool = False, rounds: int | None = None) -> dict:
+    """``{"ddp_step_ratio": t(2 proc x 1 thread) / t(1 proc x 2 threads), "ddp_step_ratio_1thread": ...}``,
+    medians over `rounds` rounds (1 with `quick`, else 3) of the ratios within each round, with
+    ``ddp_step_ratio_min`` / ``_max`` over rounds; with `phases`, also ``phase_<phase>_s_<variant>``
+    (rank 0's seconds per step in each phase, medians over rounds)."""
     steps = 2 if quick else 4
     busy = os.getloadavg()[0]
     if busy > 0.5:
         print(f"bench_ddp: load average {busy:.1f} before starting; with other work on the cores the ratios are "
               "not a measure of data parallelism", file=sys.stderr)
-    runs = {"1proc_2threads": _launch(1, 2, steps, phases), "2proc_1thread": _launch(2, 1, steps, phases),
-            "1proc_1thread": _launch(1, 1, steps, phases)}
-    t = {name: run["step_s"] for name, run in runs.items()}
-    out = {"ddp_step_ratio": t["2proc_1thread"] / t["1proc_2threads"],
-           "ddp_step_ratio_1thread": t["2proc_1thread"] / t["1proc_1thread"],
-           **{f"rl_step_s_{name}": v for name, v in t.items()}}
-    for name, run in runs.items():
-        out.update({f"phase_{phase}_s_{name}": v for phase, v in sorted(run.get("phases", {}).items())})
+    rounds = rounds or (1 if quick else 3)
+    variants = {"1proc_2threads": (1, 2), "2proc_1thread": (2, 1), "1proc_1thread": (1, 1)}
+    runs = [{name: _launch(p, th, steps, phases) for name, (p, th) in variants.items()} for _ in range(rounds)]
+    med = statistics.median
+    ratio = [r["2proc_1thread"]["step_s"] / r["1proc_2threads"]["step_s"] for r in runs]
+    out = {"ddp_step_ratio": med(ratio),
+           "ddp_step_ratio_1thread": med(r["2proc_1thread"]["step_s"] / r["1proc_1thread"]["step_s"] for r in runs),
+           "ddp_step_ratio_min": min(ratio), "ddp_step_ratio_max": max(ratio), "rounds": rounds,
+           **{f"rl_step_s_{name}": med(r[name]["step_s"] for r in runs) for name in variants}}
+    for name in variants:
+        for phase in sorted(runs[0][name].get("phases", {})):
+            out[f"phase_{phase}_s_{name}"] = med(r[name]["phases"][phase] for r in runs)
     return out
 
 
@@ -133,6 +140,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--phases", action="store_true", help="also time each phase of the step")
+    ap.add_argument("--rounds", type=int, default=None, help="rounds of the three variants (default 3, --quick 1)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=4, help=argparse.SUPPRESS)
@@ -140,5 +148,5 @@ if __name__ == "__main__":
     if a.worker:
         _worker(a.threads, a.steps, a.phases)
     else:
-        for k, v in measure(a.quick, a.phases).items():
+        for k, v in measure(a.quick, a.phases, a.rounds).items():
             print(f"{k:28s} {v:.3f}")
