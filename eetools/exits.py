@@ -83,8 +83,9 @@ class PrescribedOutput:
         return exit_log_probs(self.exit_logits)
 
 
-# decide(i, z_last, resid_last) -> Bool[batch]: whether rows still running exit at exitable layer i
-# (z_last: the head's logit, resid_last: the residual it read, both of the last position)
+# decide(i, z_last, resid) -> Bool[batch]: whether rows still running exit at exitable layer i
+# (z_last: the head's logit at the last position; resid: the residual it read, every position,
+# sliced by the decider only if it needs it)
 Decider = Callable[[int, Tensor, Tensor], Tensor]
 
 
@@ -315,7 +316,7 @@ class ExitState:
                 fire = None
                 if self.undecided:
                     last = exit_at[:, -1]  # a view: written in place below
-                    fire = self.decide(i, z[:, -1], resid[:, -1])
+                    fire = self.decide(i, z[:, -1], resid)
                     if self.undecided < len(last):  # rows that exited earlier do not exit again
                         fire = fire & (last == L)
                     n_fired = int(fire.sum())

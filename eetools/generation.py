@@ -69,6 +69,15 @@ def check_patience(patience: int, mode: str, n_exit: int) -> int:
     return patience
 
 
+def lens_held(top: Sequence[Tensor], i: int, patience: int) -> Tensor:
+    """The patience rule: whether the lens's top token at exitable layer `i` (``top[i]``) equals its
+    top token at each of the `patience` exitable layers before; all False where ``i < patience``."""
+    held = torch.full_like(top[i], i >= patience, dtype=torch.bool)
+    for back in range(1, min(patience, i) + 1):
+        held &= top[i] == top[i - back]
+    return held
+
+
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
     """Left-padded prompt ids and mask; validates empty and over-long prompts."""
     model = ee_model.model
@@ -225,11 +234,8 @@ class _Decoder:
                 return u_exit[:, i] < c
             fire = c >= self.thresholds[i]
             if self.patience:
-                lens.append(self.ee.readout(resid).argmax(-1))
-                if i < self.patience:
-                    return torch.zeros_like(fire)
-                for back in range(1, self.patience + 1):
-                    fire = fire & (lens[i] == lens[i - back])
+                lens.append(self.ee.readout(resid[:, -1]).argmax(-1))
+                fire = fire & lens_held(lens, i, self.patience)
             return fire
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities

@@ -77,14 +77,18 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
 
 
 def simulated_exits(te: TokenExits, threshold: float, patience: int = 0) -> list[np.ndarray]:
-    """Exit layer of every token (n_layers = none) under the threshold and patience rules."""
+    """Exit layer of every token (n_layers = none) under the threshold and patience rules (the
+    patience rule is `eetools.generation.lens_held`, the one generation applies)."""
+    from eetools.generation import lens_held
+
     exits = []
     for c, lens in zip(te.c, te.lens):
         ex = np.full(len(c), te.n_layers)
+        top = [torch.from_numpy(lens[:, layer]) for layer in te.exit_layers]  # the lens at each exitable layer
         for j, layer in enumerate(te.exit_layers):
             ok = (c[:, j] >= threshold) & (ex == te.n_layers)
-            for back in range(1, patience + 1):  # the lens at the exitable layers before this one
-                ok &= (lens[:, layer] == lens[:, te.exit_layers[j - back]]) if j - back >= 0 else False
+            if patience:
+                ok &= lens_held(top, j, patience).numpy()
             ex[ok] = layer
         exits.append(ex)
     return exits
