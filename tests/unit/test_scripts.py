@@ -59,3 +59,51 @@ def test_exit_token_errors_simulates_thresholds_token_by_token(tmp_path):
     # patience only ever holds a token back
     held = mod.frontier(te, thresholds=[0.0], patience=1)["layers_saved"].item()
     assert held <= curve.loc[0.0, "layers_saved"] + 1e-12
+
+
+def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
+    import torch
+
+    import eetools
+    from eetools import tasks
+
+    model = pretrain(PretrainConfig(out=str(tmp_path / "m"), steps=1, n_layers=3, d_model=32, n_heads=2, n_kv_heads=1,
+                                    d_mlp=64, batch_sizes={"addition": 2, "tom": 2}, threads=1), progress=False)
+    torch.manual_seed(0)
+    bridge = eetools.load_model(str(model))
+    with torch.no_grad():  # random weights of some size: later blocks change the prediction
+        for w in bridge.parameters():
+            w.add_(torch.randn_like(w) * 0.5)
+    ee = eetools.attach_exit_heads(bridge, layers=[1, 2])
+    addition = tasks.get("addition")
+    examples = addition.test_split()[:6]
+    reference = ee.generate([e.prompt for e in examples], addition.max_new_tokens, mode="off", temperature=0.0)
+
+    class FullDepthIsRight:  # an untrained model solves nothing: call its own full-depth answers right
+        max_new_tokens = addition.max_new_tokens
+
+        def test_split(self):
+            return examples
+
+        def score(self, example, completion):
+            return float(completion == reference.text[examples.index(example)])
+
+    mod = _script("exit_divergence")
+    found, n = mod.partings(ee, FullDepthIsRight(), threshold=1e-6, n=6, batch=4)  # every token exits at layer 1
+    assert n == 6
+    ex = ee.generate([e.prompt for e in examples], addition.max_new_tokens, mode="threshold", threshold=1e-6,
+                     temperature=0.0, seed=0)
+    broken = [i for i in range(6) if ex.text[i] != reference.text[i]]
+    assert [p.prompt for p in found] == [examples[i].prompt for i in broken] and found
+    tok = ee.model.tokenizer
+    for p in found:
+        i = next(i for i in broken if examples[i].prompt == p.prompt)
+        k = p.position
+        assert torch.equal(ex.tokens[i, :k], reference.tokens[i, :k]) and ex.tokens[i, k] != reference.tokens[i, k]
+        assert (p.exit_layer, p.earlier_exits) == (int(ex.exit_layers[i, k]), int((ex.exit_layers[i, :k] < 3).sum()))
+        assert p.cause == ("exit" if p.replayed == p.full_depth else "context")
+        prompt_ids = ex.prompt_tokens[i][ex.prompt_mask[i].bool()]
+        # the replay with every exit prescribed reproduces the exited token: positions line up
+        assert mod.replay_top(ee, prompt_ids, ex.tokens[i], ex.exit_layers[i], k, full_depth_at_k=False) == int(ex.tokens[i, k])
+        if p.earlier_exits == 0:  # nothing frozen before it: at full depth it is the full-depth rollout
+            assert p.cause == "exit" and p.replayed == tok.decode([int(reference.tokens[i, k])])

@@ -1,0 +1,117 @@
+"""Why answers break under real exits: the exit itself, or the frozen context before it.
+
+`scripts/exit_token_errors.py` simulates exits teacher-forced on full-depth completions, so every token
+sees full-depth keys and values of the tokens before it. Real decoding differs: an exited token's residual
+stays frozen, and every later token reads keys and values computed from it. This script decodes a task's
+prompts twice, at full depth and with thresholded exits (real decoding, `skip="mask"`), and for every answer
+the exits broke finds the first generated token where the two rollouts part. It then replays the exited
+rollout with its exits prescribed, except that the parting token is predicted at full depth:
+
+- "exit": at full depth, in the same (exited) context, the model predicts the full-depth token: the exit at
+  that token made the mistake (its head, or the patience rule, let it go too early);
+- "context": even at full depth the model now predicts another token: earlier exits, through their frozen
+  residuals, changed what this token sees (the adapters' job, not the heads').
+
+    python scripts/exit_divergence.py EXIT_MODEL --threshold 0.6 [--patience 1] [--task addition]
+        [--n 500] [--split test]
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+
+@dataclass
+class Parting:
+    """Where one broken answer left the full-depth rollout."""
+
+    prompt: str
+    position: int  # index of the first differing generated token
+    exit_layer: int  # layer the differing token was predicted at (n_layers: no exit)
+    full_depth: str  # the full-depth rollout's token there
+    exited: str  # the exited rollout's token there
+    replayed: str  # the token predicted at full depth in the exited rollout's context
+    earlier_exits: int  # exited tokens before the parting one
+    cause: str  # "exit" or "context"
+
+
+def replay_top(ee_model, prompt_ids, new_ids, exit_layers, k: int, full_depth_at_k: bool = True) -> int:
+    """Top token for generated position `k` when a rollout is replayed (teacher-forced) with its exits
+    prescribed; with `full_depth_at_k` the position predicting token `k` runs at full depth instead."""
+    L = ee_model.n_layers
+    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
+    exit_at = torch.full_like(tokens, L)
+    start = len(prompt_ids) - 1  # the position that predicts the first generated token
+    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    if full_depth_at_k:
+        exit_at[0, start + k] = L
+    with torch.no_grad():
+        out = ee_model(tokens, exit_layers=exit_at)
+    return int(out.logprobs[0, -1].argmax())
+
+
+def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, n: int = 500,
+             split: str = "test", batch: int = 50) -> tuple[list[Parting], int]:
+    """Every answer that full depth gets right and thresholded exits get wrong, with where and why it
+    parted; also returns the number of prompts decoded."""
+    from eetools import tasks
+
+    task = tasks.get(task) if isinstance(task, str) else task
+    examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
+    tok = ee_model.model.tokenizer
+    L, out = ee_model.n_layers, []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i:i + batch]
+        prompts = [e.prompt for e in chunk]
+        kw = dict(temperature=0.0, seed=0)
+        with torch.no_grad():
+            full = ee_model.generate(prompts, task.max_new_tokens, mode="off", **kw)
+            ex = ee_model.generate(prompts, task.max_new_tokens, mode="threshold", threshold=threshold,
+                                   patience=patience, **kw)
+        for r, e in enumerate(chunk):
+            if task.score(e, full.text[r]) < 1 or task.score(e, ex.text[r]) >= 1:
+                continue
+            m = int(min(full.mask[r].sum(), ex.mask[r].sum()))
+            differ = (full.tokens[r, :m] != ex.tokens[r, :m]).nonzero()
+            if len(differ) == 0:  # equal up to the shorter one's EOS: only a length cut can do that
+                continue
+            k = int(differ[0])
+            prompt_ids = ex.prompt_tokens[r][ex.prompt_mask[r].bool()]
+            replayed = replay_top(ee_model, prompt_ids, ex.tokens[r], ex.exit_layers[r], k)
+            want = int(full.tokens[r, k])
+            out.append(Parting(
+                prompt=e.prompt, position=k, exit_layer=int(ex.exit_layers[r, k]),
+                full_depth=tok.decode([want]), exited=tok.decode([int(ex.tokens[r, k])]),
+                replayed=tok.decode([replayed]), earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
+                cause="exit" if replayed == want else "context"))
+    return out, len(examples)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("exit_model")
+    ap.add_argument("--task", default="addition")
+    ap.add_argument("--n", type=int, default=500)
+    ap.add_argument("--split", choices=["test", "validation"], default="test")
+    ap.add_argument("--threshold", type=float, required=True)
+    ap.add_argument("--patience", type=int, default=0)
+    a = ap.parse_args(argv)
+    import eetools
+
+    ee_model = eetools.load_exit_model(a.exit_model)
+    found, n = partings(ee_model, a.task, threshold=a.threshold, patience=a.patience, n=a.n, split=a.split)
+    print(f"{n} prompts; {len(found)} answers right at full depth and wrong with exits "
+          f"(threshold {a.threshold}, patience {a.patience})")
+    if not found:
+        return
+    df = pd.DataFrame([vars(p) for p in found])
+    print(df.groupby("cause").size().rename("answers").to_string())
+    print(df.drop(columns="prompt").to_string(index=False))
+
+
+if __name__ == "__main__":
+    main()
