@@ -156,8 +156,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="exit where c >= this, with --mode threshold: one value, or one per exitable layer "
                         "(default: 0.5)")
     p.add_argument("--patience", type=int, default=0,
-                   help="with --mode threshold, also require the logit lens's top token to agree over this many "
-                        "exitable layers before an exit (default: 0, the heads alone)")
+                   help="also require the logit lens's top token to agree over this many exitable layers before an "
+                        "exit, thresholded or sampled (default: 0, the heads alone)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -179,8 +179,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="report the threshold saving the most layers within this accuracy drop from the base model")
     p.add_argument("--patience", type=int, default=0,
-                   help="threshold points also require the logit lens's top token to agree over this many exitable "
-                        "layers before an exit (default: 0, the heads alone)")
+                   help="threshold and sampled points also require the logit lens's top token to agree over this "
+                        "many exitable layers before an exit (default: 0, the heads alone)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")

@@ -63,7 +63,7 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
                                               temperature=temperature, threshold=threshold, seed=seed + i,
-                                              patience=patience if mode == "threshold" else 0, skip="compute"))
+                                              patience=patience if mode != "off" else 0, skip="compute"))
     return rollouts
 
 
@@ -80,8 +80,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
         mode: "sample", "threshold" or "off" exits for the model under test.
         threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
             exitable layer.
-        patience: with mode "threshold", also require the logit lens's top token to agree over
-            this many exitable layers before the exit (see `eetools.generation.generate`).
+        patience: also require the logit lens's top token to agree over this many exitable layers
+            before an exit, thresholded or sampled (see `eetools.generation.generate`).
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA

@@ -57,12 +57,12 @@ def check_threshold(threshold: float | Sequence[float], n_exit: int | None = Non
 
 
 def check_patience(patience: int, mode: str, n_exit: int) -> int:
-    """The patience of thresholded exits, checked: an int in ``0 .. n_exit - 1``, and only with mode "threshold"."""
+    """The patience of exits, checked: an int in ``0 .. n_exit - 1``, and only with a mode that exits."""
     if isinstance(patience, bool) or not isinstance(patience, int):
         raise TypeError(f"patience must be an int (exitable layers whose lens must agree), got {patience!r}")
-    if patience and mode != "threshold":
-        raise ValueError(f"patience applies to thresholded exits (mode='threshold'), not mode={mode!r}: sampled exits "
-                         f"are the policy RL trains, whose log-probs a veto would falsify")
+    if patience and mode not in ("threshold", "sample"):
+        raise ValueError(f"patience applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+                         f"never exits: pass patience=0")
     if not 0 <= patience < n_exit:
         raise ValueError(f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
                          f"`patience` of them cannot exit), got {patience}")
@@ -122,12 +122,14 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         temperature: token sampling temperature; 0 means greedy tokens (exits still follow `mode`).
         threshold: the exit threshold of mode "threshold": one number, or one per exitable layer
             (a token exits at the first layer whose ``c_l`` reaches that layer's threshold).
-        patience: with mode "threshold", a token also needs the logit lens's top token at its
-            exit layer to equal the lens's top token at the `patience` exitable layers before it
-            (the patience rule of early-exit classifiers, Zhou et al. 2020; the first `patience`
-            exitable layers then cannot exit). 0: the heads alone decide. The lens costs one
-            unembedding per exitable layer and decoded token: cheap for a small vocabulary, about
-            ten blocks' worth per layer for Qwen3's 151k tokens.
+        patience: a token may exit at an exitable layer only where the logit lens's top token
+            equals its top token at the `patience` exitable layers before (the patience rule of
+            early-exit classifiers, Zhou et al. 2020; the first `patience` exitable layers then
+            cannot exit). 0: the heads alone decide. With mode "sample" the rule masks the exit
+            action: a vetoed layer's exit probability is 0, and `exit_logprobs` and
+            `Rollout.exit_allowed` say so (RL trains this masked policy, see `train_rl`). The lens
+            costs one unembedding per exitable layer and decoded token: cheap for a small
+            vocabulary, about ten blocks' worth per layer for Qwen3's 151k tokens.
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
@@ -205,7 +207,7 @@ class _Decoder:
         self.padded = bool((pmask == 0).any())
         self.exit_hist = torch.full_like(ids, self.L)
         self.cache = None
-        self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs")}
+        self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs", "allowed")}
         # rows of the full batch still in the running batch: with a KV cache, finished rows leave
         # it (their cache rows are dropped), so a batch of mixed lengths stops paying for the
         # short ones once they end
@@ -215,7 +217,8 @@ class _Decoder:
         # duplicates (RL decodes k rollouts of every prompt): None when every prompt is distinct
         self.distinct = distinct_rows(torch.cat([ids, pmask], 1)) if use_cache else None
         # what a row that is not running records at a step (masked out in `rollout` anyway)
-        self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0}
+        self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0,
+                     "allowed": True}
 
     def step(self, step: int, state) -> None:
         b, device, rows = self.b, self.device, self.rows
@@ -227,15 +230,15 @@ class _Decoder:
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
         lens: list[Tensor] = []  # with patience: the lens's top token at each exitable layer decided so far
+        held: list[Tensor] = []  # and whether the patience rule lets each of those layers exit
 
         def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
             c = torch.sigmoid(z.float())
-            if self.mode == "sample":
-                return u_exit[:, i] < c
-            fire = c >= self.thresholds[i]
+            fire = u_exit[:, i] < c if self.mode == "sample" else c >= self.thresholds[i]
             if self.patience:
                 lens.append(self.ee.readout(resid[:, -1]).argmax(-1))
-                fire = fire & lens_held(lens, i, self.patience)
+                held.append(lens_held(lens, i, self.patience))
+                fire = fire & held[-1]
             return fire
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
@@ -249,11 +252,19 @@ class _Decoder:
             logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
                                                      state=state)
             self.exit_hist = exit_at
-        # log-prob of the exit decisions taken, under the heads' stick-breaking distribution
+        # layers the patience rule let exit (True after the last decided one: a row that exited
+        # earlier never reaches them, and one that did not was decided at every layer)
+        allowed = torch.ones(len(rows), self.m, dtype=torch.bool, device=device)
+        for i, h in enumerate(held):
+            allowed[:, i] = h
+        # log-prob of the exit decisions taken, under the heads' stick-breaking distribution (with
+        # sampled exits, the masked one the patience rule makes)
         if step == 0:
             elp = torch.zeros(len(rows), device=device)
         else:
-            elp = exit_log_probs(z[:, -1].float()).gather(-1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
+            policy = allowed if self.mode == "sample" and self.patience else None
+            elp = exit_log_probs(z[:, -1].float(), policy).gather(
+                -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
         last = logits[:, -1].float()
         logp = last.log_softmax(-1)
         if self.temperature == 0:
@@ -264,7 +275,7 @@ class _Decoder:
         done = self.done[rows] if running else self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
         values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
-                  "elp": elp, "probs": z[:, -1]}
+                  "elp": elp, "probs": z[:, -1], "allowed": allowed}
         for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
             if running:
                 v = v.new_full((b, *v.shape[1:]), self.fill[key]).index_copy_(0, rows, v)
@@ -312,6 +323,7 @@ class _Decoder:
         lp = torch.where(gmask, stack("lp"), 0.0)
         elp = torch.where(gmask, stack("elp"), 0.0)
         probs = torch.where(gmask[..., None], torch.sigmoid(stack("probs").float()), 0.0)
+        allowed = stack("allowed") | ~gmask[..., None] if self.patience else None
         tok = self.ee.model.tokenizer
         ids, pmask = self.ids.cpu(), self.pmask.cpu()
         valid = [tokens[i][gmask[i]].tolist() for i in range(self.b)]
@@ -325,4 +337,5 @@ class _Decoder:
         return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
                        exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
                        exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
-                       n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode)
+                       n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode, exit_allowed=allowed,
+                       patience=self.patience)

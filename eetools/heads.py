@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
 HEAD_KINDS = ("mlp", "linear", "lens", "confidence")
@@ -109,8 +109,20 @@ def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"
     return torch.cat([cond * before, survive[..., -1:]], dim=-1)
 
 
-def exit_log_probs(exit_logits: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:
-    """Log of `stick_breaking(sigmoid(exit_logits))`, computed stably with logsigmoid."""
+VETOED = -1e4
+"""Exit logit of a layer whose exit a rule vetoes (``sigmoid`` is 0 in float32; finite, so no NaN in gradients)."""
+
+
+def exit_log_probs(exit_logits: Float[Tensor, "... m"],
+                   allowed: Bool[Tensor, "... m"] | None = None) -> Float[Tensor, "... m_plus_1"]:
+    """Log of `stick_breaking(sigmoid(exit_logits))`, computed stably with logsigmoid.
+
+    `allowed` (None: every layer) masks exits a rule vetoes, the patience rule of sampled exits:
+    such a layer's exit probability is 0 (the action is masked, as in RL with invalid actions),
+    the others keep their conditional probability, and a vetoed head gets no gradient.
+    """
+    if allowed is not None:
+        exit_logits = exit_logits.masked_fill(~allowed, VETOED)
     log_c = nn.functional.logsigmoid(exit_logits)
     log_not = nn.functional.logsigmoid(-exit_logits)
     cum_not = torch.cumsum(log_not, dim=-1)

@@ -100,9 +100,9 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
             (adapters included) with parameter-free heads, a token exiting at the first layer
             whose logit-lens top probability is ``>= t``. Confident readouts come early, so
             useful thresholds sit close to 1 (0.999, 0.9999).
-        patience: the threshold points also require the logit lens's top token to agree over this
-            many exitable layers before an exit (see `eetools.generation.generate`); not applied to
-            the sampled point or the confidence baseline.
+        patience: the threshold and sampled points also require the logit lens's top token to
+            agree over this many exitable layers before an exit (see `eetools.generation.generate`);
+            not applied to the confidence baseline.
 
     Returns:
         A `Tradeoff` (`.df`, `.figure()`).
@@ -131,7 +131,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
         model, mode = (baseline, "threshold") if system == "confidence" else (ee_model, system)
         ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), mode=mode, examples=examples,
                       threshold=0.5 if t is None else t, compare=i == 0, progress=False,
-                      patience=patience if system == "threshold" else 0)
+                      patience=patience if system != "confidence" else 0)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))

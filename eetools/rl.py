@@ -38,7 +38,7 @@ from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.adapters import adapter_parameters
 from eetools.calibration import CHUNK_ROWS
-from eetools.generation import distinct_rows
+from eetools.generation import check_patience, distinct_rows
 from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
 from eetools.norm_shortcut import norm_shortcut
@@ -81,6 +81,8 @@ class RLConfig:
     """Held-out prompts per evaluation (from the task's test split)."""
     checkpoint_every: int = 10
     """Steps between checkpoints (with checkpoint_dir)."""
+    patience: int = 0
+    """Patience rule on the sampled exits (`generate`'s `patience`): a token may exit at an exitable layer only where the logit lens's top token has held for this many exitable layers before; the rule masks the exit action and the policy gradient uses the masked policy's log-probs. Evaluate the result with the same patience. 0: the heads alone decide."""
     micro_batches: int = 1
     """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
 
@@ -203,9 +205,12 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
         with torch.no_grad():
             ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
         out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
-        pol, exit_lp = out.logprobs[:, p - 1:-1], out.exit_logprobs()[:, p - 1:-1]
+        pol, z = out.logprobs[:, p - 1:-1], out.exit_logits[:, p - 1:-1]
     else:
-        ref, pol, exit_lp = passes
+        ref, pol, z = passes
+    # the exits' log-probs under the policy that sampled them: masked where the patience rule vetoed
+    allowed = None if rollout.exit_allowed is None else rollout.exit_allowed[rows, :n].to(device)
+    exit_lp = exit_log_probs(z, allowed)
     tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
     taken = ee_model.exit_index(rollout.exit_layers[rows, :n].to(device))
     ex_lp = exit_lp.gather(-1, taken[..., None]).squeeze(-1)
@@ -222,8 +227,8 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
 
     The prompt's KV cache rows are copied to its rollouts (`distinct` = ``(first, inverse)``),
     which then run their completions with the prescribed exits. Returns ``(ref, pol,
-    exit_logprobs)`` at the positions predicting each completion token (``[b, n, vocab]``,
-    ``[b, n, vocab]``, ``[b, n, m+1]``), the values of one pass over prompt and completion;
+    exit_logits)`` at the positions predicting each completion token (``[b, n, vocab]``,
+    ``[b, n, vocab]``, ``[b, n, m]``), the values of one pass over prompt and completion;
     None if the model's cache cannot copy rows.
     """
     first, inverse = distinct
@@ -248,7 +253,7 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
         logits.append(more)
         z.append(more_z)
     pol = torch.cat(logits, 1).float().log_softmax(-1)
-    return ref, pol, exit_log_probs(torch.cat(z, 1))
+    return ref, pol, torch.cat(z, 1)
 
 
 def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:
@@ -311,7 +316,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
              steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
-             micro_batches: int = 1, train_adapters: bool = True) -> RLResult:
+             micro_batches: int = 1, train_adapters: bool = True, patience: int = 0) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -326,6 +331,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
             (every rank reads it, so it must be visible to all of them).
         micro_batches: shards per process per step (see `RLConfig.micro_batches`).
         train_adapters: False trains the exit heads only (the adapters are left as they are).
+        patience: exits sampled under the patience rule (see `RLConfig.patience`); the held-out
+            evaluations use it too.
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
@@ -333,8 +340,9 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
-                   train_adapters=train_adapters)
+                   train_adapters=train_adapters, patience=patience)
     ee_model.require_learned_heads("RL-train")
+    check_patience(cfg.patience, "sample", len(ee_model.exit_layers))
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
@@ -371,7 +379,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step"):
             group = [e for e in part for _ in range(cfg.k)]
             rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
-                                        temperature=cfg.temperature, skip="compute",
+                                        temperature=cfg.temperature, skip="compute", patience=cfg.patience,
                                         seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
             completions = [task_lib.cut_at_answer(t) for t in rollout.text]
             task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
@@ -430,7 +438,7 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     judge = ReasoningJudge()
     for mode in ("sample", "threshold"):
         r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens, mode=mode, temperature=0,
-                              seed=cfg.seed + 12_345, skip="compute")
+                              seed=cfg.seed + 12_345, skip="compute", patience=cfg.patience)
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute

@@ -35,6 +35,9 @@ class Rollout:
         n_layers: number of blocks `L` of the model.
         layers: the exitable layers.
         mode: exit mode used ("sample", "threshold" or "off").
+        exit_allowed: with patience, whether the patience rule let each token exit at each exitable
+            layer ``[batch, new, n_exit]`` (layers after a token's exit are True); None: no rule.
+        patience: the patience the rollout was decoded with (0: none).
     """
 
     prompts: list[str]
@@ -53,6 +56,8 @@ class Rollout:
     layers: list[int]
     mode: str = "sample"
     meta: dict = field(default_factory=dict)
+    exit_allowed: Bool[Tensor, "batch new n_exit"] | None = None
+    patience: int = 0
 
     def __post_init__(self):
         b, n = self.tokens.shape
@@ -63,6 +68,9 @@ class Rollout:
         if tuple(self.exit_probs.shape) != (b, n, len(self.layers)):
             raise ValueError(f"Rollout.exit_probs has shape {tuple(self.exit_probs.shape)}, "
                              f"expected {(b, n, len(self.layers))}")
+        if self.exit_allowed is not None and tuple(self.exit_allowed.shape) != tuple(self.exit_probs.shape):
+            raise ValueError(f"Rollout.exit_allowed has shape {tuple(self.exit_allowed.shape)}, "
+                             f"expected {tuple(self.exit_probs.shape)}")
         if len(self.prompts) != b or len(self.text) != b:
             raise ValueError("Rollout: prompts/text must have one entry per sequence")
 

@@ -1,5 +1,6 @@
 """Thresholded exits with patience: a token exits only where the logit lens's top token has held for
-`patience` exitable layers (the heads' threshold still has to be reached)."""
+`patience` exitable layers (the heads' threshold still has to be reached); with sampled exits the rule masks
+the exit action, and RL trains the masked policy."""
 
 import math
 
@@ -59,7 +60,7 @@ def test_patience_never_exits_earlier_and_the_threshold_still_applies(tiny_ee):
     assert (two.exit_layers[two.mask] >= tiny_ee.exit_layers[2]).all()
 
 
-@pytest.mark.parametrize("kw, error, match", [(dict(mode="sample", patience=1), ValueError, "mode='threshold'"),
+@pytest.mark.parametrize("kw, error, match", [(dict(mode="off", patience=1), ValueError, "never exits"),
                                               (dict(mode="threshold", patience=3), ValueError, r"0 \.\. 2"),
                                               (dict(mode="threshold", patience=-1), ValueError, r"0 \.\. 2"),
                                               (dict(mode="threshold", patience=1.0), TypeError, "must be an int")])
@@ -79,6 +80,83 @@ def test_tradeoff_and_the_command_line_take_patience(tiny_folders, tmp_path, cap
     assert saved["p"] <= saved["0"]
     folder = tmp_path / "ee"
     ee.save(folder)
-    assert main(["evaluate", "--exit-model", str(folder), "--n", "2", "--mode", "sample", "--patience", "1",
+    assert main(["evaluate", "--exit-model", str(folder), "--n", "2", "--mode", "off", "--patience", "1",
                  "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
-    assert "mode='threshold'" in capsys.readouterr().err
+    assert "never exits" in capsys.readouterr().err
+
+
+def test_sampled_exits_with_patience_follow_the_masked_policy(tiny_ee):
+    """Sampled exits happen only where the lens held, and their recorded log-probs are the masked
+    stick-breaking's."""
+    from eetools.heads import exit_log_probs
+
+    _constant_heads(tiny_ee, 0.6)
+    L, layers = tiny_ee.n_layers, tiny_ee.exit_layers
+    z = torch.full((len(layers),), math.log(0.6 / 0.4))
+    vetoed = 0
+    for prompt in ("Q: 12+34\n", "Q: 5+67\n"):
+        r = tiny_ee.generate(prompt, 12, mode="sample", patience=1, temperature=0, seed=3)
+        assert r.exit_allowed is not None and r.patience == 1
+        lens = _replayed_lens(tiny_ee, r)
+        for k in range(1, int(r.mask[0].sum())):
+            held = torch.tensor([i > 0 and bool(lens[k, i] == lens[k, i - 1]) for i in range(len(layers))])
+            exited = int(r.exit_layers[0, k])
+            upto = layers.index(exited) + 1 if exited < L else len(layers)  # the layers the token was decided at
+            assert torch.equal(r.exit_allowed[0, k, :upto], held[:upto])
+            assert exited == L or held[layers.index(exited)]  # never exits where the lens moved
+            want = exit_log_probs(z, held)[int(tiny_ee.exit_index(torch.tensor(exited)))]
+            assert math.isclose(float(r.exit_logprobs[0, k]), float(want), rel_tol=1e-5)
+            vetoed += int((~held[:upto]).sum())
+    assert vetoed > len(layers), "the test needs vetoes beyond the first layer's"
+
+
+def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(tiny_ee):
+    """The teacher-forced passes of the loss give each sampled exit the log-prob decoding recorded
+    (masked where the lens moved), one pass or prompts shared."""
+    from eetools.rl import _policy_terms
+
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(0.4)
+    r = tiny_ee.generate(["Q: 12+34\n", "Q: 12+34\n", "Q: 5+678\n", "Q: 5+678\n"], 10, mode="sample",
+                         patience=1, seed=1)
+    assert not r.exit_allowed[r.mask].all(), "the test needs vetoed layers"
+    recorded = (r.exit_logprobs * r.mask).sum(1)
+    rows = torch.arange(len(r))
+    for prompt_id in (None, torch.tensor([0, 0, 1, 1])):
+        with torch.no_grad():
+            scored, _ = _policy_terms(tiny_ee, r, r.prescribed_exit_layers(), rows, False, prompt_id)
+        torch.testing.assert_close(scored, recorded, rtol=1e-4, atol=1e-4)
+
+
+def test_masked_exit_log_probs_give_vetoed_heads_no_gradient():
+    from eetools.heads import exit_log_probs
+
+    z = torch.tensor([[0.3, -0.2, 1.0]], requires_grad=True)
+    allowed = torch.tensor([[False, True, True]])
+    lp = exit_log_probs(z, allowed)
+    c = torch.sigmoid(z.detach())[0]
+    assert torch.allclose(lp.exp()[0], torch.stack([torch.tensor(0.0), c[1], (1 - c[1]) * c[2],
+                                                    (1 - c[1]) * (1 - c[2])]), atol=1e-6)
+    lp[0, 2].backward()
+    assert z.grad[0, 0] == 0 and torch.isfinite(z.grad).all() and z.grad[0, 1] != 0
+
+
+def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
+    """RL with patience: rollouts carry the mask, the loss uses it (a step is finite and moves the heads),
+    and the setting is part of the run's configuration."""
+    from eetools.rl import train_rl
+
+    kw = dict(k=2, prompts_per_step=2, max_new_tokens=8, eval_every=0, lr=1e-2, progress=False,
+              reward_fn=lambda e, c: float(len(c) % 3))
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(0.4)
+    before = [p.detach().clone() for p in tiny_ee.heads.parameters()]
+    res = train_rl(tiny_ee, "addition", steps=1, patience=1, checkpoint_dir=tmp_path / "ck", **kw)
+    assert res.config.patience == 1 and res.history["loss"].notna().all()
+    assert any(not torch.equal(a, b) for a, b in zip(before, tiny_ee.heads.parameters()))
+    with pytest.raises(ValueError, match="patience"):
+        train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
+    with pytest.raises(ValueError, match=r"0 \.\. 2"):
+        train_rl(tiny_ee, "addition", steps=1, patience=3, **kw)
