@@ -83,6 +83,12 @@ class Rollout:
         return self.mask.sum(1)
 
     @property
+    def allowed_exit_probs(self) -> Float[Tensor, "batch new n_exit"]:
+        """`exit_probs` where the patience rule let a token exit, 0 where it vetoed: the conditional
+        probabilities of the exit policy the rollout was decoded under (`exit_probs` without a rule)."""
+        return self.exit_probs if self.exit_allowed is None else self.exit_probs * self.exit_allowed
+
+    @property
     def blocks_used(self) -> Int[Tensor, "batch new"]:
         """Blocks of compute each token's prediction used (0 where masked)."""
         return self.exit_layers * self.mask

@@ -209,7 +209,7 @@ def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
         raise ValueError(f"sequence {index}: {len(toks)} str_tokens for {n} generated tokens")
     exits = rollout.exit_layers[index, :n].tolist()
     logps = rollout.token_logprobs[index, :n].tolist()
-    dist = _stick_breaking(_as_numpy(rollout.exit_probs[index, :n]).astype(np.float64))
+    dist = _stick_breaking(_as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64))
     col = {l: k for k, l in enumerate(layers)}
     parts = [f'<div style="font-weight:bold;margin-top:6px">{html.escape(title)}</div>' if title else ""]
     if n:
@@ -260,7 +260,8 @@ def _add_heatmap(fig: go.Figure, rollout: Rollout, index: int, value: str, col: 
     L, layers = rollout.n_layers, list(rollout.layers)
     n = int(rollout.mask[index].sum())
     c: Float[np.ndarray, "n m"] = _as_numpy(rollout.exit_probs[index, :n]).astype(np.float64)
-    z = (c if value == "exit_prob" else _stick_breaking(c)[:, :-1]).T
+    allowed = _as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64)  # patience vetoes at 0
+    z = (c if value == "exit_prob" else _stick_breaking(allowed)[:, :-1]).T
     labels = [visible(s, newline="") for s in rollout.str_tokens[index][:n]]
     exits: Int[np.ndarray, "n"] = _as_numpy(rollout.exit_layers[index, :n])
     row = {l: k for k, l in enumerate(layers)}

@@ -79,7 +79,7 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
             p = final
         top = int(p.argmax())
         rows.append({"layer": l, "top1": tok.decode([top]), "p_top1": float(p[top]), "p_token": float(p[tok_id])})
-    dist = stick_breaking(rollout.exit_probs[index, t].float())
+    dist = stick_breaking(rollout.allowed_exit_probs[index, t].float())  # where patience let it exit
     labels = [str(l) for l in rollout.layers] + ["none"]
     top3 = torch.topk(final, 3)
     return TokenDetails(token=rollout.str_tokens[index][t], exit_layer=int(rollout.exit_layers[index, t]),

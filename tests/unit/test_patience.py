@@ -160,3 +160,15 @@ def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
         train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
     with pytest.raises(ValueError, match=r"0 \.\. 2"):
         train_rl(tiny_ee, "addition", steps=1, patience=3, **kw)
+
+
+def test_views_show_the_exit_distribution_the_patience_rule_left(tiny_ee):
+    from eetools.widgets import token_details
+
+    _constant_heads(tiny_ee, 0.6)
+    r = tiny_ee.generate("Q: 12+34\n", 12, mode="sample", patience=1, temperature=0, seed=3)
+    assert torch.equal(r.allowed_exit_probs == 0, ~r.exit_allowed & r.mask[..., None] | ~r.mask[..., None])
+    k = next(k for k in range(1, int(r.mask[0].sum())) if r.exit_layers[0, k] == tiny_ee.n_layers)  # decided at every layer
+    dist = token_details(tiny_ee, r, 0, k).exit_distribution
+    assert math.isclose(dist.sum(), 1.0, rel_tol=1e-6)
+    assert (dist.iloc[:-1][~r.exit_allowed[0, k].numpy()] == 0).all() and dist.iloc[0] == 0  # layer 1 never held
