@@ -158,6 +158,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0,
                    help="also require the logit lens's top token to agree over this many exitable layers before an "
                         "exit, thresholded or sampled (default: 0, the heads alone)")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
+                   help="also require the logit lens's top probability at the exit layer to be at least Q "
+                        "(default: 0, no floor)")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -181,6 +184,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=0,
                    help="threshold and sampled points also require the logit lens's top token to agree over this "
                         "many exitable layers before an exit (default: 0, the heads alone)")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
+                   help="threshold and sampled points also require the logit lens's top probability at the exit "
+                        "layer to be at least Q (default: 0, no floor)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -261,13 +267,15 @@ def _run(args) -> int:
     elif args.command == "evaluate":
         ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
                                    threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold,
-                                   seed=args.seed, patience=args.patience, device=args.device, dtype=args.dtype,
+                                   seed=args.seed, patience=args.patience, min_confidence=args.min_confidence,
+                                   device=args.device, dtype=args.dtype,
                                    progress=progress)
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
                                     thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                    confidence=args.confidence, patience=args.patience, device=args.device,
+                                    confidence=args.confidence, patience=args.patience,
+                                    min_confidence=args.min_confidence, device=args.device,
                                     dtype=args.dtype, progress=progress)
         # thresholds as given (0.9999 would print as 1.000 with three decimals)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.generation import check_patience, check_threshold
+from eetools.generation import check_min_confidence, check_patience, check_threshold
 from eetools.judges import as_judge, score_all
 
 
@@ -55,7 +55,7 @@ class Evaluation:
 
 
 def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress,
-                  label=None, patience=0):
+                  label=None, patience=0, min_confidence=0.0):
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
@@ -63,14 +63,15 @@ def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, 
                       disable=not progress, leave=False):
             rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
                                               temperature=temperature, threshold=threshold, seed=seed + i,
-                                              patience=patience if mode != "off" else 0, skip="compute"))
+                                              patience=patience if mode != "off" else 0,
+                                              min_confidence=min_confidence if mode != "off" else 0.0, skip="compute"))
     return rollouts
 
 
 def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
              max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float | Sequence[float] = 0.5,
              examples: Sequence | None = None, compare: bool = True, progress: bool = True,
-             patience: int = 0) -> Evaluation:
+             patience: int = 0, min_confidence: float = 0.0) -> Evaluation:
     """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
 
     Args:
@@ -82,6 +83,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
             exitable layer.
         patience: also require the logit lens's top token to agree over this many exitable layers
             before an exit, thresholded or sampled (see `eetools.generation.generate`).
+        min_confidence: also require the logit lens's top probability at the exit layer to be at
+            least this (see `eetools.generation.generate`).
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
@@ -94,6 +97,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     if mode == "threshold":
         threshold = check_threshold(threshold, len(ee_model.exit_layers))
     patience = check_patience(patience, mode, len(ee_model.exit_layers))
+    min_confidence = check_min_confidence(min_confidence, mode)
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
@@ -116,7 +120,7 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
             done[m, base] = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
                                           batch_size=batch_size, temperature=temperature, threshold=threshold,
                                           base=base, progress=progress, label=mode if name == "model" else name,
-                                          patience=patience)
+                                          patience=patience, min_confidence=min_confidence)
         rs = done[m, base]
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()

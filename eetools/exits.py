@@ -230,8 +230,8 @@ class EarlyExitModel(nn.Module):
         return self.prescribed_forward(tokens, exit_layers, attention_mask)
 
     def generate(self, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-                 threshold: float | Sequence[float] = 0.5, patience: int = 0, seed: int | None = None,
-                 use_cache: bool = True, skip: str = "mask", progress: bool = False):
+                 threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
+                 seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.generation.generate`.
 
         ``skip="compute"`` makes exits save time (exited tokens only compute keys and values in
@@ -240,7 +240,8 @@ class EarlyExitModel(nn.Module):
         from eetools.generation import generate
 
         return generate(self, prompts, max_new_tokens, mode=mode, temperature=temperature, threshold=threshold,
-                        patience=patience, seed=seed, use_cache=use_cache, skip=skip, progress=progress)
+                        patience=patience, min_confidence=min_confidence, seed=seed, use_cache=use_cache, skip=skip,
+                        progress=progress)
 
     # ------------------------------------------------------------------ persistence
     def trainable_parameters(self) -> list[nn.Parameter]:

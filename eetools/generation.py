@@ -14,6 +14,7 @@ Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache ro
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Sequence
 
 import torch
@@ -69,6 +70,19 @@ def check_patience(patience: int, mode: str, n_exit: int) -> int:
     return patience
 
 
+def check_min_confidence(min_confidence: float, mode: str) -> float:
+    """The lens-confidence floor of exits, checked: a number in ``[0, 1)``, and only with a mode that exits."""
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)):
+        raise TypeError(f"min_confidence must be a number in [0, 1), got {min_confidence!r}")
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1) (the logit lens's top probability a token needs to exit; "
+                         f"0: no floor), got {min_confidence}")
+    if min_confidence and mode not in ("threshold", "sample"):
+        raise ValueError(f"min_confidence applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+                         f"never exits: pass min_confidence=0")
+    return float(min_confidence)
+
+
 def lens_held(top: Sequence[Tensor], i: int, patience: int) -> Tensor:
     """The patience rule: whether the lens's top token at exitable layer `i` (``top[i]``) equals its
     top token at each of the `patience` exitable layers before; all False where ``i < patience``."""
@@ -110,8 +124,8 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 @torch.no_grad()
 def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float | Sequence[float] = 0.5, patience: int = 0, seed: int | None = None,
-             use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
+             threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
+             seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -130,6 +144,10 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
             `Rollout.exit_allowed` say so (RL trains this masked policy, see `train_rl`). The lens
             costs one unembedding per exitable layer and decoded token: cheap for a small
             vocabulary, about ten blocks' worth per layer for Qwen3's 151k tokens.
+        min_confidence: a token may exit only where the logit lens's top probability (that of
+            the token it would emit) is at least this: the confidence rule of early-exit language
+            models (Schuster et al. 2022) as a floor under the heads. Combines with `patience`
+            (both must hold) and, like it, masks sampled exits. 0: no floor.
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
@@ -151,11 +169,12 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     threshold = check_threshold(threshold, len(ee_model.exit_layers))
     patience = check_patience(patience, mode, len(ee_model.exit_layers))
+    min_confidence = check_min_confidence(min_confidence, mode)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience)
+    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience, min_confidence)
     state = ExitState(ee_model)
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
@@ -190,8 +209,11 @@ def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
 class _Decoder:
     """The state of one batched decode loop, and the per-step logic."""
 
-    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience=0):
+    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience=0,
+                 min_confidence=0.0):
         self.ee, self.ids, self.pmask, self.patience = ee_model, ids, pmask, patience
+        self.min_confidence = min_confidence
+        self.ruled = bool(patience or min_confidence)  # some rule besides the heads decides where exits may happen
         self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
         self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
         # one threshold per exitable layer, whether one or several were given
@@ -229,16 +251,20 @@ class _Decoder:
             u_exit, u_tok = u_exit[rows], u_tok[rows]
         never = step == 0 or self.mode == "off"  # the prompt's last position never exits
 
-        lens: list[Tensor] = []  # with patience: the lens's top token at each exitable layer decided so far
-        held: list[Tensor] = []  # and whether the patience rule lets each of those layers exit
+        lens: list[Tensor] = []  # with rules: the lens's top token at each exitable layer decided so far
+        held: list[Tensor] = []  # and whether the rules let each of those layers exit
 
         def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
             c = torch.sigmoid(z.float())
             fire = u_exit[:, i] < c if self.mode == "sample" else c >= self.thresholds[i]
-            if self.patience:
-                lens.append(self.ee.readout(resid[:, -1]).argmax(-1))
-                held.append(lens_held(lens, i, self.patience))
-                fire = fire & held[-1]
+            if self.ruled:
+                logits = self.ee.readout(resid[:, -1]).float()
+                lens.append(logits.argmax(-1))
+                ok = lens_held(lens, i, self.patience)
+                if self.min_confidence:  # top probability = 1 / sum(exp(logits - max))
+                    ok = ok & (logits.logsumexp(-1) - logits.amax(-1) <= -math.log(self.min_confidence))
+                held.append(ok)
+                fire = fire & ok
             return fire
 
         decide = None if never else decide_exit  # None: the heads only record their probabilities
@@ -262,7 +288,7 @@ class _Decoder:
         if step == 0:
             elp = torch.zeros(len(rows), device=device)
         else:
-            policy = allowed if self.mode == "sample" and self.patience else None
+            policy = allowed if self.mode == "sample" and self.ruled else None
             elp = exit_log_probs(z[:, -1].float(), policy).gather(
                 -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
         last = logits[:, -1].float()
@@ -323,7 +349,7 @@ class _Decoder:
         lp = torch.where(gmask, stack("lp"), 0.0)
         elp = torch.where(gmask, stack("elp"), 0.0)
         probs = torch.where(gmask[..., None], torch.sigmoid(stack("probs").float()), 0.0)
-        allowed = stack("allowed") | ~gmask[..., None] if self.patience else None
+        allowed = stack("allowed") | ~gmask[..., None] if self.ruled else None
         tok = self.ee.model.tokenizer
         ids, pmask = self.ids.cpu(), self.pmask.cpu()
         valid = [tokens[i][gmask[i]].tolist() for i in range(self.b)]
@@ -338,4 +364,4 @@ class _Decoder:
                        exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
                        exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
                        n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode, exit_allowed=allowed,
-                       patience=self.patience)
+                       patience=self.patience, min_confidence=self.min_confidence)

@@ -84,7 +84,7 @@ class Tradeoff:
 
 def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
              sample: bool = True, judge="reasoning", split: str = "test", confidence: Sequence[float] = (),
-             patience: int = 0, progress: bool = True) -> Tradeoff:
+             patience: int = 0, min_confidence: float = 0.0, progress: bool = True) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
@@ -103,6 +103,8 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
         patience: the threshold and sampled points also require the logit lens's top token to
             agree over this many exitable layers before an exit (see `eetools.generation.generate`);
             not applied to the confidence baseline.
+        min_confidence: the threshold and sampled points also require the logit lens's top
+            probability at the exit layer to be at least this; not applied to the confidence baseline.
 
     Returns:
         A `Tradeoff` (`.df`, `.figure()`).
@@ -110,7 +112,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     from eetools import tasks as task_lib
     from eetools.evaluation import evaluate
     from eetools.exits import attach_exit_heads
-    from eetools.generation import check_patience, check_threshold
+    from eetools.generation import check_min_confidence, check_patience, check_threshold
 
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
@@ -120,6 +122,7 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     for t in thresholds + confidence:  # all checked before any evaluation runs
         check_threshold(t)
     check_patience(patience, "threshold", len(ee_model.exit_layers))
+    check_min_confidence(min_confidence, "threshold")
     task = task_lib.get(task)  # resolved once for every evaluation
     examples = task.validation_split(n) if split == "validation" else None
     runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
@@ -131,7 +134,8 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
         model, mode = (baseline, "threshold") if system == "confidence" else (ee_model, system)
         ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), mode=mode, examples=examples,
                       threshold=0.5 if t is None else t, compare=i == 0, progress=False,
-                      patience=patience if system != "confidence" else 0)
+                      patience=patience if system != "confidence" else 0,
+                      min_confidence=min_confidence if system != "confidence" else 0.0)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))

@@ -152,11 +152,12 @@ def _output_and_model(out, exit_model, device, dtype):
 
 
 def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", threshold=0.5,
-                 seed=0, patience=0, device="cpu", dtype=None, progress=True):
+                 seed=0, patience=0, min_confidence=0.0, device="cpu", dtype=None, progress=True):
     import eetools
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
     ev = eetools.evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, patience=patience,
+                          min_confidence=min_confidence,
                           progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
     ev.figure().write_json(out / "exit_histogram.json")
@@ -164,14 +165,16 @@ def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
 
 
 def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
-                 sample=True, split="test", confidence=(), patience=0, device="cpu", dtype=None, progress=True):
+                 sample=True, split="test", confidence=(), patience=0, min_confidence=0.0, device="cpu", dtype=None,
+                 progress=True):
     """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
     import eetools
     from eetools.operating_points import DEFAULT_THRESHOLDS
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
     res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
-                           split=split, confidence=confidence or (), patience=patience, progress=progress)
+                           split=split, confidence=confidence or (), patience=patience,
+                           min_confidence=min_confidence, progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")
     return res

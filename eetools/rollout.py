@@ -35,9 +35,11 @@ class Rollout:
         n_layers: number of blocks `L` of the model.
         layers: the exitable layers.
         mode: exit mode used ("sample", "threshold" or "off").
-        exit_allowed: with patience, whether the patience rule let each token exit at each exitable
-            layer ``[batch, new, n_exit]`` (layers after a token's exit are True); None: no rule.
+        exit_allowed: with patience or a confidence floor, whether those rules let each token exit at
+            each exitable layer ``[batch, new, n_exit]`` (layers after a token's exit are True); None:
+            no rule.
         patience: the patience the rollout was decoded with (0: none).
+        min_confidence: the floor on the logit lens's top probability it was decoded with (0: none).
     """
 
     prompts: list[str]
@@ -58,6 +60,7 @@ class Rollout:
     meta: dict = field(default_factory=dict)
     exit_allowed: Bool[Tensor, "batch new n_exit"] | None = None
     patience: int = 0
+    min_confidence: float = 0.0
 
     def __post_init__(self):
         b, n = self.tokens.shape
@@ -84,8 +87,9 @@ class Rollout:
 
     @property
     def allowed_exit_probs(self) -> Float[Tensor, "batch new n_exit"]:
-        """`exit_probs` where the patience rule let a token exit, 0 where it vetoed: the conditional
-        probabilities of the exit policy the rollout was decoded under (`exit_probs` without a rule)."""
+        """`exit_probs` where the rules (patience, confidence floor) let a token exit, 0 where they
+        vetoed: the conditional probabilities of the exit policy the rollout was decoded under
+        (`exit_probs` without a rule)."""
         return self.exit_probs if self.exit_allowed is None else self.exit_probs * self.exit_allowed
 
     @property

@@ -35,6 +35,7 @@ class Parting:
     full_depth: str  # the full-depth rollout's token there
     exited: str  # the exited rollout's token there
     replayed: str  # the token predicted at full depth in the exited rollout's context
+    lens_p: float  # the logit lens's probability of the exited token at its exit layer (nan without an exit)
     earlier_exits: int  # exited tokens before the parting one
     cause: str  # "exit" or "context"
 
@@ -52,6 +53,24 @@ def replay_top(ee_model, prompt_ids, new_ids, exit_layers, k: int, full_depth_at
     with torch.no_grad():
         out = ee_model(tokens, exit_layers=exit_at)
     return int(out.logprobs[0, -1].argmax())
+
+
+def lens_probability(ee_model, prompt_ids, new_ids, exit_layers, k: int) -> float:
+    """The logit lens's probability of generated token `k` at the layer it exited at, in the rollout's own
+    (exited) context; nan if it did not exit."""
+    layer = int(exit_layers[k])
+    if layer >= ee_model.n_layers:
+        return float("nan")
+    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
+    exit_at = torch.full_like(tokens, ee_model.n_layers)
+    start = len(prompt_ids) - 1
+    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    grabbed = {}
+    hook = (f"blocks.{layer}.hook_resid_pre", lambda x, hook: grabbed.__setitem__("r", x))
+    with torch.no_grad(), ee_model.model.hooks(fwd_hooks=[hook]):
+        ee_model(tokens, exit_layers=exit_at)
+        p = ee_model.readout(grabbed["r"][0, -1]).float().softmax(-1)
+    return float(p[int(new_ids[k])])
 
 
 def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, n: int = 500,
@@ -86,7 +105,9 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
             out.append(Parting(
                 prompt=e.prompt, position=k, exit_layer=int(ex.exit_layers[r, k]),
                 full_depth=tok.decode([want]), exited=tok.decode([int(ex.tokens[r, k])]),
-                replayed=tok.decode([replayed]), earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
+                replayed=tok.decode([replayed]),
+                lens_p=lens_probability(ee_model, prompt_ids, ex.tokens[r], ex.exit_layers[r], k),
+                earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
                 cause="exit" if replayed == want else "context"))
     return out, len(examples)
 

@@ -35,6 +35,21 @@ def _replayed_lens(ee, rollout):
     return torch.stack([ee.readout(resid[l][0, start:start + n_new]).argmax(-1) for l in ee.exit_layers], -1)
 
 
+def _replayed_top_probability(ee, rollout):
+    """Like `_replayed_lens`, the lens's top probability ``[new, n_exit]``."""
+    L, n_new = ee.n_layers, rollout.tokens.shape[1]
+    tokens = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
+    exit_at = torch.full_like(tokens, L)
+    start = rollout.prompt_tokens.shape[1] - 1
+    exit_at[0, start:start + n_new] = rollout.exit_layers[0]
+    resid = {}
+    hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee.exit_layers]
+    with torch.no_grad(), ee.model.hooks(fwd_hooks=hooks):
+        ee(tokens, exit_layers=exit_at)
+    return torch.stack([ee.readout(resid[l][0, start:start + n_new]).float().softmax(-1).amax(-1)
+                        for l in ee.exit_layers], -1)
+
+
 @pytest.mark.parametrize("skip", ["mask", "compute"])
 def test_a_token_exits_at_the_first_layer_where_the_lens_has_held(tiny_ee, skip):
     _constant_heads(tiny_ee, 0.9)  # the threshold always holds: only patience decides
@@ -172,3 +187,59 @@ def test_views_show_the_exit_distribution_the_patience_rule_left(tiny_ee):
     dist = token_details(tiny_ee, r, 0, k).exit_distribution
     assert math.isclose(dist.sum(), 1.0, rel_tol=1e-6)
     assert (dist.iloc[:-1][~r.exit_allowed[0, k].numpy()] == 0).all() and dist.iloc[0] == 0  # layer 1 never held
+
+
+@pytest.mark.parametrize("skip", ["mask", "compute"])
+def test_a_confidence_floor_lets_a_token_exit_only_where_the_lens_is_sure(tiny_ee, skip):
+    _constant_heads(tiny_ee, 0.9)  # the threshold always holds: only the floor decides
+    prompt, L, layers = "Q: 12+34\n", tiny_ee.n_layers, tiny_ee.exit_layers
+    free = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, temperature=0, seed=0)
+    with torch.no_grad():  # a floor some layers pass and some do not, far from every value (decoding rounds)
+        v = _replayed_top_probability(tiny_ee, free)[1:int(free.mask[0].sum())].flatten().sort().values
+    lo, hi = len(v) // 4, 3 * len(v) // 4
+    gap = int((v[lo + 1:hi + 1] - v[lo:hi]).argmax()) + lo
+    q = float(v[gap] + v[gap + 1]) / 2
+    r = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, temperature=0, seed=0,
+                         skip=skip)
+    assert r.min_confidence == q and r.exit_allowed is not None
+    top_p = _replayed_top_probability(tiny_ee, r)
+    outcomes = set()
+    for k in range(1, int(r.mask[0].sum())):
+        sure = [i for i in range(len(layers)) if top_p[k, i] >= q]
+        assert r.exit_layers[0, k] == (layers[sure[0]] if sure else L)
+        outcomes.add(bool(sure))
+    assert outcomes == {True, False}, "the test needs both exits and vetoes"
+    both = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, patience=1,
+                            temperature=0, seed=0, skip=skip)
+    lens = _replayed_lens(tiny_ee, both)
+    top_p = _replayed_top_probability(tiny_ee, both)
+    for k in range(1, int(both.mask[0].sum())):  # both rules must hold
+        ok = [i for i in range(1, len(layers)) if top_p[k, i] >= q and lens[k, i] == lens[k, i - 1]]
+        assert both.exit_layers[0, k] == (layers[ok[0]] if ok else L)
+
+
+@pytest.mark.parametrize("q, error, match", [(1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"),
+                                             ("0.9", TypeError, "a number")])
+def test_bad_confidence_floors_are_refused(tiny_ee, q, error, match):
+    with pytest.raises(error, match=match):
+        tiny_ee.generate("Q: 1+2\n", 4, mode="threshold", min_confidence=q)
+    with pytest.raises(error, match=match):
+        eetools.tradeoff(tiny_ee, "addition", thresholds=[0.5], n=2, min_confidence=q, progress=False)
+    with pytest.raises(ValueError, match="never exits"):
+        tiny_ee.generate("Q: 1+2\n", 4, mode="off", min_confidence=0.5)
+
+
+def test_the_command_line_takes_a_confidence_floor(tiny_folders, tmp_path, capsys):
+    ee = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2, 3])
+    _constant_heads(ee, 0.9)
+    folder = tmp_path / "ee"
+    ee.save(folder)
+    common = ["--exit-model", str(folder), "--n", "2", "--no-progress"]
+    assert main(["evaluate", *common, "--mode", "threshold", "--min-confidence", "0.999", "--out",
+                 str(tmp_path / "ev")]) == 0
+    import pandas as pd
+    saved = pd.read_csv(tmp_path / "ev" / "evaluation.csv").set_index("system").loc["model", "layers_saved"]
+    assert saved == 0  # an untrained model's lens is never 99.9 % sure: nothing exits
+    assert main(["tradeoff", *common, "--thresholds", "0.5", "--min-confidence", "1.5", "--out",
+                 str(tmp_path / "tr")]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
