@@ -38,7 +38,7 @@ from eetools import distributed
 from eetools import tasks as task_lib
 from eetools.adapters import adapter_parameters
 from eetools.calibration import CHUNK_ROWS
-from eetools.generation import check_patience, distinct_rows
+from eetools.generation import check_min_confidence, check_patience, distinct_rows
 from eetools.heads import exit_log_probs
 from eetools.judges import ReasoningJudge
 from eetools.norm_shortcut import norm_shortcut
@@ -83,6 +83,8 @@ class RLConfig:
     """Steps between checkpoints (with checkpoint_dir)."""
     patience: int = 0
     """Patience rule on the sampled exits (`generate`'s `patience`): a token may exit at an exitable layer only where the logit lens's top token has held for this many exitable layers before; the rule masks the exit action and the policy gradient uses the masked policy's log-probs. Evaluate the result with the same patience. 0: the heads alone decide."""
+    min_confidence: float = 0.0
+    """Floor on the logit lens's top probability for a sampled exit (`generate`'s `min_confidence`), a mask like `patience`. 0: no floor."""
     micro_batches: int = 1
     """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
 
@@ -316,7 +318,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
              steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
-             micro_batches: int = 1, train_adapters: bool = True, patience: int = 0) -> RLResult:
+             micro_batches: int = 1, train_adapters: bool = True, patience: int = 0,
+             min_confidence: float = 0.0) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -333,6 +336,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         train_adapters: False trains the exit heads only (the adapters are left as they are).
         patience: exits sampled under the patience rule (see `RLConfig.patience`); the held-out
             evaluations use it too.
+        min_confidence: exits sampled under a floor on the lens's confidence, the same way.
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
@@ -340,9 +344,10 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
-                   train_adapters=train_adapters, patience=patience)
+                   train_adapters=train_adapters, patience=patience, min_confidence=min_confidence)
     ee_model.require_learned_heads("RL-train")
     check_patience(cfg.patience, "sample", len(ee_model.exit_layers))
+    check_min_confidence(cfg.min_confidence, "sample")
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
@@ -380,6 +385,7 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
             group = [e for e in part for _ in range(cfg.k)]
             rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
                                         temperature=cfg.temperature, skip="compute", patience=cfg.patience,
+                                        min_confidence=cfg.min_confidence,
                                         seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
             completions = [task_lib.cut_at_answer(t) for t in rollout.text]
             task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
@@ -438,7 +444,8 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     judge = ReasoningJudge()
     for mode in ("sample", "threshold"):
         r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens, mode=mode, temperature=0,
-                              seed=cfg.seed + 12_345, skip="compute", patience=cfg.patience)
+                              seed=cfg.seed + 12_345, skip="compute", patience=cfg.patience,
+                              min_confidence=cfg.min_confidence)
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute

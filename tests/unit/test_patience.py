@@ -125,7 +125,8 @@ def test_sampled_exits_with_patience_follow_the_masked_policy(tiny_ee):
     assert vetoed > len(layers), "the test needs vetoes beyond the first layer's"
 
 
-def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(tiny_ee):
+@pytest.mark.parametrize("rules", [dict(patience=1), dict(min_confidence=0.05), dict(patience=1, min_confidence=0.05)])
+def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(tiny_ee, rules):
     """The teacher-forced passes of the loss give each sampled exit the log-prob decoding recorded
     (masked where the lens moved), one pass or prompts shared."""
     from eetools.rl import _policy_terms
@@ -134,8 +135,8 @@ def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.4)
     r = tiny_ee.generate(["Q: 12+34\n", "Q: 12+34\n", "Q: 5+678\n", "Q: 5+678\n"], 10, mode="sample",
-                         patience=1, seed=1)
-    assert not r.exit_allowed[r.mask].all(), "the test needs vetoed layers"
+                         seed=1, **rules)
+    assert not r.exit_allowed[r.mask].all() and r.exit_allowed[r.mask][:, 1:].any(), "the test needs vetoes and exits"
     recorded = (r.exit_logprobs * r.mask).sum(1)
     rows = torch.arange(len(r))
     for prompt_id in (None, torch.tensor([0, 0, 1, 1])):
@@ -175,6 +176,10 @@ def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
         train_rl(tiny_ee, "addition", steps=2, checkpoint_dir=tmp_path / "ck", **kw)
     with pytest.raises(ValueError, match=r"0 \.\. 2"):
         train_rl(tiny_ee, "addition", steps=1, patience=3, **kw)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        train_rl(tiny_ee, "addition", steps=1, min_confidence=1.0, **kw)
+    floor = train_rl(tiny_ee, "addition", steps=1, min_confidence=0.05, **kw)  # the floor masks sampled exits too
+    assert floor.config.min_confidence == 0.05 and floor.history["loss"].notna().all()
 
 
 def test_views_show_the_exit_distribution_the_patience_rule_left(tiny_ee):
