@@ -64,7 +64,8 @@ def test_cached_equals_uncached_on_the_shipped_model(reasoner):
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters"])
+@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters",
+                                    "tiny-reasoner/rl-lam6"])
 def test_shipped_exit_models_load_and_exit(preset):
     from eetools.exit_checkpoint import PRESETS
     from eetools.paths import data_dir
@@ -165,3 +166,15 @@ def test_slow_adapters_keep_the_full_depth_model_near_the_base():
 
     slow, rl, calibrated = (kl_to_base(f"tiny-reasoner/{p}") for p in ("rl-slow-adapters", "rl", "calibrated"))
     assert slow < 2 * calibrated and slow < rl / 4, (slow, rl, calibrated)
+
+
+def test_the_lam6_preset_with_its_exit_rules_saves_40_percent_within_a_point():
+    """README's operating point: `tiny-reasoner/rl-lam6` at the default threshold 0.5 with patience 1 and a
+    lens-confidence floor of 0.9 (99.6 % / 40.6 % on the 500 test prompts); here the first 100."""
+    ee = eetools.load_exit_model("tiny-reasoner/rl-lam6")
+    ev = eetools.evaluate(ee, "addition", n=100, mode="threshold", threshold=0.5, patience=1, min_confidence=0.9,
+                          compare=False, progress=False)
+    row = ev.summary.set_index("system").loc["model"]
+    assert row["accuracy"] >= 0.99 and row["layers_saved"] >= 0.40, row.to_dict()
+    plain = eetools.evaluate(ee, "addition", n=100, mode="threshold", threshold=0.5, compare=False, progress=False)
+    assert plain.summary.set_index("system").loc["model", "layers_saved"] > row["layers_saved"]  # the rules hold exits back
