@@ -12,8 +12,12 @@ rollout with its exits prescribed, except that the parting token is predicted at
 - "context": even at full depth the model now predicts another token: earlier exits, through their frozen
   residuals, changed what this token sees (the adapters' job, not the heads').
 
-    python scripts/exit_divergence.py EXIT_MODEL --threshold 0.6 [--patience 1] [--task addition]
-        [--n 500] [--split test]
+It also lists the logit lens's probability of the token each wrong exit emitted, at its exit layer and in
+its own context, beside the same for every exited token of the exited rollouts (how sure the lens was when
+it exited), which is what a floor on that probability (`min_confidence`) acts on.
+
+    python scripts/exit_divergence.py EXIT_MODEL --threshold 0.6 [--patience 1] [--min-confidence 0.9]
+        [--task addition] [--n 500] [--split test]
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -73,16 +78,42 @@ def lens_probability(ee_model, prompt_ids, new_ids, exit_layers, k: int) -> floa
     return float(p[int(new_ids[k])])
 
 
-def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, n: int = 500,
-             split: str = "test", batch: int = 50) -> tuple[list[Parting], int]:
+def exit_confidences(ee_model, rollout) -> np.ndarray:
+    """The logit lens's probability of every exited token of `rollout` at its exit layer, in its own context
+    (one teacher-forced replay of the batch with its exits prescribed)."""
+    resid = {}
+    hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee_model.exit_layers]
+    with torch.no_grad(), ee_model.model.hooks(fwd_hooks=hooks):
+        ee_model(rollout.sequences, exit_layers=rollout.prescribed_exit_layers(),
+                 attention_mask=rollout.attention_mask)
+        P, out = rollout.prompt_tokens.shape[1], []
+        for layer in ee_model.exit_layers:
+            rows, ks = ((rollout.exit_layers == layer) & rollout.mask).nonzero(as_tuple=True)
+            if len(rows):  # token k is predicted at position P + k - 1
+                p = ee_model.readout(resid[layer][rows, P + ks - 1]).float().softmax(-1)
+                out.append(p.gather(-1, rollout.tokens[rows, ks][:, None]).squeeze(-1))
+    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+
+
+@dataclass
+class Divergence:
+    """What `partings` found over `n` prompts."""
+
+    partings: list[Parting]
+    n: int
+    exit_confidence: np.ndarray  # the lens's probability of every exited token at its exit layer
+
+
+def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, min_confidence: float = 0.0,
+             n: int = 500, split: str = "test", batch: int = 50) -> Divergence:
     """Every answer that full depth gets right and thresholded exits get wrong, with where and why it
-    parted; also returns the number of prompts decoded."""
+    parted, and the lens's confidence at every exit."""
     from eetools import tasks
 
     task = tasks.get(task) if isinstance(task, str) else task
     examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
     tok = ee_model.model.tokenizer
-    L, out = ee_model.n_layers, []
+    L, out, confidence = ee_model.n_layers, [], []
     for i in range(0, len(examples), batch):
         chunk = examples[i:i + batch]
         prompts = [e.prompt for e in chunk]
@@ -90,7 +121,8 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
         with torch.no_grad():
             full = ee_model.generate(prompts, task.max_new_tokens, mode="off", **kw)
             ex = ee_model.generate(prompts, task.max_new_tokens, mode="threshold", threshold=threshold,
-                                   patience=patience, **kw)
+                                   patience=patience, min_confidence=min_confidence, **kw)
+        confidence.append(exit_confidences(ee_model, ex))
         for r, e in enumerate(chunk):
             if task.score(e, full.text[r]) < 1 or task.score(e, ex.text[r]) >= 1:
                 continue
@@ -109,7 +141,7 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
                 lens_p=lens_probability(ee_model, prompt_ids, ex.tokens[r], ex.exit_layers[r], k),
                 earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
                 cause="exit" if replayed == want else "context"))
-    return out, len(examples)
+    return Divergence(out, len(examples), np.concatenate(confidence))
 
 
 def main(argv=None) -> None:
@@ -120,16 +152,21 @@ def main(argv=None) -> None:
     ap.add_argument("--split", choices=["test", "validation"], default="test")
     ap.add_argument("--threshold", type=float, required=True)
     ap.add_argument("--patience", type=int, default=0)
+    ap.add_argument("--min-confidence", type=float, default=0.0)
     a = ap.parse_args(argv)
     import eetools
 
     ee_model = eetools.load_exit_model(a.exit_model)
-    found, n = partings(ee_model, a.task, threshold=a.threshold, patience=a.patience, n=a.n, split=a.split)
-    print(f"{n} prompts; {len(found)} answers right at full depth and wrong with exits "
-          f"(threshold {a.threshold}, patience {a.patience})")
-    if not found:
+    d = partings(ee_model, a.task, threshold=a.threshold, patience=a.patience, min_confidence=a.min_confidence,
+                 n=a.n, split=a.split)
+    print(f"{d.n} prompts; {len(d.partings)} answers right at full depth and wrong with exits "
+          f"(threshold {a.threshold}, patience {a.patience}, min_confidence {a.min_confidence})")
+    c = d.exit_confidence
+    print(f"{len(c)} exited tokens; share whose lens probability at the exit layer is below q: "
+          + ", ".join(f"{q}: {float((c < q).mean()):.2%}" for q in (0.6, 0.8, 0.9, 0.95, 0.99)))
+    if not d.partings:
         return
-    df = pd.DataFrame([vars(p) for p in found])
+    df = pd.DataFrame([vars(p) for p in d.partings])
     print(df.groupby("cause").size().rename("answers").to_string())
     print(df.drop(columns="prompt").to_string(index=False))
 

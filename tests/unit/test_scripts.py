@@ -89,8 +89,9 @@ def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
             return float(completion == reference.text[examples.index(example)])
 
     mod = _script("exit_divergence")
-    found, n = mod.partings(ee, FullDepthIsRight(), threshold=1e-6, n=6, batch=4)  # every token exits at layer 1
-    assert n == 6
+    d = mod.partings(ee, FullDepthIsRight(), threshold=1e-6, n=6, batch=4)  # every token exits at layer 1
+    found = d.partings
+    assert d.n == 6
     ex = ee.generate([e.prompt for e in examples], addition.max_new_tokens, mode="threshold", threshold=1e-6,
                      temperature=0.0, seed=0)
     broken = [i for i in range(6) if ex.text[i] != reference.text[i]]
@@ -105,5 +106,11 @@ def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
         prompt_ids = ex.prompt_tokens[i][ex.prompt_mask[i].bool()]
         # the replay with every exit prescribed reproduces the exited token: positions line up
         assert mod.replay_top(ee, prompt_ids, ex.tokens[i], ex.exit_layers[i], k, full_depth_at_k=False) == int(ex.tokens[i, k])
+        assert 0 < p.lens_p <= 1
         if p.earlier_exits == 0:  # nothing frozen before it: at full depth it is the full-depth rollout
             assert p.cause == "exit" and p.replayed == tok.decode([int(reference.tokens[i, k])])
+    # the lens's confidence at every exit: one value per exited token, the wrong exits' among them
+    exited = int(((ex.exit_layers < 3) & ex.mask).sum())
+    assert d.exit_confidence.shape == (exited,) and ((d.exit_confidence > 0) & (d.exit_confidence <= 1)).all()
+    for p in found:
+        assert abs(d.exit_confidence - p.lens_p).min() < 1e-4
