@@ -278,17 +278,19 @@ class _Decoder:
             logits, z, exit_at, _ = self.ee._forward(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
                                                      state=state)
             self.exit_hist = exit_at
-        # layers the patience rule let exit (True after the last decided one: a row that exited
+        # with rules: the layers they let exit (True after the last decided one: a row that exited
         # earlier never reaches them, and one that did not was decided at every layer)
-        allowed = torch.ones(len(rows), self.m, dtype=torch.bool, device=device)
-        for i, h in enumerate(held):
-            allowed[:, i] = h
+        allowed = None
+        if self.ruled:
+            allowed = torch.ones(len(rows), self.m, dtype=torch.bool, device=device)
+            for i, h in enumerate(held):
+                allowed[:, i] = h
         # log-prob of the exit decisions taken, under the heads' stick-breaking distribution (with
-        # sampled exits, the masked one the patience rule makes)
+        # sampled exits, the masked one the rules make)
         if step == 0:
             elp = torch.zeros(len(rows), device=device)
         else:
-            policy = allowed if self.mode == "sample" and self.ruled else None
+            policy = allowed if self.mode == "sample" else None
             elp = exit_log_probs(z[:, -1].float(), policy).gather(
                 -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
         last = logits[:, -1].float()
@@ -301,7 +303,9 @@ class _Decoder:
         done = self.done[rows] if running else self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
         values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
-                  "elp": elp, "probs": z[:, -1], "allowed": allowed}
+                  "elp": elp, "probs": z[:, -1]}
+        if allowed is not None:
+            values["allowed"] = allowed
         for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
             if running:
                 v = v.new_full((b, *v.shape[1:]), self.fill[key]).index_copy_(0, rows, v)
