@@ -45,16 +45,21 @@ class Parting:
     cause: str  # "exit" or "context"
 
 
+def _replayed(prompt_ids, new_ids, exit_layers, k: int, n_layers: int):
+    """Tokens and prescribed exits ``[1, pos]`` that replay a rollout up to the position predicting token `k`."""
+    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
+    exit_at = torch.full_like(tokens, n_layers)
+    start = len(prompt_ids) - 1  # the position that predicts the first generated token
+    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    return tokens, exit_at
+
+
 def replay_top(ee_model, prompt_ids, new_ids, exit_layers, k: int, full_depth_at_k: bool = True) -> int:
     """Top token for generated position `k` when a rollout is replayed (teacher-forced) with its exits
     prescribed; with `full_depth_at_k` the position predicting token `k` runs at full depth instead."""
-    L = ee_model.n_layers
-    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
-    exit_at = torch.full_like(tokens, L)
-    start = len(prompt_ids) - 1  # the position that predicts the first generated token
-    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    tokens, exit_at = _replayed(prompt_ids, new_ids, exit_layers, k, ee_model.n_layers)
     if full_depth_at_k:
-        exit_at[0, start + k] = L
+        exit_at[0, -1] = ee_model.n_layers
     with torch.no_grad():
         out = ee_model(tokens, exit_layers=exit_at)
     return int(out.logprobs[0, -1].argmax())
@@ -66,10 +71,7 @@ def lens_probability(ee_model, prompt_ids, new_ids, exit_layers, k: int) -> floa
     layer = int(exit_layers[k])
     if layer >= ee_model.n_layers:
         return float("nan")
-    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
-    exit_at = torch.full_like(tokens, ee_model.n_layers)
-    start = len(prompt_ids) - 1
-    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    tokens, exit_at = _replayed(prompt_ids, new_ids, exit_layers, k, ee_model.n_layers)
     grabbed = {}
     hook = (f"blocks.{layer}.hook_resid_pre", lambda x, hook: grabbed.__setitem__("r", x))
     with torch.no_grad(), ee_model.model.hooks(fwd_hooks=[hook]):
