@@ -117,7 +117,7 @@ def exit_log_probs(exit_logits: Float[Tensor, "... m"],
                    allowed: Bool[Tensor, "... m"] | None = None) -> Float[Tensor, "... m_plus_1"]:
     """Log of `stick_breaking(sigmoid(exit_logits))`, computed stably with logsigmoid.
 
-    `allowed` (None: every layer) masks exits a rule vetoes, the patience rule of sampled exits:
+    `allowed` (None: every layer) masks exits a rule vetoes (patience, the confidence floor):
     such a layer's exit probability is 0 (the action is masked, as in RL with invalid actions),
     the others keep their conditional probability, and a vetoed head gets no gradient.
     """

@@ -210,7 +210,7 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
         pol, z = out.logprobs[:, p - 1:-1], out.exit_logits[:, p - 1:-1]
     else:
         ref, pol, z = passes
-    # the exits' log-probs under the policy that sampled them: masked where the patience rule vetoed
+    # the exits' log-probs under the policy that sampled them: masked where a rule (patience, floor) vetoed
     allowed = None if rollout.exit_allowed is None else rollout.exit_allowed[rows, :n].to(device)
     exit_lp = exit_log_probs(z, allowed)
     tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
