@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from eetools.adapters import adapters_merged
 from eetools.bypass import bridge_bypassed
 from eetools.exits import ExitState
-from eetools.heads import exit_log_probs
+from eetools.heads import exit_log_probs, top_confidence
 from eetools.norm_shortcut import norm_shortcut
 from eetools.rollout import Rollout
 from eetools.skipping import compute_skipping, skip_support, skipped_components
@@ -214,6 +214,8 @@ class _Decoder:
         self.ee, self.ids, self.pmask, self.patience = ee_model, ids, pmask, patience
         self.min_confidence = min_confidence
         self.ruled = bool(patience or min_confidence)  # some rule besides the heads decides where exits may happen
+        # the floor as a logit, compared with the lens's top-probability logit (as a confidence head gives it)
+        self.floor_logit = math.log(min_confidence / (1 - min_confidence)) if min_confidence else -math.inf
         self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
         self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
         # one threshold per exitable layer, whether one or several were given
@@ -258,11 +260,11 @@ class _Decoder:
             c = torch.sigmoid(z.float())
             fire = u_exit[:, i] < c if self.mode == "sample" else c >= self.thresholds[i]
             if self.ruled:
-                logits = self.ee.readout(resid[:, -1]).float()
-                lens.append(logits.argmax(-1))
+                confidence, top = top_confidence(self.ee.readout(resid[:, -1]))  # the confidence head's logit
+                lens.append(top)
                 ok = lens_held(lens, i, self.patience)
-                if self.min_confidence:  # top probability = 1 / sum(exp(logits - max))
-                    ok = ok & (logits.logsumexp(-1) - logits.amax(-1) <= -math.log(self.min_confidence))
+                if self.min_confidence:
+                    ok = ok & (confidence >= self.floor_logit)
                 held.append(ok)
                 fire = fire & ok
             return fire

@@ -72,6 +72,15 @@ class ExitHead(nn.Module):
         return x.squeeze(-1)
 
 
+def top_confidence(logits: Float[Tensor, "... vocab"]) -> tuple[Float[Tensor, "..."], Tensor]:
+    """The logit of the largest probability of `logits`' softmax, ``x_max - logsumexp(other logits)``,
+    and the index of that largest one. Exact where the probability rounds to 1 in float32."""
+    logits = logits.float()
+    top, where = logits.max(-1, keepdim=True)
+    others = logits.scatter(-1, where, float("-inf")).logsumexp(-1)
+    return top.squeeze(-1) - others, where.squeeze(-1)
+
+
 class ConfidenceHead(nn.Module):
     """Parameter-free head: ``c_l`` = the largest probability of the logit lens ``readout(resid)``.
 
@@ -84,10 +93,7 @@ class ConfidenceHead(nn.Module):
         self.readout = readout  # a function, not a submodule: the bridge's weights stay the bridge's
 
     def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
-        logits = self.readout(resid).float()
-        top, where = logits.max(-1, keepdim=True)
-        others = logits.scatter(-1, where, float("-inf")).logsumexp(-1)
-        return top.squeeze(-1) - others
+        return top_confidence(self.readout(resid))[0]
 
 
 def make_head(kind: str, d_model: int, readout: Callable[[Tensor], Tensor], vocab: int = 0) -> nn.Module:

@@ -45,56 +45,37 @@ class Parting:
     cause: str  # "exit" or "context"
 
 
-def _replayed(prompt_ids, new_ids, exit_layers, k: int, n_layers: int):
-    """Tokens and prescribed exits ``[1, pos]`` that replay a rollout up to the position predicting token `k`."""
-    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
-    exit_at = torch.full_like(tokens, n_layers)
-    start = len(prompt_ids) - 1  # the position that predicts the first generated token
-    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
-    return tokens, exit_at
-
-
 def replay_top(ee_model, prompt_ids, new_ids, exit_layers, k: int, full_depth_at_k: bool = True) -> int:
     """Top token for generated position `k` when a rollout is replayed (teacher-forced) with its exits
     prescribed; with `full_depth_at_k` the position predicting token `k` runs at full depth instead."""
-    tokens, exit_at = _replayed(prompt_ids, new_ids, exit_layers, k, ee_model.n_layers)
+    L = ee_model.n_layers
+    tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
+    exit_at = torch.full_like(tokens, L)
+    start = len(prompt_ids) - 1  # the position that predicts the first generated token
+    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
     if full_depth_at_k:
-        exit_at[0, -1] = ee_model.n_layers
+        exit_at[0, -1] = L
     with torch.no_grad():
         out = ee_model(tokens, exit_layers=exit_at)
     return int(out.logprobs[0, -1].argmax())
 
 
-def lens_probability(ee_model, prompt_ids, new_ids, exit_layers, k: int) -> float:
-    """The logit lens's probability of generated token `k` at the layer it exited at, in the rollout's own
-    (exited) context; nan if it did not exit."""
-    layer = int(exit_layers[k])
-    if layer >= ee_model.n_layers:
-        return float("nan")
-    tokens, exit_at = _replayed(prompt_ids, new_ids, exit_layers, k, ee_model.n_layers)
-    grabbed = {}
-    hook = (f"blocks.{layer}.hook_resid_pre", lambda x, hook: grabbed.__setitem__("r", x))
-    with torch.no_grad(), ee_model.model.hooks(fwd_hooks=[hook]):
-        ee_model(tokens, exit_layers=exit_at)
-        p = ee_model.readout(grabbed["r"][0, -1]).float().softmax(-1)
-    return float(p[int(new_ids[k])])
-
-
-def exit_confidences(ee_model, rollout) -> np.ndarray:
-    """The logit lens's probability of every exited token of `rollout` at its exit layer, in its own context
-    (one teacher-forced replay of the batch with its exits prescribed)."""
+def exit_confidences(ee_model, rollout) -> torch.Tensor:
+    """The logit lens's probability of each exited token of `rollout` at its exit layer, in its own context,
+    ``[batch, new]`` (nan where a token did not exit): one teacher-forced replay of the batch with its exits
+    prescribed."""
     resid = {}
     hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee_model.exit_layers]
     with torch.no_grad(), ee_model.model.hooks(fwd_hooks=hooks):
         ee_model(rollout.sequences, exit_layers=rollout.prescribed_exit_layers(),
                  attention_mask=rollout.attention_mask)
-        P, out = rollout.prompt_tokens.shape[1], []
+        P, out = rollout.prompt_tokens.shape[1], torch.full(rollout.tokens.shape, float("nan"))
         for layer in ee_model.exit_layers:
             rows, ks = ((rollout.exit_layers == layer) & rollout.mask).nonzero(as_tuple=True)
             if len(rows):  # token k is predicted at position P + k - 1
                 p = ee_model.readout(resid[layer][rows, P + ks - 1]).float().softmax(-1)
-                out.append(p.gather(-1, rollout.tokens[rows, ks][:, None]).squeeze(-1))
-    return torch.cat(out).cpu().numpy() if out else np.zeros(0)
+                out[rows, ks] = p.gather(-1, rollout.tokens[rows, ks][:, None]).squeeze(-1).cpu()
+    return out
 
 
 @dataclass
@@ -124,7 +105,8 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
             full = ee_model.generate(prompts, task.max_new_tokens, mode="off", **kw)
             ex = ee_model.generate(prompts, task.max_new_tokens, mode="threshold", threshold=threshold,
                                    patience=patience, min_confidence=min_confidence, **kw)
-        confidence.append(exit_confidences(ee_model, ex))
+        conf = exit_confidences(ee_model, ex)
+        confidence.append(conf[~conf.isnan()].numpy())
         for r, e in enumerate(chunk):
             if task.score(e, full.text[r]) < 1 or task.score(e, ex.text[r]) >= 1:
                 continue
@@ -140,7 +122,7 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
                 prompt=e.prompt, position=k, exit_layer=int(ex.exit_layers[r, k]),
                 full_depth=tok.decode([want]), exited=tok.decode([int(ex.tokens[r, k])]),
                 replayed=tok.decode([replayed]),
-                lens_p=lens_probability(ee_model, prompt_ids, ex.tokens[r], ex.exit_layers[r], k),
+                lens_p=float(conf[r, k]),
                 earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
                 cause="exit" if replayed == want else "context"))
     return Divergence(out, len(examples), np.concatenate(confidence))
