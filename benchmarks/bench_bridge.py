@@ -18,7 +18,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     from transformers import AutoModelForCausalLM
 
     import eetools
-    from eetools.models import shipped_model_dir
+    from eetools.io.models import shipped_model_dir
 
     torch.manual_seed(0)
     bridge = eetools.load_model(device=device, dtype=dtype)

@@ -41,9 +41,9 @@ ROLLOUT = dict(k=8, prompts_per_step=8, max_new_tokens=80, temperature=0.0)
 TIMEOUT_S = 600
 
 
-PHASES = {"decode": ("eetools.exits", "EarlyExitModel.generate"), "passes": ("eetools.rl", "rl_terms"),
-          "backward": ("torch", "Tensor.backward"), "gather": ("eetools.rl", "_gather_columns"),
-          "all_reduce": ("eetools.distributed", "all_reduce_gradients")}
+PHASES = {"decode": ("eetools.core.model", "EarlyExitModel.generate"), "passes": ("eetools.train.rl", "rl_terms"),
+          "backward": ("torch", "Tensor.backward"), "gather": ("eetools.train.rl", "_gather_columns"),
+          "all_reduce": ("eetools.train.distributed", "all_reduce_gradients")}
 
 
 def _timed_phases() -> dict[str, float]:
@@ -72,8 +72,8 @@ def _timed_phases() -> dict[str, float]:
 def _worker(threads: int, steps: int, phases: bool = False) -> None:
     """Time `steps` RL steps in this process (a rank under torchrun); rank 0 prints a JSON line."""
     import eetools
-    from eetools import distributed
-    from eetools.rl import train_rl
+    from eetools.train import distributed
+    from eetools.train.rl import train_rl
 
     torch.set_num_threads(threads)
     distributed.setup("cpu")

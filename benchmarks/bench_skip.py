@@ -10,7 +10,7 @@ Batch 1, greedy tokens, KV cache. Two models:
 
 Keys: ``skip_speedup_{rate}`` = masked time / skipping time per generated token on the
 Qwen3-0.6B-shaped model (target >= 1.3 at 50 %, >= 1.0 at 0 %), the fast path as `generate`
-runs it: skipping, and the HF modules called without the bridge's wrappers (`eetools.bypass`);
+runs it: skipping, and the HF modules called without the bridge's wrappers (`eetools.core.fast.bypass`);
 ``skip_only_speedup_{rate}``: the same with a hook attached, so the decode stays on the bridge's
 components and only the skipping differs from the masked path; ``skip_vs_plain_{rate}`` =
 time per token with no exits (``mode="off"``) / with skipping; ``layers_saved_{rate}``: what
@@ -40,7 +40,7 @@ RATES = (0, 25, 50, 75)
 def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int = 28):
     """A random bridge with Qwen3-0.6B's shapes; no weights downloaded or written."""
     import eetools
-    from eetools.tokenizer import build_tokenizer
+    from eetools.io.tokenizer import build_tokenizer
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = build_tokenizer()
@@ -79,7 +79,7 @@ def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
         ee = exit_model_at(bridge, rate)
 
         def run(bypass: bool = True, **kw):
-            # a hook that changes nothing keeps the decode on the bridge's components (`eetools.bypass`)
+            # a hook that changes nothing keeps the decode on the bridge's components (`eetools.core.fast.bypass`)
             noop = [] if bypass else [("blocks.0.hook_resid_pre", lambda resid, hook: None)]
 
             def call():

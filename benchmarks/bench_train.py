@@ -40,8 +40,8 @@ def _peak_mb(device: str) -> float:
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:
     import eetools
-    from eetools.calibration import calibrate
-    from eetools.rl import train_rl
+    from eetools.train.calibration import calibrate
+    from eetools.train.rl import train_rl
 
     steps = 2 if quick else 4
     torch.manual_seed(0)
@@ -64,9 +64,10 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
 def _mixture_ratios(ee, quick: bool) -> dict:
     """Chunked RL loss vs one pass, and decoding with vs without dropping finished rows, side by side."""
-    from eetools import generation, tasks
-    from eetools.calibration import CHUNK_ROWS
-    from eetools.rl import rl_terms
+    from eetools import tasks
+    from eetools.core import generation
+    from eetools.core.encoding import CHUNK_ROWS
+    from eetools.train.rl import rl_terms
 
     task = tasks.get("addition+tom")
     group = [e for e in task.sample(4 if quick else 8, seed=0) for _ in range(8)]

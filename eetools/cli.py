@@ -6,7 +6,7 @@ Options come from the dataclass configs (`PretrainConfig`, `CalibrationConfig`, 
 with a one-line reason.
 
 ``calibrate`` and ``rl`` also run under ``torchrun --nproc_per_node N -m eetools.cli ...``:
-each process trains its shards of every step (`eetools.distributed`), only rank 0 prints
+each process trains its shards of every step (`eetools.train.distributed`), only rank 0 prints
 and writes; ``--device cuda`` then means ``cuda:LOCAL_RANK``.
 """
 
@@ -118,10 +118,10 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from eetools.calibration import CalibrationConfig
+    from eetools.train.calibration import CalibrationConfig
     from eetools.pipeline import ReproduceConfig
-    from eetools.pretrain import PretrainConfig
-    from eetools.rl import RLConfig
+    from eetools.train.pretrain import PretrainConfig
+    from eetools.train.rl import RLConfig
 
     parser = argparse.ArgumentParser(prog="eetools", description="Early-exit transformers for externalised reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch.distributed as dist
 
-    from eetools import distributed
-    from eetools.checkpoints import CheckpointError
-    from eetools.judges import JudgeError
-    from eetools.models import ModelNotFoundError
-    from eetools.rl import RewardError
+    from eetools.train import distributed
+    from eetools.io.checkpoints import CheckpointError
+    from eetools.analysis.judges import JudgeError
+    from eetools.io.models import ModelNotFoundError
+    from eetools.train.rl import RewardError
 
     joined_here = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone
     try:
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     import torch
 
-    from eetools import distributed, pipeline
+    from eetools import pipeline
+    from eetools.train import distributed
 
     file_cfg = load_config_file(args.config)
     progress = not args.no_progress
@@ -248,18 +249,18 @@ def _run(args) -> int:
         distributed.setup(args.device)
     say = print if distributed.is_main() else (lambda *a, **k: None)  # under torchrun rank 0 prints
     if args.command == "pretrain":
-        from eetools.pretrain import PretrainConfig, pretrain
+        from eetools.train.pretrain import PretrainConfig, pretrain
 
         cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
         say(pretrain(cfg, progress=progress, device=args.device, dtype=args.dtype))
     elif args.command == "calibrate":
-        from eetools.calibration import CalibrationConfig
+        from eetools.train.calibration import CalibrationConfig
 
         cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
         say(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
                                    device=args.device, dtype=args.dtype, progress=progress))
     elif args.command == "rl":
-        from eetools.rl import RLConfig
+        from eetools.train.rl import RLConfig
 
         cfg = build_config(RLConfig, args, file_cfg, "rl")
         say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
@@ -283,13 +284,14 @@ def _run(args) -> int:
         say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
             f"model's accuracy is {best if best is not None else 'none of those given'}")
     elif args.command == "accuracy":
-        import eetools
-        from eetools.evaluation import greedy_accuracy
+        from eetools.io.models import load_model
+        from eetools import tasks as task_lib
+        from eetools.analysis.evaluation import greedy_accuracy
 
-        model = eetools.load_model(args.model, device=args.device, dtype=args.dtype)
+        model = load_model(args.model, device=args.device, dtype=args.dtype)
         for name in args.task:
             acc = greedy_accuracy(model, name, n=args.n, progress=progress)
-            n = args.n or len(eetools.tasks.get(name).test_split())
+            n = args.n or len(task_lib.get(name).test_split())
             say(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
     elif args.command == "report":
         say(pipeline.write_report(out))

@@ -16,11 +16,12 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eetools import distributed
+from eetools.train import distributed
+from eetools.io.exit_checkpoint import save_exit_model
 
 
 def _default_thresholds():
-    from eetools.operating_points import DEFAULT_THRESHOLDS  # imported lazily: it pulls in plotly
+    from eetools.analysis.operating_points import DEFAULT_THRESHOLDS  # imported lazily: it pulls in plotly
 
     return DEFAULT_THRESHOLDS
 
@@ -85,16 +86,17 @@ def _dtype(dtype):
 
 
 def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None):
-    import eetools
+    from eetools.core.model import attach_exit_heads
+    from eetools.io.models import load_model
 
-    return eetools.attach_exit_heads(eetools.load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head)
+    return attach_exit_heads(load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head)
 
 
 def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, head="mlp", device="cpu", dtype=None,
                   progress=True, figure_task: str | None = None) -> Path:
     """Calibrate, save the exit model to ``out/model`` and the history and Fig. 4 beside it."""
-    from eetools.calibration import calibrate
-    from eetools.figures import exit_distribution_vs_target
+    from eetools.train.calibration import calibrate
+    from eetools.analysis.figures import exit_distribution_vs_target
 
     out = Path(out)
     ee = _fresh_ee(model, layers, head, device, dtype)
@@ -104,7 +106,7 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
                     checkpoint_dir=out / "checkpoint", progress=progress, **kw)
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
-    ee.save(out / "model")
+    save_exit_model(ee, out / "model")
     res.history.to_csv(out / "calibration_history.csv", index=False)
     fig4 = exit_distribution_vs_target(ee, figure_task or task, n=64, kl_factor=cfg.kl_factor)
     fig4.figure().write_json(out / "fig4.json")
@@ -116,16 +118,16 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
 def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition", device="cpu", dtype=None,
            progress=True) -> Path:
     """RL-train from an exit-model checkpoint; save to ``out/model`` with the history."""
-    import eetools
-    from eetools.rl import train_rl
+    from eetools.io.exit_checkpoint import load_exit_model
+    from eetools.train.rl import train_rl
 
     out = Path(out)
-    ee = eetools.load_exit_model(start, model=_base_for(start, device, dtype))
+    ee = load_exit_model(start, model=_base_for(start, device, dtype))
     res = train_rl(ee, task, checkpoint_dir=out / "checkpoint", progress=progress,
                    **{k: v for k, v in asdict(cfg).items()})
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
-    ee.save(out / "model")
+    save_exit_model(ee, out / "model")
     res.history.to_csv(out / "rl_history.csv", index=False)
     res.evals.to_csv(out / "rl_evals.csv", index=False)
     return out / "model"
@@ -134,29 +136,29 @@ def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition",
 def _base_for(start, device, dtype):
     if device == "cpu" and dtype is None:
         return None
-    import eetools
-    from eetools.checkpoints import load_json
-    from eetools.exit_checkpoint import resolve_checkpoint
+    from eetools.io.models import load_model
+    from eetools.io.checkpoints import load_json
+    from eetools.io.exit_checkpoint import resolve_checkpoint
 
     name = load_json(resolve_checkpoint(start) / "exit_config.json")["base_model"]["name"]
-    return eetools.load_model(name, device=device, dtype=_dtype(dtype))
+    return load_model(name, device=device, dtype=_dtype(dtype))
 
 
 def _output_and_model(out, exit_model, device, dtype):
     """The output folder (created) and the exit model on its base, for `run_evaluate` and `run_tradeoff`."""
-    import eetools
+    from eetools.io.exit_checkpoint import load_exit_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    return out, eetools.load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    return out, load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
 
 
 def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", threshold=0.5,
                  seed=0, patience=0, min_confidence=0.0, device="cpu", dtype=None, progress=True):
-    import eetools
+    from eetools.analysis.evaluation import evaluate
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    ev = eetools.evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, patience=patience,
+    ev = evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, patience=patience,
                           min_confidence=min_confidence,
                           progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
@@ -168,11 +170,11 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
                  sample=True, split="test", confidence=(), patience=0, min_confidence=0.0, device="cpu", dtype=None,
                  progress=True):
     """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
-    import eetools
-    from eetools.operating_points import DEFAULT_THRESHOLDS
+    from eetools.analysis.operating_points import tradeoff
+    from eetools.analysis.operating_points import DEFAULT_THRESHOLDS
 
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    res = eetools.tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
+    res = tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
                            split=split, confidence=confidence or (), patience=patience,
                            min_confidence=min_confidence, progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
@@ -182,11 +184,15 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
 
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
-    import eetools
-    from eetools import viz
-    from eetools.calibration import CalibrationConfig
-    from eetools.figures import coherence_by_kl_factor
-    from eetools.rl import run_sweep
+    from eetools.train.calibration import calibrate
+    from eetools.analysis.evaluation import evaluate
+    from eetools.io.exit_checkpoint import load_exit_model
+    from eetools.analysis.operating_points import tradeoff
+    from eetools import tasks as task_lib
+    from eetools.views.tokens import color_tokens
+    from eetools.train.calibration import CalibrationConfig
+    from eetools.analysis.evaluation import coherence_by_kl_factor
+    from eetools.train.rl import run_sweep
 
     if distributed.launched():
         raise ValueError("reproduce runs in one process; under torchrun run `eetools calibrate` and `eetools rl`")
@@ -201,31 +207,31 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
                                progress=progress, figure_task=cfg.task)
     timings["calibration_s"] = time.time() - t0
     # 2. Fig. 3: other KL factors, short calibrations
-    models = {ccfg.kl_factor: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype))}
+    models = {ccfg.kl_factor: load_exit_model(calibrated, model=_base_for(calibrated, device, dtype))}
     for k in cfg.kl_factors:
         if k == ccfg.kl_factor:
             continue
         ee = _fresh_ee(device=device, dtype=dtype)
-        eetools.calibrate(ee, cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
+        calibrate(ee, cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
         models[k] = ee
     fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
     fig3.df.to_csv(out / "fig3.csv", index=False)
     fig3.figure().write_json(out / "fig3.json")
     timings["fig3_s"] = time.time() - t0 - sum(timings.values())
     # 3. RL across seeds (Fig. 2 left)
-    sweep = run_sweep(lambda: eetools.load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
+    sweep = run_sweep(lambda: load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
                       temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters, lr=cfg.rl_lr,
                       head_lr=cfg.rl_head_lr, progress=progress, checkpoint_root=out / "rl")
     sweep.history.to_csv(out / "rl_history.csv", index=False)
     timings["rl_s"] = time.time() - t0 - sum(timings.values())
     # 4. evaluation: base, calibrated, RL (first seed)
-    rl_model = eetools.load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model",
+    rl_model = load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model",
                                        model=_base_for(calibrated, device, dtype))
     parts = []
-    for name in [cfg.task, *[t for t in eetools.tasks.NAMES if t != cfg.task]]:  # the main task first
-        ev_cal = eetools.evaluate(models[ccfg.kl_factor], name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
-        ev_rl = eetools.evaluate(rl_model, name, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
+    for name in [cfg.task, *[t for t in task_lib.NAMES if t != cfg.task]]:  # the main task first
+        ev_cal = evaluate(models[ccfg.kl_factor], name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+        ev_rl = evaluate(rl_model, name, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
         s = ev_cal.summary.copy()
         s["system"] = s["system"].replace({"model": "calibrated"})
         parts += [s.assign(task=name), ev_rl.summary.assign(system="rl", task=name)]
@@ -238,19 +244,19 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     # 4b. operating points (accuracy vs layers saved over exit thresholds) of the calibrated and RL models
     points = []
     for label, m in (("calibrated", models[ccfg.kl_factor]), ("rl", rl_model)):
-        tr = eetools.tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed,
+        tr = tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed,
                               confidence=cfg.confidence, progress=progress)
         tr.figure().update_layout(title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
                                   ).write_json(out / f"tradeoff_{label}.json")
         points.append(tr.df.assign(model=label, task=cfg.task))
     pd.concat(points, ignore_index=True).to_csv(out / "tradeoff.csv", index=False)
     # 5. Fig. 2 right: the same prompt before and after RL
-    task = eetools.tasks.get(cfg.task)
+    task = task_lib.get(cfg.task)
     prompt = task.test_split()[0].prompt
     before = models[ccfg.kl_factor].generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
     after = rl_model.generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
-    (out / "fig2_right_calibrated.html").write_text(str(viz.color_tokens(before, title="calibrated")))
-    (out / "fig2_right_rl.html").write_text(str(viz.color_tokens(after, title="after RL")))
+    (out / "fig2_right_calibrated.html").write_text(str(color_tokens(before, title="calibrated")))
+    (out / "fig2_right_rl.html").write_text(str(color_tokens(after, title="after RL")))
     timings["eval_s"] = time.time() - t0 - sum(timings.values())
     timings["total_s"] = time.time() - t0
     (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "timings": timings,
@@ -263,7 +269,7 @@ def write_report(out: Path) -> Path:
     """Assemble ``report.html`` from the files `reproduce` wrote into `out`."""
     import plotly.io as pio
 
-    from eetools.report import build_report
+    from eetools.views.report import build_report
 
     out = Path(out)
     need = ["evaluation.csv", "fig2_left.json", "fig3.json", "calibrated/fig4.json"]
@@ -305,7 +311,7 @@ def ship(out: Path, data: Path | None = None) -> list[Path]:
     """
     import shutil
 
-    from eetools.paths import data_dir
+    from eetools.io.paths import data_dir
 
     out, data = Path(out), Path(data) if data else data_dir()
     cfg = json.loads((out / "summary.json").read_text())["config"]

@@ -56,13 +56,13 @@ print(fresh, "compute:", round(float(r.compute[0]), 3))"""),
 r = calibrated.generate(example.prompt, 80, temperature=0, seed=0)
 print(r.text[0])
 print("score", task.score(example, ee.tasks.cut_at_answer(r.text[0])), "| layers saved", round(float(r.layers_saved[0]), 2))"""),
-("code", "ee.viz.color_tokens(r)"),
+("code", "ee.views.color_tokens(r)"),
 ("md", "The same rollout as a heatmap: the heads' conditional exit probability at every exitable layer, with the chosen exit marked."),
-("code", "ee.viz.exit_heatmap(r)"),
+("code", "ee.views.exit_heatmap(r)"),
 ("md", "Several prompts of both tasks at once (batched, KV-cached generation):"),
 ("code", """prompts = [e.prompt for e in task.sample(3, seed=1)] + [e.prompt for e in ee.tasks.get("tom").sample(2, seed=1)]
 rs = calibrated.generate(prompts, 160, temperature=0, seed=0)
-ee.viz.color_tokens_many(rs)"""),
+ee.views.color_tokens_many(rs)"""),
 ("md", """Exits can also **save time**. By default (`skip="mask"`, the exact reference) every block still runs on an exited
 token and the hooks discard the result; with `skip="compute"` an exited token only computes its keys and values in the
 blocks it skips (later tokens attend to them): its query, attention output and MLP are not run, and LoRA adapters are
@@ -71,8 +71,8 @@ merged for the call. The result is the same up to float rounding:"""),
 fast = calibrated.generate(prompts, 160, temperature=0, seed=0, skip="compute")
 print("same tokens:", torch.equal(fast.tokens, rs.tokens), "| same exits:", torch.equal(fast.exit_layers, rs.exit_layers))
 print("max log-prob difference < 1e-4:", bool((fast.token_logprobs - rs.token_logprobs).abs().max() < 1e-4))"""),
-("md", "## The explorer\n`ee.widgets.explore(model)` opens an ipywidgets UI (pick a prompt, mode, temperature, threshold, seed; click through tokens). Here its static form, which also works without a widget frontend:"),
-("code", """explorer = ee.widgets.explore(calibrated, static=True, max_new_tokens=80)
+("md", "## The explorer\n`ee.views.explore(model)` opens an ipywidgets UI (pick a prompt, mode, temperature, threshold, seed; click through tokens). Here its static form, which also works without a widget frontend:"),
+("code", """explorer = ee.views.explore(calibrated, static=True, max_new_tokens=80)
 explorer"""),
 ("code", """d = explorer.details(5)
 print("token", repr(d.token), "exited at layer", d.exit_layer, "| full depth would say", d.full_depth[0])
@@ -89,14 +89,15 @@ The student (LoRA adapters on) is trained on exits sampled from it."""),
 ee_model = ee.attach_exit_heads(model)
 task = ee.tasks.get("addition")
 example = task.test_split()[0]
-from eetools.calibration import encode_sequences, exit_targets
+from eetools.core.encoding import encode_sequences
+from eetools.train.calibration import exit_targets
 ids, attn, predict = encode_sequences(ee_model, [example.prompt], [example.reasoning])
 teacher = ee_model.teacher_forward(ids, attn)
 targets = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor=64.0)[0]
 print(targets.shape)"""),
 ("md", "The target exit distribution for every token of one worked sum (rows: exit outcomes; columns: the token each position predicts):"),
 ("code", """import plotly.graph_objects as go
-from eetools.viz import visible
+from eetools.views.tokens import visible
 pos = predict[0].nonzero().squeeze(-1)
 labels = [f"{i}:{visible(model.tokenizer.decode([int(ids[0, p + 1])]), newline='')}" for i, p in enumerate(pos.tolist())]
 go.Figure(go.Heatmap(z=targets[pos].T.numpy(), x=labels, y=[str(l) for l in ee_model.exit_layers] + ["none"],
@@ -105,16 +106,16 @@ go.Figure(go.Heatmap(z=targets[pos].T.numpy(), x=labels, y=[str(l) for l in ee_m
 ("code", """# NBVAL_IGNORE_OUTPUT
 res = ee.calibrate(ee_model, "addition", kl_factor=64.0, steps=20, batch_size=8, seed=0)
 res.history[["step", "loss", "kl", "exit_nll", "student_compute", "target_compute"]].tail(3)"""),
-("code", "res.figure()"),
+("code", "ee.views.calibration_figure(res)"),
 ("md", "## Fig. 4: learned vs target exit distribution\nOn held-out examples, with the shipped calibrated heads:"),
 ("code", """calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
-fig4 = ee.figures.exit_distribution_vs_target(calibrated, "addition", n=64)
+fig4 = ee.analysis.exit_distribution_vs_target(calibrated, "addition", n=64)
 print(f"total variation: {fig4.tv:.3f}")
 fig4.figure()"""),
 ("md", "## Fig. 3: coherence across KL factors\nA larger `k` makes exits rarer and keeps the text closer to the base model. The sweep (`eetools reproduce`) calibrates one student per `k`; its results ship in `data/results/`:"),
 ("code", """import pandas as pd
-from eetools.figures import CoherenceByKL
-fig3 = CoherenceByKL(pd.read_csv(ee.paths.data_dir() / "results" / "fig3.csv"))
+from eetools.analysis.evaluation import CoherenceByKL
+fig3 = CoherenceByKL(pd.read_csv(ee.io.data_dir() / "results" / "fig3.csv"))
 fig3.summary()"""),
 ("code", "fig3.figure()"),
 ],
@@ -131,11 +132,11 @@ res = ee.train_rl(calibrated, "addition", lam=1.5, beta=0.25, k=4, prompts_per_s
 res.history[["step", "reward", "task", "kl", "exitcost", "accuracy", "compute", "adv_std"]]"""),
 ("md", "## Fig. 2 (left): RL dynamics over seeds\nThe shipped histories of the runs behind the shipped RL model (`eetools reproduce`): each run light, the mean bold with ±1 SE, the base model dashed."),
 ("code", """import pandas as pd, json
-results = ee.paths.data_dir() / "results"
+results = ee.io.data_dir() / "results"
 history = pd.read_csv(results / "rl_history.csv")
 table = pd.read_csv(results / "evaluation.csv")
 base = table[(table.system == "base") & (table.task == "addition")].iloc[0]
-ee.figures.rl_dynamics_figure(history, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})"""),
+ee.views.rl_dynamics_figure(history, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})"""),
 ("code", "table"),
 ("md", """### Slower adapters
 RL trains the LoRA adapters with the heads. At the heads' learning rate they also fit the text to a model
@@ -145,14 +146,14 @@ stays within a point of the base model on both tasks, with or without exits, sav
 addition at `t = 0.5` (README, "Slower adapters"). The shipped preset `tiny-reasoner/rl-slow-adapters` is its
 seed 0; here are the dynamics of its three seeds:"""),
 ("code", """slow = pd.read_csv(results / "rl_slow_adapters_history.csv")
-ee.figures.rl_dynamics_figure(slow, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})"""),
+ee.views.rl_dynamics_figure(slow, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})"""),
 ("md", "## Fig. 2 (right): the same prompt before and after RL"),
 ("code", """rl = ee.load_exit_model("tiny-reasoner/rl")
 prompt = ee.tasks.get("addition").test_split()[3].prompt
 before = calibrated.generate(prompt, 80, temperature=0, seed=0)
 after = rl.generate(prompt, 80, temperature=0, seed=0)
-ee.viz.color_tokens(before, title="calibrated")"""),
-("code", "ee.viz.color_tokens(after, title=\"after RL\")"),
+ee.views.color_tokens(before, title="calibrated")"""),
+("code", "ee.views.color_tokens(after, title=\"after RL\")"),
 ("md", """## Evaluation against the base model and the oracle bound
 Besides the base model (adapters off, no exits) and the oracle bound, a model with LoRA adapters gets a
 `no_exit` row: its own weights at full depth. What the adapters cost on their own shows there, so it is
@@ -193,7 +194,7 @@ The questions of an interpretability researcher: what is linearly decodable at t
 skipped blocks would have added, how deep each token really needs to go, and whether early-exit RL pushes
 reasoning into the written tokens (less *hidden planning*)."""),
 ("code", SETUP),
-("code", """from eetools import probes
+("code", """from eetools.analysis import probes
 calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
 rl = ee.load_exit_model("tiny-reasoner/rl")
 examples = ee.tasks.get("addition").test_split()[:60]"""),
@@ -237,7 +238,7 @@ the same pipeline on it."""),
 ("code", SETUP),
 ("code", """import tempfile
 from transformers import Qwen3Config, Qwen3ForCausalLM
-from eetools.tokenizer import build_tokenizer
+from eetools.io.tokenizer import build_tokenizer
 folder = tempfile.mkdtemp()
 tok = build_tokenizer()
 cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
@@ -250,9 +251,9 @@ ee_model"""),
 ("code", """# NBVAL_IGNORE_OUTPUT
 res = ee.calibrate(ee_model, "addition", steps=5, batch_size=4, seed=0)
 r = ee_model.generate("Q: 12+34\\n", 20, seed=0)
-ee.viz.color_tokens(r)"""),
+ee.views.color_tokens(r)"""),
 ("md", "Exit heads save with a fingerprint of their base model; loading them into another model is refused with an error that names both:"),
-("code", """ee_model.save(folder + "/exits")
+("code", """ee.save_exit_model(ee_model, folder + "/exits")
 try:
     ee.load_exit_model(folder + "/exits", model=ee.load_model())
 except Exception as e:

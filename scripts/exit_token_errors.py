@@ -44,7 +44,7 @@ class TokenExits:
 def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", batch: int = 50) -> TokenExits:
     """Heads' exit probabilities and the lens at every layer for each completion token (teacher-forced)."""
     from eetools import tasks
-    from eetools.calibration import encode_sequences
+    from eetools.core.encoding import encode_sequences
 
     task = tasks.get(task) if isinstance(task, str) else task
     examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
@@ -78,8 +78,8 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
 
 def simulated_exits(te: TokenExits, threshold: float, patience: int = 0) -> list[np.ndarray]:
     """Exit layer of every token (n_layers = none) under the threshold and patience rules (the
-    patience rule is `eetools.generation.lens_held`, the one generation applies)."""
-    from eetools.generation import lens_held
+    patience rule is `eetools.core.generation.lens_held`, the one generation applies)."""
+    from eetools.core.generation import lens_held
 
     exits = []
     for c, lens in zip(te.c, te.lens):

@@ -22,9 +22,9 @@ def bracket_errors(model_dir: str | None = None, n: int = 500) -> dict[tuple, tu
     from transformers import AutoModelForCausalLM
 
     from eetools import tasks
-    from eetools.models import resolve
+    from eetools.io.models import resolve
     from eetools.tasks.tom import _presence, trace
-    from eetools.tokenizer import build_tokenizer
+    from eetools.io.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(resolve(model_dir)[0]).eval()

@@ -29,7 +29,7 @@ def device(request):
 def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
 
-    from eetools.tokenizer import build_tokenizer
+    from eetools.io.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
@@ -89,7 +89,7 @@ def tiny_ee(tiny_bridge):
 def reasoner():
     """The shipped tiny reasoner (integration tier)."""
     import eetools
-    from eetools.models import shipped_model_dir
+    from eetools.io.models import shipped_model_dir
 
     if not (shipped_model_dir() / "config.json").exists():
         pytest.skip("the shipped tiny reasoner is not in data/models/tiny-reasoner")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from eetools.tasks.addition import AdditionTask
-from eetools.tasks.base import Example, Task, cut_at_answer, load_jsonl, save_jsonl
+from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_jsonl, save_jsonl
 from eetools.tasks.tom import TomTask
 
 _REGISTRY = {"addition": AdditionTask, "tom": TomTask}
@@ -24,8 +24,6 @@ def get(name: str | Task) -> Task:
     if isinstance(name, Task):
         return name
     if isinstance(name, str) and "+" in name:
-        from eetools.tasks.mixture import MixtureTask
-
         return MixtureTask([get(part) for part in name.split("+")])
     if name in _VARIANTS:
         return _VARIANTS[name]()
@@ -35,5 +33,5 @@ def get(name: str | Task) -> Task:
     return _REGISTRY[name]()
 
 
-__all__ = ["AdditionTask", "Example", "NAMES", "Task", "TomTask", "cut_at_answer", "get",
+__all__ = ["AdditionTask", "Example", "MixtureTask", "NAMES", "Task", "TomTask", "cut_at_answer", "get",
            "load_jsonl", "save_jsonl"]

@@ -84,6 +84,20 @@ class Task:
         """Per written reasoning step, whether it is well-formed and correct."""
         raise NotImplementedError
 
+    def coherence(self, example: Example, completion: str) -> float:
+        """Fraction of the written reasoning steps that are well-formed and right (0 if none are written).
+
+        Never raises: anything that is not a string, or a completion the step checker chokes on,
+        scores 0. `eetools.analysis.judges.ReasoningJudge` and RL's coherence column use it.
+        """
+        try:
+            if not isinstance(completion, str):
+                return 0.0
+            steps = self.steps(example, completion)
+            return float(sum(steps) / len(steps)) if steps else 0.0
+        except Exception:
+            return 0.0
+
     @staticmethod
     def extract_answer(completion: str) -> str | None:
         """The answer of the last ``A: ...`` line, or None if there is none."""
@@ -127,7 +141,7 @@ class Task:
 
     def test_split(self) -> list[Example]:
         """The frozen held-out split shipped in ``data/tasks/<name>-test.jsonl``."""
-        from eetools.paths import data_dir
+        from eetools.io.paths import data_dir
 
         path = data_dir() / "tasks" / f"{self.name}-test.jsonl"
         if not path.exists():
@@ -153,3 +167,41 @@ def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:
 
 def load_jsonl(path: str | Path) -> list[Example]:
     return [Example.from_json(l) for l in Path(path).read_text().splitlines() if l.strip()]
+
+
+class MixtureTask(Task):
+    """Examples drawn in turn from each part; scoring and steps dispatch on `example.task`."""
+
+    def __init__(self, parts: list[Task]):
+        if len(parts) < 2:
+            raise ValueError("a mixture needs at least two tasks")
+        self.parts = {p.name: p for p in parts}
+        self.name = "+".join(self.parts)
+        self.max_new_tokens = max(p.max_new_tokens for p in parts)
+
+    def sample(self, n: int, seed: int | str) -> list[Example]:
+        per = [p.sample((n + len(self.parts) - 1 - i) // len(self.parts), seed) for i, p in enumerate(self.parts.values())]
+        out = [ex for group in zip(*[g + [None] * (max(map(len, per)) - len(g)) for g in per]) for ex in group if ex]
+        return out[:n]
+
+    def _make(self, rng: random.Random) -> Example:  # pragma: no cover - sample is overridden
+        return rng.choice(list(self.parts.values()))._make(rng)
+
+    def _part(self, example: Example) -> Task:
+        return self.parts[example.task]
+
+    def score(self, example: Example, completion: str) -> float:
+        try:
+            return self._part(example).score(example, completion)
+        except Exception:
+            return 0.0
+
+    def is_well_formed(self, completion: str) -> bool:
+        return any(p.is_well_formed(completion) for p in self.parts.values())
+
+    def steps(self, example: Example, completion: str) -> list[bool]:
+        return self._part(example).steps(example, completion)
+
+    def test_split(self) -> list[Example]:
+        splits = [p.test_split() for p in self.parts.values()]
+        return [ex for group in zip(*splits) for ex in group]

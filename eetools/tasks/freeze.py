@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from eetools.paths import data_dir
+from eetools.io.paths import data_dir
 from eetools.tasks import NAMES, get, save_jsonl
 
 TEST_SEED = -1

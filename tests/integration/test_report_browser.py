@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from eetools.models import shipped_model_dir
+from eetools.io.models import shipped_model_dir
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import torch
 
 import eetools
 from eetools import tasks
-from eetools.models import shipped_model_dir
+from eetools.io.models import shipped_model_dir
 
 pytestmark = pytest.mark.integration
 
@@ -67,8 +67,8 @@ def test_cached_equals_uncached_on_the_shipped_model(reasoner):
 @pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters",
                                     "tiny-reasoner/rl-lam6"])
 def test_shipped_exit_models_load_and_exit(preset):
-    from eetools.exit_checkpoint import PRESETS
-    from eetools.paths import data_dir
+    from eetools.io.exit_checkpoint import PRESETS
+    from eetools.io.paths import data_dir
 
     if not (data_dir() / "models" / PRESETS[preset]).is_dir():
         pytest.skip(f"{preset} not shipped yet")
@@ -82,8 +82,8 @@ def test_shipped_exit_models_load_and_exit(preset):
 
 def test_compute_skipping_matches_masking_on_the_shipped_model():
     """`skip="compute"` on the shipped RL model: same tokens, exits and log-probs (1e-4) as masking."""
-    from eetools.exit_checkpoint import PRESETS
-    from eetools.paths import data_dir
+    from eetools.io.exit_checkpoint import PRESETS
+    from eetools.io.paths import data_dir
 
     if not (data_dir() / "models" / PRESETS["tiny-reasoner/rl"]).is_dir():
         pytest.skip("tiny-reasoner/rl not shipped yet")
@@ -103,7 +103,7 @@ def test_finished_rows_leave_the_batch_without_changing_results(monkeypatch, ski
     the KV cache gives the tokens, exits and log-probs (1e-4) of keeping every row to the end."""
     from transformers.cache_utils import DynamicCache
 
-    from eetools import generation
+    from eetools.core import generation
 
     ee = eetools.load_exit_model("tiny-reasoner/calibrated")
     prompts = [e.prompt for e in tasks.get("addition").test_split()[:8]]
@@ -124,14 +124,15 @@ def test_finished_rows_leave_the_batch_without_changing_results(monkeypatch, ski
 def test_repeated_prompts_are_prefilled_once_without_changing_results(monkeypatch, skip):
     """RL decodes k rollouts of each prompt: each distinct prompt is prefilled once and its cache
     copied to its duplicates, giving the tokens, exits and log-probs (1e-4) of prefilling every row."""
-    from eetools import exits, generation
+    from eetools.core import generation
+    from eetools.core import model as exits
 
     ee = eetools.load_exit_model("tiny-reasoner/calibrated")
     examples = tasks.get("addition").test_split()[:3]
     prompts = [e.prompt for e in examples for _ in range(4)]
     widths = []
-    forward = exits.EarlyExitModel._forward
-    monkeypatch.setattr(exits.EarlyExitModel, "_forward",
+    forward = exits.EarlyExitModel.run_with_exits
+    monkeypatch.setattr(exits.EarlyExitModel, "run_with_exits",
                         lambda self, tokens, *a, **k: (widths.append(len(tokens)), forward(self, tokens, *a, **k))[1])
     a = ee.generate(prompts, 40, seed=5, temperature=1.0, skip=skip)
     assert widths[0] == 3, "the prefill should run on the 3 distinct prompts"

@@ -1,4 +1,4 @@
-"""`eetools.bypass`: the fast decode runs the HF modules the bridge wraps, with the same results.
+"""`eetools.core.fast.bypass`: the fast decode runs the HF modules the bridge wraps, with the same results.
 
 Rollouts with the bypass are compared with ``torch.equal`` to the bridge's own path (forced by
 a hook that changes nothing), on tiny random bridges with LoRA adapters; GPT-2, whose query is
@@ -8,9 +8,9 @@ split from the fused ``c_attn`` by the bridge, must fall back to the bridge.
 import pytest
 import torch
 
-from eetools import bypass
-from eetools.adapters import adapter_parameters, add_lora
-from eetools.hooks import count_hooks
+from eetools.core.fast import bypass
+from eetools.core.adapters import adapter_parameters, add_lora
+from eetools.core.hooks import count_hooks
 
 FIELDS = ("tokens", "mask", "exit_layers", "token_logprobs", "exit_logprobs", "exit_probs")
 PROMPTS = ["Q: 12+34\n", "Q: 1+2\nab c", "hello", "Q: 12+34\n"]  # left padding, a repeated prompt

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from eetools import tasks
-from eetools.calibration import calibrate, exit_targets
+from eetools.train.calibration import calibrate, exit_targets
+from eetools.io.exit_checkpoint import save_exit_model
 
 
 def test_targets_match_a_hand_computation():
@@ -62,7 +63,7 @@ def test_a_few_steps_lower_the_loss_and_change_only_trainable_parameters(tiny_ee
     toks = tiny_ee.model.to_tokens(["Q: 1+2\n"], prepend_bos=True)
     with tiny_ee.adapters_disabled():
         off = tiny_ee.model(toks)
-    from eetools.adapters import lora_layers
+    from eetools.core.adapters import lora_layers
     for m in lora_layers(tiny_ee):
         m.enable_adapters(False)
     torch.testing.assert_close(off, tiny_ee.model(toks))
@@ -70,7 +71,8 @@ def test_a_few_steps_lower_the_loss_and_change_only_trainable_parameters(tiny_ee
 
 def test_length_chunked_student_equals_one_pass(tiny_ee):
     """Sequences of different lengths, student run in chunks cut to their own length: same sums and gradients."""
-    from eetools.calibration import calibration_sums, encode_sequences
+    from eetools.core.encoding import encode_sequences
+    from eetools.train.calibration import calibration_sums
 
     with torch.no_grad():
         for h in tiny_ee.heads:
@@ -125,8 +127,8 @@ def test_resume_equals_an_uninterrupted_run(tiny_folders, tmp_path):
 
 def test_a_crash_while_saving_leaves_a_whole_checkpoint_to_resume(tiny_folders, tmp_path, monkeypatch):
     """A run killed while writing a checkpoint (weights written, optimizer state not) resumes as if uninterrupted."""
-    import eetools.training_state as ts
-    from eetools.checkpoints import load_json
+    import eetools.train.state as ts
+    from eetools.io.checkpoints import load_json
 
     fresh = functools.partial(_fresh_exit_model, tiny_folders)
     kw = RESUME_KW
@@ -156,7 +158,7 @@ def test_bad_arguments(tiny_ee, kwargs, match):
 
 
 def test_a_training_sequence_longer_than_the_context_is_named(tiny_ee):
-    from eetools.calibration import encode_sequences
+    from eetools.core.encoding import encode_sequences
 
     with pytest.raises(ValueError, match=r"sequence 1 \(prompt 'Q: 2\+2.*context of 256; shorten it"):
         encode_sequences(tiny_ee, ["Q: 1+1\n", "Q: 2+2\n"], ["2", "4" * 300])
@@ -196,14 +198,14 @@ def test_a_base_model_that_outputs_nan_is_named_not_sampled(tiny_ee):
 
 def test_calibration_record_is_saved_with_the_heads_and_drives_fig4(tiny_ee, tmp_path):
     from eetools import load_exit_model
-    from eetools.figures import exit_distribution_vs_target
+    from eetools.analysis.figures import exit_distribution_vs_target
 
     exs = tasks.get("addition").sample(2, seed=0)
     with pytest.raises(ValueError, match="no calibration record"):  # fresh heads: k must be given
         exit_distribution_vs_target(tiny_ee, examples=exs)
     calibrate(tiny_ee, "addition", kl_factor=8.0, steps=1, batch_size=2, progress=False, lora=False)
     assert tiny_ee.calibration == {"kl_factor": 8.0, "steps": 1, "data": "addition"}
-    tiny_ee.save(tmp_path / "m")
+    save_exit_model(tiny_ee, tmp_path / "m")
     loaded = load_exit_model(tmp_path / "m", model=tiny_ee.model)
     assert loaded.calibration == tiny_ee.calibration
     assert exit_distribution_vs_target(loaded, examples=exs).kl_factor == 8.0

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from eetools.cli import field_docs, main, make_parser
-from eetools.calibration import CalibrationConfig
+from eetools.train.calibration import CalibrationConfig
 
 
 def test_help_text_comes_from_field_docstrings(capsys):

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from eetools import distributed
-from eetools.calibration import calibrate
-from eetools.rl import train_rl
+from eetools.train import distributed
+from eetools.train.calibration import calibrate
+from eetools.train.rl import train_rl
 
 # 2 processes vs 1: the same float ops but for the order of a sum over shards; Adam can
 # turn a rounding difference of a gradient near zero into one of its step (lr=1e-2)
@@ -53,7 +53,7 @@ def _fresh(folder, bias=None):
 
 def _moments(ckpt) -> list[torch.Tensor]:
     """Adam's first moments (scale-sensitive, unlike its update) from a run's checkpoint."""
-    from eetools.checkpoints import load_state
+    from eetools.io.checkpoints import load_state
 
     state = load_state(ckpt)["optimizer"]["state"]
     return [state[i]["exp_avg"] for i in sorted(state)]
@@ -77,7 +77,7 @@ def _worker(folder: str, out: str) -> None:
     """One rank of the 2-process run (started by `test_two_processes_...` with torchrun's env variables)."""
     from safetensors.torch import save_file
 
-    from eetools import checkpoints
+    from eetools.io import checkpoints
 
     torch.set_num_threads(1)
     written = []

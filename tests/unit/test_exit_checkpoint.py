@@ -7,15 +7,16 @@ import pytest
 import torch
 
 import eetools
-from eetools.checkpoints import CheckpointError, load_state, save_state, save_tensors
-from eetools.exit_checkpoint import load_exit_model
+from eetools.io.checkpoints import CheckpointError, load_state, save_state, save_tensors
+from eetools.io.exit_checkpoint import load_exit_model
+from eetools.io.exit_checkpoint import save_exit_model
 
 
 def test_round_trip_is_bit_exact(tiny_ee, tmp_path):
     with torch.no_grad():
         for p in tiny_ee.heads.parameters():
             p.add_(torch.randn_like(p))
-    tiny_ee.save(tmp_path / "ck")
+    save_exit_model(tiny_ee, tmp_path / "ck")
     again = load_exit_model(tmp_path / "ck", model=tiny_ee.model)
     assert again.exit_layers == tiny_ee.exit_layers and again.head_kind == tiny_ee.head_kind
     for (n, a), (_, b) in zip(tiny_ee.heads.state_dict().items(), again.heads.state_dict().items()):
@@ -24,7 +25,7 @@ def test_round_trip_is_bit_exact(tiny_ee, tmp_path):
 
 
 def test_round_trip_with_lora_adapters(tiny_ee, tmp_path):
-    from eetools.adapters import add_lora
+    from eetools.core.adapters import add_lora
 
     params = add_lora(tiny_ee, r=2, alpha=4)
     tiny_ee.lora_config = {"r": 2, "alpha": 4}
@@ -33,7 +34,7 @@ def test_round_trip_with_lora_adapters(tiny_ee, tmp_path):
             p.add_(0.1 * torch.randn_like(p))
     toks = tiny_ee.model.to_tokens(["Q: 1+2\n"], prepend_bos=True)
     want = tiny_ee.prescribed_forward(toks, torch.full_like(toks, 4)).logprobs
-    tiny_ee.save(tmp_path / "ck")
+    save_exit_model(tiny_ee, tmp_path / "ck")
     fresh = eetools.load_model(tiny_ee.model.cfg.model_name)
     fresh.cfg.default_prepend_bos = True
     again = load_exit_model(tmp_path / "ck", model=fresh)
@@ -43,14 +44,14 @@ def test_round_trip_with_lora_adapters(tiny_ee, tmp_path):
 
 def test_checkpoint_for_another_model_is_refused(tiny_folders, tmp_path):
     q = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
-    q.save(tmp_path / "q")
+    save_exit_model(q, tmp_path / "q")
     other = eetools.load_model(tiny_folders["gpt2"])
     with pytest.raises(CheckpointError, match="belongs to .*Qwen3.*not to .*GPT2"):
         load_exit_model(tmp_path / "q", model=other)
 
 
 def test_corrupt_truncated_and_mismatched_files(tiny_ee, tmp_path):
-    tiny_ee.save(tmp_path / "ck")
+    save_exit_model(tiny_ee, tmp_path / "ck")
     heads = tmp_path / "ck" / "heads.safetensors"
     data = heads.read_bytes()
     heads.write_bytes(data[: len(data) // 2])
@@ -72,7 +73,7 @@ def test_corrupt_truncated_and_mismatched_files(tiny_ee, tmp_path):
 def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "x.safetensors"
     save_tensors({"a": torch.ones(2)}, path)
-    import eetools.checkpoints as ck
+    import eetools.io.checkpoints as ck
 
     def broken(tensors, filename, metadata=None):
         open(filename, "wb").write(b"partial")
@@ -88,7 +89,7 @@ def test_atomic_write_keeps_old_file_when_interrupted(tmp_path, monkeypatch):
 
 def test_a_checkpoint_of_several_files_is_written_all_or_nothing(tmp_path, monkeypatch):
     """`staged_checkpoint`: a crash while writing leaves the old checkpoint; one while moving is completed."""
-    import eetools.checkpoints as ck
+    import eetools.io.checkpoints as ck
 
     folder = tmp_path / "run"
 
@@ -163,11 +164,11 @@ def test_resuming_a_run_folder_of_another_base_model_is_refused(tiny_folders, bu
 
 def test_heads_saved_in_float32_load_on_a_bfloat16_copy_of_the_same_model(tiny_folders, build_tiny, tmp_path):
     """`--dtype bfloat16` with float32 checkpoints (the shipped ones): the same model in another dtype is accepted."""
-    from eetools.adapters import add_lora
+    from eetools.core.adapters import add_lora
 
     ee = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
     add_lora(ee, r=2)
-    ee.save(tmp_path / "ck")
+    save_exit_model(ee, tmp_path / "ck")
     half = load_exit_model(tmp_path / "ck", model=eetools.load_model(tiny_folders["qwen3"], dtype=torch.bfloat16))
     for a, b in zip(ee.trainable_parameters(), half.trainable_parameters()):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
@@ -199,11 +200,11 @@ def test_nothing_in_the_package_unpickles():
 
 def test_heads_or_adapters_that_do_not_fit_the_model_are_named(tiny_ee, tmp_path):
     """Strict loading: extra keys, wrong shapes, other exit layers and adapter mismatches each say what differs."""
-    from eetools.adapters import add_lora
-    from eetools.checkpoints import load_tensors
-    from eetools.exit_checkpoint import load_weights_into
+    from eetools.core.adapters import add_lora
+    from eetools.io.checkpoints import load_tensors
+    from eetools.io.exit_checkpoint import load_weights_into
 
-    tiny_ee.save(tmp_path / "ck")
+    save_exit_model(tiny_ee, tmp_path / "ck")
     heads = tmp_path / "ck" / "heads.safetensors"
     good = load_tensors(heads)
     save_tensors({**good, "9.net.0.weight": torch.zeros(1)}, heads)
@@ -219,7 +220,7 @@ def test_heads_or_adapters_that_do_not_fit_the_model_are_named(tiny_ee, tmp_path
     add_lora(tiny_ee, r=2)  # the model now has adapters, the checkpoint none
     with pytest.raises(CheckpointError, match="has no LoRA adapters but the model has some"):
         load_weights_into(tiny_ee, tmp_path / "ck")
-    tiny_ee.save(tmp_path / "lora")
+    save_exit_model(tiny_ee, tmp_path / "lora")
     state = load_tensors(tmp_path / "lora" / "adapters.safetensors")
     name = sorted(state)[0]
     save_tensors({**state, name: torch.zeros(1, 1)}, tmp_path / "lora" / "adapters.safetensors")

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import eetools
-from eetools.exits import validate_exit_layers
-from eetools.heads import exit_log_probs, stick_breaking
-from eetools.hooks import count_hooks, required_hook_names
+from eetools.core.model import validate_exit_layers
+from eetools.core.heads import exit_log_probs, stick_breaking
+from eetools.core.hooks import count_hooks, required_hook_names
+from eetools.io.exit_checkpoint import save_exit_model
 
 CACHE_TOL = 1e-4
 BATCH_TOL = 1e-3
@@ -44,7 +45,7 @@ def test_bad_exit_layers_are_clear_errors(tiny_bridge, layers, match):
 def test_default_layers_and_heads():
     assert validate_exit_layers(None, 8) == [1, 2, 3, 4, 5, 6, 7]
     assert validate_exit_layers(None, 28) == [4, 8, 12, 16, 20, 24]
-    from eetools.heads import ExitHead, make_head
+    from eetools.core.heads import ExitHead, make_head
 
     with pytest.raises(ValueError, match="head must be one of .*'confidence'"):
         make_head("transformer", 8, readout=None)
@@ -54,7 +55,7 @@ def test_default_layers_and_heads():
 
 def test_confidence_heads_exit_where_the_logit_lens_is_confident(tiny_bridge, tmp_path):
     """``head="confidence"``: no parameters, ``c_l`` = the logit lens's top probability, exits where it reaches t."""
-    from eetools.heads import ConfidenceHead
+    from eetools.core.heads import ConfidenceHead
 
     ee = eetools.attach_exit_heads(tiny_bridge, layers=[1, 2, 3], head="confidence")
     assert ee.trainable_parameters() == [] and "confidence" in repr(ee)
@@ -78,7 +79,7 @@ def test_confidence_heads_exit_where_the_logit_lens_is_confident(tiny_bridge, tm
     fast = ee.generate("Q: 12+34\n", 16, mode="threshold", threshold=t, temperature=0, seed=0, skip="compute")
     assert fast.exit_layers.tolist() == r.exit_layers.tolist() and fast.text == r.text
     # a checkpoint of it round-trips (nothing but its config to save)
-    ee.save(tmp_path / "conf")
+    save_exit_model(ee, tmp_path / "conf")
     back = eetools.load_exit_model(tmp_path / "conf", model=tiny_bridge)
     assert back.head_kind == "confidence"
     again = back.generate("Q: 12+34\n", 16, mode="threshold", threshold=t, temperature=0, seed=0)

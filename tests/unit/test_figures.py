@@ -5,8 +5,9 @@ import pandas as pd
 import torch
 
 from eetools import tasks
-from eetools.figures import exit_histogram_by_class, rl_dynamics_figure
-from eetools.rollout import Rollout
+from eetools.analysis.figures import exit_histogram_by_class
+from eetools.views.figures import rl_dynamics_figure
+from eetools.core.rollout import Rollout
 
 
 def _rollout(text: str, exits: list[int], L: int = 4) -> Rollout:

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from eetools import tasks
-from eetools.judges import CallableJudge, JudgeError, ReasoningJudge, ReferenceLikelihoodJudge, score_all
+from eetools.analysis.judges import CallableJudge, JudgeError, ReasoningJudge, ReferenceLikelihoodJudge, score_all
 
 GARBAGE = ["", "\n", "🙂 ünï", "A: 1", "x" * 50_000, None, 12]
 

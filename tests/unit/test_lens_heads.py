@@ -4,9 +4,10 @@ import pytest
 import torch
 
 import eetools
-from eetools.calibration import calibrate
-from eetools.exit_checkpoint import load_exit_model
-from eetools.heads import LENS_FLOOR, LENS_SCALE, ExitHead
+from eetools.train.calibration import calibrate
+from eetools.io.exit_checkpoint import load_exit_model
+from eetools.core.heads import LENS_FLOOR, LENS_SCALE, ExitHead
+from eetools.io.exit_checkpoint import save_exit_model
 
 
 @pytest.fixture()
@@ -34,7 +35,7 @@ def test_lens_heads_calibrate_save_and_load(lens_ee, tmp_path):
     res = calibrate(lens_ee, "addition", steps=3, batch_size=2, lr=1e-2, seed=0, progress=False, lora_r=2)
     assert res.history["loss"].map(float).notna().all()
     assert all(torch.isfinite(p).all() for p in lens_ee.heads.parameters())
-    lens_ee.save(tmp_path / "ck")
+    save_exit_model(lens_ee, tmp_path / "ck")
     fresh = eetools.load_model(lens_ee.model.cfg.model_name)
     fresh.cfg.default_prepend_bos = True
     again = load_exit_model(tmp_path / "ck", model=fresh)

@@ -3,7 +3,7 @@
 import pytest
 
 import eetools as ee
-from eetools.models import ModelNotFoundError
+from eetools.io.models import ModelNotFoundError
 
 
 @pytest.mark.parametrize("name", ["", "   "])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eetools.norm_shortcut import _METHOD, _shortcut_norms, norm_shortcut
+from eetools.core.fast.norm_shortcut import _METHOD, _shortcut_norms, norm_shortcut
 
 
 def _toks(bridge):

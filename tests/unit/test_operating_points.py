@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eetools.operating_points import tradeoff
+from eetools.analysis.operating_points import tradeoff
 
 
 def test_threshold_curve_spans_no_exits_to_exiting_at_the_first_layer(tiny_ee):
@@ -36,8 +36,8 @@ def test_thresholds_outside_zero_one_are_refused(tiny_ee, bad):
 
 def test_a_model_with_adapters_also_shows_itself_at_full_depth(tiny_ee):
     """`no_exit`: the adapted weights without exits, so the adapters' own cost is not blamed on the exits."""
-    from eetools.adapters import add_lora
-    from eetools.evaluation import evaluate
+    from eetools.core.adapters import add_lora
+    from eetools.analysis.evaluation import evaluate
 
     add_lora(tiny_ee, r=2)
     with torch.no_grad():  # nonzero adapters: the adapted model's greedy text is not the base model's
@@ -58,7 +58,7 @@ def test_a_model_with_adapters_also_shows_itself_at_full_depth(tiny_ee):
 def test_best_threshold_is_chosen_on_the_validation_split(tiny_ee):
     import pandas as pd
 
-    from eetools.operating_points import Tradeoff
+    from eetools.analysis.operating_points import Tradeoff
 
     df = pd.DataFrame({"system": ["base", "threshold", "threshold", "threshold", "oracle"],
                        "threshold": [float("nan"), 0.5, 0.3, 0.1, float("nan")],

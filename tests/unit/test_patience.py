@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import eetools
-import eetools.evaluation
+import eetools.analysis.evaluation
 from eetools.cli import main
+from eetools.io.exit_checkpoint import save_exit_model
 
 
 def _constant_heads(ee, p):
@@ -83,7 +84,7 @@ def test_bad_patience_is_refused(tiny_ee, kw, error, match):
     with pytest.raises(error, match=match):
         tiny_ee.generate("Q: 1+2\n", 4, **kw)
     with pytest.raises(error, match=match):
-        eetools.evaluation.evaluate(tiny_ee, "addition", n=2, progress=False, **kw)
+        eetools.analysis.evaluation.evaluate(tiny_ee, "addition", n=2, progress=False, **kw)
 
 
 def test_tradeoff_and_the_command_line_take_patience(tiny_folders, tmp_path, capsys):
@@ -94,7 +95,7 @@ def test_tradeoff_and_the_command_line_take_patience(tiny_folders, tmp_path, cap
     saved = {name: r.df.set_index("system").loc["threshold", "layers_saved"] for name, r in [("p", res), ("0", plain)]}
     assert saved["p"] <= saved["0"]
     folder = tmp_path / "ee"
-    ee.save(folder)
+    save_exit_model(ee, folder)
     assert main(["evaluate", "--exit-model", str(folder), "--n", "2", "--mode", "off", "--patience", "1",
                  "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
     assert "never exits" in capsys.readouterr().err
@@ -103,7 +104,7 @@ def test_tradeoff_and_the_command_line_take_patience(tiny_folders, tmp_path, cap
 def test_sampled_exits_with_patience_follow_the_masked_policy(tiny_ee):
     """Sampled exits happen only where the lens held, and their recorded log-probs are the masked
     stick-breaking's."""
-    from eetools.heads import exit_log_probs
+    from eetools.core.heads import exit_log_probs
 
     _constant_heads(tiny_ee, 0.6)
     L, layers = tiny_ee.n_layers, tiny_ee.exit_layers
@@ -129,7 +130,7 @@ def test_sampled_exits_with_patience_follow_the_masked_policy(tiny_ee):
 def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(tiny_ee, rules):
     """The teacher-forced passes of the loss give each sampled exit the log-prob decoding recorded
     (masked where the lens moved), one pass or prompts shared."""
-    from eetools.rl import _policy_terms
+    from eetools.train.rl import _policy_terms
 
     with torch.no_grad():
         for h in tiny_ee.heads:
@@ -146,7 +147,7 @@ def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(
 
 
 def test_masked_exit_log_probs_give_vetoed_heads_no_gradient():
-    from eetools.heads import exit_log_probs
+    from eetools.core.heads import exit_log_probs
 
     z = torch.tensor([[0.3, -0.2, 1.0]], requires_grad=True)
     allowed = torch.tensor([[False, True, True]])
@@ -161,7 +162,7 @@ def test_masked_exit_log_probs_give_vetoed_heads_no_gradient():
 def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
     """RL with patience: rollouts carry the mask, the loss uses it (a step is finite and moves the heads),
     and the setting is part of the run's configuration."""
-    from eetools.rl import train_rl
+    from eetools.train.rl import train_rl
 
     kw = dict(k=2, prompts_per_step=2, max_new_tokens=8, eval_every=0, lr=1e-2, progress=False,
               reward_fn=lambda e, c: float(len(c) % 3))
@@ -183,7 +184,7 @@ def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
 
 
 def test_views_show_the_exit_distribution_the_patience_rule_left(tiny_ee):
-    from eetools.widgets import token_details
+    from eetools.views.widgets import token_details
 
     _constant_heads(tiny_ee, 0.6)
     r = tiny_ee.generate("Q: 12+34\n", 12, mode="sample", patience=1, temperature=0, seed=3)
@@ -238,7 +239,7 @@ def test_the_command_line_takes_a_confidence_floor(tiny_folders, tmp_path, capsy
     ee = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2, 3])
     _constant_heads(ee, 0.9)
     folder = tmp_path / "ee"
-    ee.save(folder)
+    save_exit_model(ee, folder)
     common = ["--exit-model", str(folder), "--n", "2", "--no-progress"]
     assert main(["evaluate", *common, "--mode", "threshold", "--min-confidence", "0.999", "--out",
                  str(tmp_path / "ev")]) == 0

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import eetools
-import eetools.evaluation
+import eetools.analysis.evaluation
 
 
 def _constant_heads(ee, probs):
@@ -42,4 +42,4 @@ def test_bad_per_layer_thresholds_are_refused(tiny_ee, bad, error, match):
     with pytest.raises(error, match=match):
         tiny_ee.generate("Q: 1+2\n", 4, mode="threshold", threshold=bad)
     with pytest.raises(error, match=match):
-        eetools.evaluation.evaluate(tiny_ee, "addition", n=2, mode="threshold", threshold=bad, progress=False)
+        eetools.analysis.evaluation.evaluate(tiny_ee, "addition", n=2, mode="threshold", threshold=bad, progress=False)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from eetools.checkpoints import load_tensors
-from eetools.pretrain import PretrainConfig, pretrain
+from eetools.io.checkpoints import load_tensors
+from eetools.train.pretrain import PretrainConfig, pretrain
 
 TINY = dict(steps=4, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, n_ctx=512, checkpoint_every=2,
             batch_sizes={"addition": 4, "tom": 2}, threads=1)
@@ -13,7 +13,7 @@ TINY = dict(steps=4, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
     full = pretrain(PretrainConfig(out=str(tmp_path / "a"), **TINY), progress=False)
     # interrupt run b after its first checkpoint (step 2), then rerun: it resumes
-    import eetools.pretrain as P
+    import eetools.train.pretrain as P
 
     real = P.batch_for_step
 
@@ -57,7 +57,7 @@ def test_grow_adds_identity_blocks_that_keep_the_function(tmp_path):
 
     first = pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 2}), progress=False)
     grown_cfg = PretrainConfig(out=str(tmp_path / "g"), init=str(first), grow=True, **{**TINY, "steps": 1, "n_layers": 3})
-    import eetools.pretrain as P
+    import eetools.train.pretrain as P
 
     old = Qwen3ForCausalLM.from_pretrained(first).eval()
     new = Qwen3ForCausalLM._from_config(P.model_config(grown_cfg, P.build_tokenizer())).eval()

@@ -5,8 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
-from eetools import probes
-from eetools.hooks import resid_post, resid_pre
+from eetools.analysis import probes
+from eetools.core.hooks import resid_post, resid_pre
 from eetools.tasks import AdditionTask, Example, TomTask
 
 torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def test_collect_residuals_rows_and_shapes(tiny_ee):
     assert last["token_class"].tolist() == probes.annotate_tokens(list(examples[3].reasoning), "addition",
                                                                    examples[3])["token_class"].tolist()
     # the captured values are the bridge's own hook values at those positions
-    from eetools.calibration import encode_sequences
+    from eetools.core.encoding import encode_sequences
 
     ids, attn, _ = encode_sequences(tiny_ee, [examples[0].prompt], [examples[0].reasoning])
     _, cache = tiny_ee.model.run_with_cache(ids, names_filter=[resid_pre(2), resid_post(L - 1)])
@@ -108,7 +108,7 @@ def test_collect_residuals_with_exits(tiny_ee):
         m = torch.from_numpy(np.flatnonzero(el == l))
         torch.testing.assert_close(rs.acts("exit")[m], rs.acts(l)[m])
     # the final residual is the frozen state the prediction reads: readout = prescribed output
-    from eetools.calibration import encode_sequences
+    from eetools.core.encoding import encode_sequences
 
     ids, attn, _ = encode_sequences(tiny_ee, [e.prompt for e in examples], [e.reasoning for e in examples])
     ex_mat = torch.full(ids.shape, L)
@@ -255,7 +255,7 @@ def test_hidden_planning_same_model_has_zero_delta(tiny_ee):
 def test_skipped_block_attributions_sum_to_full_minus_exited_logit(tiny_folders):
     """Sum of the skipped blocks' DLA = full-depth logit - exit-layer residual's logit (same linearised norm)."""
     import eetools
-    from eetools.probes import linearised_final_norm, skipped_computation
+    from eetools.analysis.probes import linearised_final_norm, skipped_computation
 
     ee_model = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2, 3])
     ee_model.model.cfg.default_prepend_bos = True
@@ -279,13 +279,13 @@ def test_skipped_block_attributions_sum_to_full_minus_exited_logit(tiny_folders)
 
 def test_oracle_equals_brute_force(tiny_ee):
     """Oracle exit = the earliest exitable layer whose logit-lens argmax equals the final argmax, by brute force."""
-    from eetools.probes import oracle_exits
+    from eetools.analysis.probes import oracle_exits
 
     from eetools import tasks
 
     exs = tasks.get("addition").sample(2, seed=3)
     res = oracle_exits(tiny_ee, exs, base=True)
-    from eetools.calibration import encode_sequences
+    from eetools.core.encoding import encode_sequences
 
     for i, ex in enumerate(exs):
         ids, attn, predict = encode_sequences(tiny_ee, [ex.prompt], [ex.reasoning])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from eetools.rl import RewardError, rl_terms, rloo_advantages, train_rl
+from eetools.train.rl import RewardError, rl_terms, rloo_advantages, train_rl
 
 FAST = dict(prompts_per_step=2, k=2, max_new_tokens=6, eval_every=0, progress=False, lr=1e-2)
 
@@ -31,7 +31,7 @@ def test_chunked_and_prompt_shared_terms_equal_one_pass(tiny_ee, token_term):
     rollouts (its KV cache copied to them): the objective, values and gradients of one plain pass."""
     import dataclasses
 
-    from eetools.adapters import add_lora, adapter_parameters
+    from eetools.core.adapters import add_lora, adapter_parameters
 
     add_lora(tiny_ee, r=2)  # gradients must reach the adapters through the shared prompts' cache
     with torch.no_grad():
@@ -163,7 +163,7 @@ def test_exit_cost_alone_pushes_exit_probabilities_up(tiny_ee):
 
 def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
     """`head_lr` trains the heads at their own rate; the adapters keep `lr` (here ~0: they stay put)."""
-    from eetools.adapters import add_lora, adapter_parameters
+    from eetools.core.adapters import add_lora, adapter_parameters
 
     add_lora(tiny_ee, r=2)
     heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
@@ -178,8 +178,8 @@ def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
 
 def test_frozen_adapters_stay_exact_while_the_heads_learn(tiny_ee):
     """`train_adapters=False`: RL moves only the heads; a later calibration trains the adapters again."""
-    from eetools.adapters import add_lora, adapter_parameters
-    from eetools.calibration import calibrate
+    from eetools.core.adapters import add_lora, adapter_parameters
+    from eetools.train.calibration import calibrate
 
     add_lora(tiny_ee, r=2)
     heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
@@ -223,7 +223,7 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
 
 def test_rl_with_adapters_leaves_the_base_weights_exact(tiny_ee):
     """Rollouts fold LoRA into the base weights for speed; after training the base weights are bit for bit the same."""
-    from eetools.adapters import adapter_parameters, add_lora
+    from eetools.core.adapters import adapter_parameters, add_lora
 
     add_lora(tiny_ee, r=2)
     base = {n: p.detach().clone() for n, p in tiny_ee.model.named_parameters() if "lora_" not in n}

@@ -4,7 +4,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from eetools.pretrain import PretrainConfig, pretrain
+from eetools.train.pretrain import PretrainConfig, pretrain
 
 ROOT = Path(__file__).resolve().parents[2]
 

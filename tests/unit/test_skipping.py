@@ -9,8 +9,8 @@ layers identical.
 import pytest
 import torch
 
-from eetools.hooks import count_hooks
-from eetools.skipping import SKIPPABLE, compute_skipping, skip_support
+from eetools.core.hooks import count_hooks
+from eetools.core.fast.skipping import SKIPPABLE, compute_skipping, skip_support
 
 SKIP_TOL = 1e-4
 
@@ -32,7 +32,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_compute_skipping_matches_masking(tiny_ee, temperature, gather, monkeypatch):
     if gather:  # every component gathers its running rows, however small (the tiny bridge's are)
-        monkeypatch.setattr("eetools.skipping.MIN_SAVED_MACS", 0)
+        monkeypatch.setattr("eetools.core.fast.skipping.MIN_SAVED_MACS", 0)
     _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])  # many exits, at every layer
     prompts = ["Q: 12+34\n", "Q: 1+2\nab c", "hello"]  # left padding, rows exit at different layers
     masked = tiny_ee.generate(prompts, 24, seed=1, temperature=temperature)
@@ -66,7 +66,7 @@ def test_compute_skipping_actually_skips(tiny_ee):
 def test_a_component_gathers_rows_only_when_skipping_saves_more_than_the_gather(monkeypatch):
     """Rows are gathered when the work skipped (rows x weights) reaches MIN_SAVED_MACS; otherwise the
     component runs on every row, as the masked path does, and every row exited means no run at all."""
-    from eetools import skipping
+    from eetools.core.fast import skipping
 
     seen = []
     lin = torch.nn.Linear(64, 64)  # 4,160 weights, inside the component whose forward is wrapped
@@ -152,21 +152,21 @@ def test_unsupported_architecture_falls_back_to_masking_with_a_warning(tiny_ee, 
     assert skip_support(tiny_ee.model) is None
     _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])
     masked = tiny_ee.generate(["Q: 12+34\n"], 12, seed=0)
-    monkeypatch.setattr("eetools.skipping.SKIPPABLE", (*SKIPPABLE, "attn.no_such_projection"))
+    monkeypatch.setattr("eetools.core.fast.skipping.SKIPPABLE", (*SKIPPABLE, "attn.no_such_projection"))
     with pytest.warns(UserWarning, match="falling back to masking"):
         fallback = tiny_ee.generate(["Q: 12+34\n"], 12, seed=0, skip="compute")
     _assert_same(masked, fallback)
 
 
 def test_context_manager_reports_support(tiny_ee):
-    from eetools.exits import ExitState
+    from eetools.core.state import ExitState
 
     with compute_skipping(tiny_ee, ExitState(tiny_ee)) as active:
         assert active is True
 
 
 def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
-    from eetools.adapters import add_lora, lora_layers
+    from eetools.core.adapters import add_lora, lora_layers
 
     add_lora(tiny_ee, r=4)
     with torch.no_grad():  # non-zero adapters, so merging changes the weights
@@ -185,7 +185,7 @@ def test_lora_adapters_are_merged_for_the_call_and_restored_exactly(tiny_ee):
 def test_merged_adapters_bypass_the_peft_wrappers_inside_the_block_only(tiny_ee):
     from peft.tuners.lora import LoraLayer
 
-    from eetools.adapters import adapters_merged, add_lora, lora_layers
+    from eetools.core.adapters import adapters_merged, add_lora, lora_layers
 
     add_lora(tiny_ee, r=4)
     n_lora = len(lora_layers(tiny_ee))
@@ -201,8 +201,8 @@ def test_merged_adapters_bypass_the_peft_wrappers_inside_the_block_only(tiny_ee)
 def test_adapters_are_found_again_once_added_to_a_bridge_already_searched(tiny_ee):
     """The LoRA layers are looked up once per bridge (a walk of its module tree); adding adapters
     starts a new walk, seen by every exit model on that bridge."""
-    from eetools.adapters import add_lora, lora_layers
-    from eetools.exits import attach_exit_heads
+    from eetools.core.adapters import add_lora, lora_layers
+    from eetools.core.model import attach_exit_heads
 
     other = attach_exit_heads(tiny_ee.model, tiny_ee.exit_layers)  # a second exit model, same bridge
     assert lora_layers(tiny_ee) == [] and lora_layers(other) == []

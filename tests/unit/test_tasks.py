@@ -3,7 +3,7 @@
 import pytest
 
 import eetools.tasks as T
-from eetools.tokenizer import build_tokenizer
+from eetools.io.tokenizer import build_tokenizer
 
 GARBAGE = ["", " ", "\n\n", "A: ", "A:", "🙂 ünïcödé ∑", "A: " + "9" * 10_000, "x" * 100_000,
            "\x00\x01", "A: 12\nA: 13", None]
@@ -128,7 +128,7 @@ def test_mixture_alternates_and_dispatches():
 
 @pytest.mark.parametrize("name", T.NAMES)
 def test_max_new_tokens_fits_every_written_reasoning(name):
-    from eetools.tokenizer import build_tokenizer
+    from eetools.io.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     task = T.get(name)

@@ -1,4 +1,4 @@
-"""`eetools.viz` on hand-built rollouts: escaping, determinism, whitespace, hover text, figures.
+"""`eetools.views.tokens` on hand-built rollouts: escaping, determinism, whitespace, hover text, figures.
 
 No model is needed: `_rollout` builds a small `Rollout` from token strings and exit layers.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from eetools import viz
-from eetools.rollout import Rollout
+from eetools.views import tokens as viz
+from eetools.core.rollout import Rollout
 
 L = 4
 LAYERS = [1, 2, 3]
@@ -197,4 +197,4 @@ def test_viz_imports_no_model_code():
     tree = ast.parse(Path(viz.__file__).read_text())
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
-    assert not any(m.startswith(("transformer_lens", "eetools.exits", "transformers")) for m in names)
+    assert not any(m.startswith(("transformer_lens", "eetools.core.model", "transformers")) for m in names)

@@ -2,7 +2,7 @@
 
 import torch
 
-from eetools.widgets import Explorer, token_details
+from eetools.views.widgets import Explorer, token_details
 
 
 def test_token_details_match_the_model(tiny_ee):

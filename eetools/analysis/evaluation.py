@@ -1,0 +1,215 @@
+"""Evaluating an early-exit model on a task: accuracy, compute, coherence, exit histograms.
+
+`evaluate` runs the model on held-out prompts (the task's frozen test split) with greedy
+tokens and exits following `mode`, and puts beside it the base model (no exits, adapters
+off), the oracle-exit bound (DESIGN.md section 8: per token, the earliest exitable
+layer whose logit-lens argmax equals the final argmax, on the base model's greedy text)
+and, for a model with LoRA adapters, the same model at full depth ("no_exit"): the
+adapters can cost accuracy on their own, and that row separates their cost from the exits'.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+from tqdm.auto import tqdm
+
+from eetools import tasks as task_lib
+from eetools.core.generation import check_min_confidence, check_patience, check_threshold
+from eetools.analysis.judges import as_judge, score_all
+
+
+@dataclass
+class Evaluation:
+    """Results of `evaluate`.
+
+    Attributes:
+        summary: one row per system ("model", "base", "no_exit" for a model with LoRA adapters,
+            "oracle"): accuracy, compute,
+            layers_saved and one ``coherence_<judge>`` column per judge.
+        per_example: one row per (system, example): score, correct, compute, coherences, completion.
+        histogram: fraction of generated tokens per exit outcome (exitable layers, then "full"), per system.
+    """
+
+    summary: pd.DataFrame
+    per_example: pd.DataFrame
+    histogram: pd.DataFrame
+    layers: list[int] = field(default_factory=list)
+    n_layers: int = 0
+
+    def _repr_html_(self) -> str:
+        return self.summary.to_html(float_format=lambda v: f"{v:.3f}")
+
+    def figure(self):
+        """Exit-layer histogram of each system (grouped bars)."""
+        from eetools.views.tokens import exit_histogram_figure
+
+        hist = {c: self.histogram[c].to_numpy() for c in self.histogram.columns}
+        acc = ", ".join(f"{r.system} {r.accuracy:.0%}" for r in self.summary.itertuples())
+        return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
+
+
+def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress,
+                  label=None, patience=0, min_confidence=0.0):
+    rollouts = []
+    ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
+    with ctx:
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({label or ('base' if base else mode)})",
+                      disable=not progress, leave=False):
+            rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
+                                              temperature=temperature, threshold=threshold, seed=seed + i,
+                                              patience=patience if mode != "off" else 0,
+                                              min_confidence=min_confidence if mode != "off" else 0.0, skip="compute"))
+    return rollouts
+
+
+def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
+             max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float | Sequence[float] = 0.5,
+             examples: Sequence | None = None, compare: bool = True, progress: bool = True,
+             patience: int = 0, min_confidence: float = 0.0) -> Evaluation:
+    """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
+
+    Args:
+        ee_model: an `EarlyExitModel`.
+        task: task name or `Task`; examples come from its frozen test split unless `examples` is given.
+        n: number of examples.
+        mode: "sample", "threshold" or "off" exits for the model under test.
+        threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
+            exitable layer.
+        patience: also require the logit lens's top token to agree over this many exitable layers
+            before an exit, thresholded or sampled (see `eetools.core.generation.generate`).
+        min_confidence: also require the logit lens's top probability at the exit layer to be at
+            least this (see `eetools.core.generation.generate`).
+        seed: seed of the exit sampling.
+        judges: coherence judges (names, judge objects or functions).
+        compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
+            adapters, the model itself with exits off ("no_exit": adapters on, full depth).
+        max_new_tokens: generation cap (default: the task's, which fits its longest reasoning).
+
+    Returns:
+        An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
+    """
+    if mode == "threshold":
+        threshold = check_threshold(threshold, len(ee_model.exit_layers))
+    patience = check_patience(patience, mode, len(ee_model.exit_layers))
+    min_confidence = check_min_confidence(min_confidence, mode)
+    task = task_lib.get(task)
+    max_new_tokens = max_new_tokens or task.max_new_tokens
+    exs = list(examples) if examples is not None else task.test_split()[:n]
+    if not exs:
+        raise ValueError("no examples to evaluate")
+    judges = [as_judge(j) for j in judges]
+    prompts = [e.prompt for e in exs]
+    L, layers = ee_model.n_layers, list(ee_model.exit_layers)
+    systems = [("model", mode, False)]
+    if compare:
+        from eetools.core.adapters import lora_layers
+
+        systems.append(("base", "off", True))
+        if lora_layers(ee_model):  # the adapted weights at full depth: what the adapters alone cost
+            systems.append(("no_exit", "off", False))
+    rows, hist, summary = [], {}, []
+    base_text, done = None, {}  # rollouts per (mode, base): with mode "off", no_exit is the model's own run
+    for name, m, base in systems:
+        if (m, base) not in done:
+            done[m, base] = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
+                                          batch_size=batch_size, temperature=temperature, threshold=threshold,
+                                          base=base, progress=progress, label=mode if name == "model" else name,
+                                          patience=patience, min_confidence=min_confidence)
+        rs = done[m, base]
+        texts = [t for r in rs for t in r.text]
+        compute = torch.cat([r.compute for r in rs]).tolist()
+        exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
+        counts = np.array([float((exits == l).sum()) for l in [*layers, L]])
+        hist[name] = counts / max(counts.sum(), 1)
+        rows += _rows(name, task, exs, texts, compute, judges)
+        if base:
+            base_text = texts
+    if compare and base_text is not None:
+        from eetools.analysis.probes.oracle import oracle_exits  # per-token oracle on the base model's greedy text
+
+        pairs = [(p, task_lib.cut_at_answer(t)) for p, t in zip(prompts, base_text)]
+        odf = oracle_exits(ee_model, pairs, base=True).df
+        counts = np.array([float((odf["oracle_layer"] == l).sum()) for l in [*layers, L]])
+        hist["oracle"] = counts / max(counts.sum(), 1)
+        per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
+        comp = [float(per_seq.get(i, 1.0)) for i in range(len(prompts))]
+        rows += _rows("oracle", task, exs, base_text, comp, judges)
+    per = pd.DataFrame(rows)
+    for name, g in per.groupby("system", sort=False):
+        rec = {"system": name, "n": len(g), "accuracy": g["correct"].mean(), "mean_score": g["score"].mean(),
+               "compute": g["compute"].mean(), "layers_saved": 1 - g["compute"].mean()}
+        for j in judges:
+            rec[f"coherence_{j.name}"] = g[f"coherence_{j.name}"].mean()
+        summary.append(rec)
+    histogram = pd.DataFrame(hist, index=[*(str(l) for l in layers), "full"])
+    return Evaluation(summary=pd.DataFrame(summary), per_example=per, histogram=histogram, layers=layers, n_layers=L)
+
+
+def _rows(system, task, exs, texts, compute, judges):
+    cut = [task_lib.cut_at_answer(t) for t in texts]
+    scores = [task.score(e, c) for e, c in zip(exs, cut)]
+    coh = {j.name: score_all(j, exs, cut) for j in judges}
+    return [{"system": system, "example": i, "score": s, "correct": s == 1.0, "compute": c, "completion": t,
+             **{f"coherence_{k}": v[i] for k, v in coh.items()}}
+            for i, (s, c, t) in enumerate(zip(scores, compute, cut))]
+
+
+def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100, max_new_tokens: int | None = None,
+                    progress: bool = True) -> float:
+    """Greedy accuracy of a base model (a bridge, no exits) on the task's frozen test split."""
+    from eetools.core.model import attach_exit_heads
+
+    task = task_lib.get(task)
+    max_new_tokens = max_new_tokens or task.max_new_tokens
+    exs = task.test_split()[:n] if n else task.test_split()
+    ee = attach_exit_heads(model)
+    rs = _generate_all(ee, [e.prompt for e in exs], mode="off", max_new_tokens=max_new_tokens, seed=0,
+                       batch_size=batch_size, temperature=0.0, threshold=0.5, base=True, progress=progress)
+    texts = [t for r in rs for t in r.text]
+    return sum(task.score(e, task_lib.cut_at_answer(t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)
+
+
+@dataclass
+class CoherenceByKL:
+    """Fig. 3 data: one row per (system, example) with its coherence score."""
+
+    df: pd.DataFrame  # columns: system, kl_factor, example, coherence, correct, compute
+
+    def summary(self) -> pd.DataFrame:
+        return (self.df.groupby(["system", "kl_factor"], dropna=False, sort=False)
+                .agg(coherence=("coherence", "mean"), accuracy=("correct", "mean"), compute=("compute", "mean"))
+                .reset_index())
+
+    def figure(self) -> go.Figure:
+        fig = go.Figure()
+        for system, g in self.df.groupby("system", sort=False):
+            fig.add_trace(go.Box(y=g["coherence"], name=system, boxmean=True, boxpoints=False))
+        fig.update_layout(title="Coherence by KL factor (higher k: exits rarer, text closer to the base model)",
+                          yaxis_title="coherence", template="plotly_white", showlegend=False)
+        return fig
+
+
+def coherence_by_kl_factor(models: Mapping[float, object], task="addition", *, n: int = 100, seed: int = 0,
+                           judge="reasoning", mode: str = "sample", base_model=None, progress: bool = True) -> CoherenceByKL:
+    """Fig. 3: evaluate students calibrated with different KL factors ({k: ee_model}) plus the base model."""
+    frames = []
+    for k, ee in sorted(models.items()):
+        ev = evaluate(ee, task, n=n, mode=mode, seed=seed, judges=(judge,), compare=False, progress=progress)
+        d = ev.per_example.assign(system=f"k={k:g}", kl_factor=k)
+        frames.append(d)
+    base = base_model if base_model is not None else next(iter(models.values()))
+    # evaluate's "base" row: no exits and adapters off, i.e. the unmodified model
+    ev_base = evaluate(base, task, n=n, mode="off", seed=seed, judges=(judge,), compare=True, progress=progress)
+    b = ev_base.per_example[ev_base.per_example.system == "base"].assign(system="base", kl_factor=np.nan)
+    frames.append(b)
+    df = pd.concat(frames, ignore_index=True)
+    col = [c for c in df.columns if c.startswith("coherence_")][0]
+    df = df.rename(columns={col: "coherence"})[["system", "kl_factor", "example", "coherence", "correct", "compute"]]
+    return CoherenceByKL(df=df)

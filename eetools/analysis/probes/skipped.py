@@ -1,0 +1,182 @@
+"""What the blocks skipped by exited tokens would have done: `skipped_computation`, `linearised_final_norm`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from eetools.core.hooks import resid_post, resid_pre
+from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
+
+
+def _final_norm_scale(ee_model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
+    """The final norm's divisor at `x`: RMS for RMSNorm, standard deviation for LayerNorm."""
+    cfg = ee_model.model.cfg
+    eps = float(getattr(cfg, "eps", 1e-5))
+    if str(getattr(cfg, "normalization_type", "LN")).upper().startswith("RMS"):
+        return (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    xc = x - x.mean(-1, keepdim=True)
+    return (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def linearised_final_norm(ee_model, x: Float[Tensor, "... d_model"],
+                          final_resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+    """The final norm as a linear map frozen at `final_resid`: ``w * center(x) / scale(final_resid)``.
+
+    The norm's scale (RMS, or standard deviation for LayerNorm) is taken from the final
+    residual and held fixed, and its bias dropped, so that contributions to the residual
+    add up: applied to the whole final residual it gives ``ln_final(final_resid) - bias``.
+    This is the usual direct-logit-attribution approximation: it ignores how removing a
+    contribution would change the scale.
+    """
+    cfg = ee_model.model.cfg
+    if not str(getattr(cfg, "normalization_type", "LN")).upper().startswith("RMS"):
+        x = x - x.mean(-1, keepdim=True)
+    w = getattr(ee_model.model.ln_final, "weight", None)
+    y = x / _final_norm_scale(ee_model, final_resid)
+    return y * w if isinstance(w, Tensor) and w.shape[-1:] == x.shape[-1:] else y
+
+
+@dataclass
+class SkippedResult:
+    """What the blocks skipped by exited tokens would have done.
+
+    Attributes:
+        df: one row per exited generated token: ``seq``, ``t`` (generated index),
+            ``position`` (the position that predicted it), ``token``, ``token_class``,
+            ``exit_layer``, ``kl`` = KL(full || early), ``top1_agree`` (full and early
+            argmax equal), ``chosen_logprob_full``, ``chosen_logprob_early``,
+            ``skipped_norm`` and ``skipped_dla`` (sums over skipped blocks).
+        blocks: one row per (exited token, skipped block ``j >= exit_layer``): ``seq``,
+            ``t``, ``token_class``, ``block``, ``norm`` (||resid_post_j - resid_pre_j||) and
+            ``dla`` (that contribution's direct logit attribution to the chosen token).
+    """
+
+    df: pd.DataFrame
+    blocks: pd.DataFrame
+
+    def summary(self) -> pd.DataFrame:
+        """Per token class: count, mean KL, top-1 agreement, mean exit layer, skipped norm and DLA."""
+        if self.df.empty:
+            return pd.DataFrame(columns=["token_class", "n", "kl", "top1_agree", "exit_layer", "skipped_norm",
+                                         "skipped_dla"])
+        g = self.df.groupby("token_class")
+        return g.agg(n=("kl", "size"), kl=("kl", "mean"), top1_agree=("top1_agree", "mean"),
+                     exit_layer=("exit_layer", "mean"), skipped_norm=("skipped_norm", "mean"),
+                     skipped_dla=("skipped_dla", "mean")).reset_index()
+
+    def figure(self):
+        """Bars of mean KL(full || early) and top-1 agreement by token class."""
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        s = self.summary()
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("mean KL(full || early)", "top-1 agreement"))
+        fig.add_trace(go.Bar(x=s["token_class"], y=s["kl"], name="KL", text=s["n"]), row=1, col=1)
+        fig.add_trace(go.Bar(x=s["token_class"], y=s["top1_agree"], name="top-1 agreement"), row=1, col=2)
+        fig.update_yaxes(range=[0, 1], row=1, col=2)
+        fig.update_layout(title="Computation skipped by exited tokens", showlegend=False, template="plotly_white")
+        return fig
+
+
+def _rollout_classes(rollout, i: int, task: str | None, example, tokenizer) -> pd.DataFrame:
+    n = int(rollout.mask[i].sum())
+    ids = rollout.tokens[i, :n].tolist()
+    eos_id = tokenizer.eos_token_id
+    is_eos = [eos_id is not None and t == eos_id for t in ids]
+    ann = annotate_tokens(_text_pieces(tokenizer, ids, is_eos), task, example)
+    ann["token"] = [tokenizer.decode([t]) for t in ids]
+    ann.loc[is_eos, "token_class"] = "eos"
+    return ann
+
+
+@torch.no_grad()
+def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = None,
+                        batch_size: int = 8) -> SkippedResult:
+    """Compare each exited token's early readout with what full depth would have given.
+
+    For generated token ``t`` predicted at layer ``l < L`` (``rollout.exit_layers``):
+
+    - early: the model's distribution under the rollout's exits
+      (`prescribed_forward` with ``rollout.prescribed_exit_layers()``), i.e. the logit lens
+      at ``l`` of the frozen residual;
+    - full: the same model (adapters as in `ee_model`) run with no exits at all. This is a
+      simpler counterfactual than "same exits everywhere else, none here": earlier exited
+      positions are not frozen in it either;
+    - per skipped block ``j in l .. L-1``: its contribution ``resid_post_j - resid_pre_j``
+      at that position in the no-exit run, its norm, and its direct logit attribution to
+      the chosen token: ``linearised_final_norm(contribution) @ W_U[:, token]``, the final
+      norm's scale frozen at the no-exit final residual (see `linearised_final_norm`).
+
+    Args:
+        ee_model: the `EarlyExitModel` that produced `rollout`.
+        rollout: a `Rollout`.
+        examples: optional `Example`s aligned with the rollout's prompts (for the task).
+        task: "addition" or "tom" for token classes; default guessed from each prompt.
+        batch_size: sequences per forward pass.
+
+    Returns:
+        A `SkippedResult`: ``.df`` per exited token, ``.blocks`` per skipped block.
+    """
+    L, model = ee_model.n_layers, ee_model.model
+    device = ee_model.device
+    P = rollout.prompt_tokens.shape[1]
+    W_U = model.W_U.detach()
+    tok_rows, block_rows = [], []
+    for b0 in range(0, len(rollout), batch_size):
+        sl = slice(b0, b0 + batch_size)
+        seqs = rollout.sequences[sl].to(device)
+        attn = rollout.attention_mask[sl].to(device)
+        exits = rollout.exit_layers[sl].cpu()
+        exited = (exits < L) & rollout.mask[sl].cpu()
+        ri, ti = exited.nonzero(as_tuple=True)
+        if len(ri) == 0:
+            continue
+        pos = P + ti - 1
+        ri_d, pos_d = ri.to(device), pos.to(device)
+        early = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers()[sl].to(device), attn)
+        early_lp = early.logprobs[ri_d, pos_d].float()
+        store: dict[str, Tensor] = {}
+
+        def grab(name):
+            def hook(resid, hook):
+                store[name] = resid[ri_d, pos_d].detach().float()
+            return hook
+
+        hooks = [(resid_pre(j), grab(f"pre{j}")) for j in range(L)] + [(resid_post(j), grab(f"post{j}")) for j in range(L)]
+        with model.hooks(fwd_hooks=hooks):
+            full_logits = model(seqs, attention_mask=attn, return_type="logits")
+        full_lp = full_logits[ri_d, pos_d].float().log_softmax(-1)
+        chosen = rollout.tokens[sl].to(device)[ri_d, ti.to(device)]
+        kl = (full_lp.exp() * (full_lp - early_lp)).sum(-1).clamp(min=0)
+        agree = full_lp.argmax(-1) == early_lp.argmax(-1)
+        final = store[f"post{L - 1}"]
+        w_col = W_U[:, chosen].T.float()  # [n, d]
+        norms = torch.stack([(store[f"post{j}"] - store[f"pre{j}"]).norm(dim=-1) for j in range(L)], 1)
+        dla = torch.stack([(linearised_final_norm(ee_model, store[f"post{j}"] - store[f"pre{j}"], final) * w_col).sum(-1)
+                           for j in range(L)], 1)
+        classes = {}
+        for k in range(len(ri)):
+            i = b0 + int(ri[k])
+            if i not in classes:
+                ex = examples[i] if examples is not None else None
+                classes[i] = _rollout_classes(rollout, i, task or _task_of(rollout.prompts[i], ex), ex, model.tokenizer)
+            t, l = int(ti[k]), int(exits[ri[k], ti[k]])
+            ann = classes[i].iloc[t]
+            skipped = range(l, L)
+            tok_rows.append({"seq": i, "t": t, "position": int(pos[k]), "token": ann["token"],
+                             "token_class": ann["token_class"], "exit_layer": l, "kl": float(kl[k]),
+                             "top1_agree": bool(agree[k]),
+                             "chosen_logprob_full": float(full_lp[k, chosen[k]]),
+                             "chosen_logprob_early": float(early_lp[k, chosen[k]]),
+                             "skipped_norm": float(norms[k, l:].sum()), "skipped_dla": float(dla[k, l:].sum())})
+            block_rows += [{"seq": i, "t": t, "token_class": ann["token_class"], "exit_layer": l, "block": j,
+                            "norm": float(norms[k, j]), "dla": float(dla[k, j])} for j in skipped]
+    cols = ["seq", "t", "position", "token", "token_class", "exit_layer", "kl", "top1_agree", "chosen_logprob_full",
+            "chosen_logprob_early", "skipped_norm", "skipped_dla"]
+    bcols = ["seq", "t", "token_class", "exit_layer", "block", "norm", "dla"]
+    return SkippedResult(df=pd.DataFrame(tok_rows, columns=cols), blocks=pd.DataFrame(block_rows, columns=bcols))

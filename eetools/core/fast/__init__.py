@@ -1,0 +1,6 @@
+"""Paths that make exits save time without changing what is computed (up to float rounding).
+
+`skipping` runs exited rows only through the key/value projections of later blocks,
+`bypass` calls the HF modules under the bridge directly where a model needs it, and
+`norm_shortcut` skips TransformerLens's hook-point wrapper around the norms.
+"""

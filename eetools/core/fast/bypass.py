@@ -1,0 +1,158 @@
+"""Decode through the HF modules the bridge wraps, while no TransformerLens hook would fire.
+
+A `TransformerBridge` runs the HF model with its own components installed in place of the HF
+modules: each block, attention, MLP, norm and linear is a bridge component that fires its hook
+points and calls the module it wraps (attention is re-implemented step by step, so hooks see
+scores and patterns). At a decode step of a small model that wrapping is most of the time: on
+the shipped 8-block model, one cached decode step at batch 32 on one CPU thread costs about
+12-13 ms through the bridge and 7-9 ms through the HF modules, with the same numbers out
+(`benchmarks/bench_exits.py` measures the whole sampling loop).
+
+Inside `bridge_bypassed(ee_model, state)`:
+
+1. every bridge component in the HF model's module tree is swapped back for the module it
+   wraps (the block list for a list of the HF blocks), and everything is put back on exit,
+   errors included. The bridge's own forward still runs around the HF model (tokens, the
+   position ids it derives from a padded mask, the KV cache), so a call gives what the bridge
+   gives: bit-identical rollouts on the shipped model (``tests/unit/test_bypass.py``);
+2. the exit hooks of `state` (`ExitState.hooks`) are attached as PyTorch hooks on the HF
+   decoder layers: the head reads the layer's input (the bridge's ``blocks.{l}.hook_resid_pre``)
+   and the freeze rewrites its output (``blocks.{l}.hook_resid_post``).
+
+It is used by ``generate(skip="compute")``, the fast decode path, and only where it changes
+nothing anyone can observe. It yields False, and the caller runs the bridge's own path, when
+any hook point of the bridge carries a hook (a user's `run_with_hooks`, `hooks()` or a
+permanent hook), when the bridge processed its weights or runs in compatibility mode (its
+components then no longer compute what the HF modules compute), when a config flag asks for
+split attention inputs or results, or when a component that compute skipping wraps is not an
+HF module the HF forward calls (GPT-2's query, which the bridge splits from the fused
+``c_attn``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+from torch import Tensor, nn
+
+from eetools.core.hooks import count_hooks, resid_post, resid_pre
+
+# TransformerLens config flags under which the bridge computes attention or MLP inputs its own way
+SPLIT_FLAGS = ("use_split_qkv_input", "use_attn_in", "use_attn_result", "use_hook_mlp_in")
+
+
+def _is_bridge(module: nn.Module) -> bool:
+    return isinstance(module._modules.get("_original_component"), nn.Module) and hasattr(module, "hook_out")
+
+
+def _restore(undo: list[tuple[nn.Module, str, nn.Module]]) -> None:
+    """Put back what `_swap_in_originals` replaced, last swap first."""
+    for parent, name, was in reversed(undo):
+        parent._modules[name] = was
+
+
+def _swap_in_originals(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """Replace every bridge component under `root` by the module it wraps; returns ``(parent, name, was)``."""
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
+    seen: set[int] = set()
+
+    def visit(module: nn.Module) -> None:
+        if id(module) in seen:
+            return
+        seen.add(id(module))
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            if _is_bridge(child):
+                module._modules[name] = child._modules["_original_component"]
+            elif isinstance(child, nn.ModuleList) and any(_is_bridge(c) for c in child):
+                # the bridge's block list (also `bridge.blocks`): a new list, the bridge's stays as it is
+                module._modules[name] = nn.ModuleList(
+                    [c._modules["_original_component"] if _is_bridge(c) else c for c in child])
+            else:
+                visit(child)
+                continue
+            undo.append((module, name, child))
+            visit(module._modules[name])
+
+    visit(root)
+    return undo
+
+
+def bypass_blocker(bridge: nn.Module) -> str | None:
+    """Why the bridge cannot be bypassed now (in words), or None.
+
+    `bridge_bypassed` also checks, once the tree is swapped, that the modules it needs are on the
+    HF forward's path.
+    """
+    if count_hooks(bridge):
+        return "hooks are attached to the bridge's hook points"
+    if getattr(bridge, "compatibility_mode", False) or getattr(bridge, "_weights_processed", False):
+        return "the bridge processed its weights (compatibility mode)"
+    cfg = getattr(bridge, "cfg", None)
+    on = [f for f in SPLIT_FLAGS if getattr(cfg, f, False)]
+    if on:
+        return f"the bridge's config sets {on}"
+    if getattr(bridge, "original_model", None) is None or not hasattr(bridge, "blocks"):
+        return "the bridge has no HF model with a block list"
+    return None
+
+
+def _layer_hooks(layer: nn.Module, pre: Callable | None, post: Callable | None) -> list:
+    """Attach TransformerLens-style hook functions ``fn(resid, hook)`` to an HF decoder layer's input and output."""
+    handles = []
+    if pre is not None:
+        def on_input(module, args, kwargs):
+            pre(args[0] if args else kwargs["hidden_states"], None)  # the heads only read; they return None
+        handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
+    if post is not None:
+        def on_output(module, args, output):
+            hidden = output if isinstance(output, Tensor) else output[0]
+            new = post(hidden, None)
+            if new is None:
+                return None
+            return new if isinstance(output, Tensor) else (new, *output[1:])
+        handles.append(layer.register_forward_hook(on_output))
+    return handles
+
+
+@contextlib.contextmanager
+def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
+    """Within this context the bridge's forward runs the HF modules directly, with `state`'s exit hooks on them.
+
+    Args:
+        ee_model: the `EarlyExitModel`.
+        state: the `ExitState` of the forwards to come; its hooks are attached here (the caller
+            must not attach them to the bridge as well).
+        needed: bridge components whose wrapped modules must be on the HF forward's path
+            (those that compute skipping will wrap).
+
+    Yields True if the bridge is bypassed, False if not (see `bypass_blocker`); then nothing was
+    changed and the caller runs the bridge's own path, attaching the hooks itself.
+    """
+    bridge = ee_model.model
+    needed = list(needed)
+    if bypass_blocker(bridge) is not None:
+        yield False
+        return
+    undo = _swap_in_originals(bridge.original_model)
+    handles: list = []
+    try:
+        on_path = {id(m) for m in bridge.original_model.modules()}
+        blocks = [b.original_component for b in bridge.blocks]
+        if any(id(m) not in on_path for m in [*blocks, *(c.original_component for c in needed)]):
+            ok = False
+        else:
+            by_name = dict(state.hooks())
+            for l, layer in enumerate(blocks):
+                handles += _layer_hooks(layer, by_name.get(resid_pre(l)), by_name.get(resid_post(l)))
+            ok = True
+        if not ok:  # put the bridge back before the caller runs its own path
+            _restore(undo)
+            undo = []
+        yield ok
+    finally:
+        for h in handles:
+            h.remove()
+        _restore(undo)

@@ -1,0 +1,344 @@
+"""Batched, KV-cached generation with exits sampled (or thresholded) per generated token.
+
+Each decode step processes the previous token at one position; at each exitable layer
+the head's ``c_l`` decides whether that position exits (Bernoulli with the step's
+pre-drawn uniforms, or ``c_l >= threshold``), and the token it predicts is drawn from the
+(possibly early) readout. Random numbers are drawn per step from one explicit
+`torch.Generator` in a fixed order, so cached and uncached generation with the same seed
+give the same tokens and exits. With a KV cache, rows that have finished (EOS) leave the
+running batch and the cache, so a batch mixing short and long answers stops paying for the
+short ones; the uniforms are still drawn for the full batch, so the rollout does not change.
+Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache rows copied.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from eetools.core.adapters import adapters_merged
+from eetools.core.fast.bypass import bridge_bypassed
+from eetools.core.state import ExitState
+from eetools.core.encoding import encode_prompts
+from eetools.core.heads import exit_log_probs, top_confidence
+from eetools.core.fast.norm_shortcut import norm_shortcut
+from eetools.core.rollout import Rollout
+from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
+
+MODES = ("sample", "threshold", "off")
+SKIPS = ("mask", "compute")
+
+
+def check_threshold(threshold: float | Sequence[float], n_exit: int | None = None) -> float | tuple[float, ...]:
+    """An exit threshold, checked: one number in (0, 1], or one per exitable layer (`n_exit` of them).
+
+    Exits happen where ``c_l >= threshold`` (or ``>= threshold[i]`` at the i-th exitable layer).
+    Returns a float or a tuple of floats; used by `generate`, `evaluate` and `tradeoff`.
+    """
+    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
+        values, one = [float(threshold)], True
+    else:
+        try:
+            if isinstance(threshold, (str, bytes)):
+                raise TypeError
+            values, one = [float(t) for t in threshold], False
+        except (TypeError, ValueError):
+            raise TypeError(f"threshold must be a number in (0, 1] or one per exitable layer, got {threshold!r}") from None
+        if n_exit is not None and len(values) != n_exit:
+            raise ValueError(f"threshold has {len(values)} values but the model has {n_exit} exitable layers; "
+                             f"give one number, or one per exitable layer")
+    for t in values:
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {t}")
+    return values[0] if one else tuple(values)
+
+
+def check_patience(patience: int, mode: str, n_exit: int) -> int:
+    """The patience of exits, checked: an int in ``0 .. n_exit - 1``, and only with a mode that exits."""
+    if isinstance(patience, bool) or not isinstance(patience, int):
+        raise TypeError(f"patience must be an int (exitable layers whose lens must agree), got {patience!r}")
+    if patience and mode not in ("threshold", "sample"):
+        raise ValueError(f"patience applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+                         f"never exits: pass patience=0")
+    if not 0 <= patience < n_exit:
+        raise ValueError(f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
+                         f"`patience` of them cannot exit), got {patience}")
+    return patience
+
+
+def check_min_confidence(min_confidence: float, mode: str) -> float:
+    """The lens-confidence floor of exits, checked: a number in ``[0, 1)``, and only with a mode that exits."""
+    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)):
+        raise TypeError(f"min_confidence must be a number in [0, 1), got {min_confidence!r}")
+    if not 0.0 <= min_confidence < 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1) (the logit lens's top probability a token needs to exit; "
+                         f"0: no floor), got {min_confidence}")
+    if min_confidence and mode not in ("threshold", "sample"):
+        raise ValueError(f"min_confidence applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+                         f"never exits: pass min_confidence=0")
+    return float(min_confidence)
+
+
+def lens_held(top: Sequence[Tensor], i: int, patience: int) -> Tensor:
+    """The patience rule: whether the lens's top token at exitable layer `i` (``top[i]``) equals its
+    top token at each of the `patience` exitable layers before; all False where ``i < patience``."""
+    held = torch.full_like(top[i], i >= patience, dtype=torch.bool)
+    for back in range(1, min(patience, i) + 1):
+        held &= top[i] == top[i - back]
+    return held
+
+
+@torch.no_grad()
+def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
+             threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
+             seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
+    """Generate continuations with exits.
+
+    Args:
+        prompts: a string or a list of strings.
+        max_new_tokens: tokens to generate at most (sequences stop at EOS).
+        mode: "sample" (exits drawn from the heads), "threshold" (exit when ``c_l >= threshold``)
+            or "off" (never exit: the base model with adapters as they are).
+        temperature: token sampling temperature; 0 means greedy tokens (exits still follow `mode`).
+        threshold: the exit threshold of mode "threshold": one number, or one per exitable layer
+            (a token exits at the first layer whose ``c_l`` reaches that layer's threshold).
+        patience: a token may exit at an exitable layer only where the logit lens's top token
+            equals its top token at the `patience` exitable layers before (the patience rule of
+            early-exit classifiers, Zhou et al. 2020; the first `patience` exitable layers then
+            cannot exit). 0: the heads alone decide. With mode "sample" the rule masks the exit
+            action: a vetoed layer's exit probability is 0, and `exit_logprobs` and
+            `Rollout.exit_allowed` say so (RL trains this masked policy, see `train_rl`). The lens
+            costs one unembedding per exitable layer and decoded token: cheap for a small
+            vocabulary, about ten blocks' worth per layer for Qwen3's 151k tokens.
+        min_confidence: a token may exit only where the logit lens's top probability (that of
+            the token it would emit) is at least this: the confidence rule of early-exit language
+            models (Schuster et al. 2022) as a floor under the heads. Combines with `patience`
+            (both must hold) and, like it, masks sampled exits. 0: no floor.
+        seed: seed of the explicit generator (None: nondeterministic).
+        use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
+        skip: "mask" (every block runs on every token and exited tokens' results are thrown
+            away: exact, the reference) or "compute" (exited tokens only compute their keys and
+            values in later blocks, see `eetools.core.fast.skipping`, and LoRA adapters are merged into the
+            weights for the call; same tokens, exits and log-probs up to float rounding, less
+            time). "compute" needs ``use_cache=True``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if skip not in SKIPS:
+        raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
+    if skip == "compute" and not use_cache:
+        raise ValueError("skip='compute' needs use_cache=True: without a KV cache every step recomputes "
+                         "the prefix, so exited tokens' later blocks cannot be skipped")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    threshold = check_threshold(threshold, len(ee_model.exit_layers))
+    patience = check_patience(patience, mode, len(ee_model.exit_layers))
+    min_confidence = check_min_confidence(min_confidence, mode)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience, min_confidence)
+    state = ExitState(ee_model)
+    # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
+    with contextlib.ExitStack() as stack:
+        bypassed = False
+        if skip == "compute":  # LoRA folded into the weights; the HF modules run without the bridge's wrappers
+            stack.enter_context(adapters_merged(ee_model))
+            if skip_support(ee_model.model) is None:
+                needed = [m for _, m in skipped_components(ee_model)]
+                bypassed = stack.enter_context(bridge_bypassed(ee_model, state, needed))
+        if not bypassed:  # the exit hooks on the bridge's hook points
+            stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
+        stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
+        if skip == "compute":  # exited rows' later compute skipped
+            stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
+        for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
+            dec.step(step, state)
+            if bool(dec.done.all()):
+                break
+    return dec.rollout(prompts)
+
+
+def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(first, inverse)`` with ``rows[first][inverse] == rows``: one index per distinct row (value, for 1-D); None if all differ."""
+    uniq, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(uniq) == len(rows):
+        return None
+    first = torch.full((len(uniq),), len(rows), dtype=torch.long, device=rows.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(rows), device=rows.device), reduce="amin")
+    return first, inverse
+
+
+class _Decoder:
+    """The state of one batched decode loop, and the per-step logic."""
+
+    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience=0,
+                 min_confidence=0.0):
+        self.ee, self.ids, self.pmask, self.patience = ee_model, ids, pmask, patience
+        self.min_confidence = min_confidence
+        self.ruled = bool(patience or min_confidence)  # some rule besides the heads decides where exits may happen
+        # the floor as a logit, compared with the lens's top-probability logit (as a confidence head gives it)
+        self.floor_logit = math.log(min_confidence / (1 - min_confidence)) if min_confidence else -math.inf
+        self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
+        self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
+        # one threshold per exitable layer, whether one or several were given
+        self.thresholds = (threshold,) * self.m if isinstance(threshold, float) else tuple(threshold)
+        self.device = ee_model.device
+        tok = ee_model.model.tokenizer
+        self.eos = tok.eos_token_id
+        self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos or 0)
+        self.done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
+        self.seq, self.mask, self.step_input = ids, pmask, ids
+        # without padding the mask says nothing the causal mask does not; passing None spares the
+        # bridge re-deriving position ids from it at every step
+        self.padded = bool((pmask == 0).any())
+        self.exit_hist = torch.full_like(ids, self.L)
+        self.cache = None
+        self.out = {k: [] for k in ("tok", "mask", "exit", "lp", "elp", "probs", "allowed")}
+        # rows of the full batch still in the running batch: with a KV cache, finished rows leave
+        # it (their cache rows are dropped), so a batch of mixed lengths stops paying for the
+        # short ones once they end
+        self.rows = torch.arange(self.b, device=self.device)
+        self.compact = use_cache
+        # with a KV cache, each distinct prompt is prefilled once and its cache rows copied to its
+        # duplicates (RL decodes k rollouts of every prompt): None when every prompt is distinct
+        self.distinct = distinct_rows(torch.cat([ids, pmask], 1)) if use_cache else None
+        # what a row that is not running records at a step (masked out in `rollout` anyway)
+        self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0,
+                     "allowed": True}
+
+    def step(self, step: int, state) -> None:
+        b, device, rows = self.b, self.device, self.rows
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(device)  # fixed draw order,
+        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)  # whatever rows are still running
+        running = rows.numel() < b
+        if running:
+            u_exit, u_tok = u_exit[rows], u_tok[rows]
+        never = step == 0 or self.mode == "off"  # the prompt's last position never exits
+
+        lens: list[Tensor] = []  # with rules: the lens's top token at each exitable layer decided so far
+        held: list[Tensor] = []  # and whether the rules let each of those layers exit
+
+        def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
+            c = torch.sigmoid(z.float())
+            fire = u_exit[:, i] < c if self.mode == "sample" else c >= self.thresholds[i]
+            if self.ruled:
+                confidence, top = top_confidence(self.ee.readout(resid[:, -1]))  # the confidence head's logit
+                lens.append(top)
+                ok = lens_held(lens, i, self.patience)
+                if self.min_confidence:
+                    ok = ok & (confidence >= self.floor_logit)
+                held.append(ok)
+                fire = fire & ok
+            return fire
+
+        decide = None if never else decide_exit  # None: the heads only record their probabilities
+        if self.use_cache and step == 0 and self.distinct is not None:
+            logits, z, exit_at = self._prefill_distinct(state)
+        elif self.use_cache:
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee.run_with_exits(self.step_input, mask, decide=decide, state=state,
+                                                              past_key_values=self.cache, use_cache=True)
+        else:
+            logits, z, exit_at, _ = self.ee.run_with_exits(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
+                                                     state=state)
+            self.exit_hist = exit_at
+        # with rules: the layers they let exit (True after the last decided one: a row that exited
+        # earlier never reaches them, and one that did not was decided at every layer)
+        allowed = None
+        if self.ruled:
+            allowed = torch.ones(len(rows), self.m, dtype=torch.bool, device=device)
+            for i, h in enumerate(held):
+                allowed[:, i] = h
+        # log-prob of the exit decisions taken, under the heads' stick-breaking distribution (with
+        # sampled exits, the masked one the rules make)
+        if step == 0:
+            elp = torch.zeros(len(rows), device=device)
+        else:
+            policy = allowed if self.mode == "sample" else None
+            elp = exit_log_probs(z[:, -1].float(), policy).gather(
+                -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
+        last = logits[:, -1].float()
+        logp = last.log_softmax(-1)
+        if self.temperature == 0:
+            tok = logp.argmax(-1)
+        else:  # inverse-CDF sampling with the pre-drawn uniform
+            cdf = (last / self.temperature).softmax(-1).cumsum(-1)
+            tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        done = self.done[rows] if running else self.done
+        tok = torch.where(done, torch.full_like(tok, self.pad), tok)
+        values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
+                  "elp": elp, "probs": z[:, -1]}
+        if allowed is not None:
+            values["allowed"] = allowed
+        for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
+            if running:
+                v = v.new_full((b, *v.shape[1:]), self.fill[key]).index_copy_(0, rows, v)
+            self.out[key].append(v)
+        if self.eos is not None:
+            done = done | (tok == self.eos)
+            self.done = self.done.index_copy(0, rows, done) if running else done
+        self.step_input = tok[:, None]
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        if not self.use_cache:  # the uncached reference re-runs the whole prefix
+            self.seq = torch.cat([self.seq, self.step_input], dim=1)
+            self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
+        elif self.compact:
+            self._drop_finished(done)
+
+    def _prefill_distinct(self, state) -> tuple[Tensor, Tensor, Tensor]:
+        """Step 0 on each distinct prompt once; logits, exit logits, exits and cache copied back to every row."""
+        first, inverse = self.distinct
+        mask = self.mask[first] if self.padded else None
+        logits, z, exit_at, cache = self.ee.run_with_exits(self.ids[first], mask, state=state, use_cache=True)
+        if not hasattr(cache, "batch_select_indices"):  # a cache type we cannot copy rows of: prefill every row
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee.run_with_exits(self.ids, mask, state=state, use_cache=True)
+            return logits, z, exit_at
+        cache.batch_select_indices(inverse)
+        self.cache = cache
+        return logits[inverse], z[inverse], exit_at[inverse]
+
+    def _drop_finished(self, done: Tensor) -> None:
+        """Drop finished rows from the running batch and the KV cache once they are an eighth of it."""
+        n_done = int(done.sum())
+        if n_done == 0 or n_done == len(done) or n_done * 8 < len(done):
+            return
+        if not hasattr(self.cache, "batch_select_indices"):  # a cache type we cannot slice: keep every row
+            self.compact = False
+            return
+        keep = (~done).nonzero().squeeze(1)
+        self.cache.batch_select_indices(keep)
+        self.rows, self.mask, self.step_input = self.rows[keep], self.mask[keep], self.step_input[keep]
+
+    def rollout(self, prompts: list[str]) -> Rollout:
+        stack = lambda k: torch.stack(self.out[k], 1).cpu()
+        tokens, gmask = stack("tok"), stack("mask")
+        exits = torch.where(gmask, stack("exit"), self.L)
+        lp = torch.where(gmask, stack("lp"), 0.0)
+        elp = torch.where(gmask, stack("elp"), 0.0)
+        probs = torch.where(gmask[..., None], torch.sigmoid(stack("probs").float()), 0.0)
+        allowed = stack("allowed") | ~gmask[..., None] if self.ruled else None
+        tok = self.ee.model.tokenizer
+        ids, pmask = self.ids.cpu(), self.pmask.cpu()
+        valid = [tokens[i][gmask[i]].tolist() for i in range(self.b)]
+        prompt_ids = [ids[i][pmask[i].bool()].tolist() for i in range(self.b)]
+        # every token's string, decoded once per distinct id (a token decodes alone, without context)
+        distinct = sorted({t for row in valid + prompt_ids for t in row})
+        piece = dict(zip(distinct, tok.batch_decode([[t] for t in distinct])))
+        str_tokens = [[piece[t] for t in row] for row in valid]
+        prompt_str = [[piece[t] for t in row] for row in prompt_ids]
+        text = [tok.decode([t for t in row if t != self.eos], skip_special_tokens=True) for row in valid]
+        return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
+                       exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
+                       exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
+                       n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode, exit_allowed=allowed,
+                       patience=self.patience, min_confidence=self.min_confidence)

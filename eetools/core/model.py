@@ -1,0 +1,271 @@
+"""`EarlyExitModel`: exit heads attached to a TransformerLens bridge as hooks.
+
+A token that exits at layer `l` keeps its residual stream frozen at its value entering
+block `l` for the rest of the depth: a decision hook on ``blocks.{l}.hook_resid_pre``
+captures it, and a freeze hook on ``blocks.{j}.hook_resid_post`` (every ``j >= l``)
+writes it back. Its prediction is therefore the logit lens at `l` with the final norm,
+``unembed(ln_final(resid_pre_l))``, and later tokens attend to keys and values computed
+from the frozen state (with a KV cache, the cache holds them). The bridge itself is
+never modified: hooks live only inside `model.hooks(...)` contexts.
+
+Modes (see DESIGN.md section 5): `teacher_forward` (base model, full depth, plus early
+readouts), `prescribed_forward` (exits given per position, differentiable) and
+`generate` (exits sampled or thresholded per generated token, KV-cached).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
+from eetools.core.hooks import check_hook_names, resid_post, resid_pre
+from eetools.core.fast.norm_shortcut import norm_shortcut
+from eetools.core.generation import generate
+from eetools.core.state import Decider, ExitState
+
+
+def default_exit_layers(n_layers: int) -> list[int]:
+    """Every layer from 1 to L-1 up to 12 blocks, else about 8 evenly spaced ones."""
+    if n_layers < 2:
+        raise ValueError(f"a model needs at least 2 blocks to exit early, this one has {n_layers}")
+    if n_layers <= 12:
+        return list(range(1, n_layers))
+    step = max(1, round(n_layers / 8))
+    return list(range(step, n_layers, step))
+
+
+def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[int]:
+    """Check exitable layers: a non-empty, strictly increasing subset of ``1 .. L-1``."""
+    if layers is None:
+        return default_exit_layers(n_layers)
+    try:
+        ints = [int(l) for l in layers]
+    except (TypeError, ValueError):
+        ints = None
+    if ints is None or any(i != l for i, l in zip(ints, layers)):  # 1.5 is not layer 1
+        raise ValueError(f"exit layers must be integers in 1..{n_layers - 1}, got {layers!r}")
+    layers = ints
+    if not layers:
+        raise ValueError(f"exit layers are empty; give a subset of 1..{n_layers - 1} (or None for a default)")
+    bad = [l for l in layers if not 1 <= l <= n_layers - 1]
+    if bad:
+        raise ValueError(f"exit layers {bad} are out of range: valid exitable layers are 1..{n_layers - 1} "
+                         f"for this {n_layers}-block model (0 would skip every block, {n_layers} is full depth)")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"exit layers {layers} contain duplicates; give each layer once")
+    if layers != sorted(layers):
+        raise ValueError(f"exit layers {layers} are not sorted; give them in increasing order")
+    return layers
+
+
+@dataclass
+class TeacherOutput:
+    """Full-depth log-probs and the logit lens at each exitable layer (base model, no exits)."""
+
+    logprobs: Float[Tensor, "batch pos vocab"]
+    early_logprobs: Float[Tensor, "batch n_exit pos vocab"]
+
+
+@dataclass
+class PrescribedOutput:
+    """Student outputs under prescribed exits."""
+
+    logprobs: Float[Tensor, "batch pos vocab"]
+    exit_logits: Float[Tensor, "batch pos n_exit"]
+    exit_layers: Int[Tensor, "batch pos"]
+
+    def exit_logprobs(self) -> Float[Tensor, "batch pos n_exit_plus_1"]:
+        """Log of the heads' stick-breaking distribution over exits (last = no exit)."""
+        return exit_log_probs(self.exit_logits)
+
+
+
+
+class EarlyExitModel(nn.Module):
+    """A bridge with exit heads. Build it with `attach_exit_heads`.
+
+    Attributes:
+        model: the untouched TransformerLens bridge.
+        exit_layers: the exitable layers, increasing, within ``1 .. L-1``.
+        heads: one head per exitable layer (`eetools.core.heads`: a learned `ExitHead`, or the
+            parameter-free `ConfidenceHead` baseline).
+        calibration: ``{"kl_factor", "steps", "data"}`` of the calibration that trained the heads
+            (None for fresh heads); kept through RL and checkpoints.
+    """
+
+    def __init__(self, model, layers: Sequence[int] | None = None, head: str = "mlp"):
+        super().__init__()
+        check_hook_names(model)
+        object.__setattr__(self, "model", model)  # not a submodule: parameters() = trainable ones
+        self.n_layers: int = int(model.cfg.n_layers)
+        self.exit_layers: list[int] = validate_exit_layers(layers, self.n_layers)
+        self.head_kind = head
+        d_model = int(model.cfg.d_model)
+        self.heads = nn.ModuleList([make_head(head, d_model, self.readout, int(model.cfg.d_vocab))
+                                    for _ in self.exit_layers])
+        # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
+        self.calibration: dict | None = None
+        self._exit_lookup: dict[torch.device, Tensor] = {}
+        device = next(model.parameters()).device
+        self.heads.to(device)
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def tokenizer(self):
+        return self.model.tokenizer
+
+    def exit_index(self, exit_layers: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+        """Map exit layers (exitable layer or L) to outcome indices 0..m (m = no exit)."""
+        lookup = self._exit_lookup.get(exit_layers.device)
+        if lookup is None:  # built once per device: decode steps call this every token
+            lookup = torch.full((self.n_layers + 1,), -1, dtype=torch.long)
+            lookup[self.exit_layers] = torch.arange(len(self.exit_layers))
+            lookup[self.n_layers] = len(self.exit_layers)
+            lookup = self._exit_lookup[exit_layers.device] = lookup.to(exit_layers.device)
+        return lookup[exit_layers]
+
+    def readout(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
+        """Logit lens with the final norm: ``unembed(ln_final(resid))``."""
+        return self.model.unembed(self.model.ln_final(resid))
+
+    def require_learned_heads(self, what: str) -> None:
+        """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
+        if self.head_kind not in TRAINABLE_KINDS:
+            raise ValueError(f"cannot {what}: this model's exit heads are {self.head_kind!r} heads, the parameter-free "
+                             f"logit-lens baseline, with nothing to train; attach learned heads "
+                             f"(head={' or '.join(map(repr, TRAINABLE_KINDS))}) to {what}")
+
+    def adapters_disabled(self):
+        """Context in which LoRA adapters (if any) are off: the reference/base model."""
+        from eetools.core.adapters import adapters_disabled
+
+        return adapters_disabled(self)
+
+    def _check_exit_layers(self, exit_layers: Tensor, shape) -> Tensor:
+        if tuple(exit_layers.shape) != tuple(shape):
+            raise ValueError(f"exit_layers has shape {tuple(exit_layers.shape)}, expected {tuple(shape)} (one per token)")
+        allowed = torch.tensor([*self.exit_layers, self.n_layers], device=exit_layers.device)
+        ok = torch.isin(exit_layers, allowed)
+        if not bool(ok.all()):
+            bad = sorted(set(exit_layers[~ok].tolist()))
+            raise ValueError(f"exit_layers holds {bad}: each position must hold an exitable layer "
+                             f"{self.exit_layers} or {self.n_layers} (no exit)")
+        return exit_layers.long()
+
+    # ------------------------------------------------------------------ core
+    def run_with_exits(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
+                 exit_at: Tensor | None = None, decide: Decider | None = None,
+                 past_key_values=None, use_cache: bool = False, state: ExitState | None = None):
+        """One forward with exits; returns (logits, exit_logits [b,pos,m], exit_at, cache).
+
+        `exit_at` prescribes exits per position (L = none). `decide`, if given, decides
+        exits of the last position on the fly at each exitable layer (rows that already
+        exited there are skipped). Pass a `state` whose hooks are already attached (see
+        `ExitState`) to run many forwards under one hook context, as generation does.
+        """
+        b, t = tokens.shape
+        exit_at = (torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device) if exit_at is None
+                   else exit_at.clone().to(tokens.device))
+        ctx = contextlib.nullcontext()
+        if state is None:
+            state = ExitState(self)
+            ctx = self.model.hooks(fwd_hooks=state.hooks())
+        state.reset(exit_at, decide)
+        kwargs = {}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        if past_key_values is not None:
+            kwargs["past_key_values"] = past_key_values
+        with ctx, norm_shortcut(self.model):
+            if use_cache:
+                logits, cache = self.model(tokens, return_type="logits_and_cache", **kwargs)
+            else:
+                logits, cache = self.model(tokens, return_type="logits", **kwargs), None
+        return logits, torch.stack(state.logits, dim=-1), state.exit_at, cache
+
+    @torch.no_grad()
+    def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
+        """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
+        store: dict[int, Tensor] = {}
+
+        def grab(layer):
+            def hook(resid, hook):
+                store[layer] = resid
+            return hook
+
+        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        with (self.adapters_disabled(), norm_shortcut(self.model),
+              self.model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in self.exit_layers])):
+            logits = self.model(tokens, return_type="logits", **kwargs)
+            early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
+        return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))
+
+    def prescribed_forward(self, tokens: Int[Tensor, "batch pos"], exit_layers: Int[Tensor, "batch pos"],
+                           attention_mask: Tensor | None = None) -> PrescribedOutput:
+        """Student forward with the exit of every position given (L = no exit); differentiable.
+
+        Position `p`'s exit decides the prediction of token `p+1`; give `L` to prompt positions.
+        """
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        exit_layers = self._check_exit_layers(exit_layers.to(tokens.device), tokens.shape)
+        logits, z, exit_at, _ = self.run_with_exits(tokens, attention_mask, exit_at=exit_layers)
+        return PrescribedOutput(logprobs=logits.float().log_softmax(-1), exit_logits=z, exit_layers=exit_at)
+
+    def forward(self, tokens, exit_layers=None, attention_mask=None) -> PrescribedOutput:
+        if exit_layers is None:
+            exit_layers = torch.full_like(tokens, self.n_layers)
+        return self.prescribed_forward(tokens, exit_layers, attention_mask)
+
+    def generate(self, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
+                 threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
+                 seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False):
+        """Generate with exits; returns a `eetools.Rollout`. See `eetools.core.generation.generate`.
+
+        ``skip="compute"`` makes exits save time (exited tokens only compute keys and values in
+        later blocks); the default ``"mask"`` is the exact reference.
+        """
+        return generate(self, prompts, max_new_tokens, mode=mode, temperature=temperature, threshold=threshold,
+                        patience=patience, min_confidence=min_confidence, seed=seed, use_cache=use_cache, skip=skip,
+                        progress=progress)
+
+    # ------------------------------------------------------------------ persistence
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Exit-head parameters plus LoRA adapter parameters, if any."""
+        from eetools.core.adapters import adapter_parameters
+
+        return list(self.heads.parameters()) + adapter_parameters(self)
+
+    def __repr__(self) -> str:
+        return (f"EarlyExitModel({getattr(self.model.cfg, 'model_name', '?')}, L={self.n_layers}, "
+                f"exit_layers={self.exit_layers}, head={self.head_kind!r})")
+
+
+def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str = "mlp") -> EarlyExitModel:
+    """Attach exit heads to a TransformerLens bridge.
+
+    Args:
+        model: a `TransformerBridge` (e.g. from `eetools.load_model()`).
+        layers: exitable layers, a strictly increasing subset of ``1 .. L-1``; None picks every
+            layer for models up to 12 blocks, else about 8 evenly spaced layers.
+        head: "mlp" (the authors' ``d -> 2d -> 1`` ReLU MLP), "linear", "lens" (the MLP also fed
+            the logit lens at its layer), or "confidence" (no
+            parameters: ``c_l`` is the logit lens's top probability at `l`; the baseline that
+            exits where the early readout is confident, to compare learned heads with).
+
+    Example:
+        >>> ee_model = eetools.attach_exit_heads(eetools.load_model(), layers=[2, 4, 6])
+        >>> rollout = ee_model.generate("Q: 12+34\\n", max_new_tokens=40, seed=0)
+        >>> rollout.exit_layers
+    """
+    return EarlyExitModel(model, layers, head)

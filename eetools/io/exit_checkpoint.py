@@ -1,0 +1,198 @@
+"""Saving and loading exit heads (and LoRA adapters) with a fingerprint of their base model.
+
+A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
+``exit_config.json`` with the exitable layers, head kind, LoRA settings, the calibration's
+settings (KL factor, steps, data) and the base model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
+model with another fingerprint is refused with an error naming both models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import torch
+
+from eetools.io.checkpoints import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from eetools.io.paths import data_dir
+
+FORMAT = "eetools.exit_model/1"
+# "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (docs/experiments.md, "Slower adapters")
+# "rl-lam6": slower adapters, λ 6, 60 steps (seed 0); with patience 1 and a lens-confidence floor of 0.9 it
+# saves 40 % of addition's layers within a point of the base model (README, "Towards 40 %")
+PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl",
+           "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters",
+           "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6"}
+
+
+PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.3 %, another model by about 100 %
+
+
+def unembed_probe(w) -> list[float]:
+    """Eight fixed random projections of W_U: the same model in another dtype gives nearly the same numbers.
+
+    The hash of W_U identifies a model exactly but changes with its dtype (a bfloat16 copy of a
+    float32 model rounds every weight); this probe tells the two apart from another model.
+    """
+    g = torch.Generator().manual_seed(0)
+    left = torch.randn(8, w.shape[0], generator=g)
+    right = torch.randn(w.shape[1], generator=g, dtype=torch.float64)
+    # float32 for the big product (no float64 copy of W_U: 1.2 GB for a 151k-token vocabulary)
+    return [float(v) for v in (left @ w).double() @ right / w.numel() ** 0.5]
+
+
+def fingerprint(model) -> dict:
+    """What identifies a base model: name, architecture, sizes, dtype, a hash of W_U and a probe of it."""
+    cfg = model.cfg
+    w = model.W_U.detach().to("cpu", torch.float32).contiguous()
+    return {
+        "name": str(getattr(cfg, "model_name", "?")).rstrip("/").split("/")[-1],
+        "source": str(getattr(cfg, "model_name", "?")),
+        "architecture": str(getattr(cfg, "architecture", None) or type(model.original_model).__name__),
+        "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab),
+        "dtype": str(model.W_U.dtype).removeprefix("torch."),
+        "unembed_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16],
+        "unembed_probe": unembed_probe(w),
+    }
+
+
+def _same_unembed(have: dict, want: dict) -> bool:
+    """Equal W_U hashes; or, across dtypes (e.g. heads saved from float32, loaded on bfloat16), close probes."""
+    if have["unembed_sha256"] == want.get("unembed_sha256"):
+        return True
+    if have["dtype"] == want.get("dtype", "float32") or not want.get("unembed_probe"):
+        return False
+    a, b = torch.tensor(have["unembed_probe"]), torch.tensor(want["unembed_probe"])
+    return bool((a - b).norm() <= PROBE_TOL * b.norm())
+
+
+def _describe(fp: dict) -> str:
+    return (f"{fp.get('name')} ({fp.get('architecture')}, L={fp.get('n_layers')}, d_model={fp.get('d_model')}, "
+            f"vocab={fp.get('d_vocab')}, W_U {fp.get('unembed_sha256')})")
+
+
+def check_base_model(folder, want: dict, model) -> None:
+    """Refuse a checkpoint whose recorded base model (`want`) is not `model`, naming both."""
+    have = fingerprint(model)
+    differs = [k for k in ("architecture", "n_layers", "d_model", "d_vocab") if have[k] != want.get(k)]
+    if not _same_unembed(have, want):
+        differs.append("unembed_sha256")
+    if differs:
+        hint = ""
+        if differs == ["unembed_sha256"] and have["dtype"] != want.get("dtype", "float32"):
+            hint = (f" (the checkpoint was saved from a {want.get('dtype', 'float32')} model without the probe that "
+                    f"compares across dtypes: load the base model in {want.get('dtype', 'float32')}, or re-save the "
+                    f"checkpoint with this version of eetools)")
+        raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
+                              f"they differ in {', '.join(differs)}{hint}")
+
+
+def save_exit_model(ee_model, folder) -> None:
+    """Write heads, adapters and config atomically into `folder`."""
+    from eetools.core.adapters import adapter_parameters, lora_layers
+
+    folder = Path(folder)
+    save_tensors(ee_model.heads.state_dict(), folder / "heads.safetensors")
+    lora = None
+    if lora_layers(ee_model):
+        state = {n: p for n, p in ee_model.model.named_parameters() if "lora_" in n}
+        save_tensors(state, folder / "adapters.safetensors")
+        lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
+        lora["n_tensors"] = len(adapter_parameters(ee_model))
+    save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
+               "base_model": fingerprint(ee_model.model), "lora": lora,
+               "calibration": ee_model.calibration}, folder / "exit_config.json")
+
+
+def resolve_checkpoint(path_or_preset) -> Path:
+    key = str(path_or_preset)
+    if key in PRESETS:
+        p = data_dir() / "models" / PRESETS[key]
+        if not p.is_dir():
+            raise CheckpointError(f"preset {key!r} is not shipped (expected {p})")
+        return p
+    p = Path(path_or_preset)
+    if not p.is_dir():
+        raise CheckpointError(f"{p} is not an exit-model checkpoint folder (nor a preset: {', '.join(PRESETS)})")
+    return p
+
+
+def load_exit_model(path_or_preset, model=None):
+    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl",
+    "tiny-reasoner/rl-slow-adapters", "tiny-reasoner/rl-lam6").
+
+    Args:
+        path_or_preset: checkpoint folder written by `save_exit_model`, or a preset name.
+        model: the bridge to attach to; None loads the base model the checkpoint records
+            (a shipped model by name).
+    """
+    from eetools.core.adapters import add_lora
+    from eetools.core.model import attach_exit_heads
+    from eetools.io.models import load_model
+
+    folder = resolve_checkpoint(path_or_preset)
+    cfg = load_json(folder / "exit_config.json")
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
+    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration"}
+    if unknown:
+        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
+    want = cfg["base_model"]
+    if model is None:
+        from eetools.io.models import shipped_model_dir
+
+        src = want.get("source") or want["name"]
+        # a local folder that still exists, else a shipped model of that name, else a hub name
+        if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
+            src = want["name"]
+        model = load_model(src)
+    check_base_model(folder, want, model)
+    ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
+    if cfg.get("lora"):
+        add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
+    load_weights_into(ee_model, folder, cfg)
+    ee_model.calibration = cfg.get("calibration")
+    return ee_model
+
+
+def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
+    """Load a checkpoint's heads (and adapters) into an existing, matching `EarlyExitModel` in place."""
+    from eetools.core.adapters import lora_layers
+
+    folder = Path(folder)
+    cfg = cfg or load_json(folder / "exit_config.json")
+    if cfg.get("base_model") is not None:  # e.g. a run folder left by an earlier version of the base model
+        check_base_model(folder, cfg["base_model"], ee_model.model)
+    if cfg["exit_layers"] != ee_model.exit_layers or cfg["head"] != ee_model.head_kind:
+        raise CheckpointError(f"{folder} has exit layers {cfg['exit_layers']} ({cfg['head']} heads); the model has "
+                              f"{ee_model.exit_layers} ({ee_model.head_kind})")
+    _load_strict(ee_model.heads, load_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
+    if bool(cfg.get("lora")) != bool(lora_layers(ee_model)):
+        raise CheckpointError(f"{folder} {'has' if cfg.get('lora') else 'has no'} LoRA adapters but the model "
+                              f"{'has none' if cfg.get('lora') else 'has some'}")
+    if cfg.get("lora"):
+        state = load_tensors(folder / "adapters.safetensors")
+        params = dict((n, p) for n, p in ee_model.model.named_parameters() if "lora_" in n)
+        _check_keys(set(params), set(state), folder / "adapters.safetensors")
+        with torch.no_grad():
+            for n, p in params.items():
+                if p.shape != state[n].shape:
+                    raise CheckpointError(f"{folder}/adapters.safetensors: {n} has shape {tuple(state[n].shape)}, "
+                                          f"model expects {tuple(p.shape)}")
+                p.copy_(state[n])
+
+
+def _check_keys(expected: set, found: set, path) -> None:
+    missing, extra = sorted(expected - found), sorted(found - expected)
+    if missing or extra:
+        raise CheckpointError(f"{path} does not match the model: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
+
+
+def _load_strict(module, state, path) -> None:
+    own = module.state_dict()
+    _check_keys(set(own), set(state), path)
+    bad = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if v.shape != state[k].shape]
+    if bad:
+        raise CheckpointError(f"{path}: shape mismatch {bad[:4]}")
+    module.load_state_dict(state, strict=True)

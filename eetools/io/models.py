@@ -1,0 +1,136 @@
+"""Loading models as TransformerLens bridges, offline first.
+
+`load_model()` with no argument boots the shipped tiny reasoner from
+``data/models/tiny-reasoner`` without touching the network. A local HF-format folder or
+a hub name (e.g. ``"Qwen/Qwen3-0.6B"``) goes through the same
+`TransformerBridge.boot_transformers` path a user with weights would use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from eetools.io.paths import data_dir
+
+TINY_REASONER = "tiny-reasoner"
+
+
+class ModelNotFoundError(ValueError):
+    """A model name could not be resolved to a local folder or a cached hub model."""
+
+
+def shipped_model_dir(name: str = TINY_REASONER) -> Path:
+    """The folder of a model shipped in ``data/models``."""
+    return data_dir() / "models" / name
+
+
+def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
+    """(what to pass to `boot_transformers`, whether it is a local folder)."""
+    if name_or_path is None:
+        name_or_path = TINY_REASONER
+    if not str(name_or_path).strip():
+        raise ModelNotFoundError("model name is empty; pass None for the shipped tiny reasoner, "
+                                 "a model folder or a hub name")
+    p = Path(name_or_path)
+    if p.is_dir():
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(f"folder {str(p)!r} has no config.json; pass a Hugging Face-format "
+                                     f"model folder (config.json, weights, tokenizer)")
+        return str(p), True
+    shipped = shipped_model_dir(str(name_or_path))
+    if shipped.is_dir() and (shipped / "config.json").exists():
+        return str(shipped), True
+    text = str(name_or_path)
+    if p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:  # a path, not "org/name"
+        raise ModelNotFoundError(f"no model folder at {text!r}; pass an existing HF-format folder, a shipped "
+                                 f"model name or a hub name like 'Qwen/Qwen3-0.6B'")
+    return text, False
+
+
+def _check_hub_available(name: str) -> None:
+    """Fail fast, in one line, when a hub name is neither cached nor reachable offline."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:
+        cached = None
+    if isinstance(cached, str):
+        return
+    if offline or "/" not in name and not Path(name).exists():
+        raise ModelNotFoundError(
+            f"model {name!r} is not a local folder, not a shipped model "
+            f"({', '.join(sorted(p.name for p in (data_dir() / 'models').glob('*')))}) and not in the "
+            f"Hugging Face cache; download it first or pass a folder with config.json and weights"
+        )
+
+
+def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | None = None,
+               dtype: torch.dtype | str | None = None, hf_model=None):
+    """Load a TransformerLens `TransformerBridge`.
+
+    Args:
+        name_or_path: None for the shipped tiny reasoner, a shipped model's name, a local
+            HF-format folder, or a hub name.
+        device: torch device ("cpu", "cuda"...); default CPU.
+        dtype: parameter dtype (e.g. ``torch.bfloat16`` or ``"bfloat16"``); default float32.
+        hf_model: an already-built HF model to wrap (e.g. one with LoRA adapters injected).
+
+    Returns:
+        The bridge, in eval mode.
+
+    Example:
+        >>> import eetools as ee
+        >>> model = ee.load_model()
+        >>> model.cfg.n_layers
+        8
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    target, local = resolve(name_or_path)
+    if local:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    else:
+        _check_hub_available(target)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"device": device or "cpu"}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if hf_model is not None:
+        kwargs["hf_model"] = hf_model
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars: noise in notebooks and logs
+    sink = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+        warnings.simplefilter("ignore")
+        level = logging.getLogger().level
+        logging.getLogger().setLevel(logging.ERROR)
+        try:
+            bridge = TransformerBridge.boot_transformers(target, **kwargs)
+        except OSError as e:
+            raise ModelNotFoundError(f"could not load model {target!r}: {str(e).splitlines()[0]}") from None
+        finally:
+            logging.getLogger().setLevel(level)
+            if bars:
+                hf_logging.enable_progress_bar()
+    bridge.eval()
+    if local and (Path(target) / "eetools_model.json").exists():
+        # eetools-trained models were trained with <bos> first; the Qwen3 adapter defaults to no BOS
+        bridge.cfg.default_prepend_bos = True
+    return bridge
+
+
+def hf_model_of(bridge):
+    """The Hugging Face model a bridge wraps."""
+    return bridge.original_model

@@ -1,0 +1,11 @@
+"""Training exit models: calibration by self-distillation, RL with RLOO, pretraining the tiny reasoner.
+
+Imports `core`, `io` and `tasks`, never `analysis` or `views` (plot a run's history with
+`eetools.views.calibration_figure` / `rl_dynamics_figure`).
+"""
+
+from eetools.train.calibration import CalibrationConfig, CalibrationResult, calibrate
+from eetools.train.rl import RLConfig, RLResult, SweepResult, run_sweep, train_rl
+
+__all__ = ["CalibrationConfig", "CalibrationResult", "RLConfig", "RLResult", "SweepResult", "calibrate", "run_sweep",
+           "train_rl"]

@@ -1,0 +1,352 @@
+"""Stage 1: calibrating exit heads by self-distillation (DESIGN.md section 6).
+
+For each training sequence the teacher (base model: no exits, adapters off) gives final
+log-probs ``q_t`` and the logit lens ``p_{l,t}`` at each exitable layer. The conditional
+exit target is ``c*_{l,t} = 2 - 2*sigmoid(k * KL(q_t || p_{l,t}))`` (1 when the early
+readout already matches the final one), stick-broken into a target distribution over
+exits. `exit_samples` exit prescriptions are drawn from it per sequence; the student
+(adapters on) runs in prescribed mode, and the loss is the mean over generated tokens of
+``KL(student_t || teacher_t)`` plus the mean ``-log pi_student(sampled exit)``.
+
+Under torchrun each process takes its shards of a step's sequences (`eetools.train.distributed`):
+the exit prescriptions of shard ``g`` are drawn with ``shard_seed(seed * 7919 + step, g)``,
+both loss terms are divided by the *global* number of positions they average over, and
+gradients are averaged across processes, so the update is the one-process update of the
+same global batch. ``micro_batches`` splits a process's share further (less memory); a run
+is fixed by its seed and its number of shards (processes x micro_batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from eetools.train import distributed
+from eetools import tasks as task_lib
+from eetools.core.encoding import CHUNK_ROWS, encode_sequences
+from eetools.core.heads import exit_log_probs, stick_breaking
+from eetools.train.state import has_checkpoint, resume_run, save_run, stop_note
+
+
+
+def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
+                 early_logprobs: Float[Tensor, "batch n_exit pos vocab"],
+                 kl_factor: float) -> Float[Tensor, "batch pos n_exit_plus_1"]:
+    """Target exit distribution per position (last entry = no exit).
+
+    ``D = KL(teacher || early)``, ``c* = 2 - 2*sigmoid(kl_factor * D)``, then stick-breaking.
+    KL = 0 gives a certain exit at the first exitable layer; infinite KL gives no exit.
+    """
+    if kl_factor <= 0:
+        raise ValueError(f"kl_factor must be > 0, got {kl_factor}")
+    q = teacher_logprobs.unsqueeze(1)
+    kl = (q.exp() * (q - early_logprobs)).sum(-1).clamp(min=0)  # [batch, n_exit, pos]
+    cond = 2 - 2 * torch.sigmoid(kl_factor * kl)
+    return stick_breaking(cond.transpose(1, 2))
+
+
+def kl_student_teacher(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
+    """Per-position ``KL(student || teacher)`` from log-probs ``[..., vocab]``."""
+    return (student_logprobs.exp() * (student_logprobs - teacher_logprobs)).sum(-1)
+
+
+@dataclass
+class CalibrationConfig:
+    """Settings of `calibrate` (each field is an ``eetools calibrate`` option)."""
+
+    kl_factor: float = 64.0
+    """k in c* = 2 - 2 sigmoid(k KL): larger k, rarer exits, text closer to the base model (64 keeps the tiny reasoner's accuracy; 1 does not)."""
+    exit_samples: int = 4
+    """Exit prescriptions sampled from the target distribution per sequence."""
+    steps: int = 500
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per step (each replicated exit_samples times)."""
+    lr: float = 3e-3
+    """AdamW learning rate (heads and adapters)."""
+    lora: bool = True
+    """Train LoRA adapters on the base weights too (base weights stay frozen)."""
+    lora_r: int = 4
+    """LoRA rank."""
+    seed: int = 0
+    """Seed of the data stream and of the exit sampling."""
+    continuations: str = "reasoning"
+    """Where continuations come from: "reasoning" (the task's written reasoning) or "greedy" (teacher generation)."""
+    max_new_tokens: int = 96
+    """Length cap of greedy teacher continuations."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (when checkpoint_dir is given)."""
+    micro_batches: int = 1
+    """Micro-batches per process per step, run one after another with gradients accumulated (less memory). Exit sampling is seeded per micro-batch: processes x micro_batches fixes a run."""
+
+
+@dataclass
+class CalibrationResult:
+    """A calibrated model and its training history (one row per step)."""
+
+    ee_model: object
+    history: pd.DataFrame
+    config: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+
+def _examples_for_step(source, cfg: CalibrationConfig, step: int) -> list:
+    if isinstance(source, task_lib.Task):
+        return source.sample(cfg.batch_size, seed=cfg.seed * 1_000_003 + step)
+    n = len(source)
+    return [source[(step * cfg.batch_size + i) % n] for i in range(cfg.batch_size)]
+
+
+def encode_examples(ee_model, examples: list, cfg: CalibrationConfig, step: int):
+    """Token ids, attention mask and prediction mask of `examples` (`Example`s or prompt strings)."""
+    if examples and isinstance(examples[0], str):
+        prompts, conts = list(examples), None
+    else:
+        prompts = [e.prompt for e in examples]
+        conts = [e.reasoning for e in examples] if cfg.continuations == "reasoning" else None
+    if conts is None:
+        with ee_model.adapters_disabled():
+            r = ee_model.generate(prompts, cfg.max_new_tokens, mode="off", temperature=0, seed=cfg.seed + step)
+        conts = r.text
+    return encode_sequences(ee_model, prompts, conts)
+
+
+def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
+    """Token ids, attention mask and prediction mask for one step (the whole batch)."""
+    return encode_examples(ee_model, _examples_for_step(source, cfg, step), cfg, step)
+
+
+def _exitable(predict: Tensor) -> Tensor:
+    """Positions that may exit: those that predict a continuation token, except the prompt's last."""
+    exitable = predict.clone()
+    exitable[torch.arange(predict.shape[0]), predict.float().argmax(1)] = False
+    return exitable
+
+
+def _counts(predict: Tensor, exit_samples: int) -> Tensor:
+    """``[positions averaged by the KL term, positions averaged by the exit term]`` of a batch."""
+    return torch.stack([predict.sum(), _exitable(predict).sum()]).float() * exit_samples
+
+
+def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
+                     exit_samples: int, generator: torch.Generator,
+                     chunk_rows: int | None = CHUNK_ROWS) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
+
+    Sums add up across shards; dividing by the global counts (``sums["n_predict"]``,
+    ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_loss`).
+
+    The student runs on the sequences sorted by length, `chunk_rows` at a time, each chunk cut to
+    its own longest sequence (see `_student_terms`); ``chunk_rows=None`` is one padded pass.
+
+    Returns:
+        ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
+        (differentiable), and a dict of detached sums for `calibration_stats`.
+    """
+    L, layers = ee_model.n_layers, ee_model.exit_layers
+    with torch.no_grad():
+        teacher = ee_model.teacher_forward(ids, attn)
+        target = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor)  # [b,pos,m+1]
+    exitable = _exitable(predict)
+    b, t = ids.shape
+    flat = target.reshape(-1, target.shape[-1]).cpu()
+    if not bool(torch.isfinite(flat).all()):
+        raise FloatingPointError("the base model's log-probs are not finite (NaN or inf in its forward pass), so "
+                                 "there are no exit targets: check its weights, or load it in float32")
+    draws = torch.multinomial(flat, exit_samples, replacement=True, generator=generator)  # [b*pos, S]
+    layer_of = torch.tensor([*layers, L])
+    sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]
+    sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
+    rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
+    kl, logpi = _student_terms(ee_model, rep(ids), sampled.reshape(exit_samples * b, t), rep(attn),
+                               rep(teacher.logprobs), chunk_rows)  # [S*b, pos], [S*b, pos, m+1]
+    pm = rep(predict).float()
+    em = rep(exitable).float()
+    kl_sum = (kl * pm).sum()
+    idx = ee_model.exit_index(sampled.reshape(exit_samples * b, t))
+    nll_sum = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum()
+    with torch.no_grad():
+        e = exitable.float()
+        stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
+        flat_s = sampled.reshape(exit_samples * b, t)
+        sel = [(flat_s == l) & rep(exitable) for l in [*layers, L]]
+        sums = {"kl": kl_sum.detach(), "exit_nll": nll_sum.detach(), "n_predict": pm.sum(), "n_exit": em.sum(),
+                "n_exitable": e.sum(), "target": (target * e.unsqueeze(-1)).sum((0, 1)),
+                "student": (stu * e.unsqueeze(-1)).sum((0, 1)), "sampled": (sampled.float() / L * exitable).sum(),
+                "kl_at": torch.stack([kl[s].sum() for s in sel]), "n_at": torch.stack([s.sum() for s in sel]).float()}
+    return kl_sum, nll_sum, sums
+
+
+def _student_terms(ee_model, ids: Int[Tensor, "n pos"], exits: Int[Tensor, "n pos"], attn: Tensor,
+                   teacher_logprobs: Float[Tensor, "n pos vocab"], chunk_rows: int | None):
+    """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
+
+    Sequences are right-padded, so a chunk is cut to its longest sequence and its results padded
+    back with zeros (positions no loss reads): a batch mixing short and long tasks stops paying
+    for padding, with the one-pass result up to float rounding.
+    """
+    n, t = ids.shape
+    lengths = attn.sum(1)
+    order = lengths.argsort(descending=True, stable=True)
+    kls, logpis = [], []
+    for rows in order.split(chunk_rows or n):
+        w = max(int(lengths[rows].max()), 1)
+        out = ee_model.prescribed_forward(ids[rows, :w], exits[rows, :w], attention_mask=attn[rows, :w])
+        kls.append(nn.functional.pad(kl_student_teacher(out.logprobs, teacher_logprobs[rows, :w]), (0, t - w)))
+        logpis.append(nn.functional.pad(exit_log_probs(out.exit_logits), (0, 0, 0, t - w)))
+    inverse = order.argsort()
+    return torch.cat(kls)[inverse], torch.cat(logpis)[inverse]
+
+
+def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: int, exit_samples: int) -> dict:
+    """Loss terms and diagnostics (floats) from the sums of `calibration_sums` (of one batch, or added over shards)."""
+    kl = sums["kl"] / sums["n_predict"].clamp(min=1)
+    nll = sums["exit_nll"] / sums["n_exit"].clamp(min=1)
+    denom = sums["n_exitable"].clamp(min=1)
+    tgt_mean, stu_mean = sums["target"] / denom, sums["student"] / denom
+    frac = torch.tensor([*layers, n_layers], dtype=torch.float, device=tgt_mean.device) / n_layers
+    stats = {"loss": (kl + nll).item(), "kl": kl.item(), "exit_nll": nll.item(),
+             "target_compute": float((tgt_mean * frac).sum()), "student_compute": float((stu_mean * frac).sum()),
+             "sampled_compute": float(sums["sampled"] / (exit_samples * denom))}
+    for i, l in enumerate([*layers, n_layers]):
+        stats[f"target_p_{l}"] = float(tgt_mean[i])
+        stats[f"student_p_{l}"] = float(stu_mean[i])
+        n = float(sums["n_at"][i])
+        stats[f"kl_at_{l}"] = float(sums["kl_at"][i] / n) if n > 0 else float("nan")
+    return stats
+
+
+def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
+                     exit_samples: int, generator: torch.Generator):
+    """The calibration loss of one batch and its diagnostics (a dict of floats)."""
+    kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, kl_factor, exit_samples, generator)
+    loss = kl_sum / sums["n_predict"].clamp(min=1) + nll_sum / sums["n_exit"].clamp(min=1)
+    return loss, calibration_stats(sums, ee_model.exit_layers, ee_model.n_layers, exit_samples)
+
+
+def _reduce_sums(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Sums over every rank, in one collective."""
+    if not distributed.is_distributed():
+        return sums
+    keys = list(sums)
+    flat = distributed.all_reduce_sum(torch.cat([sums[k].reshape(-1).float() for k in keys]))
+    out, i = {}, 0
+    for k in keys:
+        n = sums[k].numel()
+        out[k] = flat[i:i + n].view_as(sums[k])
+        i += n
+    return out
+
+
+def _check_args(cfg: CalibrationConfig, source) -> None:
+    if cfg.kl_factor <= 0:
+        raise ValueError(f"kl_factor must be > 0, got {cfg.kl_factor}")
+    if cfg.exit_samples < 1:
+        raise ValueError(f"exit_samples must be >= 1, got {cfg.exit_samples}")
+    if cfg.steps < 0 or cfg.batch_size < 1:
+        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
+    if cfg.continuations not in ("reasoning", "greedy"):
+        raise ValueError(f"continuations must be 'reasoning' or 'greedy', got {cfg.continuations!r}")
+    if not isinstance(source, task_lib.Task) and len(source) == 0:
+        raise ValueError("the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts")
+    distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
+
+
+def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_samples: int = 4, steps: int = 500,
+              batch_size: int = 8, lr: float = 3e-3, lora: bool = True, seed: int = 0,
+              checkpoint_dir: str | Path | None = None, progress: bool = True, **options) -> CalibrationResult:
+    """Calibrate the exit heads (and LoRA adapters) of `ee_model` by self-distillation.
+
+    Under ``torchrun`` every process makes the same call: each takes its shards of every
+    step's batch, gradients are averaged, only rank 0 writes checkpoints and shows progress,
+    and every rank returns the same history (see the module docstring).
+
+    Args:
+        ee_model: an `EarlyExitModel`.
+        task_or_dataset: a task name, a `Task` (fresh examples every step), or a list of
+            `Example`s or prompt strings (prompts get greedy teacher continuations).
+        kl_factor: k of the target ``2 - 2 sigmoid(k KL)``.
+        exit_samples: exit prescriptions sampled per sequence.
+        steps, batch_size, lr: optimisation; `batch_size` is the global batch (all processes).
+        lora: also train LoRA adapters (added if the model has none).
+        seed: seeds data order and exit sampling; a rerun with the same number of processes
+            x micro_batches is identical.
+        checkpoint_dir: where to write checkpoints; an existing one is resumed (every rank
+            reads it, so it must be visible to all of them).
+        **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens,
+            checkpoint_every, micro_batches).
+
+    Returns:
+        A `CalibrationResult` with the history as a DataFrame.
+    """
+    from eetools.core.adapters import add_lora, lora_layers
+
+    unknown = set(options) - {f.name for f in dataclasses.fields(CalibrationConfig)}
+    if unknown:
+        raise TypeError(f"calibrate() got unknown options {sorted(unknown)}")
+    ee_model.require_learned_heads("calibrate")
+    cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
+                            lr=lr, lora=lora, seed=seed, **options)
+    source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
+    distributed.setup(ee_model.device)
+    _check_args(cfg, source)
+    world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
+    if cfg.lora and not lora_layers(ee_model):
+        add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r)
+    for p in ee_model.model.parameters():
+        if p.requires_grad and not any(p is q for q in ee_model.trainable_parameters()):
+            p.requires_grad_(False)
+    params = ee_model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rows: list[dict] = []
+    start = 0
+    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if has_checkpoint(ckpt):
+        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=data)
+        start, rows = saved["step"], saved["history"]
+    distributed.broadcast_parameters(params)
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
+               disable=not progress or not distributed.is_main())
+    for step in bar:
+        examples = _examples_for_step(source, cfg, step)  # the global batch, the same on every rank
+        shards = [(g, encode_examples(ee_model, part, cfg, step))
+                  for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")]
+        # both loss terms are means over the global batch's positions: normalise every shard by the global counts
+        counts = distributed.all_reduce_sum(sum(_counts(predict, cfg.exit_samples) for _, (_, _, predict) in shards))
+        opt.zero_grad(set_to_none=True)
+        total: dict[str, Tensor] = {}
+        for g, (ids, attn, predict) in shards:
+            gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
+            kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
+            # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
+            (world * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
+            total = {k: total[k] + v for k, v in sums.items()} if total else sums
+        stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
+        if not math.isfinite(stats["loss"]):
+            if ckpt is not None:
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
+            raise FloatingPointError(f"calibration loss is {stats['loss']} at step {step}; stopped before the optimizer "
+                                     f"step{stop_note(ckpt, step)}")
+        distributed.all_reduce_gradients(params)
+        grads = [p.grad for p in params if p.grad is not None]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            if ckpt is not None:
+                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
+            raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied{stop_note(ckpt, step)}")
+        opt.step()
+        rows.append({"step": step + 1, **stats})
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
+        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards, data=data)
+    # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
+    ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
+    return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)
