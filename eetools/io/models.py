@@ -129,8 +129,3 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
         # eetools-trained models were trained with <bos> first; the Qwen3 adapter defaults to no BOS
         bridge.cfg.default_prepend_bos = True
     return bridge
-
-
-def hf_model_of(bridge):
-    """The Hugging Face model a bridge wraps."""
-    return bridge.original_model

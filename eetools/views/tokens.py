@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 
+from eetools.core.heads import stick_breaking
 from eetools.core.rollout import Rollout
 
 __all__ = ["TokenView", "visible", "color_tokens", "color_tokens_many", "exit_heatmap", "exit_histogram_figure"]
@@ -84,8 +85,7 @@ def color_tokens(rollout: Rollout, index: int = 0, *, title: str | None = None) 
     """Render sequence `index`: greyed prompt, generated tokens coloured by exit layer.
 
     Hovering a token shows its exit layer, blocks used / L, the stick-breaking probability
-    of that exit under the heads, the token log-prob and, if ``rollout.meta["early_top"]``
-    holds them, the top early-readout predictions.
+    of that exit under the heads and the token log-prob.
     """
     body = _legend(rollout) + _sequence_html(rollout, index, title)
     return TokenView(_wrap(body), title or f"eetools sequence {index}")
@@ -158,13 +158,6 @@ def _as_numpy(x) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _stick_breaking(c: Float[np.ndarray, "n m"]) -> Float[np.ndarray, "n m_plus_1"]:
-    """Unconditional exit distribution: ``P(e_i) = c_i prod_{j<i}(1-c_j)``, last column ``P(no exit)``."""
-    survive = np.cumprod(1.0 - c, axis=1)
-    reach = np.concatenate([np.ones((c.shape[0], 1)), survive], axis=1)
-    return np.concatenate([c, np.ones((c.shape[0], 1))], axis=1) * reach
-
-
 def _color(layer: int, layers: Sequence[int], n_layers: int) -> tuple[str, str]:
     """Background and text colour of a token predicted at `layer` (shallow = warm, full = neutral)."""
     lo = layers[0] if layers else 0
@@ -188,18 +181,6 @@ def _legend(rollout: Rollout) -> str:
     return f'<div style="margin-bottom:6px">exit layer: {swatches}</div>'
 
 
-def _early_lines(meta: dict, index: int, t: int) -> list[str]:
-    """Hover lines of the top early-readout predictions for token `t`, if the rollout has them."""
-    per_seq = meta.get("early_top")
-    if not per_seq or index >= len(per_seq) or t >= len(per_seq[index]):
-        return []
-    lines = ["early readouts:"]
-    for layer, top in per_seq[index][t]:
-        preds = ", ".join(f"{visible(str(s), newline='')!r} {float(p):.2f}" for s, p in top)
-        lines.append(f"  L{layer}: {preds}")
-    return lines
-
-
 def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
     """Header, summary line and token spans of one sequence."""
     L, layers = rollout.n_layers, list(rollout.layers)
@@ -209,7 +190,7 @@ def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
         raise ValueError(f"sequence {index}: {len(toks)} str_tokens for {n} generated tokens")
     exits = rollout.exit_layers[index, :n].tolist()
     logps = rollout.token_logprobs[index, :n].tolist()
-    dist = _stick_breaking(_as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64))
+    dist = stick_breaking(rollout.allowed_exit_probs[index, :n].double()).numpy()
     col = {l: k for k, l in enumerate(layers)}
     parts = [f'<div style="font-weight:bold;margin-top:6px">{html.escape(title)}</div>' if title else ""]
     if n:
@@ -226,8 +207,7 @@ def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
         p = float(dist[t, col[e]]) if e in col else float(dist[t, -1]) if e >= L else float("nan")
         where = f"exit layer {e}" if e < L else f"no exit: full depth ({L})"
         hover = [f"token {t}: {visible(toks[t], newline='')!r}", where, f"blocks used: {e}/{L}",
-                 f"exit probability: {p:.3f}", f"token log-prob: {logps[t]:.3f}",
-                 *_early_lines(rollout.meta, index, t)]
+                 f"exit probability: {p:.3f}", f"token log-prob: {logps[t]:.3f}"]
         bg, fg = _color(e, layers, L)
         parts.append(f'<span style="background:{bg};color:{fg};border-radius:2px" '
                      f'title="{html.escape(chr(10).join(hover))}">{html.escape(visible(toks[t]))}</span>')
@@ -261,7 +241,7 @@ def _add_heatmap(fig: go.Figure, rollout: Rollout, index: int, value: str, col: 
     n = int(rollout.mask[index].sum())
     c: Float[np.ndarray, "n m"] = _as_numpy(rollout.exit_probs[index, :n]).astype(np.float64)
     allowed = _as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64)  # patience vetoes at 0
-    z = (c if value == "exit_prob" else _stick_breaking(allowed)[:, :-1]).T
+    z = (c if value == "exit_prob" else stick_breaking(torch.from_numpy(allowed)).numpy()[:, :-1]).T
     labels = [visible(s, newline="") for s in rollout.str_tokens[index][:n]]
     exits: Int[np.ndarray, "n"] = _as_numpy(rollout.exit_layers[index, :n])
     row = {l: k for k, l in enumerate(layers)}

@@ -106,15 +106,6 @@ def test_hover_shows_exit_layer_blocks_probability_and_logprob():
     assert all("token log-prob: -0.125" in h for h in hover)
 
 
-def test_hover_shows_early_readouts_when_present():
-    top = [[(1, [(" a", 0.5), ("b", 0.25), ("<c>", 0.125)])], [(1, [("x", 0.9)]), (2, [("y", 0.8)])]]
-    out = str(viz.color_tokens(_rollout([["a", "b"]], meta={"early_top": [top]})))
-    hover = [t for t in _titles(out) if t.startswith("token ")]
-    assert "early readouts:" in hover[0] and "L1: '·a' 0.50" in hover[0] and "'<c>' 0.12" in hover[0]
-    assert "L2: 'y' 0.80" in hover[1]
-    assert "&lt;c&gt;" in out
-
-
 def test_summary_line():
     out = str(viz.color_tokens(_rollout([["a", "b"]], [[L, 2]])))
     assert "tokens: 2" in out and "compute: 0.750" in out and "layers saved: 25.0%" in out
