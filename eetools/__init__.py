@@ -82,4 +82,29 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_EXPORTS])
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "analysis",
+    "attach_exit_heads",
+    "calibrate",
+    "CalibrationConfig",
+    "core",
+    "EarlyExitModel",
+    "evaluate",
+    "explore",
+    "io",
+    "judges",
+    "load_exit_model",
+    "load_model",
+    "PrescribedOutput",
+    "probes",
+    "RLConfig",
+    "Rollout",
+    "run_sweep",
+    "save_exit_model",
+    "tasks",
+    "TeacherOutput",
+    "tradeoff",
+    "train",
+    "train_rl",
+    "views",
+]
