@@ -1,0 +1,75 @@
+# %% [markdown]
+# # Probes: what is in the residual stream where a token exits, and what did the exit skip?
+#
+# The questions of an interpretability researcher: what is linearly decodable at the exit point, what the
+# skipped blocks would have added, how deep each token really needs to go, and whether early-exit RL pushes
+# reasoning into the written tokens (less *hidden planning*).
+
+# %%
+import torch, plotly.io as pio
+import eetools as ee
+torch.manual_seed(0)
+torch.set_num_threads(2)
+pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
+
+# %%
+from eetools.analysis import probes
+calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
+rl = ee.load_exit_model("tiny-reasoner/rl")
+examples = ee.tasks.get("addition").test_split()[:60]
+
+# %% [markdown]
+# ## Residuals at every exitable layer, with token classes and task variables
+
+# %%
+res = probes.collect_residuals(calibrated, examples)
+res.df[["token", "token_class", "carry", "sum_digit"]].head(12)
+
+# %% [markdown]
+# ## Linear probes with a shuffled-label baseline
+# Is the carry out of the current column linearly decodable from the residual stream entering each layer, at the tokens where the column sum is written?
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+sweep = probes.probe_sweep(res, "carry", token_class="computed_digit")
+sweep.df
+
+# %%
+sweep.figure()
+
+# %% [markdown]
+# ## What the exits skipped
+# For every exited token: KL between the full-depth and the early readout, top-1 agreement, and each skipped block's contribution to the chosen token (direct logit attribution), by token class.
+
+# %%
+rollout = calibrated.generate([e.prompt for e in examples[:16]], 80, temperature=0, seed=0)
+skipped = probes.skipped_computation(calibrated, rollout, examples=examples[:16])
+skipped.summary()
+
+# %%
+skipped.figure()
+
+# %% [markdown]
+# ## Oracle exits and depth necessity
+# The earliest layer whose logit lens already gives the final argmax (an upper bound on safe exits), and accuracy/loss when every token is read out at layer *l*:
+
+# %%
+oracle = probes.oracle_exits(calibrated, examples[:30], base=True)
+print(f"oracle layers saved: {oracle.layers_saved:.2f}")
+oracle.figure()
+
+# %%
+depth = probes.depth_necessity(calibrated, examples[:30], base=True)
+depth.figure()
+
+# %% [markdown]
+# ## Hidden planning before vs after RL
+# How well is the final answer's units digit decodable at the prompt's last token and the first reasoning tokens, before anything is written? Lower after RL would mean less planning hidden in the layers.
+
+# %%
+# NBVAL_IGNORE_OUTPUT
+plan = probes.hidden_planning(calibrated, rl, ee.tasks.get("addition").test_split()[:120])
+plan.summary()
+
+# %%
+plan.figure()
