@@ -42,7 +42,7 @@ ee.views.color_tokens(r)
 # Exit heads save with a fingerprint of their base model; loading them into another model is refused with an error that names both:
 
 # %%
-ee_model.save(folder + "/exits")
+ee.save_exit_model(ee_model, folder + "/exits")
 try:
     ee.load_exit_model(folder + "/exits", model=ee.load_model())
 except Exception as e:
