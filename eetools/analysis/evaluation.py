@@ -2,7 +2,7 @@
 
 `evaluate` runs the model on held-out prompts (the task's frozen test split) with greedy
 tokens and exits following `mode`, and puts beside it the base model (no exits, adapters
-off), the oracle-exit bound (DESIGN.md section 8: per token, the earliest exitable
+off), the oracle-exit bound (docs/method.md section 8: per token, the earliest exitable
 layer whose logit-lens argmax equals the final argmax, on the base model's greedy text)
 and, for a model with LoRA adapters, the same model at full depth ("no_exit"): the
 adapters can cost accuracy on their own, and that row separates their cost from the exits'.

@@ -4,7 +4,7 @@ Sampled exits give one point. Thresholded exits (exit where ``c >= t``) give a c
 cautious thresholds near 1 to eager ones near 0. `tradeoff` evaluates the model at each
 threshold on the same held-out examples (greedy tokens). It puts beside them the base model
 (no exits, 0 % saved), the model itself at full depth when it has LoRA adapters ("no_exit":
-what the adapters alone cost) and the oracle-exit bound (DESIGN.md section 8: the most any
+what the adapters alone cost) and the oracle-exit bound (docs/method.md section 8: the most any
 exit policy could save while keeping the base model's greedy text). With ``confidence=[...]``
 it adds the parameter-free baseline on the same weights: exit where the logit lens's top
 probability reaches ``t`` (``head="confidence"``, see `eetools.core.heads`), which shows what the

@@ -8,7 +8,7 @@ writes it back. Its prediction is therefore the logit lens at `l` with the final
 from the frozen state (with a KV cache, the cache holds them). The bridge itself is
 never modified: hooks live only inside `model.hooks(...)` contexts.
 
-Modes (see DESIGN.md section 5): `teacher_forward` (base model, full depth, plus early
+Modes (see docs/method.md section 5): `teacher_forward` (base model, full depth, plus early
 readouts), `prescribed_forward` (exits given per position, differentiable) and
 `generate` (exits sampled or thresholded per generated token, KV-cached).
 """

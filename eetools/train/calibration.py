@@ -1,4 +1,4 @@
-"""Stage 1: calibrating exit heads by self-distillation (DESIGN.md section 6).
+"""Stage 1: calibrating exit heads by self-distillation (docs/method.md section 6).
 
 For each training sequence the teacher (base model: no exits, adapters off) gives final
 log-probs ``q_t`` and the logit lens ``p_{l,t}`` at each exitable layer. The conditional

@@ -1,4 +1,4 @@
-"""Stage 2: lightweight RL with RLOO for early exits (DESIGN.md section 7).
+"""Stage 2: lightweight RL with RLOO for early exits (docs/method.md section 7).
 
 For each prompt, `k` rollouts are sampled with exits (mode "sample"). Rollout `i` earns
 ``R_i = task_i - beta * KL_i - lam * exitcost_i``: the verifier's score, the mean

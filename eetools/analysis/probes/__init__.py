@@ -29,7 +29,7 @@ Conventions:
   block (``blocks.{L-1}.hook_resid_post``), the one the final norm and unembedding read.
 - Rows of `collect_residuals` are token *positions*: the residual at position ``p`` sits on
   the token at ``p`` and predicts the token at ``p + 1``. The exit of position ``p``
-  (section 4 of DESIGN.md) decides the prediction of the next token.
+  (docs/method.md section 4) decides the prediction of the next token.
 - Rows of `oracle_exits`, `depth_necessity` and `skipped_computation` are *predictions*:
   one per predicted continuation token (and EOS), labelled by the predicted token, as in a
   `Rollout` (generated token ``t`` is predicted at position ``P + t - 1``).

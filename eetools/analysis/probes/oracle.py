@@ -128,7 +128,7 @@ class OracleResult:
 
 
 def oracle_exits(ee_model, examples, *, base: bool = False, batch_size: int = 16) -> OracleResult:
-    """Oracle exits (DESIGN.md section 8) on teacher-forced prompt + reasoning.
+    """Oracle exits (docs/method.md section 8) on teacher-forced prompt + reasoning.
 
     Runs the model with no exits (adapters as in `ee_model`, or off with ``base=True``)
     and, per prediction of a continuation token (and EOS), finds the earliest exitable

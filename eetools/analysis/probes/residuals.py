@@ -124,7 +124,7 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
     Sequences are encoded as in calibration (`eetools.core.encoding.encode_sequences`:
     BOS if the model uses one, prompt, continuation, EOS). The model runs as it is
     (adapters, if any, on). Without `exit_layers` nothing exits; with them the model runs
-    with those exits (frozen residuals, DESIGN.md section 4), so every captured residual
+    with those exits (frozen residuals, docs/method.md section 4), so every captured residual
     is what the exited model computed, and the exit-point residual of each position is
     recorded too.
 
