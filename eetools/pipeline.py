@@ -68,7 +68,7 @@ class ReproduceConfig:
     """Exit thresholds of the operating-points figures (accuracy vs layers saved)."""
     confidence: list[float] = field(default_factory=lambda: [0.9999, 0.999])
     """Thresholds of the confidence baseline beside them (the same weights, exiting where the logit lens's top
-    probability reaches t; README and docs/experiments.md, "Learned heads against the confidence baseline")."""
+    probability reaches t; docs/experiments.md, "Learned heads against the confidence baseline")."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:

@@ -20,7 +20,7 @@ from eetools.io.paths import data_dir
 FORMAT = "eetools.exit_model/1"
 # "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (docs/experiments.md, "Slower adapters")
 # "rl-lam6": slower adapters, λ 6, 60 steps (seed 0); with patience 1 and a lens-confidence floor of 0.9 it
-# saves 40 % of addition's layers within a point of the base model (README, "Towards 40 %")
+# saves 40 % of addition's layers within a point of the base model (docs/experiments.md, "Moved from README (2026-12-04)")
 PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl",
            "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters",
            "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6"}

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Calibration: teaching the heads when a token can stop
 #
-# Self-distillation (DESIGN.md section 6): the teacher's final distribution `q_t` and its logit lens `p_{l,t}`
+# Self-distillation (docs/method.md section 6): the teacher's final distribution `q_t` and its logit lens `p_{l,t}`
 # give `c*_{l,t} = 2 - 2 sigmoid(k KL(q_t || p_{l,t}))`, stick-broken into a target distribution over exits.
 # The student (LoRA adapters on) is trained on exits sampled from it.
 

@@ -39,7 +39,7 @@ table
 # that exits: the shipped `tiny-reasoner/rl` scores 97 % on ToM with its exits but 90 % at full depth (base
 # 99 %). With the adapters at a quarter of that rate (`train_rl(..., lr=2.5e-4, head_lr=1e-3)`) every seed
 # stays within a point of the base model on both tasks, with or without exits, saving 29-34 % of layers on
-# addition at `t = 0.5` (README, "Slower adapters"). The shipped preset `tiny-reasoner/rl-slow-adapters` is its
+# addition at `t = 0.5` (docs/experiments.md, "Slower adapters"). The shipped preset `tiny-reasoner/rl-slow-adapters` is its
 # seed 0; here are the dynamics of its three seeds:
 
 # %%
