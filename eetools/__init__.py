@@ -31,7 +31,7 @@ _EXPORTS = {
     "Rollout": "eetools.core.rollout",
     # files
     "load_model": "eetools.io.models",
-    "load_exit_model": "eetools.io.exit_checkpoint",
+    "load_exit_model": "eetools.io.models",
     "save_exit_model": "eetools.io.exit_checkpoint",
     # training
     "calibrate": "eetools.train.calibration",
@@ -61,8 +61,8 @@ if TYPE_CHECKING:
     from eetools.analysis.operating_points import tradeoff
     from eetools.core.model import EarlyExitModel, PrescribedOutput, TeacherOutput, attach_exit_heads
     from eetools.core.rollout import Rollout
-    from eetools.io.exit_checkpoint import load_exit_model, save_exit_model
-    from eetools.io.models import load_model
+    from eetools.io.exit_checkpoint import save_exit_model
+    from eetools.io.models import load_exit_model, load_model
     from eetools.train.calibration import CalibrationConfig, calibrate
     from eetools.train.rl import RLConfig, run_sweep, train_rl
     from eetools.views.widgets import explore

@@ -118,7 +118,7 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
 def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition", device="cpu", dtype=None,
            progress=True) -> Path:
     """RL-train from an exit-model checkpoint; save to ``out/model`` with the history."""
-    from eetools.io.exit_checkpoint import load_exit_model
+    from eetools.io.models import load_exit_model
     from eetools.train.rl import train_rl
 
     out = Path(out)
@@ -146,7 +146,7 @@ def _base_for(start, device, dtype):
 
 def _output_and_model(out, exit_model, device, dtype):
     """The output folder (created) and the exit model on its base, for `run_evaluate` and `run_tradeoff`."""
-    from eetools.io.exit_checkpoint import load_exit_model
+    from eetools.io.models import load_exit_model
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
     from eetools.train.calibration import calibrate
     from eetools.analysis.evaluation import evaluate
-    from eetools.io.exit_checkpoint import load_exit_model
+    from eetools.io.models import load_exit_model
     from eetools.analysis.operating_points import tradeoff
     from eetools import tasks as task_lib
     from eetools.views.tokens import color_tokens

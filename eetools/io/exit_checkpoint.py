@@ -9,7 +9,6 @@ model with another fingerprint is refused with an error naming both models.
 from __future__ import annotations
 
 import hashlib
-import warnings
 from pathlib import Path
 
 import torch
@@ -116,44 +115,6 @@ def resolve_checkpoint(path_or_preset) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"{p} is not an exit-model checkpoint folder (nor a preset: {', '.join(PRESETS)})")
     return p
-
-
-def load_exit_model(path_or_preset, model=None):
-    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl",
-    "tiny-reasoner/rl-slow-adapters", "tiny-reasoner/rl-lam6").
-
-    Args:
-        path_or_preset: checkpoint folder written by `save_exit_model`, or a preset name.
-        model: the bridge to attach to; None loads the base model the checkpoint records
-            (a shipped model by name).
-    """
-    from eetools.core.adapters import add_lora
-    from eetools.core.model import attach_exit_heads
-    from eetools.io.models import load_model
-
-    folder = resolve_checkpoint(path_or_preset)
-    cfg = load_json(folder / "exit_config.json")
-    if cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
-    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration"}
-    if unknown:
-        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
-    want = cfg["base_model"]
-    if model is None:
-        from eetools.io.models import shipped_model_dir
-
-        src = want.get("source") or want["name"]
-        # a local folder that still exists, else a shipped model of that name, else a hub name
-        if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
-            src = want["name"]
-        model = load_model(src)
-    check_base_model(folder, want, model)
-    ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
-    if cfg.get("lora"):
-        add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
-    load_weights_into(ee_model, folder, cfg)
-    ee_model.calibration = cfg.get("calibration")
-    return ee_model
 
 
 def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:

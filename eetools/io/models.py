@@ -17,6 +17,10 @@ from pathlib import Path
 
 import torch
 
+from eetools.core.adapters import add_lora
+from eetools.core.model import attach_exit_heads
+from eetools.io.checkpoints import CheckpointError, load_json
+from eetools.io.exit_checkpoint import FORMAT, check_base_model, load_weights_into, resolve_checkpoint
 from eetools.io.paths import data_dir
 
 TINY_REASONER = "tiny-reasoner"
@@ -129,3 +133,35 @@ def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | N
         # eetools-trained models were trained with <bos> first; the Qwen3 adapter defaults to no BOS
         bridge.cfg.default_prepend_bos = True
     return bridge
+
+
+def load_exit_model(path_or_preset, model=None):
+    """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl",
+    "tiny-reasoner/rl-slow-adapters", "tiny-reasoner/rl-lam6").
+
+    Args:
+        path_or_preset: checkpoint folder written by `save_exit_model`, or a preset name.
+        model: the bridge to attach to; None loads the base model the checkpoint records
+            (a shipped model by name).
+    """
+    folder = resolve_checkpoint(path_or_preset)
+    cfg = load_json(folder / "exit_config.json")
+    if cfg.get("format") != FORMAT:
+        raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
+    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration"}
+    if unknown:
+        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
+    want = cfg["base_model"]
+    if model is None:
+        src = want.get("source") or want["name"]
+        # a local folder that still exists, else a shipped model of that name, else a hub name
+        if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
+            src = want["name"]
+        model = load_model(src)
+    check_base_model(folder, want, model)
+    ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
+    if cfg.get("lora"):
+        add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
+    load_weights_into(ee_model, folder, cfg)
+    ee_model.calibration = cfg.get("calibration")
+    return ee_model

@@ -8,7 +8,7 @@ import torch
 
 import eetools
 from eetools.io.checkpoints import CheckpointError, load_state, save_state, save_tensors
-from eetools.io.exit_checkpoint import load_exit_model
+from eetools.io.models import load_exit_model
 from eetools.io.exit_checkpoint import save_exit_model
 
 

@@ -5,7 +5,7 @@ import torch
 
 import eetools
 from eetools.train.calibration import calibrate
-from eetools.io.exit_checkpoint import load_exit_model
+from eetools.io.models import load_exit_model
 from eetools.core.heads import LENS_FLOOR, LENS_SCALE, ExitHead
 from eetools.io.exit_checkpoint import save_exit_model
 
