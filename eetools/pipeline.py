@@ -184,53 +184,77 @@ def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
 
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
-    from eetools.train.calibration import calibrate
-    from eetools.analysis.evaluation import evaluate
     from eetools.io.models import load_exit_model
-    from eetools.analysis.operating_points import tradeoff
-    from eetools import tasks as task_lib
-    from eetools.views.tokens import color_tokens
     from eetools.train.calibration import CalibrationConfig
-    from eetools.analysis.evaluation import coherence_by_kl_factor
     from eetools.train.rl import run_sweep
+    from eetools.views.figures import rl_dynamics_figure
 
     if distributed.launched():
         raise ValueError("reproduce runs in one process; under torchrun run `eetools calibrate` and `eetools rl`")
     cfg = _quick(cfg)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    timings = {}
+    timings, t0 = {}, time.time()
+
+    def lap(name: str) -> None:
+        timings[name] = time.time() - t0 - sum(timings.values())
+
+    base_for = lambda: _base_for(calibrated, device, dtype)  # noqa: E731  (a fresh base model per load)
     # 1. calibration at the default KL factor (+ Fig. 4)
-    ccfg = CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, seed=cfg.seed)
-    calibrated = run_calibrate(ccfg, out / "calibrated", task=cfg.calib_task, device=device, dtype=dtype,
-                               progress=progress, figure_task=cfg.task)
-    timings["calibration_s"] = time.time() - t0
+    calibrated = run_calibrate(CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, seed=cfg.seed),
+                               out / "calibrated", task=cfg.calib_task, device=device, dtype=dtype, progress=progress,
+                               figure_task=cfg.task)
+    lap("calibration_s")
     # 2. Fig. 3: other KL factors, short calibrations
-    models = {ccfg.kl_factor: load_exit_model(calibrated, model=_base_for(calibrated, device, dtype))}
-    for k in cfg.kl_factors:
-        if k == ccfg.kl_factor:
-            continue
-        ee = _fresh_ee(device=device, dtype=dtype)
-        calibrate(ee, cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
-        models[k] = ee
-    fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
-    fig3.df.to_csv(out / "fig3.csv", index=False)
-    fig3.figure().write_json(out / "fig3.json")
-    timings["fig3_s"] = time.time() - t0 - sum(timings.values())
+    main = load_exit_model(calibrated, model=base_for())
+    _fig3(cfg, out, main, device, dtype, progress)
+    lap("fig3_s")
     # 3. RL across seeds (Fig. 2 left)
-    sweep = run_sweep(lambda: load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)), cfg.rl_task,
+    sweep = run_sweep(lambda: load_exit_model(calibrated, model=base_for()), cfg.rl_task,
                       seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
                       temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters, lr=cfg.rl_lr,
                       head_lr=cfg.rl_head_lr, progress=progress, checkpoint_root=out / "rl")
     sweep.history.to_csv(out / "rl_history.csv", index=False)
-    timings["rl_s"] = time.time() - t0 - sum(timings.values())
-    # 4. evaluation: base, calibrated, RL (first seed)
-    rl_model = load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model",
-                                       model=_base_for(calibrated, device, dtype))
+    lap("rl_s")
+    # 4. evaluation of the calibrated and RL (first seed) models, operating points, Fig. 2
+    rl_model = load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model", model=base_for())
+    table = _evaluation_table(cfg, out, main, rl_model, progress)
+    row = table[(table.system == "base") & (table.task == cfg.task)].iloc[0]
+    base = {"accuracy": float(row["accuracy"]), "compute": 1.0, "coherence": float(row["coherence_reasoning"])}
+    rl_dynamics_figure(sweep, base=base).write_json(out / "fig2_left.json")
+    _operating_points(cfg, out, {"calibrated": main, "rl": rl_model}, progress)
+    _fig2_right(cfg, out, main, rl_model)
+    lap("eval_s")
+    timings["total_s"] = time.time() - t0
+    (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "timings": timings,
+                                                  "fig4_tv": float((out / "calibrated" / "fig4_tv.txt").read_text()),
+                                                  "table": table.to_dict(orient="records")}, indent=2))
+    return write_report(out)
+
+
+def _fig3(cfg: ReproduceConfig, out: Path, main, device, dtype, progress) -> None:
+    """Fig. 3: coherence of students calibrated (briefly) at each KL factor, beside the main calibrated model."""
+    from eetools.analysis.evaluation import coherence_by_kl_factor
+    from eetools.train.calibration import calibrate
+
+    models = {cfg.calib_kl_factor: main}
+    for k in cfg.kl_factors:
+        if k != cfg.calib_kl_factor:
+            models[k] = _fresh_ee(device=device, dtype=dtype)
+            calibrate(models[k], cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
+    fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+    fig3.df.to_csv(out / "fig3.csv", index=False)
+    fig3.figure().write_json(out / "fig3.json")
+
+
+def _evaluation_table(cfg: ReproduceConfig, out: Path, calibrated, rl_model, progress) -> pd.DataFrame:
+    """Base, calibrated and RL on every task (the main task first), written to ``evaluation.csv``."""
+    from eetools import tasks as task_lib
+    from eetools.analysis.evaluation import evaluate
+
     parts = []
-    for name in [cfg.task, *[t for t in task_lib.NAMES if t != cfg.task]]:  # the main task first
-        ev_cal = evaluate(models[ccfg.kl_factor], name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
+    for name in [cfg.task, *[t for t in task_lib.NAMES if t != cfg.task]]:
+        ev_cal = evaluate(calibrated, name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
         ev_rl = evaluate(rl_model, name, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
         s = ev_cal.summary.copy()
         s["system"] = s["system"].replace({"model": "calibrated"})
@@ -238,31 +262,33 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     table = pd.concat(parts, ignore_index=True)
     table = table[["task", *[c for c in table.columns if c != "task"]]]
     table.to_csv(out / "evaluation.csv", index=False)
-    main_base = table[(table.system == "base") & (table.task == cfg.task)].iloc[0]
-    base = {"accuracy": float(main_base["accuracy"]), "compute": 1.0, "coherence": float(main_base["coherence_reasoning"])}
-    sweep.figure(base=base).write_json(out / "fig2_left.json")
-    # 4b. operating points (accuracy vs layers saved over exit thresholds) of the calibrated and RL models
+    return table
+
+
+def _operating_points(cfg: ReproduceConfig, out: Path, models: dict, progress) -> None:
+    """Accuracy vs layers saved over exit thresholds of each model: ``tradeoff_<label>.json`` and ``tradeoff.csv``."""
+    from eetools.analysis.operating_points import tradeoff
+
     points = []
-    for label, m in (("calibrated", models[ccfg.kl_factor]), ("rl", rl_model)):
-        tr = tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed,
-                              confidence=cfg.confidence, progress=progress)
+    for label, m in models.items():
+        tr = tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed, confidence=cfg.confidence,
+                      progress=progress)
         tr.figure().update_layout(title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
                                   ).write_json(out / f"tradeoff_{label}.json")
         points.append(tr.df.assign(model=label, task=cfg.task))
     pd.concat(points, ignore_index=True).to_csv(out / "tradeoff.csv", index=False)
-    # 5. Fig. 2 right: the same prompt before and after RL
+
+
+def _fig2_right(cfg: ReproduceConfig, out: Path, before_model, after_model) -> None:
+    """Fig. 2 right: the same test prompt's tokens coloured by exit layer, before and after RL."""
+    from eetools import tasks as task_lib
+    from eetools.views.tokens import color_tokens
+
     task = task_lib.get(cfg.task)
     prompt = task.test_split()[0].prompt
-    before = models[ccfg.kl_factor].generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
-    after = rl_model.generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
-    (out / "fig2_right_calibrated.html").write_text(str(color_tokens(before, title="calibrated")))
-    (out / "fig2_right_rl.html").write_text(str(color_tokens(after, title="after RL")))
-    timings["eval_s"] = time.time() - t0 - sum(timings.values())
-    timings["total_s"] = time.time() - t0
-    (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "timings": timings,
-                                                  "fig4_tv": float((out / "calibrated" / "fig4_tv.txt").read_text()),
-                                                  "table": table.to_dict(orient="records")}, indent=2))
-    return write_report(out)
+    for name, m, title in (("calibrated", before_model, "calibrated"), ("rl", after_model, "after RL")):
+        r = m.generate(prompt, task.max_new_tokens, temperature=0, seed=cfg.seed)
+        (out / f"fig2_right_{name}.html").write_text(str(color_tokens(r, title=title)))
 
 
 def write_report(out: Path) -> Path:
