@@ -36,8 +36,11 @@ Where = Literal["pre", "post"]
 
 def _split(model) -> tuple[Any, Any]:
     """``(ee_model or None, bridge)`` from an `EarlyExitModel` or a bare TransformerLens bridge."""
-    if hasattr(model, "exit_layers") and hasattr(model, "heads"):  # an EarlyExitModel (no import: it imports us)
-        return model, model.model
+    # an EarlyExitModel, told by its own attributes (no import: it imports us); plain dict look-ups,
+    # not hasattr, which a bridge answers through a slow __getattr__ (readout runs per decode step)
+    d = getattr(model, "__dict__", {})
+    if "exit_layers" in d and "heads" in d.get("_modules", {}):
+        return model, d["model"]
     return None, model
 
 
@@ -51,8 +54,9 @@ def residual_hook_name(layer: int, n_layers: int, where: Where = "pre") -> str:
     except TypeError:  # 1.5, "final", None
         ok = False
     if not ok:
-        raise ValueError(f"layer {layer!r} is out of range for where={where!r}: valid layers are 0..{top} "
-                         f"on this {n_layers}-block model" + (f" ({n_layers} = the final residual)" if where == "pre" else ""))
+        final = f" ({n_layers} = the final residual)" if where == "pre" else ""
+        raise ValueError(f"layer {layer!r} is out of range for where={where!r}: valid layers are 0..{top}{final} "
+                         f"on this {n_layers}-block model")
     layer = operator.index(layer)
     if where == "post":
         return resid_post(layer)
@@ -117,8 +121,8 @@ def capture_residuals(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[
 
     Returns ``{layer: Float[Tensor, "batch pos d_model"]}`` (rows selected by `rows`, see
     `capturing`), or ``(that dict, logits [batch, pos, vocab])`` with `return_logits`. The
-    logits are the full-depth ones, of the whole batch. Runs without gradient tracking
-    changes: wrap it in `torch.no_grad()` as needed.
+    logits are the full-depth ones, of the whole batch. Gradients are tracked as the caller's
+    context says: wrap it in `torch.no_grad()` for analysis.
     """
     _, bridge = _split(model)
     kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
