@@ -64,9 +64,10 @@ def exit_confidences(ee_model, rollout) -> torch.Tensor:
     """The logit lens's probability of each exited token of `rollout` at its exit layer, in its own context,
     ``[batch, new]`` (nan where a token did not exit): one teacher-forced replay of the batch with its exits
     prescribed."""
-    resid = {}
-    hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee_model.exit_layers]
-    with torch.no_grad(), ee_model.model.hooks(fwd_hooks=hooks):
+    from eetools.core.lens import capturing
+
+    # the model as it is (adapters on); the forward takes the norm shortcut itself
+    with torch.no_grad(), capturing(ee_model, ee_model.exit_layers, norm_shortcut=False) as resid:
         ee_model(rollout.sequences, exit_layers=rollout.prescribed_exit_layers(),
                  attention_mask=rollout.attention_mask)
         P, out = rollout.prompt_tokens.shape[1], torch.full(rollout.tokens.shape, float("nan"))

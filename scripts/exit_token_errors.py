@@ -45,6 +45,7 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
     """Heads' exit probabilities and the lens at every layer for each completion token (teacher-forced)."""
     from eetools import tasks
     from eetools.core.encoding import encode_sequences
+    from eetools.core.lens import capturing
 
     task = tasks.get(task) if isinstance(task, str) else task
     examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
@@ -56,14 +57,8 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
             rollout = ee_model.generate(prompts, task.max_new_tokens, mode="off", temperature=0.0, seed=0)
             completions = [tasks.cut_at_answer(t) for t in rollout.text]
             ids, attn, predict = encode_sequences(ee_model, prompts, completions)
-            resid: dict[int, torch.Tensor] = {}
-
-            def grab(layer):
-                def hook(x, hook):
-                    resid[layer] = x
-                return hook
-
-            with ee_model.model.hooks(fwd_hooks=[(f"blocks.{l}.hook_resid_pre", grab(l)) for l in range(L)]):
+            # the model as it is (adapters on); the forward takes the norm shortcut itself
+            with capturing(ee_model, range(L), norm_shortcut=False) as resid:
                 res = ee_model(ids, attention_mask=attn)
             lens = torch.stack([ee_model.readout(resid[l]).argmax(-1) for l in range(L)], dim=-1)
             final = res.logprobs.argmax(-1)

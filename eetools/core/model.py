@@ -1,12 +1,13 @@
 """`EarlyExitModel`: exit heads attached to a TransformerLens bridge as hooks.
 
 A token that exits at layer `l` keeps its residual stream frozen at its value entering
-block `l` for the rest of the depth: a decision hook on ``blocks.{l}.hook_resid_pre``
-captures it, and a freeze hook on ``blocks.{j}.hook_resid_post`` (every ``j >= l``)
-writes it back. Its prediction is therefore the logit lens at `l` with the final norm,
-``unembed(ln_final(resid_pre_l))``, and later tokens attend to keys and values computed
-from the frozen state (with a KV cache, the cache holds them). The bridge itself is
-never modified: hooks live only inside `model.hooks(...)` contexts.
+block `l` for the rest of the depth: a decision hook on ``resid_pre(l)`` (the stream
+entering block `l`, names in `eetools.core.hooks`) captures it, and a freeze hook on
+``resid_post(j)`` (every ``j >= l``) writes it back. Its prediction is therefore the logit
+lens at `l` with the final norm, ``unembed(ln_final(resid_pre_l))`` (`eetools.core.lens`),
+and later tokens attend to keys and values computed from the frozen state (with a KV
+cache, the cache holds them). The bridge itself is never modified: hooks live only inside
+`model.hooks(...)` contexts.
 
 Modes (see docs/method.md section 5): `teacher_forward` (base model, full depth, plus early
 readouts), `prescribed_forward` (exits given per position, differentiable) and
@@ -24,7 +25,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
-from eetools.core.hooks import check_hook_names, resid_post, resid_pre
+from eetools.core.hooks import check_hook_names
+from eetools.core.lens import capturing, lens_logits
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
 from eetools.core.state import Decider, ExitState
@@ -135,8 +137,8 @@ class EarlyExitModel(nn.Module):
         return lookup[exit_layers]
 
     def readout(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
-        """Logit lens with the final norm: ``unembed(ln_final(resid))``."""
-        return self.model.unembed(self.model.ln_final(resid))
+        """Logit lens with the final norm: ``unembed(ln_final(resid))`` (`eetools.core.lens.lens_logits`)."""
+        return lens_logits(self.model, resid)
 
     def require_learned_heads(self, what: str) -> None:
         """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
@@ -196,16 +198,9 @@ class EarlyExitModel(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
         """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
-        store: dict[int, Tensor] = {}
-
-        def grab(layer):
-            def hook(resid, hook):
-                store[layer] = resid
-            return hook
-
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
-        with (self.adapters_disabled(), norm_shortcut(self.model),
-              self.model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in self.exit_layers])):
+        # adapters off and the norm shortcut, for the forward and the readouts alike
+        with capturing(self, self.exit_layers, base=True, norm_shortcut=True) as store:
             logits = self.model(tokens, return_type="logits", **kwargs)
             early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
         return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))

@@ -51,7 +51,7 @@ class TokenDetails:
 @torch.no_grad()
 def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     """Details of generated token `t` of sequence `index` of `rollout` (see `TokenDetails`)."""
-    from eetools.core.hooks import resid_pre
+    from eetools.core.lens import capture_residuals
 
     n = int(rollout.mask[index].sum())
     if not 0 <= t < n:
@@ -60,21 +60,16 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     attn = rollout.attention_mask[index:index + 1].to(ee_model.device)
     pos = rollout.prompt_tokens.shape[1] - 1 + t  # the position that predicts token t
     L = ee_model.n_layers
-    names = [resid_pre(l) for l in range(1, L)]
-    store = {}
-
-    def grab(x, hook):
-        store[hook.name] = x[0, pos]
-
-    with ee_model.model.hooks(fwd_hooks=[(n_, grab) for n_ in names]):
-        final = ee_model.model(seq, attention_mask=attn)[0, pos].float().softmax(-1)
+    # the model as it is (adapters on), no norm shortcut: as before the shared helper
+    store, logits = capture_residuals(ee_model, seq, range(1, L), attention_mask=attn, rows=(0, pos),
+                                      norm_shortcut=False, return_logits=True)
+    final = logits[0, pos].float().softmax(-1)
     tok_id = int(rollout.tokens[index, t])
     tok = ee_model.model.tokenizer
     rows = []
     for l in range(1, L + 1):
         if l < L:
-            resid = [v for k, v in store.items() if k.startswith(f"blocks.{l}.")][0]
-            p = ee_model.readout(resid).float().softmax(-1)
+            p = ee_model.readout(store[l]).float().softmax(-1)
         else:
             p = final
         top = int(p.argmax())

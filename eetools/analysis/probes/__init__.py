@@ -25,8 +25,9 @@ Public API (all importable from ``eetools.analysis.probes``; defining module in 
 Conventions:
 
 - Layer ``l`` in ``0 .. L-1`` means the residual stream entering block ``l``
-  (``blocks.{l}.hook_resid_pre``); layer ``L`` ("final") means the stream leaving the last
-  block (``blocks.{L-1}.hook_resid_post``), the one the final norm and unembedding read.
+  (``resid_pre(l)`` in `eetools.core.hooks`); layer ``L`` ("final") means the stream leaving
+  the last block (``resid_post(L-1)``), the one the final norm and unembedding read. All
+  probes capture through `eetools.core.lens`.
 - Rows of `collect_residuals` are token *positions*: the residual at position ``p`` sits on
   the token at ``p`` and predicts the token at ``p + 1``. The exit of position ``p``
   (docs/method.md section 4) decides the prediction of the next token.

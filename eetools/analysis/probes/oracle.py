@@ -11,8 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eetools.core.hooks import resid_pre
-from eetools.core.fast.norm_shortcut import norm_shortcut
+from eetools.core.lens import capturing
 from eetools.analysis.probes._common import _as_pairs
 from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
 
@@ -39,8 +38,6 @@ def oracle_from_logprobs(final_logprobs: Float[Tensor, "*rows vocab"],
 @torch.no_grad()
 def _lens_rows(ee_model, examples, batch_size: int, base: bool):
     """Flattened continuation predictions: (df, final logprobs [n,V], early logprobs [n,m,V], next ids [n])."""
-    import contextlib
-
     from eetools.core.encoding import encode_sequences
 
     pairs = _as_pairs(examples)
@@ -52,15 +49,8 @@ def _lens_rows(ee_model, examples, batch_size: int, base: bool):
         chunk = pairs[b0 : b0 + batch_size]
         ids, attn, predict = encode_sequences(ee_model, [p for p, _, _ in chunk], [c for _, c, _ in chunk])
         ri, pi = predict.nonzero(as_tuple=True)
-        store: dict[int, Tensor] = {}
-
-        def grab(layer):
-            def hook(resid, hook):
-                store[layer] = resid[ri, pi]
-            return hook
-
-        ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
-        with ctx, norm_shortcut(model), model.hooks(fwd_hooks=[(resid_pre(l), grab(l)) for l in ee_model.exit_layers]):
+        # as before the shared helper: adapters off only if `base`, the norm shortcut on
+        with capturing(ee_model, ee_model.exit_layers, rows=(ri, pi), base=base, norm_shortcut=True) as store:
             logits = model(ids, attention_mask=attn, return_type="logits")
             early = torch.stack([ee_model.readout(store[l]) for l in ee_model.exit_layers], 1)
         finals.append(logits[ri, pi].float().log_softmax(-1).cpu())

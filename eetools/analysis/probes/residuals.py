@@ -11,7 +11,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eetools.core.hooks import resid_post, resid_pre
+from eetools.core.lens import capturing
 from eetools.analysis.probes._common import _as_pairs
 from eetools.analysis.probes.tokens import _pieces, _task_of, annotate_tokens
 
@@ -131,9 +131,9 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
     Args:
         ee_model: an `EarlyExitModel`.
         examples: `Example`s (prompt + reasoning) or ``(prompt, continuation)`` pairs.
-        layers: layers to capture, each in ``0 .. L`` (``l`` = ``blocks.{l}.hook_resid_pre``,
-            ``L`` or "final" = ``blocks.{L-1}.hook_resid_post``); default the exitable
-            layers plus the final residual.
+        layers: layers to capture, each in ``0 .. L`` (``l`` = the stream entering block
+            ``l``, ``L`` or "final" = the stream leaving the last block; see
+            `eetools.core.lens`); default the exitable layers plus the final residual.
         exit_layers: per sequence, the exit layer of each position of the unpadded
             encoding (BOS + prompt + continuation), an exitable layer or L; shorter tensors
             are padded with L. Prompt positions should hold L.
@@ -190,19 +190,13 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
             ex_mat = _exit_matrix(exit_layers[b0 : b0 + batch_size], ids.shape, L)
             ex_mat[attn.cpu() == 0] = L
         capture = sorted(set(want) | (set(ex_mat[ri, rp].tolist()) if ex_mat is not None else set()))
-        store: dict[int, Tensor] = {}
-
-        def grab(layer, _ri=ri.to(ids.device), _rp=rp.to(ids.device)):
-            def hook(resid, hook):
-                store[layer] = resid[_ri, _rp].detach().float().cpu()
-            return hook
-
-        hooks = [(resid_pre(l) if l < L else resid_post(L - 1), grab(l)) for l in capture]
-        with model.hooks(fwd_hooks=hooks):
+        # the model as it is: adapters on, and no norm shortcut of our own (prescribed_forward takes it)
+        with capturing(ee_model, capture, rows=(ri.to(ids.device), rp.to(ids.device)), norm_shortcut=False) as got:
             if ex_mat is None:
                 model(ids, attention_mask=attn, return_type="logits")
             else:
                 ee_model.prescribed_forward(ids, ex_mat.to(ids.device), attention_mask=attn)
+        store = {l: r.detach().float().cpu() for l, r in got.items()}
         if ex_mat is not None:
             e_rows = ex_mat[ri, rp]
             stacked = torch.stack([store[l] for l in capture], 1)

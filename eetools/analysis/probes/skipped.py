@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eetools.core.hooks import resid_post, resid_pre
+from eetools.core.lens import capturing
 from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
 
 
@@ -140,16 +140,11 @@ def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = 
         ri_d, pos_d = ri.to(device), pos.to(device)
         early = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers()[sl].to(device), attn)
         early_lp = early.logprobs[ri_d, pos_d].float()
-        store: dict[str, Tensor] = {}
-
-        def grab(name):
-            def hook(resid, hook):
-                store[name] = resid[ri_d, pos_d].detach().float()
-            return hook
-
-        hooks = [(resid_pre(j), grab(f"pre{j}")) for j in range(L)] + [(resid_post(j), grab(f"post{j}")) for j in range(L)]
-        with model.hooks(fwd_hooks=hooks):
+        # the model as it is (adapters on) and, as before the shared helper, no norm shortcut
+        with (capturing(ee_model, range(L), where="pre", rows=(ri_d, pos_d), norm_shortcut=False) as pre,
+              capturing(ee_model, range(L), where="post", rows=(ri_d, pos_d), norm_shortcut=False) as post):
             full_logits = model(seqs, attention_mask=attn, return_type="logits")
+        store = {f"{k}{j}": r.detach().float() for k, got in (("pre", pre), ("post", post)) for j, r in got.items()}
         full_lp = full_logits[ri_d, pos_d].float().log_softmax(-1)
         chosen = rollout.tokens[sl].to(device)[ri_d, ti.to(device)]
         kl = (full_lp.exp() * (full_lp - early_lp)).sum(-1).clamp(min=0)
