@@ -17,19 +17,30 @@ gradient to apply. `TrainLoop` does everything else, the same way for every meth
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from eetools.train import distributed
-from eetools.train.state import RunFiles, stop_note
+
+if TYPE_CHECKING:  # the loop only calls a RunFiles' methods (importing it would add a level of imports)
+    from eetools.train.state import RunFiles
 
 StepFn = Callable[[int], "tuple[dict, bool]"]
 
 
 def _history(history: list[dict]) -> dict:
     return {"history": history}
+
+
+def stop_note(ckpt: Path | None, step: int) -> str:
+    """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
+    if ckpt is None:
+        return "; the weights are those before this step; a lower lr usually helps"
+    return (f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
+            f"checkpoint folder: a run with another lr does not resume this one)")
 
 
 class TrainLoop:

@@ -107,14 +107,6 @@ def exit_run_files(ckpt: str | Path | None, ee_model, cfg, *, shards: int = 1,
                     meta={"shards": shards, "data": data})
 
 
-def stop_note(ckpt: Path | None, step: int) -> str:
-    """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
-    if ckpt is None:
-        return "; the weights are those before this step; a lower lr usually helps"
-    return (f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
-            f"checkpoint folder: a run with another lr does not resume this one)")
-
-
 def has_checkpoint(ckpt: Path | None) -> bool:
     """Whether `ckpt` holds a run to resume, the same answer on every rank.
 
