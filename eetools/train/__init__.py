@@ -1,5 +1,9 @@
 """Training exit models: calibration by self-distillation, RL with RLOO, pretraining the tiny reasoner.
 
+The three share one loop (`eetools.train.loop.TrainLoop`: resume, guards, gradient averaging,
+checkpoints, progress) and one checkpoint format (`eetools.train.state.RunFiles`); each
+method module holds its step (batch, loss, backward) and a short driver.
+
 Imports `core`, `io` and `tasks`, never `analysis` or `views` (plot a run's history with
 `eetools.views.calibration_figure` / `rl_dynamics_figure`).
 """

@@ -19,7 +19,7 @@ is fixed by its seed and its number of shards (processes x micro_batches).
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -28,14 +28,13 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from eetools.train import distributed
 from eetools import tasks as task_lib
 from eetools.core.encoding import CHUNK_ROWS, encode_sequences
 from eetools.core.heads import exit_log_probs, stick_breaking
-from eetools.train.state import has_checkpoint, resume_run, save_run, stop_note
-
+from eetools.train.loop import TrainLoop
+from eetools.train.state import exit_run_files
 
 
 def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
@@ -119,11 +118,6 @@ def encode_examples(ee_model, examples: list, cfg: CalibrationConfig, step: int)
     return encode_sequences(ee_model, prompts, conts)
 
 
-def calibration_batch(ee_model, source, cfg: CalibrationConfig, step: int):
-    """Token ids, attention mask and prediction mask for one step (the whole batch)."""
-    return encode_examples(ee_model, _examples_for_step(source, cfg, step), cfg, step)
-
-
 def _exitable(predict: Tensor) -> Tensor:
     """Positions that may exit: those that predict a continuation token, except the prompt's last."""
     exitable = predict.clone()
@@ -142,7 +136,7 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
     Sums add up across shards; dividing by the global counts (``sums["n_predict"]``,
-    ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_loss`).
+    ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_step`).
 
     The student runs on the sequences sorted by length, `chunk_rows` at a time, each chunk cut to
     its own longest sequence (see `_student_terms`); ``chunk_rows=None`` is one padded pass.
@@ -224,14 +218,6 @@ def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: 
     return stats
 
 
-def calibration_loss(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
-                     exit_samples: int, generator: torch.Generator):
-    """The calibration loss of one batch and its diagnostics (a dict of floats)."""
-    kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, kl_factor, exit_samples, generator)
-    loss = kl_sum / sums["n_predict"].clamp(min=1) + nll_sum / sums["n_exit"].clamp(min=1)
-    return loss, calibration_stats(sums, ee_model.exit_layers, ee_model.n_layers, exit_samples)
-
-
 def _reduce_sums(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     """Sums over every rank, in one collective."""
     if not distributed.is_distributed():
@@ -287,8 +273,6 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     Returns:
         A `CalibrationResult` with the history as a DataFrame.
     """
-    from eetools.core.adapters import add_lora, lora_layers
-
     unknown = set(options) - {f.name for f in dataclasses.fields(CalibrationConfig)}
     if unknown:
         raise TypeError(f"calibrate() got unknown options {sorted(unknown)}")
@@ -299,54 +283,45 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
     distributed.setup(ee_model.device)
     _check_args(cfg, source)
-    world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
+    params = _trainable_parameters(ee_model, cfg)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    files = exit_run_files(checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches,
+                           data=data)
+    loop = TrainLoop(params, opt, cfg, files, name="calibration", desc=f"calibrate k={cfg.kl_factor}",
+                     progress=progress)
+    loop.resume()
+    history = loop.run(functools.partial(calibration_step, ee_model, source, cfg),
+                       postfix=lambda row: {"loss": f"{row['loss']:.3f}", "compute": f"{row['student_compute']:.2f}"})
+    # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
+    ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
+    return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(history), config=cfg)
+
+
+def _trainable_parameters(ee_model, cfg: CalibrationConfig) -> list:
+    """Heads and adapters (added if `cfg.lora` and the model has none); every other weight frozen."""
+    from eetools.core.adapters import add_lora, lora_layers
+
     if cfg.lora and not lora_layers(ee_model):
         add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r)
     for p in ee_model.model.parameters():
         if p.requires_grad and not any(p is q for q in ee_model.trainable_parameters()):
             p.requires_grad_(False)
-    params = ee_model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    rows: list[dict] = []
-    start = 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if has_checkpoint(ckpt):
-        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=data)
-        start, rows = saved["step"], saved["history"]
-    distributed.broadcast_parameters(params)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc=f"calibrate k={cfg.kl_factor}",
-               disable=not progress or not distributed.is_main())
-    for step in bar:
-        examples = _examples_for_step(source, cfg, step)  # the global batch, the same on every rank
-        shards = [(g, encode_examples(ee_model, part, cfg, step))
-                  for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")]
-        # both loss terms are means over the global batch's positions: normalise every shard by the global counts
-        counts = distributed.all_reduce_sum(sum(_counts(predict, cfg.exit_samples) for _, (_, _, predict) in shards))
-        opt.zero_grad(set_to_none=True)
-        total: dict[str, Tensor] = {}
-        for g, (ids, attn, predict) in shards:
-            gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
-            kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
-            # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
-            (world * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
-            total = {k: total[k] + v for k, v in sums.items()} if total else sums
-        stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
-        if not math.isfinite(stats["loss"]):
-            if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
-            raise FloatingPointError(f"calibration loss is {stats['loss']} at step {step}; stopped before the optimizer "
-                                     f"step{stop_note(ckpt, step)}")
-        distributed.all_reduce_gradients(params)
-        grads = [p.grad for p in params if p.grad is not None]
-        if not all(bool(torch.isfinite(g).all()) for g in grads):
-            if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, shards=n_shards, data=data)
-            raise FloatingPointError(f"non-finite gradient at calibration step {step}; not applied{stop_note(ckpt, step)}")
-        opt.step()
-        rows.append({"step": step + 1, **stats})
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", compute=f"{stats['student_compute']:.2f}")
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, shards=n_shards, data=data)
-    # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
-    ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
-    return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(rows), config=cfg)
+    return ee_model.trainable_parameters()
+
+
+def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tuple[dict, bool]:
+    """Forward and backward of step `step` (this rank's shards); its history row, and True (a gradient to apply)."""
+    examples = _examples_for_step(source, cfg, step)  # the global batch, the same on every rank
+    shards = [(g, encode_examples(ee_model, part, cfg, step))
+              for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")]
+    # both loss terms are means over the global batch's positions: normalise every shard by the global counts
+    counts = distributed.all_reduce_sum(sum(_counts(predict, cfg.exit_samples) for _, (_, _, predict) in shards))
+    total: dict[str, Tensor] = {}
+    for g, (ids, attn, predict) in shards:
+        gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
+        kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
+        # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
+        (distributed.world_size() * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
+        total = {k: total[k] + v for k, v in sums.items()} if total else sums
+    stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
+    return {"step": step + 1, **stats}, True

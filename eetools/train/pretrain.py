@@ -14,18 +14,17 @@ states) are written atomically every `checkpoint_every` steps and a rerun with t
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.io.checkpoints import (load_json, load_state, load_tensors, rng_state, save_json, save_state, save_tensors,
-                                 set_rng_state, staged_checkpoint)
+from eetools.io.checkpoints import load_tensors, save_json, save_tensors
 from eetools.io.tokenizer import build_tokenizer
-from eetools.train.state import has_checkpoint
+from eetools.train.loop import TrainLoop
+from eetools.train.state import RunFiles
 
 
 @dataclass
@@ -103,14 +102,6 @@ def batch_for_step(cfg: PretrainConfig, step: int) -> list[task_lib.Example]:
     return task_lib.get(name).sample(cfg.batch_sizes.get(name, 32), seed=cfg.seed * 1_000_003 + step)
 
 
-def _check_resume(cfg: PretrainConfig, saved: dict) -> None:
-    now = dataclasses.asdict(cfg)
-    diff = [k for k in now if k not in ("out", "checkpoint_every") and saved.get(k) != now[k]]
-    if diff:
-        detail = ", ".join(f"{k}: saved {saved.get(k)!r} vs now {now[k]!r}" for k in diff)
-        raise ValueError(f"cannot resume {cfg.out}: configuration differs ({detail}); use another --out")
-
-
 def grow_blocks(state: dict[str, torch.Tensor], n_old: int, n_new: int) -> dict[str, torch.Tensor]:
     """A Qwen3 state dict with ``n_new - n_old`` identity blocks inserted, spread evenly.
 
@@ -174,7 +165,6 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     if amp is not None and amp not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     out = Path(cfg.out)
-    ckpt = out / "checkpoint"
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.seed)
     model = Qwen3ForCausalLM._from_config(model_config(cfg, tokenizer), attn_implementation="sdpa")
@@ -183,45 +173,37 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
-    start = 0
-    if has_checkpoint(ckpt):  # a save that a crash interrupted is completed, or discarded, first
-        saved = load_json(ckpt / "trainer.json")
-        _check_resume(cfg, saved["config"])
-        model.load_state_dict(load_tensors(ckpt / "model.safetensors"), strict=True)
-        state = load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start = saved["step"]
+    files = RunFiles(out / "checkpoint", cfg, resumable=("out", "checkpoint_every"),
+                     save_model=lambda folder: save_tensors(model.state_dict(), folder / "model.safetensors"),
+                     load_model=lambda folder: model.load_state_dict(load_tensors(folder / "model.safetensors"),
+                                                                     strict=True))
+    # trainer.json keeps the last step's loss, not the history
+    loop = TrainLoop(list(model.parameters()), opt, cfg, files, name="pretraining", desc="pretrain",
+                     scheduler=sched, progress=progress,
+                     records=lambda history: {"loss": history[-1]["loss"]} if history else {})
+    loop.resume()
     model.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="pretrain", disable=not progress)
-    for step in bar:
-        ids, attn, lmask = (t.to(device) for t in encode_batch(batch_for_step(cfg, step), tokenizer))
-        with torch.autocast(device.type, dtype=amp, enabled=amp not in (None, torch.float32)):
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
-        m = lmask[:, 1:].reshape(-1).float()
-        loss = (nll * m).sum() / m.sum()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss at step {step}; last checkpoint is in {ckpt}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}", task=cfg.tasks[step % len(cfg.tasks)])
-        done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            with staged_checkpoint(ckpt) as stage:  # all or nothing
-                save_tensors(model.state_dict(), stage / "model.safetensors")
-                save_state({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": rng_state()}, stage)
-                save_json({"step": done, "config": dataclasses.asdict(cfg), "loss": loss.item()}, stage / "trainer.json")
+    loop.run(functools.partial(pretrain_step, model, tokenizer, cfg, device, amp),
+             postfix=lambda row: {"loss": f"{row['loss']:.4f}", "task": cfg.tasks[(row["step"] - 1) % len(cfg.tasks)]})
     final = out / "model"
     model.eval().to("cpu")
     model.save_pretrained(final)
     tokenizer.save_pretrained(final)
     write_model_card(final, cfg)
     return final
+
+
+def pretrain_step(model, tokenizer, cfg: PretrainConfig, device: torch.device, amp, step: int) -> tuple[dict, bool]:
+    """Next-token loss of step `step`'s batch, its backward and gradient clipping; the history row, and True."""
+    ids, attn, lmask = (t.to(device) for t in encode_batch(batch_for_step(cfg, step), tokenizer))
+    with torch.autocast(device.type, dtype=amp, enabled=amp not in (None, torch.float32)):
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    m = lmask[:, 1:].reshape(-1).float()
+    loss = (nll * m).sum() / m.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    return {"step": step + 1, "loss": loss.item()}, True
 
 
 def write_model_card(folder: Path, cfg: PretrainConfig) -> None:

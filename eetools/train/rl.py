@@ -23,6 +23,7 @@ held-out evaluations run on rank 0 and are shared with the others.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from eetools.train import distributed
 from eetools import tasks as task_lib
@@ -41,7 +41,8 @@ from eetools.core.encoding import CHUNK_ROWS
 from eetools.core.generation import check_min_confidence, check_patience, distinct_rows
 from eetools.core.heads import exit_log_probs
 from eetools.core.fast.norm_shortcut import norm_shortcut
-from eetools.train.state import has_checkpoint, resume_run, save_run, stop_note
+from eetools.train.loop import TrainLoop
+from eetools.train.state import exit_run_files
 
 
 class RewardError(RuntimeError):
@@ -262,14 +263,6 @@ def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:
             "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean())}
 
 
-def rl_step_loss(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float, token_term: bool = True):
-    """Loss (mean over rollouts), statistics and advantages of one RLOO step; see `rl_terms`."""
-    objective, per = rl_terms(ee_model, rollout, task_reward, k, lam, beta, token_term)
-    stats = rl_stats(per, k)
-    del stats["loss"]
-    return objective / len(rollout), stats, per["adv"]
-
-
 def _rollout_columns(ee_model, rollout, per: dict[str, Tensor], scores, coherence) -> dict[str, Tensor]:
     """Per-rollout values of one shard, as float64 columns on the CPU (to be gathered across ranks)."""
     mask = rollout.mask
@@ -308,6 +301,10 @@ def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
     return row
 
 
+# statistics of a step that must be finite, else the run stops before the optimizer step
+FINITE_STATS = ("loss", "reward", "task", "kl", "exitcost", "adv_mean", "adv_std", "adv_abs_max")
+
+
 def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
              steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
@@ -339,6 +336,34 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
                    train_adapters=train_adapters, patience=patience, min_confidence=min_confidence)
+    _check_config(ee_model, cfg)
+    task = task_lib.get(task)
+    distributed.setup(ee_model.device)
+    distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
+    params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
+    files = exit_run_files(checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches,
+                           data=task.name)
+    evals: list[dict] = []
+    loop = TrainLoop(params, opt, cfg, files, name="RL", desc="rl", finite=FINITE_STATS, progress=progress,
+                     records=lambda history: {"history": history, "evals": evals})
+    evals.extend(loop.resume().get("evals", []))
+    if loop.start == 0 and cfg.eval_every:
+        evals.append(_evaluate_on_main(ee_model, task, cfg, 0))
+
+    def evaluate(done: int) -> None:
+        if cfg.eval_every and done % cfg.eval_every == 0:
+            evals.append(_evaluate_on_main(ee_model, task, cfg, done))
+
+    history = loop.run(functools.partial(rl_step, ee_model, task, cfg, reward_fn), on_step_end=evaluate,
+                       postfix=lambda row: {"acc": f"{row['accuracy']:.2f}", "compute": f"{row['compute']:.2f}",
+                                            "reward": f"{row['reward']:.2f}"})
+    return RLResult(ee_model=ee_model, history=pd.DataFrame(history), evals=pd.DataFrame(evals), config=cfg)
+
+
+def _check_config(ee_model, cfg: RLConfig) -> None:
     ee_model.require_learned_heads("RL-train")
     check_patience(cfg.patience, "sample", len(ee_model.exit_layers))
     check_min_confidence(cfg.min_confidence, "sample")
@@ -348,72 +373,42 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
     if not (cfg.lr > 0 and cfg.head_lr >= 0):
         raise ValueError(f"lr must be > 0 and head_lr >= 0 (0: same as lr), got lr={cfg.lr}, head_lr={cfg.head_lr}")
-    task = task_lib.get(task)
-    distributed.setup(ee_model.device)
-    distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
-    world, n_shards = distributed.world_size(), distributed.world_size() * cfg.micro_batches
-    n_rollouts = cfg.prompts_per_step * cfg.k
-    params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
-    # frozen adapters stay out of the optimizer; peft turns their requires_grad back on whenever
-    # adapters are re-enabled, so their gradients are dropped at every step instead
-    frozen = [] if cfg.train_adapters else adapter_parameters(ee_model)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
-    rows, evals, start = [], [], 0
-    ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if has_checkpoint(ckpt):
-        saved = resume_run(ckpt, ee_model, opt, cfg, shards=n_shards, data=task.name)
-        start, rows, evals = saved["step"], saved["history"], saved["evals"]
-    distributed.broadcast_parameters(params)
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="rl",
-               disable=not progress or not distributed.is_main())
-    if start == 0 and cfg.eval_every:
-        evals.append(_evaluate_on_main(ee_model, task, cfg, 0))
-    for step in bar:
-        exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)  # global, every rank
-        opt.zero_grad(set_to_none=True)
-        shards = []
-        for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step"):
-            group = [e for e in part for _ in range(cfg.k)]
-            rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
-                                        temperature=cfg.temperature, skip="compute", patience=cfg.patience,
-                                        min_confidence=cfg.min_confidence,
-                                        seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
-            completions = [task_lib.cut_at_answer(t) for t in rollout.text]
-            task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
-            objective, per = rl_terms(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta,
-                                      token_term=cfg.temperature > 0)
-            if bool((per["adv"] != 0).any()):  # a shard of flat groups adds nothing to the gradient
-                # x world / all rollouts: gradients are averaged over ranks into the global mean
-                (objective * (world / n_rollouts)).backward()
-            scores = [task.score(e, c) for e, c in zip(group, completions)]
-            coherence = [task.coherence(e, c) for e, c in zip(group, completions)]
-            shards.append(_rollout_columns(ee_model, rollout, per, scores, coherence))
-        for p in frozen:
+
+
+def rl_step(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, step: int) -> tuple[dict, bool]:
+    """Rollouts, rewards and backward of step `step` (this rank's shards); its history row, and whether to update.
+
+    Every group flat (no advantage anywhere, on any rank): no signal, the parameters are left alone.
+    """
+    exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)  # global, every rank
+    shards = [_rollout_shard(ee_model, task, cfg, reward_fn, part, g, step)
+              for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step")]
+    if not cfg.train_adapters:
+        # frozen adapters stay out of the optimizer; peft turns their requires_grad back on whenever
+        # adapters are re-enabled, so their gradients are dropped at every step instead
+        for p in adapter_parameters(ee_model):
             p.grad = None
-        cols = _gather_columns(shards)  # every rollout of the step, in global order, on every rank
-        row = _history_row(ee_model, step, cols, cfg.k)
-        if not all(math.isfinite(row[key]) for key in ("loss", "reward", "task", "kl", "exitcost", "adv_mean",
-                                                       "adv_std", "adv_abs_max")):
-            if ckpt is not None:
-                save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
-            raise FloatingPointError(f"non-finite RL loss/reward at step {step} ({rl_stats(cols, cfg.k)}); "
-                                     f"stopped without updating{stop_note(ckpt, step)}")
-        if bool((cols["adv"] != 0).any()):  # every group flat: no signal, leave the parameters alone
-            distributed.all_reduce_gradients(params)
-            if not all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None):
-                if ckpt is not None:
-                    save_run(ckpt, ee_model, opt, cfg, step, history=rows, evals=evals, shards=n_shards, data=task.name)
-                raise FloatingPointError(f"non-finite gradient at RL step {step}; not applied{stop_note(ckpt, step)}")
-            opt.step()
-        rows.append(row)
-        bar.set_postfix(acc=f"{row['accuracy']:.2f}", compute=f"{row['compute']:.2f}", reward=f"{row['reward']:.2f}")
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
-            evals.append(_evaluate_on_main(ee_model, task, cfg, step + 1))
-        if ckpt is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            save_run(ckpt, ee_model, opt, cfg, step + 1, history=rows, evals=evals, shards=n_shards, data=task.name)
-    return RLResult(ee_model=ee_model, history=pd.DataFrame(rows), evals=pd.DataFrame(evals), config=cfg)
+    cols = _gather_columns(shards)  # every rollout of the step, in global order, on every rank
+    return _history_row(ee_model, step, cols, cfg.k), bool((cols["adv"] != 0).any())
+
+
+def _rollout_shard(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, part: list, g: int,
+                   step: int) -> dict[str, Tensor]:
+    """Rollouts of global shard `g` (prompts `part`, `k` each), their RLOO objective's backward, their columns."""
+    group = [e for e in part for _ in range(cfg.k)]
+    rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
+                                temperature=cfg.temperature, skip="compute", patience=cfg.patience,
+                                min_confidence=cfg.min_confidence,
+                                seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
+    completions = [task_lib.cut_at_answer(t) for t in rollout.text]
+    task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
+    objective, per = rl_terms(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta, token_term=cfg.temperature > 0)
+    if bool((per["adv"] != 0).any()):  # a shard of flat groups adds nothing to the gradient
+        # x world / all rollouts: gradients are averaged over ranks into the global mean
+        (objective * (distributed.world_size() / (cfg.prompts_per_step * cfg.k))).backward()
+    scores = [task.score(e, c) for e, c in zip(group, completions)]
+    coherence = [task.coherence(e, c) for e, c in zip(group, completions)]
+    return _rollout_columns(ee_model, rollout, per, scores, coherence)
 
 
 def _param_groups(ee_model, params: list, cfg: RLConfig) -> list[dict]:

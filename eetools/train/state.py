@@ -1,16 +1,20 @@
-"""Checkpointing a training run of an exit model (calibration, RL): save, and resume exactly.
+"""Checkpointing a training run (calibration, RL, pretraining): save, and resume exactly.
 
-A run's folder holds ``model/`` (heads + adapters, `save_exit_model`), ``state.*``
-(optimizer and every RNG state, pickle-free) and ``trainer.json`` (step, configuration,
-the number of shards each step was split into, and whatever history the run keeps).
-Resuming with a different configuration or a different number of shards is refused with
-the differing fields named. In a multi-process run only rank 0 writes; every rank resumes.
+A run's folder holds the model's weights (``model/`` for an exit model: heads + adapters,
+`save_exit_model`; ``model.safetensors`` for the pretrained model), ``state.*`` (optimizer,
+learning-rate scheduler if any, and every RNG state, pickle-free) and ``trainer.json``
+(step, configuration, the run's `RunFiles.meta` such as the number of shards each step was
+split into and the data, and whatever records the run keeps, e.g. its history). Resuming
+with a different configuration, data or number of shards is refused with the differing
+fields named. In a multi-process run only rank 0 writes; every rank resumes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from eetools.train import distributed
 from eetools.io.checkpoints import (load_json, load_state, recover_checkpoint, rng_state, save_json, save_state,
@@ -21,32 +25,86 @@ from eetools.io.exit_checkpoint import save_exit_model
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
 
 
-def save_run(ckpt: Path, ee_model, opt, cfg, step: int, *, shards: int = 1, data: str | None = None,
-             **records) -> None:
-    """Write model, optimizer, RNG states, step, config, `shards` and `records` (e.g. history), all or nothing.
+@dataclass
+class RunFiles:
+    """A run's checkpoint folder, and how its model is written and read back.
 
-    The parts are staged and moved into `ckpt` together (`eetools.io.checkpoints.staged_checkpoint`),
-    so a crash while saving leaves the previous checkpoint or the new one, never a mix.
-
-    `shards` is how many shards (processes x micro-batches) each step was split into; the
-    random draws depend on it. `data` names what the run trains on (a task or mixture name).
-    Only rank 0 writes (a no-op on the other ranks).
+    `save_model(folder)` writes the weights into a (staging) checkpoint folder and
+    `load_model(folder)` loads them from one. `meta` is written to ``trainer.json`` and
+    checked on resume (``shards``: the random draws depend on it; ``data``: what the run
+    trains on, a task or mixture name, None for a dataset). Fields of `cfg` outside
+    `resumable` must be the saved ones.
     """
-    if not distributed.is_main():
-        return
-    with staged_checkpoint(ckpt) as stage:
-        save_exit_model(ee_model, stage / "model")
-        save_state({"optimizer": opt.state_dict(), "rng": rng_state()}, stage)
-        save_json({"step": step, "config": dataclasses.asdict(cfg), "shards": shards, "data": data, **records},
-                  stage / "trainer.json")
+
+    folder: Path
+    cfg: Any
+    save_model: Callable[[Path], None]
+    load_model: Callable[[Path], None]
+    meta: dict = field(default_factory=dict)
+    resumable: tuple[str, ...] = RESUMABLE_CHANGES
+
+    def exists(self) -> bool:
+        """Whether the folder holds a run to resume (the same answer on every rank)."""
+        return has_checkpoint(self.folder)
+
+    def save(self, step: int, opt, scheduler=None, **records) -> None:
+        """Write model, optimizer (and scheduler), RNG states, step, config, meta and `records`, all or nothing.
+
+        The parts are staged and moved into the folder together (`staged_checkpoint`), so a
+        crash while saving leaves the previous checkpoint or the new one, never a mix. Only
+        rank 0 writes (a no-op on the other ranks).
+        """
+        if not distributed.is_main():
+            return
+        with staged_checkpoint(self.folder) as stage:
+            self.save_model(stage)
+            save_state({"optimizer": opt.state_dict(), **({"scheduler": scheduler.state_dict()} if scheduler else {}),
+                        "rng": rng_state()}, stage)
+            save_json({"step": step, "config": dataclasses.asdict(self.cfg), **self.meta, **records},
+                      stage / "trainer.json")
+
+    def load(self, opt, scheduler=None) -> dict:
+        """Load the saved run into the model, `opt` (and `scheduler`) and the RNGs; returns the saved trainer record."""
+        saved = load_json(self.folder / "trainer.json")
+        self._check(saved)
+        self.load_model(self.folder)
+        state = load_state(self.folder)
+        opt.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        return saved
+
+    def _check(self, saved: dict) -> None:
+        ckpt, now = self.folder, dataclasses.asdict(self.cfg)
+        # options added after the checkpoint was written: it ran with their defaults
+        was_cfg = {**{f.name: _default(f) for f in dataclasses.fields(self.cfg)}, **saved["config"]}
+        diff = [k for k in now if k not in self.resumable and was_cfg.get(k) != now[k]]
+        if diff:
+            raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
+                             + ", ".join(f"{k} (saved {was_cfg.get(k)!r}, now {now[k]!r})" for k in diff))
+        data = self.meta.get("data")
+        if saved.get("data") is not None and data is not None and saved["data"] != data:
+            raise ValueError(f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on "
+                             f"{data!r}; use another checkpoint folder")
+        was, shards = saved.get("shards", 1), self.meta.get("shards", 1)
+        if was != shards:
+            raise ValueError(f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "
+                             f"micro_batches), this run splits them into {shards}, and the random draws depend on "
+                             f"it; resume with processes x micro_batches = {was} (e.g. micro_batches={was} in one "
+                             f"process)")
 
 
-def stop_note(ckpt: Path | None, step: int) -> str:
-    """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
+def exit_run_files(ckpt: str | Path | None, ee_model, cfg, *, shards: int = 1,
+                   data: str | None = None) -> RunFiles | None:
+    """The `RunFiles` of training an exit model (heads + adapters in ``model/``); None without a folder."""
+    from eetools.io.exit_checkpoint import load_weights_into
+
     if ckpt is None:
-        return "; the weights are those before this step; a lower lr usually helps"
-    return (f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
-            f"checkpoint_dir: a run with another lr does not resume this one)")
+        return None
+    return RunFiles(Path(ckpt), cfg, save_model=lambda folder: save_exit_model(ee_model, folder / "model"),
+                    load_model=lambda folder: load_weights_into(ee_model, folder / "model"),
+                    meta={"shards": shards, "data": data})
 
 
 def has_checkpoint(ckpt: Path | None) -> bool:
@@ -68,31 +126,3 @@ def _default(f: dataclasses.Field):
     if f.default is not dataclasses.MISSING:
         return f.default
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
-
-
-def resume_run(ckpt: Path, ee_model, opt, cfg, *, shards: int = 1, data: str | None = None) -> dict:
-    """Load a saved run into `ee_model` and `opt` (and the RNGs); returns the saved trainer record."""
-    from eetools.io.exit_checkpoint import load_weights_into
-
-    ckpt = Path(ckpt)
-    saved = load_json(ckpt / "trainer.json")
-    now = dataclasses.asdict(cfg)
-    # options added after the checkpoint was written: it ran with their defaults
-    was_cfg = {**{f.name: _default(f) for f in dataclasses.fields(cfg)}, **saved["config"]}
-    diff = [k for k in now if k not in RESUMABLE_CHANGES and was_cfg.get(k) != now[k]]
-    if diff:
-        raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
-                         + ", ".join(f"{k} (saved {was_cfg.get(k)!r}, now {now[k]!r})" for k in diff))
-    if saved.get("data") is not None and data is not None and saved["data"] != data:
-        raise ValueError(f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on {data!r}; "
-                         f"use another checkpoint folder")
-    was = saved.get("shards", 1)
-    if was != shards:
-        raise ValueError(f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "
-                         f"micro_batches), this run splits them into {shards}, and the random draws depend on it; "
-                         f"resume with processes x micro_batches = {was} (e.g. micro_batches={was} in one process)")
-    load_weights_into(ee_model, ckpt / "model")
-    state = load_state(ckpt)
-    opt.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return saved
