@@ -29,6 +29,7 @@ _EXPORTS = {
     "TeacherOutput": "eetools.core.model",
     "PrescribedOutput": "eetools.core.model",
     "Rollout": "eetools.core.rollout",
+    "ExitRule": "eetools.core.rule",
     # files
     "load_model": "eetools.io.models",
     "load_exit_model": "eetools.io.models",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from eetools.analysis.operating_points import tradeoff
     from eetools.core.model import EarlyExitModel, PrescribedOutput, TeacherOutput, attach_exit_heads
     from eetools.core.rollout import Rollout
+    from eetools.core.rule import ExitRule
     from eetools.io.exit_checkpoint import save_exit_model
     from eetools.io.models import load_exit_model, load_model
     from eetools.train.calibration import CalibrationConfig, calibrate
@@ -90,6 +92,7 @@ __all__ = [
     "core",
     "EarlyExitModel",
     "evaluate",
+    "ExitRule",
     "explore",
     "io",
     "judges",

@@ -48,6 +48,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
             continue
         name = "--" + f.name.replace("_", "-")
         t = hints[f.name]
+        optional = [a for a in typing.get_args(t) if a is not type(None)]
+        if type(None) in typing.get_args(t) and len(optional) == 1:  # `X | None`: the option takes an X
+            t = optional[0]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_ = f"{docs.get(f.name, '')} (default: {default})"
         origin = typing.get_origin(t)
@@ -117,6 +120,29 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
+def _exit_checks(p: argparse.ArgumentParser, applies_to: str) -> None:
+    """The options of `ExitRule`'s lens checks (patience, confidence floor, entropy ceiling), for
+    the commands that evaluate exits; `applies_to` says which exits in their help."""
+    p.add_argument("--patience", type=int, default=0,
+                   help=f"{applies_to}: also require the logit lens's top token to agree over this many exitable "
+                        f"layers before an exit (default: 0, the heads alone)")
+    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
+                   help=f"{applies_to}: also require the logit lens's top probability at the exit layer to be at "
+                        f"least Q (default: 0, no floor)")
+    p.add_argument("--max-entropy", type=float, default=None, metavar="H",
+                   help=f"{applies_to}: also require the logit lens's entropy at the exit layer to be at most H "
+                        f"nats (default: no ceiling)")
+
+
+def _exit_rule(args, **settings):
+    """The `ExitRule` of the exit options in `args` (and `settings`: mode, threshold), checked here,
+    before any model loads."""
+    from eetools.core.rule import ExitRule
+
+    return ExitRule(patience=args.patience, min_confidence=args.min_confidence, max_entropy=args.max_entropy,
+                    **settings)
+
+
 def make_parser() -> argparse.ArgumentParser:
     from eetools.train.calibration import CalibrationConfig
     from eetools.pipeline import ReproduceConfig
@@ -155,12 +181,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, nargs="+", default=[0.5],
                    help="exit where c >= this, with --mode threshold: one value, or one per exitable layer "
                         "(default: 0.5)")
-    p.add_argument("--patience", type=int, default=0,
-                   help="also require the logit lens's top token to agree over this many exitable layers before an "
-                        "exit, thresholded or sampled (default: 0, the heads alone)")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
-                   help="also require the logit lens's top probability at the exit layer to be at least Q "
-                        "(default: 0, no floor)")
+    _exit_checks(p, "thresholded or sampled exits")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
@@ -181,12 +202,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)")
     p.add_argument("--max-drop", type=float, default=0.01,
                    help="report the threshold saving the most layers within this accuracy drop from the base model")
-    p.add_argument("--patience", type=int, default=0,
-                   help="threshold and sampled points also require the logit lens's top token to agree over this "
-                        "many exitable layers before an exit (default: 0, the heads alone)")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
-                   help="threshold and sampled points also require the logit lens's top probability at the exit "
-                        "layer to be at least Q (default: 0, no floor)")
+    _exit_checks(p, "threshold and sampled points (not the confidence baseline)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
     _common(p, "runs/accuracy")
@@ -266,17 +282,15 @@ def _run(args) -> int:
         say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
                             progress=progress))
     elif args.command == "evaluate":
-        ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, mode=args.mode,
-                                   threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold,
-                                   seed=args.seed, patience=args.patience, min_confidence=args.min_confidence,
-                                   device=args.device, dtype=args.dtype,
-                                   progress=progress)
+        rule = _exit_rule(args, mode=args.mode,
+                          threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold)
+        ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, rule=rule,
+                                   seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
         say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     elif args.command == "tradeoff":
         res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
                                     thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                    confidence=args.confidence, patience=args.patience,
-                                    min_confidence=args.min_confidence, device=args.device,
+                                    confidence=args.confidence, rule=_exit_rule(args), device=args.device,
                                     dtype=args.dtype, progress=progress)
         # thresholds as given (0.9999 would print as 1.000 with three decimals)
         say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))

@@ -18,6 +18,7 @@ import torch
 
 from eetools.train import distributed
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.core.rule import UNSET, ExitRule
 
 
 def _default_thresholds():
@@ -153,30 +154,34 @@ def _output_and_model(out, exit_model, device, dtype):
     return out, load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
 
 
-def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, mode="sample", threshold=0.5,
-                 seed=0, patience=0, min_confidence=0.0, device="cpu", dtype=None, progress=True):
+def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, rule=None, mode=UNSET,
+                 threshold=UNSET, seed=0, patience=UNSET, min_confidence=UNSET, max_entropy=UNSET, device="cpu",
+                 dtype=None, progress=True):
+    """`eetools.evaluate` of an exit-model checkpoint under `rule` (an `ExitRule`, or its fields as
+    keywords); writes ``evaluation.csv`` and ``exit_histogram.json`` (plotly)."""
     from eetools.analysis.evaluation import evaluate
 
+    rule = ExitRule.from_kwargs(rule, mode=mode, threshold=threshold, patience=patience,
+                                min_confidence=min_confidence, max_entropy=max_entropy)  # checked before loading
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    ev = evaluate(ee, task, n=n, mode=mode, threshold=threshold, seed=seed, patience=patience,
-                          min_confidence=min_confidence,
-                          progress=progress)
+    ev = evaluate(ee, task, n=n, rule=rule, seed=seed, progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
     ev.figure().write_json(out / "exit_histogram.json")
     return ev
 
 
 def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
-                 sample=True, split="test", confidence=(), patience=0, min_confidence=0.0, device="cpu", dtype=None,
-                 progress=True):
-    """`eetools.tradeoff` of an exit-model checkpoint; writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
+                 sample=True, split="test", confidence=(), rule=None, patience=UNSET, min_confidence=UNSET,
+                 max_entropy=UNSET, device="cpu", dtype=None, progress=True):
+    """`eetools.tradeoff` of an exit-model checkpoint, the lens checks of its points from `rule` (or
+    its fields as keywords); writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
     from eetools.analysis.operating_points import tradeoff
     from eetools.analysis.operating_points import DEFAULT_THRESHOLDS
 
+    rule = ExitRule.from_kwargs(rule, patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
     out, ee = _output_and_model(out, exit_model, device, dtype)
     res = tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
-                           split=split, confidence=confidence or (), patience=patience,
-                           min_confidence=min_confidence, progress=progress)
+                   split=split, confidence=confidence or (), rule=rule, progress=progress)
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")
     return res

@@ -16,7 +16,7 @@ It also lists the logit lens's probability of the token each wrong exit emitted,
 its own context, beside the same for every exited token of the exited rollouts (how sure the lens was when
 it exited), which is what a floor on that probability (`min_confidence`) acts on.
 
-    python scripts/exit_divergence.py EXIT_MODEL --threshold 0.6 [--patience 1] [--min-confidence 0.9]
+    python scripts/exit_divergence.py EXIT_MODEL --threshold 0.6 [--patience 1] [--min-confidence 0.9] [--max-entropy 1.0]
         [--task addition] [--n 500] [--split test]
 """
 
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import torch
+
+from eetools.core.rule import UNSET, ExitRule
 
 
 @dataclass
@@ -88,11 +90,17 @@ class Divergence:
     exit_confidence: np.ndarray  # the lens's probability of every exited token at its exit layer
 
 
-def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, min_confidence: float = 0.0,
-             n: int = 500, split: str = "test", batch: int = 50) -> Divergence:
+def partings(ee_model, task="addition", *, rule=None, threshold=UNSET, patience=UNSET, min_confidence=UNSET,
+             max_entropy=UNSET, n: int = 500, split: str = "test", batch: int = 50) -> Divergence:
     """Every answer that full depth gets right and thresholded exits get wrong, with where and why it
-    parted, and the lens's confidence at every exit."""
+    parted, and the lens's confidence at every exit. The exits follow `rule` (an `ExitRule` of mode
+    "threshold"), or one built from `threshold`, `patience`, `min_confidence` and `max_entropy`."""
     from eetools import tasks
+
+    if rule is None and threshold is UNSET:
+        raise TypeError("partings needs a threshold (or a rule)")
+    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode="threshold", threshold=threshold,
+                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
 
     task = tasks.get(task) if isinstance(task, str) else task
     examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
@@ -104,8 +112,7 @@ def partings(ee_model, task="addition", *, threshold: float, patience: int = 0, 
         kw = dict(temperature=0.0, seed=0)
         with torch.no_grad():
             full = ee_model.generate(prompts, task.max_new_tokens, mode="off", **kw)
-            ex = ee_model.generate(prompts, task.max_new_tokens, mode="threshold", threshold=threshold,
-                                   patience=patience, min_confidence=min_confidence, **kw)
+            ex = ee_model.generate(prompts, task.max_new_tokens, rule=rule, **kw)
         conf = exit_confidences(ee_model, ex)
         confidence.append(conf[~conf.isnan()].numpy())
         for r, e in enumerate(chunk):
@@ -138,14 +145,17 @@ def main(argv=None) -> None:
     ap.add_argument("--threshold", type=float, required=True)
     ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--min-confidence", type=float, default=0.0)
+    ap.add_argument("--max-entropy", type=float, default=None)
     a = ap.parse_args(argv)
     import eetools
 
+    rule = ExitRule(mode="threshold", threshold=a.threshold, patience=a.patience, min_confidence=a.min_confidence,
+                    max_entropy=a.max_entropy)
     ee_model = eetools.load_exit_model(a.exit_model)
-    d = partings(ee_model, a.task, threshold=a.threshold, patience=a.patience, min_confidence=a.min_confidence,
-                 n=a.n, split=a.split)
+    d = partings(ee_model, a.task, rule=rule, n=a.n, split=a.split)
     print(f"{d.n} prompts; {len(d.partings)} answers right at full depth and wrong with exits "
-          f"(threshold {a.threshold}, patience {a.patience}, min_confidence {a.min_confidence})")
+          f"(threshold {a.threshold}, patience {a.patience}, min_confidence {a.min_confidence}"
+          + (f", max_entropy {a.max_entropy}" if a.max_entropy is not None else "") + ")")
     c = d.exit_confidence
     print(f"{len(c)} exited tokens; share whose lens probability at the exit layer is below q: "
           + ", ".join(f"{q}: {float((c < q).mean()):.2%}" for q in (0.6, 0.8, 0.9, 0.95, 0.99)))

@@ -73,8 +73,8 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
 
 def simulated_exits(te: TokenExits, threshold: float, patience: int = 0) -> list[np.ndarray]:
     """Exit layer of every token (n_layers = none) under the threshold and patience rules (the
-    patience rule is `eetools.core.generation.lens_held`, the one generation applies)."""
-    from eetools.core.generation import lens_held
+    patience rule is `eetools.core.rule.lens_held`, the one `ExitRule` applies in generation)."""
+    from eetools.core.rule import lens_held
 
     exits = []
     for c, lens in zip(te.c, te.lens):

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.core.generation import check_min_confidence, check_patience, check_threshold
+from eetools.core.rule import UNSET, ExitRule
 from eetools.analysis.judges import as_judge, score_all
 
 
@@ -55,30 +55,32 @@ class Evaluation:
         return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
 
 
-def _generate_all(ee_model, prompts, *, mode, max_new_tokens, seed, batch_size, temperature, threshold, base, progress,
-                  label=None, patience=0, min_confidence=0.0):
+def _generate_all(ee_model, prompts, *, rule: ExitRule, max_new_tokens, seed, batch_size, temperature, base, progress,
+                  label=None):
+    """Rollouts of `prompts` in batches under `rule` (greedy or sampled tokens), the base model's with `base`."""
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({label or ('base' if base else mode)})",
+        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({label or ('base' if base else rule.mode)})",
                       disable=not progress, leave=False):
-            rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, mode=mode,
-                                              temperature=temperature, threshold=threshold, seed=seed + i,
-                                              patience=patience if mode != "off" else 0,
-                                              min_confidence=min_confidence if mode != "off" else 0.0, skip="compute"))
+            rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, rule=rule,
+                                              temperature=temperature, seed=seed + i, skip="compute"))
     return rollouts
 
 
-def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 0, judges=("reasoning",),
-             max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0, threshold: float | Sequence[float] = 0.5,
-             examples: Sequence | None = None, compare: bool = True, progress: bool = True,
-             patience: int = 0, min_confidence: float = 0.0) -> Evaluation:
-    """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by `mode`).
+def evaluate(ee_model, task, *, n: int = 100, rule: ExitRule | None = None, mode: str = UNSET, seed: int = 0,
+             judges=("reasoning",), max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0,
+             threshold: float | Sequence[float] = UNSET, examples: Sequence | None = None, compare: bool = True,
+             progress: bool = True, patience: int = UNSET, min_confidence: float = UNSET,
+             max_entropy: float | None = UNSET) -> Evaluation:
+    """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by the rule).
 
     Args:
         ee_model: an `EarlyExitModel`.
         task: task name or `Task`; examples come from its frozen test split unless `examples` is given.
         n: number of examples.
+        rule: the exits of the model under test, an `ExitRule` (default: sampled exits); or give
+            its fields as the keywords below (with a `rule`, one that disagrees is an error).
         mode: "sample", "threshold" or "off" exits for the model under test.
         threshold: with mode "threshold", exit where ``c >= threshold``: one number, or one per
             exitable layer.
@@ -86,6 +88,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
             before an exit, thresholded or sampled (see `eetools.core.generation.generate`).
         min_confidence: also require the logit lens's top probability at the exit layer to be at
             least this (see `eetools.core.generation.generate`).
+        max_entropy: also require the logit lens's entropy (nats) at the exit layer to be at most
+            this (None: no ceiling).
         seed: seed of the exit sampling.
         judges: coherence judges (names, judge objects or functions).
         compare: also evaluate the base model, the oracle-exit bound and, if the model has LoRA
@@ -95,10 +99,8 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     Returns:
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
-    if mode == "threshold":
-        threshold = check_threshold(threshold, len(ee_model.exit_layers))
-    patience = check_patience(patience, mode, len(ee_model.exit_layers))
-    min_confidence = check_min_confidence(min_confidence, mode)
+    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode=mode, threshold=threshold,
+                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
@@ -107,22 +109,21 @@ def evaluate(ee_model, task, *, n: int = 100, mode: str = "sample", seed: int = 
     judges = [as_judge(j) for j in judges]
     prompts = [e.prompt for e in exs]
     L, layers = ee_model.n_layers, list(ee_model.exit_layers)
-    systems = [("model", mode, False)]
+    systems = [("model", rule, False)]
     if compare:
         from eetools.core.adapters import lora_layers
 
-        systems.append(("base", "off", True))
+        systems.append(("base", rule.heads_only("off"), True))
         if lora_layers(ee_model):  # the adapted weights at full depth: what the adapters alone cost
-            systems.append(("no_exit", "off", False))
+            systems.append(("no_exit", rule.heads_only("off"), False))
     rows, hist, summary = [], {}, []
-    base_text, done = None, {}  # rollouts per (mode, base): with mode "off", no_exit is the model's own run
-    for name, m, base in systems:
-        if (m, base) not in done:
-            done[m, base] = _generate_all(ee_model, prompts, mode=m, max_new_tokens=max_new_tokens, seed=seed,
-                                          batch_size=batch_size, temperature=temperature, threshold=threshold,
-                                          base=base, progress=progress, label=mode if name == "model" else name,
-                                          patience=patience, min_confidence=min_confidence)
-        rs = done[m, base]
+    base_text, done = None, {}  # rollouts per (rule, base): with mode "off", no_exit is the model's own run
+    for name, r, base in systems:
+        if (r, base) not in done:
+            done[r, base] = _generate_all(ee_model, prompts, rule=r, max_new_tokens=max_new_tokens, seed=seed,
+                                          batch_size=batch_size, temperature=temperature, base=base,
+                                          progress=progress, label=rule.mode if name == "model" else name)
+        rs = done[r, base]
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()
         exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
@@ -170,8 +171,8 @@ def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100,
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = task.test_split()[:n] if n else task.test_split()
     ee = attach_exit_heads(model)
-    rs = _generate_all(ee, [e.prompt for e in exs], mode="off", max_new_tokens=max_new_tokens, seed=0,
-                       batch_size=batch_size, temperature=0.0, threshold=0.5, base=True, progress=progress)
+    rs = _generate_all(ee, [e.prompt for e in exs], rule=ExitRule(mode="off"), max_new_tokens=max_new_tokens, seed=0,
+                       batch_size=batch_size, temperature=0.0, base=True, progress=progress)
     texts = [t for r in rs for t in r.text]
     return sum(task.score(e, task_lib.cut_at_answer(t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)
 

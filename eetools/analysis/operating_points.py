@@ -20,6 +20,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
+from eetools.core.rule import UNSET, ExitRule
+
 DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.15, 0.05)
 
 
@@ -84,7 +86,8 @@ class Tradeoff:
 
 def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
              sample: bool = True, judge="reasoning", split: str = "test", confidence: Sequence[float] = (),
-             patience: int = 0, min_confidence: float = 0.0, progress: bool = True) -> Tradeoff:
+             rule: ExitRule | None = None, patience: int = UNSET, min_confidence: float = UNSET,
+             max_entropy: float | None = UNSET, progress: bool = True) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
@@ -100,11 +103,16 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
             (adapters included) with parameter-free heads, a token exiting at the first layer
             whose logit-lens top probability is ``>= t``. Confident readouts come early, so
             useful thresholds sit close to 1 (0.999, 0.9999).
+        rule: the lens checks of the threshold and sampled points, an `ExitRule` (its mode and
+            threshold are those of each point); or give them as the keywords below (with a
+            `rule`, one that disagrees is an error). Not applied to the confidence baseline.
         patience: the threshold and sampled points also require the logit lens's top token to
             agree over this many exitable layers before an exit (see `eetools.core.generation.generate`);
             not applied to the confidence baseline.
         min_confidence: the threshold and sampled points also require the logit lens's top
             probability at the exit layer to be at least this; not applied to the confidence baseline.
+        max_entropy: the threshold and sampled points also require the logit lens's entropy (nats)
+            at the exit layer to be at most this; not applied to the confidence baseline.
 
     Returns:
         A `Tradeoff` (`.df`, `.figure()`).
@@ -112,30 +120,28 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     from eetools import tasks as task_lib
     from eetools.analysis.evaluation import evaluate
     from eetools.core.model import attach_exit_heads
-    from eetools.core.generation import check_min_confidence, check_patience, check_threshold
 
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
     thresholds, confidence = [float(t) for t in thresholds], [float(t) for t in confidence]
     if not thresholds:
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")
-    for t in thresholds + confidence:  # all checked before any evaluation runs
-        check_threshold(t)
-    check_patience(patience, "threshold", len(ee_model.exit_layers))
-    check_min_confidence(min_confidence, "threshold")
+    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), patience=patience,
+                                min_confidence=min_confidence, max_entropy=max_entropy)
+    # every point's rule, all checked before any evaluation runs
+    rules = ([("sample", rule.replace(mode="sample"))] if sample else [])
+    rules += [("threshold", rule.replace(mode="threshold", threshold=t)) for t in thresholds]
+    rules += [("confidence", ExitRule(mode="threshold", threshold=t)) for t in confidence]
     task = task_lib.get(task)  # resolved once for every evaluation
     examples = task.validation_split(n) if split == "validation" else None
-    runs = ([("sample", None)] if sample else []) + [("threshold", t) for t in thresholds]
-    runs += [("confidence", t) for t in confidence]
     # the baseline: the same bridge (adapters included) seen through parameter-free heads
     baseline = attach_exit_heads(ee_model.model, ee_model.exit_layers, head="confidence") if confidence else None
     rows = []
-    for i, (system, t) in enumerate(tqdm(runs, desc="tradeoff", disable=not progress)):
-        model, mode = (baseline, "threshold") if system == "confidence" else (ee_model, system)
-        ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), mode=mode, examples=examples,
-                      threshold=0.5 if t is None else t, compare=i == 0, progress=False,
-                      patience=patience if system != "confidence" else 0,
-                      min_confidence=min_confidence if system != "confidence" else 0.0)
+    for i, (system, point) in enumerate(tqdm(rules, desc="tradeoff", disable=not progress)):
+        model = baseline if system == "confidence" else ee_model
+        t = None if system == "sample" else point.threshold
+        ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), rule=point, examples=examples,
+                      compare=i == 0, progress=False)
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))

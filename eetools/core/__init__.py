@@ -3,7 +3,7 @@
 Imports nothing from the rest of eetools. `model` holds `EarlyExitModel` (its
 `run_with_exits` is the one forward with exits), `state` the hooks that freeze exited
 residuals, `heads` the exit heads and stick-breaking, `generation` batched decoding,
-`rollout` what decoding returns, `encoding` token batches, `adapters` LoRA on the bridge,
+`rollout` what decoding returns, `rule` the exit settings (`ExitRule`), `encoding` token batches, `adapters` LoRA on the bridge,
 and `fast/` the optional paths that make exits save time (skipping, bypass, norm shortcut).
 """
 
@@ -12,6 +12,7 @@ from eetools.core.generation import generate
 from eetools.core.heads import exit_log_probs, stick_breaking
 from eetools.core.model import EarlyExitModel, PrescribedOutput, TeacherOutput, attach_exit_heads
 from eetools.core.rollout import Rollout
+from eetools.core.rule import ExitRule
 
-__all__ = ["EarlyExitModel", "PrescribedOutput", "Rollout", "TeacherOutput", "attach_exit_heads", "encode_prompts",
+__all__ = ["EarlyExitModel", "ExitRule", "PrescribedOutput", "Rollout", "TeacherOutput", "attach_exit_heads", "encode_prompts",
            "encode_sequences", "exit_log_probs", "generate", "stick_breaking"]

@@ -14,7 +14,6 @@ Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache ro
 from __future__ import annotations
 
 import contextlib
-import math
 from typing import Sequence
 
 import torch
@@ -25,83 +24,29 @@ from eetools.core.adapters import adapters_merged
 from eetools.core.fast.bypass import bridge_bypassed
 from eetools.core.state import ExitState
 from eetools.core.encoding import encode_prompts
-from eetools.core.heads import exit_log_probs, top_confidence
+from eetools.core.heads import exit_log_probs
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.rollout import Rollout
+from eetools.core.rule import (MODES, UNSET, ExitRule, check_min_confidence, check_patience,  # noqa: F401 (re-exported)
+                               check_threshold, lens_held)
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
 
-MODES = ("sample", "threshold", "off")
 SKIPS = ("mask", "compute")
 
 
-def check_threshold(threshold: float | Sequence[float], n_exit: int | None = None) -> float | tuple[float, ...]:
-    """An exit threshold, checked: one number in (0, 1], or one per exitable layer (`n_exit` of them).
-
-    Exits happen where ``c_l >= threshold`` (or ``>= threshold[i]`` at the i-th exitable layer).
-    Returns a float or a tuple of floats; used by `generate`, `evaluate` and `tradeoff`.
-    """
-    if isinstance(threshold, (int, float)) and not isinstance(threshold, bool):
-        values, one = [float(threshold)], True
-    else:
-        try:
-            if isinstance(threshold, (str, bytes)):
-                raise TypeError
-            values, one = [float(t) for t in threshold], False
-        except (TypeError, ValueError):
-            raise TypeError(f"threshold must be a number in (0, 1] or one per exitable layer, got {threshold!r}") from None
-        if n_exit is not None and len(values) != n_exit:
-            raise ValueError(f"threshold has {len(values)} values but the model has {n_exit} exitable layers; "
-                             f"give one number, or one per exitable layer")
-    for t in values:
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {t}")
-    return values[0] if one else tuple(values)
-
-
-def check_patience(patience: int, mode: str, n_exit: int) -> int:
-    """The patience of exits, checked: an int in ``0 .. n_exit - 1``, and only with a mode that exits."""
-    if isinstance(patience, bool) or not isinstance(patience, int):
-        raise TypeError(f"patience must be an int (exitable layers whose lens must agree), got {patience!r}")
-    if patience and mode not in ("threshold", "sample"):
-        raise ValueError(f"patience applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
-                         f"never exits: pass patience=0")
-    if not 0 <= patience < n_exit:
-        raise ValueError(f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
-                         f"`patience` of them cannot exit), got {patience}")
-    return patience
-
-
-def check_min_confidence(min_confidence: float, mode: str) -> float:
-    """The lens-confidence floor of exits, checked: a number in ``[0, 1)``, and only with a mode that exits."""
-    if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)):
-        raise TypeError(f"min_confidence must be a number in [0, 1), got {min_confidence!r}")
-    if not 0.0 <= min_confidence < 1.0:
-        raise ValueError(f"min_confidence must be in [0, 1) (the logit lens's top probability a token needs to exit; "
-                         f"0: no floor), got {min_confidence}")
-    if min_confidence and mode not in ("threshold", "sample"):
-        raise ValueError(f"min_confidence applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
-                         f"never exits: pass min_confidence=0")
-    return float(min_confidence)
-
-
-def lens_held(top: Sequence[Tensor], i: int, patience: int) -> Tensor:
-    """The patience rule: whether the lens's top token at exitable layer `i` (``top[i]``) equals its
-    top token at each of the `patience` exitable layers before; all False where ``i < patience``."""
-    held = torch.full_like(top[i], i >= patience, dtype=torch.bool)
-    for back in range(1, min(patience, i) + 1):
-        held &= top[i] == top[i - back]
-    return held
-
-
 @torch.no_grad()
-def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-             threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
-             seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
+def generate(ee_model, prompts, max_new_tokens: int = 64, *, rule: ExitRule | None = None, mode: str = UNSET,
+             temperature: float = 1.0, threshold: float | Sequence[float] = UNSET, patience: int = UNSET,
+             min_confidence: float = UNSET, max_entropy: float | None = UNSET, seed: int | None = None,
+             use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
     """Generate continuations with exits.
 
     Args:
         prompts: a string or a list of strings.
         max_new_tokens: tokens to generate at most (sequences stop at EOS).
+        rule: the exit settings as one `ExitRule` (default ``ExitRule()``: sampled exits, no lens
+            checks). The keyword arguments below build one instead (they are its fields; with a
+            `rule`, one that disagrees with it is an error).
         mode: "sample" (exits drawn from the heads), "threshold" (exit when ``c_l >= threshold``)
             or "off" (never exit: the base model with adapters as they are).
         temperature: token sampling temperature; 0 means greedy tokens (exits still follow `mode`).
@@ -119,6 +64,9 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
             the token it would emit) is at least this: the confidence rule of early-exit language
             models (Schuster et al. 2022) as a floor under the heads. Combines with `patience`
             (both must hold) and, like it, masks sampled exits. 0: no floor.
+        max_entropy: a token may exit only where the logit lens's entropy (nats) at that layer
+            is at most this; combines with the other checks and masks sampled exits like them.
+            None: no ceiling.
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
@@ -127,8 +75,8 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
             weights for the call; same tokens, exits and log-probs up to float rounding, less
             time). "compute" needs ``use_cache=True``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode=mode, threshold=threshold,
+                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if skip not in SKIPS:
@@ -138,14 +86,11 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, mode: str = "sample
                          "the prefix, so exited tokens' later blocks cannot be skipped")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    threshold = check_threshold(threshold, len(ee_model.exit_layers))
-    patience = check_patience(patience, mode, len(ee_model.exit_layers))
-    min_confidence = check_min_confidence(min_confidence, mode)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
     gen = torch.Generator(device="cpu")
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-    dec = _Decoder(ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience, min_confidence)
+    dec = _Decoder(ee_model, ids, pmask, rule, temperature, use_cache, gen)
     state = ExitState(ee_model)
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
@@ -180,17 +125,12 @@ def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:
 class _Decoder:
     """The state of one batched decode loop, and the per-step logic."""
 
-    def __init__(self, ee_model, ids, pmask, mode, temperature, threshold, use_cache, gen, patience=0,
-                 min_confidence=0.0):
-        self.ee, self.ids, self.pmask, self.patience = ee_model, ids, pmask, patience
-        self.min_confidence = min_confidence
-        self.ruled = bool(patience or min_confidence)  # some rule besides the heads decides where exits may happen
-        # the floor as a logit, compared with the lens's top-probability logit (as a confidence head gives it)
-        self.floor_logit = math.log(min_confidence / (1 - min_confidence)) if min_confidence else -math.inf
-        self.mode, self.temperature, self.use_cache, self.gen = mode, temperature, use_cache, gen
+    def __init__(self, ee_model, ids, pmask, rule: ExitRule, temperature, use_cache, gen):
+        self.ee, self.ids, self.pmask, self.rule = ee_model, ids, pmask, rule
+        self.mode = rule.mode
+        self.ruled = rule.ruled  # some check on the lens besides the heads decides where exits may happen
+        self.temperature, self.use_cache, self.gen = temperature, use_cache, gen
         self.L, self.m, self.b = ee_model.n_layers, len(ee_model.exit_layers), ids.shape[0]
-        # one threshold per exitable layer, whether one or several were given
-        self.thresholds = (threshold,) * self.m if isinstance(threshold, float) else tuple(threshold)
         self.device = ee_model.device
         tok = ee_model.model.tokenizer
         self.eos = tok.eos_token_id
@@ -228,14 +168,9 @@ class _Decoder:
         held: list[Tensor] = []  # and whether the rules let each of those layers exit
 
         def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
-            c = torch.sigmoid(z.float())
-            fire = u_exit[:, i] < c if self.mode == "sample" else c >= self.thresholds[i]
-            if self.ruled:
-                confidence, top = top_confidence(self.ee.readout(resid[:, -1]))  # the confidence head's logit
-                lens.append(top)
-                ok = lens_held(lens, i, self.patience)
-                if self.min_confidence:
-                    ok = ok & (confidence >= self.floor_logit)
+            fire = self.rule.fires(torch.sigmoid(z.float()), i, u_exit[:, i])
+            if self.ruled:  # the lens checks, on the logit lens at this layer
+                ok = self.rule.allows(self.ee.readout(resid[:, -1]), i, lens)
                 held.append(ok)
                 fire = fire & ok
             return fire
@@ -340,5 +275,4 @@ class _Decoder:
         return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
                        exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
                        exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
-                       n_layers=self.L, layers=list(self.ee.exit_layers), mode=self.mode, exit_allowed=allowed,
-                       patience=self.patience, min_confidence=self.min_confidence)
+                       n_layers=self.L, layers=list(self.ee.exit_layers), exit_allowed=allowed, rule=self.rule)

@@ -21,6 +21,8 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
 
+from eetools.core.rule import top_confidence  # noqa: F401 (the lens's confidence, shared with the exit rules)
+
 HEAD_KINDS = ("mlp", "linear", "lens", "confidence")
 TRAINABLE_KINDS = ("mlp", "linear", "lens")
 INIT_BIAS = -5.0
@@ -70,15 +72,6 @@ class ExitHead(nn.Module):
             last = layers["2"]
             x = nn.functional.linear(torch.relu(x), last.weight, last.bias)
         return x.squeeze(-1)
-
-
-def top_confidence(logits: Float[Tensor, "... vocab"]) -> tuple[Float[Tensor, "..."], Tensor]:
-    """The logit of the largest probability of `logits`' softmax, ``x_max - logsumexp(other logits)``,
-    and the index of that largest one. Exact where the probability rounds to 1 in float32."""
-    logits = logits.float()
-    top, where = logits.max(-1, keepdim=True)
-    others = logits.scatter(-1, where, float("-inf")).logsumexp(-1)
-    return top.squeeze(-1) - others, where.squeeze(-1)
 
 
 class ConfidenceHead(nn.Module):

@@ -29,6 +29,7 @@ from eetools.core.hooks import check_hook_names
 from eetools.core.lens import capturing, lens_logits
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
+from eetools.core.rule import UNSET, ExitRule
 from eetools.core.state import Decider, ExitState
 
 
@@ -222,17 +223,20 @@ class EarlyExitModel(nn.Module):
             exit_layers = torch.full_like(tokens, self.n_layers)
         return self.prescribed_forward(tokens, exit_layers, attention_mask)
 
-    def generate(self, prompts, max_new_tokens: int = 64, *, mode: str = "sample", temperature: float = 1.0,
-                 threshold: float | Sequence[float] = 0.5, patience: int = 0, min_confidence: float = 0.0,
-                 seed: int | None = None, use_cache: bool = True, skip: str = "mask", progress: bool = False):
+    def generate(self, prompts, max_new_tokens: int = 64, *, rule: ExitRule | None = None, mode: str = UNSET,
+                 temperature: float = 1.0, threshold: float | Sequence[float] = UNSET, patience: int = UNSET,
+                 min_confidence: float = UNSET, max_entropy: float | None = UNSET, seed: int | None = None,
+                 use_cache: bool = True, skip: str = "mask", progress: bool = False):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.core.generation.generate`.
 
-        ``skip="compute"`` makes exits save time (exited tokens only compute keys and values in
-        later blocks); the default ``"mask"`` is the exact reference.
+        The exit settings come as one `ExitRule` (`rule`) or as its fields (`mode`, `threshold`,
+        `patience`, `min_confidence`, `max_entropy`). ``skip="compute"`` makes exits save time
+        (exited tokens only compute keys and values in later blocks); the default ``"mask"`` is
+        the exact reference.
         """
-        return generate(self, prompts, max_new_tokens, mode=mode, temperature=temperature, threshold=threshold,
-                        patience=patience, min_confidence=min_confidence, seed=seed, use_cache=use_cache, skip=skip,
-                        progress=progress)
+        return generate(self, prompts, max_new_tokens, rule=rule, mode=mode, temperature=temperature,
+                        threshold=threshold, patience=patience, min_confidence=min_confidence,
+                        max_entropy=max_entropy, seed=seed, use_cache=use_cache, skip=skip, progress=progress)
 
     # ------------------------------------------------------------------ persistence
     def trainable_parameters(self) -> list[nn.Parameter]:

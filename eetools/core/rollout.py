@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from eetools.core.rule import ExitRule
+
 
 @dataclass
 class Rollout:
@@ -34,12 +36,14 @@ class Rollout:
         prompt_str_tokens: prompt tokens as strings, per sequence (no padding).
         n_layers: number of blocks `L` of the model.
         layers: the exitable layers.
-        mode: exit mode used ("sample", "threshold" or "off").
-        exit_allowed: with patience or a confidence floor, whether those rules let each token exit at
-            each exitable layer ``[batch, new, n_exit]`` (layers after a token's exit are True); None:
-            no rule.
-        patience: the patience the rollout was decoded with (0: none).
-        min_confidence: the floor on the logit lens's top probability it was decoded with (0: none).
+        mode: exit mode used ("sample", "threshold" or "off"); the rule's (kept for older callers).
+        exit_allowed: with lens checks (patience, a confidence floor, an entropy ceiling), whether
+            they let each token exit at each exitable layer ``[batch, new, n_exit]`` (layers after a
+            token's exit are True); None: no check.
+        patience: the patience the rollout was decoded with (0: none); the rule's.
+        min_confidence: the floor on the logit lens's top probability it was decoded with (0: none); the rule's.
+        rule: the `ExitRule` the rollout was decoded with. Left out, it is built from `mode`,
+            `patience` and `min_confidence`; given, those three are set from it.
     """
 
     prompts: list[str]
@@ -61,8 +65,13 @@ class Rollout:
     exit_allowed: Bool[Tensor, "batch new n_exit"] | None = None
     patience: int = 0
     min_confidence: float = 0.0
+    rule: ExitRule | None = None
 
     def __post_init__(self):
+        if self.rule is None:
+            self.rule = ExitRule(mode=self.mode, patience=self.patience, min_confidence=self.min_confidence)
+        else:  # the rule is the record; the loose fields mirror it
+            self.mode, self.patience, self.min_confidence = self.rule.mode, self.rule.patience, self.rule.min_confidence
         b, n = self.tokens.shape
         for name in ("mask", "exit_layers", "token_logprobs", "exit_logprobs"):
             t = getattr(self, name)
@@ -77,6 +86,11 @@ class Rollout:
         if len(self.prompts) != b or len(self.text) != b:
             raise ValueError("Rollout: prompts/text must have one entry per sequence")
 
+    @property
+    def max_entropy(self) -> float | None:
+        """The ceiling on the logit lens's entropy (nats) the rollout was decoded with (None: none)."""
+        return self.rule.max_entropy
+
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
@@ -87,7 +101,7 @@ class Rollout:
 
     @property
     def allowed_exit_probs(self) -> Float[Tensor, "batch new n_exit"]:
-        """`exit_probs` where the rules (patience, confidence floor) let a token exit, 0 where they
+        """`exit_probs` where the lens checks (patience, confidence floor, entropy ceiling) let a token exit, 0 where they
         vetoed: the conditional probabilities of the exit policy the rollout was decoded under
         (`exit_probs` without a rule)."""
         return self.exit_probs if self.exit_allowed is None else self.exit_probs * self.exit_allowed

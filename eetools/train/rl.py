@@ -38,9 +38,10 @@ from eetools.train import distributed
 from eetools import tasks as task_lib
 from eetools.core.adapters import adapter_parameters
 from eetools.core.encoding import CHUNK_ROWS
-from eetools.core.generation import check_min_confidence, check_patience, distinct_rows
+from eetools.core.generation import distinct_rows
 from eetools.core.heads import exit_log_probs
 from eetools.core.fast.norm_shortcut import norm_shortcut
+from eetools.core.rule import UNSET, ExitRule
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
 
@@ -85,8 +86,16 @@ class RLConfig:
     """Patience rule on the sampled exits (`generate`'s `patience`): a token may exit at an exitable layer only where the logit lens's top token has held for this many exitable layers before; the rule masks the exit action and the policy gradient uses the masked policy's log-probs. Evaluate the result with the same patience. 0: the heads alone decide."""
     min_confidence: float = 0.0
     """Floor on the logit lens's top probability for a sampled exit (`generate`'s `min_confidence`), a mask like `patience`. 0: no floor."""
+    max_entropy: float | None = None
+    """Ceiling on the logit lens's entropy (nats) for a sampled exit (`generate`'s `max_entropy`), a mask like `patience`. None: no ceiling."""
     micro_batches: int = 1
     """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
+
+    def exit_rule(self, mode: str = "sample") -> ExitRule:
+        """The `ExitRule` of the run's rollouts (sampled exits under its lens checks), or of its
+        held-out evaluations in `mode`."""
+        return ExitRule(mode=mode, patience=self.patience, min_confidence=self.min_confidence,
+                        max_entropy=self.max_entropy)
 
 
 @dataclass
@@ -309,8 +318,8 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
              steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
              eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
              reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
-             micro_batches: int = 1, train_adapters: bool = True, patience: int = 0,
-             min_confidence: float = 0.0) -> RLResult:
+             micro_batches: int = 1, train_adapters: bool = True, rule: ExitRule | None = None,
+             patience: int = UNSET, min_confidence: float = UNSET, max_entropy: float | None = UNSET) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -328,14 +337,22 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         patience: exits sampled under the patience rule (see `RLConfig.patience`); the held-out
             evaluations use it too.
         min_confidence: exits sampled under a floor on the lens's confidence, the same way.
+        max_entropy: exits sampled under a ceiling on the lens's entropy, the same way.
+        rule: the lens checks as an `ExitRule` instead of the three keywords above (its mode must
+            be "sample"; its threshold is not used: held-out thresholded exits use 0.5).
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
     """
+    if isinstance(rule, ExitRule) and rule.mode != "sample":
+        raise ValueError(f"RL trains sampled exits: rule.mode must be 'sample', got {rule.mode!r}")
+    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), patience=patience,
+                                min_confidence=min_confidence, max_entropy=max_entropy)
     cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
                    max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
                    eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
-                   train_adapters=train_adapters, patience=patience, min_confidence=min_confidence)
+                   train_adapters=train_adapters, patience=rule.patience, min_confidence=rule.min_confidence,
+                   max_entropy=rule.max_entropy)
     _check_config(ee_model, cfg)
     task = task_lib.get(task)
     distributed.setup(ee_model.device)
@@ -365,8 +382,6 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
 
 def _check_config(ee_model, cfg: RLConfig) -> None:
     ee_model.require_learned_heads("RL-train")
-    check_patience(cfg.patience, "sample", len(ee_model.exit_layers))
-    check_min_confidence(cfg.min_confidence, "sample")
     if cfg.k < 2:
         raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
     if cfg.prompts_per_step < 1 or cfg.steps < 0:
@@ -396,9 +411,8 @@ def _rollout_shard(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, pa
                    step: int) -> dict[str, Tensor]:
     """Rollouts of global shard `g` (prompts `part`, `k` each), their RLOO objective's backward, their columns."""
     group = [e for e in part for _ in range(cfg.k)]
-    rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens, mode="sample",
-                                temperature=cfg.temperature, skip="compute", patience=cfg.patience,
-                                min_confidence=cfg.min_confidence,
+    rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens,
+                                rule=cfg.exit_rule(), temperature=cfg.temperature, skip="compute",
                                 seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
     completions = [task_lib.cut_at_answer(t) for t in rollout.text]
     task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
@@ -430,9 +444,8 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     exs = task.test_split()[: cfg.eval_prompts]
     out = {"step": step}
     for mode in ("sample", "threshold"):
-        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens, mode=mode, temperature=0,
-                              seed=cfg.seed + 12_345, skip="compute", patience=cfg.patience,
-                              min_confidence=cfg.min_confidence)
+        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens,
+                              rule=cfg.exit_rule(mode), temperature=0, seed=cfg.seed + 12_345, skip="compute")
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute
