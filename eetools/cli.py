@@ -250,12 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     import torch
 
-    from eetools import pipeline
     from eetools.train import distributed
 
     file_cfg = load_config_file(args.config)
-    progress = not args.no_progress
-    out = Path(args.out)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here")
     if distributed.launched():
@@ -264,58 +261,93 @@ def _run(args) -> int:
         args.device = str(distributed.device_for(args.device))
         distributed.setup(args.device)
     say = print if distributed.is_main() else (lambda *a, **k: None)  # under torchrun rank 0 prints
-    if args.command == "pretrain":
-        from eetools.train.pretrain import PretrainConfig, pretrain
-
-        cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
-        say(pretrain(cfg, progress=progress, device=args.device, dtype=args.dtype))
-    elif args.command == "calibrate":
-        from eetools.train.calibration import CalibrationConfig
-
-        cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
-        say(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
-                                   device=args.device, dtype=args.dtype, progress=progress))
-    elif args.command == "rl":
-        from eetools.train.rl import RLConfig
-
-        cfg = build_config(RLConfig, args, file_cfg, "rl")
-        say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
-                            progress=progress))
-    elif args.command == "evaluate":
-        rule = _exit_rule(args, mode=args.mode,
-                          threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold)
-        ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, rule=rule,
-                                   seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
-        say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    elif args.command == "tradeoff":
-        res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
-                                    thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                    confidence=args.confidence, rule=_exit_rule(args), device=args.device,
-                                    dtype=args.dtype, progress=progress)
-        # thresholds as given (0.9999 would print as 1.000 with three decimals)
-        say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))
-        best = res.best_threshold(args.max_drop)
-        say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
-            f"model's accuracy is {best if best is not None else 'none of those given'}")
-    elif args.command == "accuracy":
-        from eetools.io.models import load_model
-        from eetools import tasks as task_lib
-        from eetools.analysis.evaluation import greedy_accuracy
-
-        model = load_model(args.model, device=args.device, dtype=args.dtype)
-        for name in args.task:
-            acc = greedy_accuracy(model, name, n=args.n, progress=progress)
-            n = args.n or len(task_lib.get(name).test_split())
-            say(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
-    elif args.command == "report":
-        say(pipeline.write_report(out))
-    elif args.command == "ship":
-        for path in pipeline.ship(out):
-            say(path)
-    elif args.command == "reproduce":
-        cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
-        say(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
+    _COMMANDS[args.command](args, file_cfg, Path(args.out), not args.no_progress, say)
     return 0
+
+
+def _pretrain(args, file_cfg, out, progress, say) -> None:
+    from eetools.train.pretrain import PretrainConfig, pretrain
+
+    cfg = build_config(PretrainConfig, args, file_cfg, "pretrain", {"out": str(out)})
+    say(pretrain(cfg, progress=progress, device=args.device, dtype=args.dtype))
+
+
+def _calibrate(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+    from eetools.train.calibration import CalibrationConfig
+
+    cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
+    say(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
+                               device=args.device, dtype=args.dtype, progress=progress))
+
+
+def _rl(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+    from eetools.train.rl import RLConfig
+
+    cfg = build_config(RLConfig, args, file_cfg, "rl")
+    say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
+                        progress=progress))
+
+
+def _evaluate(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+
+    rule = _exit_rule(args, mode=args.mode, threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold)
+    ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, rule=rule,
+                               seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
+    say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+
+
+def _tradeoff(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+
+    res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
+                                thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
+                                confidence=args.confidence, rule=_exit_rule(args), device=args.device,
+                                dtype=args.dtype, progress=progress)
+    # thresholds as given (0.9999 would print as 1.000 with three decimals)
+    say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))
+    best = res.best_threshold(args.max_drop)
+    say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
+        f"model's accuracy is {best if best is not None else 'none of those given'}")
+
+
+def _accuracy(args, file_cfg, out, progress, say) -> None:
+    from eetools import tasks as task_lib
+    from eetools.analysis.evaluation import greedy_accuracy
+    from eetools.io.models import load_model
+
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    for name in args.task:
+        acc = greedy_accuracy(model, name, n=args.n, progress=progress)
+        n = args.n or len(task_lib.get(name).test_split())
+        say(f"{name}: greedy accuracy {acc:.4f} on {n} held-out examples")
+
+
+def _report(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+
+    say(pipeline.write_report(out))
+
+
+def _ship(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+
+    for path in pipeline.ship(out):
+        say(path)
+
+
+def _reproduce(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+
+    cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
+    say(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
+
+
+# what each subcommand runs, after the shared checks of `_run`
+_COMMANDS = {"pretrain": _pretrain, "calibrate": _calibrate, "rl": _rl, "evaluate": _evaluate, "tradeoff": _tradeoff,
+             "accuracy": _accuracy, "report": _report, "ship": _ship, "reproduce": _reproduce}
 
 
 if __name__ == "__main__":  # pragma: no cover
