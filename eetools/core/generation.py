@@ -156,58 +156,20 @@ class _Decoder:
                      "allowed": True}
 
     def step(self, step: int, state) -> None:
-        b, device, rows = self.b, self.device, self.rows
-        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(device)  # fixed draw order,
-        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(device)  # whatever rows are still running
+        """Decode one token for every running row: exits decided layer by layer, then the token drawn."""
+        b, rows = self.b, self.rows
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(self.device)  # fixed draw order,
+        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(self.device)  # whatever rows are still running
         running = rows.numel() < b
         if running:
             u_exit, u_tok = u_exit[rows], u_tok[rows]
-        never = step == 0 or self.mode == "off"  # the prompt's last position never exits
-
-        lens: list[Tensor] = []  # with rules: the lens's top token at each exitable layer decided so far
-        held: list[Tensor] = []  # and whether the rules let each of those layers exit
-
-        def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
-            fire = self.rule.fires(torch.sigmoid(z.float()), i, u_exit[:, i])
-            if self.ruled:  # the lens checks, on the logit lens at this layer
-                ok = self.rule.allows(self.ee.readout(resid[:, -1]), i, lens)
-                held.append(ok)
-                fire = fire & ok
-            return fire
-
-        decide = None if never else decide_exit  # None: the heads only record their probabilities
-        if self.use_cache and step == 0 and self.distinct is not None:
-            logits, z, exit_at = self._prefill_distinct(state)
-        elif self.use_cache:
-            mask = self.mask if self.padded else None
-            logits, z, exit_at, self.cache = self.ee.run_with_exits(self.step_input, mask, decide=decide, state=state,
-                                                              past_key_values=self.cache, use_cache=True)
-        else:
-            logits, z, exit_at, _ = self.ee.run_with_exits(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
-                                                     state=state)
-            self.exit_hist = exit_at
-        # with rules: the layers they let exit (True after the last decided one: a row that exited
-        # earlier never reaches them, and one that did not was decided at every layer)
-        allowed = None
-        if self.ruled:
-            allowed = torch.ones(len(rows), self.m, dtype=torch.bool, device=device)
-            for i, h in enumerate(held):
-                allowed[:, i] = h
-        # log-prob of the exit decisions taken, under the heads' stick-breaking distribution (with
-        # sampled exits, the masked one the rules make)
-        if step == 0:
-            elp = torch.zeros(len(rows), device=device)
-        else:
-            policy = allowed if self.mode == "sample" else None
-            elp = exit_log_probs(z[:, -1].float(), policy).gather(
-                -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
-        last = logits[:, -1].float()
-        logp = last.log_softmax(-1)
-        if self.temperature == 0:
-            tok = logp.argmax(-1)
-        else:  # inverse-CDF sampling with the pre-drawn uniform
-            cdf = (last / self.temperature).softmax(-1).cumsum(-1)
-            tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        held: list[Tensor] = []  # with rules: whether they let each exitable layer decided so far exit
+        # the prompt's last position never exits; None: the heads only record their probabilities
+        decide = None if step == 0 or self.mode == "off" else self._decider(u_exit, held)
+        logits, z, exit_at = self._forward(step, state, decide)
+        allowed = self._allowed(held) if self.ruled else None
+        elp = self._exit_logprob(step, z, exit_at, allowed)
+        logp, tok = self._next_token(logits, u_tok)
         done = self.done[rows] if running else self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
         values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
@@ -218,9 +180,68 @@ class _Decoder:
             if running:
                 v = v.new_full((b, *v.shape[1:]), self.fill[key]).index_copy_(0, rows, v)
             self.out[key].append(v)
+        self._advance(tok, done, running)
+
+    def _decider(self, u_exit: Tensor, held: list[Tensor]):
+        """The exit decision of this step's running rows at exitable layer `i` (the heads, then the rule's lens checks)."""
+        lens: list[Tensor] = []  # with rules: the lens's top token at each exitable layer decided so far
+
+        def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
+            fire = self.rule.fires(torch.sigmoid(z.float()), i, u_exit[:, i])
+            if self.ruled:  # the lens checks, on the logit lens at this layer
+                ok = self.rule.allows(self.ee.readout(resid[:, -1]), i, lens)
+                held.append(ok)
+                fire = fire & ok
+            return fire
+
+        return decide_exit
+
+    def _forward(self, step: int, state, decide) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits, exit logits and exits of this step (the prefill at step 0; one position after, with a cache)."""
+        if self.use_cache and step == 0 and self.distinct is not None:
+            return self._prefill_distinct(state)
+        if self.use_cache:
+            mask = self.mask if self.padded else None
+            logits, z, exit_at, self.cache = self.ee.run_with_exits(self.step_input, mask, decide=decide, state=state,
+                                                                    past_key_values=self.cache, use_cache=True)
+            return logits, z, exit_at
+        logits, z, exit_at, _ = self.ee.run_with_exits(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
+                                                       state=state)
+        self.exit_hist = exit_at
+        return logits, z, exit_at
+
+    def _allowed(self, held: list[Tensor]) -> Tensor:
+        """The layers the rules let exit (True after the last decided one: a row that exited earlier never
+        reaches them, and one that did not was decided at every layer)."""
+        allowed = torch.ones(len(self.rows), self.m, dtype=torch.bool, device=self.device)
+        for i, h in enumerate(held):
+            allowed[:, i] = h
+        return allowed
+
+    def _exit_logprob(self, step: int, z: Tensor, exit_at: Tensor, allowed: Tensor | None) -> Tensor:
+        """Log-prob of the exit decisions taken, under the heads' stick-breaking distribution (with sampled
+        exits, the masked one the rules make); 0 at the prefill, which never exits."""
+        if step == 0:
+            return torch.zeros(len(self.rows), device=self.device)
+        policy = allowed if self.mode == "sample" else None
+        return exit_log_probs(z[:, -1].float(), policy).gather(
+            -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
+
+    def _next_token(self, logits: Tensor, u_tok: Tensor) -> tuple[Tensor, Tensor]:
+        """Log-probs of the last position and the token drawn from them (greedy at temperature 0)."""
+        last = logits[:, -1].float()
+        logp = last.log_softmax(-1)
+        if self.temperature == 0:
+            return logp, logp.argmax(-1)
+        cdf = (last / self.temperature).softmax(-1).cumsum(-1)  # inverse-CDF sampling with the pre-drawn uniform
+        tok = torch.searchsorted(cdf, (u_tok * cdf[:, -1]).unsqueeze(-1)).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        return logp, tok
+
+    def _advance(self, tok: Tensor, done: Tensor, running: bool) -> None:
+        """Mark rows that emitted EOS, feed the tokens to the next step, and drop finished rows from the batch."""
         if self.eos is not None:
             done = done | (tok == self.eos)
-            self.done = self.done.index_copy(0, rows, done) if running else done
+            self.done = self.done.index_copy(0, self.rows, done) if running else done
         self.step_input = tok[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if not self.use_cache:  # the uncached reference re-runs the whole prefix
