@@ -115,6 +115,34 @@ def _exit_matrix(exit_layers, shape, L: int) -> Tensor:
     return ex
 
 
+def _sequence_frame(model, ids: Int[Tensor, "pos"], predict: Tensor, prompt: str, cont: str, ex,
+                    prompt_last: bool) -> pd.DataFrame:
+    """One row per continuation token of one encoded sequence (and its prompt's last token with `prompt_last`):
+    position, token, next token, class, line, task and answer."""
+    tok = model.tokenizer
+    s = int(predict.float().argmax()) + 1  # first continuation position
+    cont_ids = model.to_tokens(cont, prepend_bos=False, truncate=False)[0].tolist() if cont else []
+    n = len(cont_ids)
+    if ids[s : s + n].tolist() != cont_ids:
+        raise RuntimeError("continuation tokens are not where encode_sequences put them")
+    task = _task_of(prompt, ex)
+    ann = annotate_tokens(_pieces(tok, cont_ids), task, ex)
+    nxt = [tok.decode([t]) for t in ids[s + 1 : s + n + 1].tolist()]
+    ann.insert(1, "next_token", nxt + [""] * (n - len(nxt)))
+    ann.insert(0, "rel_position", range(n))
+    ann.insert(0, "position", range(s, s + n))
+    if prompt_last:
+        first = pd.DataFrame([{"position": s - 1, "rel_position": -1, "token": tok.decode([int(ids[s - 1])]),
+                               "next_token": tok.decode([int(ids[s])]) if n else "", "token_class": "prompt",
+                               "line": -1}])
+        if "believed_location" in ann:
+            first["believed_location"] = getattr(ex, "answer", None)
+        ann = pd.concat([first, ann], ignore_index=True) if n else first
+    ann["task"] = task
+    ann["answer"] = getattr(ex, "answer", None)
+    return ann
+
+
 @torch.no_grad()
 def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None = None,
                       exit_layers: Sequence[Int[Tensor, "pos"]] | Int[Tensor, "batch pos"] | None = None,
@@ -150,7 +178,6 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
     pairs = _as_pairs(examples)
     want = _resolve_layers(layers, ee_model)
     L, model = ee_model.n_layers, ee_model.model
-    tok = model.tokenizer
     if exit_layers is not None and len(exit_layers) != len(pairs):
         raise ValueError(f"exit_layers has {len(exit_layers)} sequences, expected {len(pairs)} (one per example)")
     resids, exit_res, frames = [], [], []
@@ -159,28 +186,8 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
         ids, attn, predict = encode_sequences(ee_model, [p for p, _, _ in chunk], [c for _, c, _ in chunk])
         rows_i, rows_p = [], []
         for i, (prompt, cont, ex) in enumerate(chunk):
-            s = int(predict[i].float().argmax()) + 1  # first continuation position
-            cont_ids = model.to_tokens(cont, prepend_bos=False, truncate=False)[0].tolist() if cont else []
-            n = len(cont_ids)
-            if ids[i, s : s + n].tolist() != cont_ids:
-                raise RuntimeError("continuation tokens are not where encode_sequences put them")
-            task = _task_of(prompt, ex)
-            ann = annotate_tokens(_pieces(tok, cont_ids), task, ex)
-            nxt = [tok.decode([t]) for t in ids[i, s + 1 : s + n + 1].tolist()]
-            ann.insert(1, "next_token", nxt + [""] * (n - len(nxt)))
-            ann.insert(0, "rel_position", range(n))
-            ann.insert(0, "position", range(s, s + n))
-            if prompt_last:
-                first = pd.DataFrame([{"position": s - 1, "rel_position": -1,
-                                       "token": tok.decode([int(ids[i, s - 1])]),
-                                       "next_token": tok.decode([int(ids[i, s])]) if n else "",
-                                       "token_class": "prompt", "line": -1}])
-                if "believed_location" in ann:
-                    first["believed_location"] = getattr(ex, "answer", None)
-                ann = pd.concat([first, ann], ignore_index=True) if n else first
+            ann = _sequence_frame(model, ids[i], predict[i], prompt, cont, ex, prompt_last)
             ann.insert(0, "seq", b0 + i)
-            ann["task"] = task
-            ann["answer"] = getattr(ex, "answer", None)
             rows_i += [i] * len(ann)
             rows_p += ann["position"].tolist()
             frames.append(ann)
