@@ -1,6 +1,6 @@
 """Tokens/s of the TransformerLens bridge forward vs the raw HF forward of the shipped model.
 
-    python benchmarks/bench_bridge.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+python benchmarks/bench_bridge.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -27,8 +27,11 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     toks = torch.randint(4, bridge.cfg.d_vocab, (b, n), device=device)
     with torch.no_grad():
         t = compare({"bridge": lambda: bridge(toks), "hf": lambda: hf(toks)}, repeats=3 if quick else 7)
-    return {"bridge_tokens_per_s": b * n / t["bridge"], "hf_tokens_per_s": b * n / t["hf"],
-            "bridge_vs_hf_speed": t["hf"] / t["bridge"]}
+    return {
+        "bridge_tokens_per_s": b * n / t["bridge"],
+        "hf_tokens_per_s": b * n / t["hf"],
+        "bridge_vs_hf_speed": t["hf"] / t["bridge"],
+    }
 
 
 if __name__ == "__main__":

@@ -41,9 +41,13 @@ ROLLOUT = dict(k=8, prompts_per_step=8, max_new_tokens=80, temperature=0.0)
 TIMEOUT_S = 600
 
 
-PHASES = {"decode": ("eetools.core.model", "EarlyExitModel.generate"), "passes": ("eetools.train.rl", "rl_terms"),
-          "backward": ("torch", "Tensor.backward"), "gather": ("eetools.train.rl", "_gather_columns"),
-          "all_reduce": ("eetools.train.distributed", "all_reduce_gradients")}
+PHASES = {
+    "decode": ("eetools.core.model", "EarlyExitModel.generate"),
+    "passes": ("eetools.train.rl", "rl_terms"),
+    "backward": ("torch", "Tensor.backward"),
+    "gather": ("eetools.train.rl", "_gather_columns"),
+    "all_reduce": ("eetools.train.distributed", "all_reduce_gradients"),
+}
 
 
 def _timed_phases() -> dict[str, float]:
@@ -88,8 +92,12 @@ def _worker(threads: int, steps: int, phases: bool = False) -> None:
         train_rl(ee, "addition", steps=1, eval_every=0, progress=False, seed=i + 1, **ROLLOUT)
         times.append(time.perf_counter() - t)
     if distributed.is_main():
-        print(json.dumps({"step_s": statistics.median(times), "times": times,
-                          "phases": {k: v / steps for k, v in spent.items()}}), flush=True)
+        print(
+            json.dumps(
+                {"step_s": statistics.median(times), "times": times, "phases": {k: v / steps for k, v in spent.items()}}
+            ),
+            flush=True,
+        )
     distributed.teardown()
 
 
@@ -100,8 +108,15 @@ def _launch(processes: int, threads: int, steps: int, phases: bool = False) -> d
     if processes == 1:
         cmd = [sys.executable, *worker]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               *worker]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(processes),
+            *worker,
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     env.pop("WORLD_SIZE", None)  # a launcher's variables would make the single process wait for peers
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
@@ -119,17 +134,24 @@ def measure(quick: bool = False, phases: bool = False, rounds: int | None = None
     steps = 2 if quick else 4
     busy = os.getloadavg()[0]
     if busy > 0.5:
-        print(f"bench_ddp: load average {busy:.1f} before starting; with other work on the cores the ratios are "
-              "not a measure of data parallelism", file=sys.stderr)
+        print(
+            f"bench_ddp: load average {busy:.1f} before starting; with other work on the cores the ratios are "
+            "not a measure of data parallelism",
+            file=sys.stderr,
+        )
     rounds = rounds or (1 if quick else 3)
     variants = {"1proc_2threads": (1, 2), "2proc_1thread": (2, 1), "1proc_1thread": (1, 1)}
     runs = [{name: _launch(p, th, steps, phases) for name, (p, th) in variants.items()} for _ in range(rounds)]
     med = statistics.median
     ratio = [r["2proc_1thread"]["step_s"] / r["1proc_2threads"]["step_s"] for r in runs]
-    out = {"ddp_step_ratio": med(ratio),
-           "ddp_step_ratio_1thread": med(r["2proc_1thread"]["step_s"] / r["1proc_1thread"]["step_s"] for r in runs),
-           "ddp_step_ratio_min": min(ratio), "ddp_step_ratio_max": max(ratio), "rounds": rounds,
-           **{f"rl_step_s_{name}": med(r[name]["step_s"] for r in runs) for name in variants}}
+    out = {
+        "ddp_step_ratio": med(ratio),
+        "ddp_step_ratio_1thread": med(r["2proc_1thread"]["step_s"] / r["1proc_1thread"]["step_s"] for r in runs),
+        "ddp_step_ratio_min": min(ratio),
+        "ddp_step_ratio_max": max(ratio),
+        "rounds": rounds,
+        **{f"rl_step_s_{name}": med(r[name]["step_s"] for r in runs) for name in variants},
+    }
     for name in variants:
         for phase in sorted(runs[0][name].get("phases", {})):
             out[f"phase_{phase}_s_{name}"] = med(r[name]["phases"][phase] for r in runs)

@@ -34,14 +34,17 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     toks = torch.randint(4, bridge.cfg.d_vocab, (b, n), device=device)
     no_exit = torch.full_like(toks, ee.n_layers)
     with torch.no_grad():
-        t = timings({"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
-                    repeats=3 if quick else 15)
+        t = timings(
+            {"plain": lambda: bridge(toks), "heads": lambda: ee.prescribed_forward(toks, no_exit)},
+            repeats=3 if quick else 15,
+        )
     out = {"hook_overhead": paired_ratio(t, "heads", "plain")}
     new = 16 if quick else 48
     prompt = eetools.tasks.get("addition").sample(1, seed=0)[0].prompt
     # its own bridge: the calibrated model's LoRA adapters must not slow down the plain one
-    calibrated = eetools.load_exit_model("tiny-reasoner/calibrated",
-                                         model=eetools.load_model(device=device, dtype=dtype))
+    calibrated = eetools.load_exit_model(
+        "tiny-reasoner/calibrated", model=eetools.load_model(device=device, dtype=dtype)
+    )
     for batch in (1, 32):
         prompts = [prompt] * batch
 
@@ -49,14 +52,22 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
             return lambda: calibrated.generate(prompts, new, mode=mode, seed=0, skip=skip)
 
         def theirs():
-            return bridge.generate(prompts if batch > 1 else prompt, max_new_tokens=new, do_sample=True,
-                                   stop_at_eos=False, verbose=False, prepend_bos=True)
+            return bridge.generate(
+                prompts if batch > 1 else prompt,
+                max_new_tokens=new,
+                do_sample=True,
+                stop_at_eos=False,
+                verbose=False,
+                prepend_bos=True,
+            )
 
         # ours may stop early at EOS: compare tokens per second, counting what each produced
         n_ours = float(ours("compute")().mask.sum())
         n_off = float(ours("compute", "off")().mask.sum())
-        tt = timings({"compute": ours("compute"), "mask": ours("mask"), "off": ours("compute", "off"), "theirs": theirs},
-                     repeats=2 if quick else 9)
+        tt = timings(
+            {"compute": ours("compute"), "mask": ours("mask"), "off": ours("compute", "off"), "theirs": theirs},
+            repeats=2 if quick else 9,
+        )
         tokens = n_ours / (batch * new)  # ours / theirs tokens per call
         out[f"sample_vs_generate_b{batch}"] = tokens / paired_ratio(tt, "compute", "theirs")
         out[f"sample_vs_generate_b{batch}_masked"] = tokens / paired_ratio(tt, "mask", "theirs")

@@ -39,15 +39,26 @@ RATES = (0, 25, 50, 75)
 
 def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int = 28):
     """A random bridge with Qwen3-0.6B's shapes; no weights downloaded or written."""
-    import eetools
-    from eetools.io.tokenizer import build_tokenizer
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    import eetools
+    from eetools.io.tokenizer import build_tokenizer
+
     tok = build_tokenizer()
-    cfg = Qwen3Config(vocab_size=151_936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=n_layers,
-                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    cfg = Qwen3Config(
+        vocab_size=151_936,
+        hidden_size=1024,
+        intermediate_size=3072,
+        num_hidden_layers=n_layers,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(cfg).to(dtype=getattr(torch, dtype)).eval()
     folder = tempfile.mkdtemp(prefix="qwen3-0.6b-shaped-")
@@ -85,16 +96,27 @@ def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
             def call():
                 with ee.model.hooks(fwd_hooks=noop):
                     return ee.generate(prompt, new_tokens, temperature=0, seed=0, **kw)
+
             return call
 
         r = ee.generate(prompt, new_tokens, temperature=0, seed=0, skip="compute")
         saved = 1 - r.batch_compute
         # the no-exit run writes other tokens and may stop at EOS at another length: compare per token
-        n = {"compute": float(r.mask.sum()), "off": float(ee.generate(prompt, new_tokens, temperature=0, mode="off").mask.sum())}
+        n = {
+            "compute": float(r.mask.sum()),
+            "off": float(ee.generate(prompt, new_tokens, temperature=0, mode="off").mask.sum()),
+        }
         n["mask"] = n["compute"]  # same tokens as with skipping (tested)
         n["compute_bridge"] = n["compute"]
-        t = compare({"compute": run(skip="compute"), "compute_bridge": run(False, skip="compute"),
-                     "mask": run(skip="mask"), "off": run(mode="off")}, repeats=repeats)
+        t = compare(
+            {
+                "compute": run(skip="compute"),
+                "compute_bridge": run(False, skip="compute"),
+                "mask": run(skip="mask"),
+                "off": run(mode="off"),
+            },
+            repeats=repeats,
+        )
         per = {k: t[k] / n[k] for k in t}
         out[f"{prefix}skip_speedup_{rate}"] = per["mask"] / per["compute"]
         out[f"{prefix}skip_only_speedup_{rate}"] = per["mask"] / per["compute_bridge"]
@@ -128,14 +150,17 @@ def sampling_vs_generate(bridge, new_tokens: int, repeats: int, c: float = 0.12)
         return ee.generate(prompt, new_tokens, mode="sample", seed=0, skip="compute")
 
     def theirs():
-        return bridge.generate(prompt, max_new_tokens=new_tokens, do_sample=True, stop_at_eos=False, verbose=False,
-                               prepend_bos=True)
+        return bridge.generate(
+            prompt, max_new_tokens=new_tokens, do_sample=True, stop_at_eos=False, verbose=False, prepend_bos=True
+        )
 
     r = ours()
     t = timings({"ours": ours, "theirs": theirs}, repeats=repeats)
     # ours stops at EOS (a random model may write it): compare tokens per second
-    return {"qwen3_sample_vs_generate_b1": float(r.mask.sum()) / new_tokens / paired_ratio(t, "ours", "theirs"),
-            "qwen3_sample_layers_saved": 1 - r.batch_compute}
+    return {
+        "qwen3_sample_vs_generate_b1": float(r.mask.sum()) / new_tokens / paired_ratio(t, "ours", "theirs"),
+        "qwen3_sample_layers_saved": 1 - r.batch_compute,
+    }
 
 
 def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dict:

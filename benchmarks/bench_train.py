@@ -58,8 +58,13 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     t = time.perf_counter()
     train_rl(ee, "addition+tom", steps=1 if quick else 2, eval_every=0, progress=False, temperature=0, seed=1)
     mixture = (time.perf_counter() - t) / (1 if quick else 2)
-    return {"calib_step_s": calib, "rl_step_s": rl, "rl_step_mixture_s": mixture,
-            **_mixture_ratios(ee, quick), "peak_mem_mb": _peak_mb(device)}
+    return {
+        "calib_step_s": calib,
+        "rl_step_s": rl,
+        "rl_step_mixture_s": mixture,
+        **_mixture_ratios(ee, quick),
+        "peak_mem_mb": _peak_mb(device),
+    }
 
 
 def _mixture_ratios(ee, quick: bool) -> dict:
@@ -77,9 +82,11 @@ def _mixture_ratios(ee, quick: bool) -> dict:
 
     def loss(chunk_rows, share_prompts):
         def f():
-            objective, _ = rl_terms(ee, rollout, reward, 8, 1.5, 0.25, token_term=False, chunk_rows=chunk_rows,
-                                    share_prompts=share_prompts)
+            objective, _ = rl_terms(
+                ee, rollout, reward, 8, 1.5, 0.25, token_term=False, chunk_rows=chunk_rows, share_prompts=share_prompts
+            )
             objective.backward()
+
         return f
 
     def decode(compact, distinct=True):
@@ -93,18 +100,30 @@ def _mixture_ratios(ee, quick: bool) -> dict:
                 ee.generate(prompts, task.max_new_tokens, mode="sample", temperature=0, skip="compute", seed=0)
             finally:
                 generation._Decoder._drop_finished, generation.distinct_rows = keep, rows
+
         return f
 
     n = 1 if quick else 3
-    t = compare({"shared": loss(CHUNK_ROWS, True), "chunked": loss(CHUNK_ROWS, False), "one_pass": loss(None, False),
-                 "compact": decode(True), "full": decode(False), "every_prefill": decode(True, distinct=False)},
-                repeats=n, warmup=0)
+    t = compare(
+        {
+            "shared": loss(CHUNK_ROWS, True),
+            "chunked": loss(CHUNK_ROWS, False),
+            "one_pass": loss(None, False),
+            "compact": decode(True),
+            "full": decode(False),
+            "every_prefill": decode(True, distinct=False),
+        },
+        repeats=n,
+        warmup=0,
+    )
     for p in ee.trainable_parameters():
         p.grad = None
-    return {"rl_terms_chunked_vs_one_pass": t["chunked"] / t["one_pass"],
-            "rl_terms_shared_vs_chunked": t["shared"] / t["chunked"],
-            "decode_compact_vs_full": t["compact"] / t["full"],
-            "decode_distinct_prefill_vs_every_row": t["compact"] / t["every_prefill"]}
+    return {
+        "rl_terms_chunked_vs_one_pass": t["chunked"] / t["one_pass"],
+        "rl_terms_shared_vs_chunked": t["shared"] / t["chunked"],
+        "decode_compact_vs_full": t["compact"] / t["full"],
+        "decode_distinct_prefill_vs_every_row": t["compact"] / t["every_prefill"],
+    }
 
 
 if __name__ == "__main__":

@@ -49,11 +49,13 @@ def main() -> None:
     import bench_skip
     import bench_train
 
-    suites = {"bridge": lambda: bench_bridge.run(args.quick, args.device, args.dtype),
-              "exits": lambda: bench_exits.run(args.quick, args.device, args.dtype),
-              "skip": lambda: bench_skip.run(args.quick, args.device, args.dtype),
-              "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
-              "ddp": lambda: bench_ddp.measure(args.quick)}
+    suites = {
+        "bridge": lambda: bench_bridge.run(args.quick, args.device, args.dtype),
+        "exits": lambda: bench_exits.run(args.quick, args.device, args.dtype),
+        "skip": lambda: bench_skip.run(args.quick, args.device, args.dtype),
+        "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
+        "ddp": lambda: bench_ddp.measure(args.quick),
+    }
     results = {}
     for name, fn in suites.items():
         if name not in args.skip:

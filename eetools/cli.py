@@ -34,7 +34,11 @@ def field_docs(cls) -> dict[str, str]:
         return {}
     docs, body = {}, tree.body[0].body
     for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(getattr(b, "value", None), ast.Constant):
+        if (
+            isinstance(a, ast.AnnAssign)
+            and isinstance(b, ast.Expr)
+            and isinstance(getattr(b, "value", None), ast.Constant)
+        ):
             docs[a.target.id] = str(b.value.value).strip()
     return docs
 
@@ -78,7 +82,7 @@ def build_config(cls, args: argparse.Namespace, file_cfg: dict, section: str, ex
             if key in known:
                 values[key] = v
             elif src is sect:
-                warnings.warn(f"config file: unknown key {k!r} in [{section}] ignored")
+                warnings.warn(f"config file: unknown key {k!r} in [{section}] ignored", stacklevel=2)
     for f in known:
         v = getattr(args, f, None)
         if v is not None:
@@ -123,15 +127,29 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
 def _exit_checks(p: argparse.ArgumentParser, applies_to: str) -> None:
     """The options of `ExitRule`'s lens checks (patience, confidence floor, entropy ceiling), for
     the commands that evaluate exits; `applies_to` says which exits in their help."""
-    p.add_argument("--patience", type=int, default=0,
-                   help=f"{applies_to}: also require the logit lens's top token to agree over this many exitable "
-                        f"layers before an exit (default: 0, the heads alone)")
-    p.add_argument("--min-confidence", type=float, default=0.0, metavar="Q",
-                   help=f"{applies_to}: also require the logit lens's top probability at the exit layer to be at "
-                        f"least Q (default: 0, no floor)")
-    p.add_argument("--max-entropy", type=float, default=None, metavar="H",
-                   help=f"{applies_to}: also require the logit lens's entropy at the exit layer to be at most H "
-                        f"nats (default: no ceiling)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=0,
+        help=f"{applies_to}: also require the logit lens's top token to agree over this many exitable "
+        f"layers before an exit (default: 0, the heads alone)",
+    )
+    p.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.0,
+        metavar="Q",
+        help=f"{applies_to}: also require the logit lens's top probability at the exit layer to be at "
+        f"least Q (default: 0, no floor)",
+    )
+    p.add_argument(
+        "--max-entropy",
+        type=float,
+        default=None,
+        metavar="H",
+        help=f"{applies_to}: also require the logit lens's entropy at the exit layer to be at most H "
+        f"nats (default: no ceiling)",
+    )
 
 
 def _exit_rule(args, **settings):
@@ -139,13 +157,14 @@ def _exit_rule(args, **settings):
     before any model loads."""
     from eetools.core.rule import ExitRule
 
-    return ExitRule(patience=args.patience, min_confidence=args.min_confidence, max_entropy=args.max_entropy,
-                    **settings)
+    return ExitRule(
+        patience=args.patience, min_confidence=args.min_confidence, max_entropy=args.max_entropy, **settings
+    )
 
 
 def make_parser() -> argparse.ArgumentParser:
-    from eetools.train.calibration import CalibrationConfig
     from eetools.pipeline import ReproduceConfig
+    from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
     from eetools.train.rl import RLConfig
 
@@ -158,17 +177,27 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("calibrate", help="calibrate exit heads by self-distillation")
     _common(p, "runs/calibrate")
-    p.add_argument("--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)")
+    p.add_argument(
+        "--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)"
+    )
     p.add_argument("--task", default="addition", help="task name (addition, tom)")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="exitable layers (default: every layer 1..L-1)")
-    p.add_argument("--head", default="mlp", choices=["mlp", "linear", "lens"],
-                   help="exit head kind (lens: the MLP also reads the logit lens at its layer)")
+    p.add_argument(
+        "--head",
+        default="mlp",
+        choices=["mlp", "linear", "lens"],
+        help="exit head kind (lens: the MLP also reads the logit lens at its layer)",
+    )
     add_config_args(p, CalibrationConfig)
 
     p = sub.add_parser("rl", help="RLOO training of exits")
     _common(p, "runs/rl")
-    p.add_argument("--from", dest="start", default="tiny-reasoner/calibrated",
-                   help="exit-model checkpoint folder or preset to start from (default: tiny-reasoner/calibrated)")
+    p.add_argument(
+        "--from",
+        dest="start",
+        default="tiny-reasoner/calibrated",
+        help="exit-model checkpoint folder or preset to start from (default: tiny-reasoner/calibrated)",
+    )
     p.add_argument("--task", default="addition", help="task name")
     add_config_args(p, RLConfig)
 
@@ -178,9 +207,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="addition", help="task name")
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
-    p.add_argument("--threshold", type=float, nargs="+", default=[0.5],
-                   help="exit where c >= this, with --mode threshold: one value, or one per exitable layer "
-                        "(default: 0.5)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        nargs="+",
+        default=[0.5],
+        help="exit where c >= this, with --mode threshold: one value, or one per exitable layer (default: 0.5)",
+    )
     _exit_checks(p, "thresholded or sampled exits")
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
 
@@ -189,19 +222,42 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
     p.add_argument("--task", default="addition", help="task name")
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=None,
-                   help="exit thresholds in (0, 1] (default: 0.9 0.7 0.5 0.3 0.15 0.05)")
+    p.add_argument(
+        "--thresholds",
+        type=float,
+        nargs="+",
+        default=None,
+        help="exit thresholds in (0, 1] (default: 0.9 0.7 0.5 0.3 0.15 0.05)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of exit sampling")
-    p.add_argument("--sample", action=argparse.BooleanOptionalAction, default=True,
-                   help="also evaluate sampled exits (--no-sample: thresholds only, one evaluation fewer)")
-    p.add_argument("--split", default="test", choices=["test", "validation"],
-                   help="examples: the frozen test split, or a validation split drawn apart from it (to choose "
-                        "a threshold without looking at the test split)")
-    p.add_argument("--confidence", type=float, nargs="+", default=None, metavar="T",
-                   help="also evaluate the confidence baseline (the same weights, exiting where the logit lens's top "
-                        "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)")
-    p.add_argument("--max-drop", type=float, default=0.01,
-                   help="report the threshold saving the most layers within this accuracy drop from the base model")
+    p.add_argument(
+        "--sample",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also evaluate sampled exits (--no-sample: thresholds only, one evaluation fewer)",
+    )
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "validation"],
+        help="examples: the frozen test split, or a validation split drawn apart from it (to choose "
+        "a threshold without looking at the test split)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="T",
+        help="also evaluate the confidence baseline (the same weights, exiting where the logit lens's top "
+        "probability reaches T; useful T are close to 1, e.g. 0.9999 0.999)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=0.01,
+        help="report the threshold saving the most layers within this accuracy drop from the base model",
+    )
     _exit_checks(p, "threshold and sampled points (not the confidence baseline)")
 
     p = sub.add_parser("accuracy", help="greedy accuracy of a base model on a task's frozen test split")
@@ -227,20 +283,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import torch.distributed as dist
 
-    from eetools.train import distributed
-    from eetools.io.checkpoints import CheckpointError
     from eetools.analysis.judges import JudgeError
+    from eetools.io.checkpoints import CheckpointError
     from eetools.io.models import ModelNotFoundError
+    from eetools.train import distributed
     from eetools.train.rl import RewardError
 
     joined_here = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone
     try:
         return _run(args)
-    except (ValueError, TypeError, CheckpointError, ModelNotFoundError, RewardError, JudgeError,
-            FileNotFoundError, FloatingPointError) as e:
+    except (
+        ValueError,
+        TypeError,
+        CheckpointError,
+        ModelNotFoundError,
+        RewardError,
+        JudgeError,
+        FileNotFoundError,
+        FloatingPointError,
+    ) as e:
         where = f" (rank {distributed.rank()})" if distributed.is_distributed() else ""
-        print(f"eetools {args.command}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-              file=sys.stderr)
+        print(
+            f"eetools {args.command}: error{where}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+            file=sys.stderr,
+        )
         return 2
     finally:
         if joined_here:
@@ -277,8 +343,19 @@ def _calibrate(args, file_cfg, out, progress, say) -> None:
     from eetools.train.calibration import CalibrationConfig
 
     cfg = build_config(CalibrationConfig, args, file_cfg, "calibrate")
-    say(pipeline.run_calibrate(cfg, out, model=args.model, task=args.task, layers=args.layers, head=args.head,
-                               device=args.device, dtype=args.dtype, progress=progress))
+    say(
+        pipeline.run_calibrate(
+            cfg,
+            out,
+            model=args.model,
+            task=args.task,
+            layers=args.layers,
+            head=args.head,
+            device=args.device,
+            dtype=args.dtype,
+            progress=progress,
+        )
+    )
 
 
 def _rl(args, file_cfg, out, progress, say) -> None:
@@ -286,31 +363,56 @@ def _rl(args, file_cfg, out, progress, say) -> None:
     from eetools.train.rl import RLConfig
 
     cfg = build_config(RLConfig, args, file_cfg, "rl")
-    say(pipeline.run_rl(cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype,
-                        progress=progress))
+    say(
+        pipeline.run_rl(
+            cfg, out, start=args.start, task=args.task, device=args.device, dtype=args.dtype, progress=progress
+        )
+    )
 
 
 def _evaluate(args, file_cfg, out, progress, say) -> None:
     from eetools import pipeline
 
     rule = _exit_rule(args, mode=args.mode, threshold=args.threshold[0] if len(args.threshold) == 1 else args.threshold)
-    ev = pipeline.run_evaluate(out, exit_model=args.exit_model, task=args.task, n=args.n, rule=rule,
-                               seed=args.seed, device=args.device, dtype=args.dtype, progress=progress)
+    ev = pipeline.run_evaluate(
+        out,
+        exit_model=args.exit_model,
+        task=args.task,
+        n=args.n,
+        rule=rule,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        progress=progress,
+    )
     say(ev.summary.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
 
 
 def _tradeoff(args, file_cfg, out, progress, say) -> None:
     from eetools import pipeline
 
-    res = pipeline.run_tradeoff(out, exit_model=args.exit_model, task=args.task, n=args.n,
-                                thresholds=args.thresholds, seed=args.seed, sample=args.sample, split=args.split,
-                                confidence=args.confidence, rule=_exit_rule(args), device=args.device,
-                                dtype=args.dtype, progress=progress)
+    res = pipeline.run_tradeoff(
+        out,
+        exit_model=args.exit_model,
+        task=args.task,
+        n=args.n,
+        thresholds=args.thresholds,
+        seed=args.seed,
+        sample=args.sample,
+        split=args.split,
+        confidence=args.confidence,
+        rule=_exit_rule(args),
+        device=args.device,
+        dtype=args.dtype,
+        progress=progress,
+    )
     # thresholds as given (0.9999 would print as 1.000 with three decimals)
     say(res.df.to_string(index=False, float_format=lambda v: f"{v:.3f}", formatters={"threshold": "{:g}".format}))
     best = res.best_threshold(args.max_drop)
-    say(f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
-        f"model's accuracy is {best if best is not None else 'none of those given'}")
+    say(
+        f"{args.split} split: the threshold saving the most layers within {args.max_drop:g} of the base "
+        f"model's accuracy is {best if best is not None else 'none of those given'}"
+    )
 
 
 def _accuracy(args, file_cfg, out, progress, say) -> None:
@@ -346,8 +448,17 @@ def _reproduce(args, file_cfg, out, progress, say) -> None:
 
 
 # what each subcommand runs, after the shared checks of `_run`
-_COMMANDS = {"pretrain": _pretrain, "calibrate": _calibrate, "rl": _rl, "evaluate": _evaluate, "tradeoff": _tradeoff,
-             "accuracy": _accuracy, "report": _report, "ship": _ship, "reproduce": _reproduce}
+_COMMANDS = {
+    "pretrain": _pretrain,
+    "calibrate": _calibrate,
+    "rl": _rl,
+    "evaluate": _evaluate,
+    "tradeoff": _tradeoff,
+    "accuracy": _accuracy,
+    "report": _report,
+    "ship": _ship,
+    "reproduce": _reproduce,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -16,9 +16,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from eetools.train import distributed
-from eetools.io.exit_checkpoint import save_exit_model
 from eetools.core.rule import UNSET, ExitRule
+from eetools.io.exit_checkpoint import save_exit_model
+from eetools.train import distributed
 
 
 def _default_thresholds():
@@ -75,11 +75,26 @@ class ReproduceConfig:
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
     if not cfg.quick:
         return cfg
-    return ReproduceConfig(quick=True, task=cfg.task, calib_task=cfg.calib_task, rl_task=cfg.rl_task, seed=cfg.seed, n_seeds=2, kl_factors=[16.0, 64.0],
-                           calib_kl_factor=cfg.calib_kl_factor, calib_steps=12,
-                           fig3_steps=6, rl_steps=2, eval_n=24, rl_temperature=cfg.rl_temperature,
-                           rl_train_adapters=cfg.rl_train_adapters, rl_lr=cfg.rl_lr, rl_head_lr=cfg.rl_head_lr,
-                           thresholds=[0.5, 0.15], confidence=[0.999])
+    return ReproduceConfig(
+        quick=True,
+        task=cfg.task,
+        calib_task=cfg.calib_task,
+        rl_task=cfg.rl_task,
+        seed=cfg.seed,
+        n_seeds=2,
+        kl_factors=[16.0, 64.0],
+        calib_kl_factor=cfg.calib_kl_factor,
+        calib_steps=12,
+        fig3_steps=6,
+        rl_steps=2,
+        eval_n=24,
+        rl_temperature=cfg.rl_temperature,
+        rl_train_adapters=cfg.rl_train_adapters,
+        rl_lr=cfg.rl_lr,
+        rl_head_lr=cfg.rl_head_lr,
+        thresholds=[0.5, 0.15],
+        confidence=[0.999],
+    )
 
 
 def _dtype(dtype):
@@ -93,18 +108,44 @@ def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None):
     return attach_exit_heads(load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head)
 
 
-def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, head="mlp", device="cpu", dtype=None,
-                  progress=True, figure_task: str | None = None) -> Path:
+def run_calibrate(
+    cfg,
+    out: Path,
+    *,
+    model=None,
+    task="addition",
+    layers=None,
+    head="mlp",
+    device="cpu",
+    dtype=None,
+    progress=True,
+    figure_task: str | None = None,
+) -> Path:
     """Calibrate, save the exit model to ``out/model`` and the history and Fig. 4 beside it."""
-    from eetools.train.calibration import calibrate
     from eetools.analysis.figures import exit_distribution_vs_target
+    from eetools.train.calibration import calibrate
 
     out = Path(out)
     ee = _fresh_ee(model, layers, head, device, dtype)
-    kw = {k: v for k, v in asdict(cfg).items() if k not in ("kl_factor", "exit_samples", "steps", "batch_size", "lr", "lora", "seed")}
-    res = calibrate(ee, task, kl_factor=cfg.kl_factor, exit_samples=cfg.exit_samples, steps=cfg.steps,
-                    batch_size=cfg.batch_size, lr=cfg.lr, lora=cfg.lora, seed=cfg.seed,
-                    checkpoint_dir=out / "checkpoint", progress=progress, **kw)
+    kw = {
+        k: v
+        for k, v in asdict(cfg).items()
+        if k not in ("kl_factor", "exit_samples", "steps", "batch_size", "lr", "lora", "seed")
+    }
+    res = calibrate(
+        ee,
+        task,
+        kl_factor=cfg.kl_factor,
+        exit_samples=cfg.exit_samples,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        lora=cfg.lora,
+        seed=cfg.seed,
+        checkpoint_dir=out / "checkpoint",
+        progress=progress,
+        **kw,
+    )
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
     save_exit_model(ee, out / "model")
@@ -116,16 +157,18 @@ def run_calibrate(cfg, out: Path, *, model=None, task="addition", layers=None, h
     return out / "model"
 
 
-def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition", device="cpu", dtype=None,
-           progress=True) -> Path:
+def run_rl(
+    cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition", device="cpu", dtype=None, progress=True
+) -> Path:
     """RL-train from an exit-model checkpoint; save to ``out/model`` with the history."""
     from eetools.io.models import load_exit_model
     from eetools.train.rl import train_rl
 
     out = Path(out)
     ee = load_exit_model(start, model=_base_for(start, device, dtype))
-    res = train_rl(ee, task, checkpoint_dir=out / "checkpoint", progress=progress,
-                   **{k: v for k, v in asdict(cfg).items()})
+    res = train_rl(
+        ee, task, checkpoint_dir=out / "checkpoint", progress=progress, **{k: v for k, v in asdict(cfg).items()}
+    )
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
     save_exit_model(ee, out / "model")
@@ -137,9 +180,9 @@ def run_rl(cfg, out: Path, *, start="tiny-reasoner/calibrated", task="addition",
 def _base_for(start, device, dtype):
     if device == "cpu" and dtype is None:
         return None
-    from eetools.io.models import load_model
     from eetools.io.checkpoints import load_json
     from eetools.io.exit_checkpoint import resolve_checkpoint
+    from eetools.io.models import load_model
 
     name = load_json(resolve_checkpoint(start) / "exit_config.json")["base_model"]["name"]
     return load_model(name, device=device, dtype=_dtype(dtype))
@@ -154,15 +197,30 @@ def _output_and_model(out, exit_model, device, dtype):
     return out, load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
 
 
-def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, rule=None, mode=UNSET,
-                 threshold=UNSET, seed=0, patience=UNSET, min_confidence=UNSET, max_entropy=UNSET, device="cpu",
-                 dtype=None, progress=True):
+def run_evaluate(
+    out: Path,
+    *,
+    exit_model="tiny-reasoner/rl",
+    task="addition",
+    n=100,
+    rule=None,
+    mode=UNSET,
+    threshold=UNSET,
+    seed=0,
+    patience=UNSET,
+    min_confidence=UNSET,
+    max_entropy=UNSET,
+    device="cpu",
+    dtype=None,
+    progress=True,
+):
     """`eetools.evaluate` of an exit-model checkpoint under `rule` (an `ExitRule`, or its fields as
     keywords); writes ``evaluation.csv`` and ``exit_histogram.json`` (plotly)."""
     from eetools.analysis.evaluation import evaluate
 
-    rule = ExitRule.from_kwargs(rule, mode=mode, threshold=threshold, patience=patience,
-                                min_confidence=min_confidence, max_entropy=max_entropy)  # checked before loading
+    rule = ExitRule.from_kwargs(
+        rule, mode=mode, threshold=threshold, patience=patience, min_confidence=min_confidence, max_entropy=max_entropy
+    )  # checked before loading
     out, ee = _output_and_model(out, exit_model, device, dtype)
     ev = evaluate(ee, task, n=n, rule=rule, seed=seed, progress=progress)
     ev.summary.to_csv(out / "evaluation.csv", index=False)
@@ -170,18 +228,43 @@ def run_evaluate(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n
     return ev
 
 
-def run_tradeoff(out: Path, *, exit_model="tiny-reasoner/rl", task="addition", n=100, thresholds=None, seed=0,
-                 sample=True, split="test", confidence=(), rule=None, patience=UNSET, min_confidence=UNSET,
-                 max_entropy=UNSET, device="cpu", dtype=None, progress=True):
+def run_tradeoff(
+    out: Path,
+    *,
+    exit_model="tiny-reasoner/rl",
+    task="addition",
+    n=100,
+    thresholds=None,
+    seed=0,
+    sample=True,
+    split="test",
+    confidence=(),
+    rule=None,
+    patience=UNSET,
+    min_confidence=UNSET,
+    max_entropy=UNSET,
+    device="cpu",
+    dtype=None,
+    progress=True,
+):
     """`eetools.tradeoff` of an exit-model checkpoint, the lens checks of its points from `rule` (or
     its fields as keywords); writes ``tradeoff.csv`` and ``tradeoff.json`` (plotly)."""
-    from eetools.analysis.operating_points import tradeoff
-    from eetools.analysis.operating_points import DEFAULT_THRESHOLDS
+    from eetools.analysis.operating_points import DEFAULT_THRESHOLDS, tradeoff
 
     rule = ExitRule.from_kwargs(rule, patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
     out, ee = _output_and_model(out, exit_model, device, dtype)
-    res = tradeoff(ee, task, thresholds=thresholds or DEFAULT_THRESHOLDS, n=n, seed=seed, sample=sample,
-                   split=split, confidence=confidence or (), rule=rule, progress=progress)
+    res = tradeoff(
+        ee,
+        task,
+        thresholds=thresholds or DEFAULT_THRESHOLDS,
+        n=n,
+        seed=seed,
+        sample=sample,
+        split=split,
+        confidence=confidence or (),
+        rule=rule,
+        progress=progress,
+    )
     res.df.to_csv(out / "tradeoff.csv", index=False)
     res.figure().write_json(out / "tradeoff.json")
     return res
@@ -206,19 +289,34 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
 
     base_for = lambda: _base_for(calibrated, device, dtype)  # noqa: E731  (a fresh base model per load)
     # 1. calibration at the default KL factor (+ Fig. 4)
-    calibrated = run_calibrate(CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, seed=cfg.seed),
-                               out / "calibrated", task=cfg.calib_task, device=device, dtype=dtype, progress=progress,
-                               figure_task=cfg.task)
+    calibrated = run_calibrate(
+        CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, seed=cfg.seed),
+        out / "calibrated",
+        task=cfg.calib_task,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        figure_task=cfg.task,
+    )
     lap("calibration_s")
     # 2. Fig. 3: other KL factors, short calibrations
     main = load_exit_model(calibrated, model=base_for())
     _fig3(cfg, out, main, device, dtype, progress)
     lap("fig3_s")
     # 3. RL across seeds (Fig. 2 left)
-    sweep = run_sweep(lambda: load_exit_model(calibrated, model=base_for()), cfg.rl_task,
-                      seeds=[cfg.seed + i for i in range(cfg.n_seeds)], steps=cfg.rl_steps, eval_every=0,
-                      temperature=cfg.rl_temperature, train_adapters=cfg.rl_train_adapters, lr=cfg.rl_lr,
-                      head_lr=cfg.rl_head_lr, progress=progress, checkpoint_root=out / "rl")
+    sweep = run_sweep(
+        lambda: load_exit_model(calibrated, model=base_for()),
+        cfg.rl_task,
+        seeds=[cfg.seed + i for i in range(cfg.n_seeds)],
+        steps=cfg.rl_steps,
+        eval_every=0,
+        temperature=cfg.rl_temperature,
+        train_adapters=cfg.rl_train_adapters,
+        lr=cfg.rl_lr,
+        head_lr=cfg.rl_head_lr,
+        progress=progress,
+        checkpoint_root=out / "rl",
+    )
     sweep.history.to_csv(out / "rl_history.csv", index=False)
     lap("rl_s")
     # 4. evaluation of the calibrated and RL (first seed) models, operating points, Fig. 2
@@ -231,9 +329,17 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     _fig2_right(cfg, out, main, rl_model)
     lap("eval_s")
     timings["total_s"] = time.time() - t0
-    (out / "summary.json").write_text(json.dumps({"config": asdict(cfg), "timings": timings,
-                                                  "fig4_tv": float((out / "calibrated" / "fig4_tv.txt").read_text()),
-                                                  "table": table.to_dict(orient="records")}, indent=2))
+    (out / "summary.json").write_text(
+        json.dumps(
+            {
+                "config": asdict(cfg),
+                "timings": timings,
+                "fig4_tv": float((out / "calibrated" / "fig4_tv.txt").read_text()),
+                "table": table.to_dict(orient="records"),
+            },
+            indent=2,
+        )
+    )
     return write_report(out)
 
 
@@ -276,10 +382,18 @@ def _operating_points(cfg: ReproduceConfig, out: Path, models: dict, progress) -
 
     points = []
     for label, m in models.items():
-        tr = tradeoff(m, cfg.task, thresholds=cfg.thresholds, n=cfg.eval_n, seed=cfg.seed, confidence=cfg.confidence,
-                      progress=progress)
-        tr.figure().update_layout(title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
-                                  ).write_json(out / f"tradeoff_{label}.json")
+        tr = tradeoff(
+            m,
+            cfg.task,
+            thresholds=cfg.thresholds,
+            n=cfg.eval_n,
+            seed=cfg.seed,
+            confidence=cfg.confidence,
+            progress=progress,
+        )
+        tr.figure().update_layout(
+            title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
+        ).write_json(out / f"tradeoff_{label}.json")
         points.append(tr.df.assign(model=label, task=cfg.task))
     pd.concat(points, ignore_index=True).to_csv(out / "tradeoff.csv", index=False)
 
@@ -319,15 +433,19 @@ def write_report(out: Path) -> Path:
     sections = [
         ("Results: base, calibrated and RL-trained models, per task", table),
         ("Fig. 2 (left): RL dynamics", pio.read_json(out / "fig2_left.json")),
-        ("Fig. 2 (right): tokens coloured by exit layer, calibrated", _Html((out / "fig2_right_calibrated.html").read_text())),
+        (
+            "Fig. 2 (right): tokens coloured by exit layer, calibrated",
+            _Html((out / "fig2_right_calibrated.html").read_text()),
+        ),
         ("Fig. 2 (right): tokens coloured by exit layer, after RL", _Html((out / "fig2_right_rl.html").read_text())),
         ("Fig. 3: coherence by KL factor", pio.read_json(out / "fig3.json")),
         ("Fig. 4: learned vs target exit distribution", pio.read_json(out / "calibrated" / "fig4.json")),
     ]
     for label in ("calibrated", "rl"):  # absent from output folders of earlier versions
         if (out / f"tradeoff_{label}.json").exists():
-            sections.append((f"Operating points: accuracy vs layers saved, {label}",
-                             pio.read_json(out / f"tradeoff_{label}.json")))
+            sections.append(
+                (f"Operating points: accuracy vs layers saved, {label}", pio.read_json(out / f"tradeoff_{label}.json"))
+            )
     summ = out / "summary.json"
     if summ.exists():
         t = json.loads(summ.read_text())["timings"]
@@ -346,8 +464,10 @@ def ship(out: Path, data: Path | None = None) -> list[Path]:
 
     out, data = Path(out), Path(data) if data else data_dir()
     cfg = json.loads((out / "summary.json").read_text())["config"]
-    pairs = [(out / "calibrated" / "model", data / "models" / "tiny-reasoner-calibrated"),
-             (out / "rl" / f"lam1.5_beta0.25_seed{cfg['seed']}" / "model", data / "models" / "tiny-reasoner-rl")]
+    pairs = [
+        (out / "calibrated" / "model", data / "models" / "tiny-reasoner-calibrated"),
+        (out / "rl" / f"lam1.5_beta0.25_seed{cfg['seed']}" / "model", data / "models" / "tiny-reasoner-rl"),
+    ]
     written = []
     for src, dst in pairs:
         if dst.exists():
@@ -356,8 +476,14 @@ def ship(out: Path, data: Path | None = None) -> list[Path]:
         written.append(dst)
     res = data / "results"
     res.mkdir(parents=True, exist_ok=True)
-    required = ("evaluation.csv", "rl_history.csv", "fig3.csv", "calibrated/fig4.csv", "calibrated/calibration_history.csv",
-                "summary.json")
+    required = (
+        "evaluation.csv",
+        "rl_history.csv",
+        "fig3.csv",
+        "calibrated/fig4.csv",
+        "calibrated/calibration_history.csv",
+        "summary.json",
+    )
     optional = ("tradeoff.csv",)  # absent from output folders of earlier versions
     for name in required + tuple(n for n in optional if (out / n).exists()):
         shutil.copy(out / name, res / Path(name).name)

@@ -56,7 +56,7 @@ def parse_percent(text: str) -> list[tuple[str, str]]:
     for n, line in enumerate(text.splitlines(), 1):
         if line.startswith(CELL_MARKER):
             flush()
-            rest = line[len(CELL_MARKER):].strip()
+            rest = line[len(CELL_MARKER) :].strip()
             kind = "md" if rest.startswith(MARKDOWN_TAGS) else "code"
             lines = []
         elif kind is None:
@@ -93,8 +93,9 @@ def make_notebook(cells: list[tuple[str, str]]):
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nb.cells = [nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src)
-                for kind, src in cells]
+    nb.cells = [
+        nbformat.v4.new_markdown_cell(src) if kind == "md" else nbformat.v4.new_code_cell(src) for kind, src in cells
+    ]
     return nb
 
 
@@ -120,8 +121,21 @@ def build(execute: bool = True, only: list[str] | None = None) -> None:
         path = HERE / name
         nbformat.write(make_notebook(parse_percent(src.read_text(encoding="utf-8"))), path)
         if execute:
-            subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute", "--inplace",
-                            "--ExecutePreprocessor.timeout=600", str(path)], check=True)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "jupyter",
+                    "nbconvert",
+                    "--to",
+                    "notebook",
+                    "--execute",
+                    "--inplace",
+                    "--ExecutePreprocessor.timeout=600",
+                    str(path),
+                ],
+                check=True,
+            )
         print("built", path)
 
 

@@ -54,7 +54,7 @@ def replay_top(ee_model, prompt_ids, new_ids, exit_layers, k: int, full_depth_at
     tokens = torch.cat([prompt_ids, new_ids[:k]]).unsqueeze(0)
     exit_at = torch.full_like(tokens, L)
     start = len(prompt_ids) - 1  # the position that predicts the first generated token
-    exit_at[0, start:start + k + 1] = exit_layers[:k + 1]
+    exit_at[0, start : start + k + 1] = exit_layers[: k + 1]
     if full_depth_at_k:
         exit_at[0, -1] = L
     with torch.no_grad():
@@ -70,8 +70,7 @@ def exit_confidences(ee_model, rollout) -> torch.Tensor:
 
     # the model as it is (adapters on); the forward takes the norm shortcut itself
     with torch.no_grad(), capturing(ee_model, ee_model.exit_layers, norm_shortcut=False) as resid:
-        ee_model(rollout.sequences, exit_layers=rollout.prescribed_exit_layers(),
-                 attention_mask=rollout.attention_mask)
+        ee_model(rollout.sequences, exit_layers=rollout.prescribed_exit_layers(), attention_mask=rollout.attention_mask)
         P, out = rollout.prompt_tokens.shape[1], torch.full(rollout.tokens.shape, float("nan"))
         for layer in ee_model.exit_layers:
             rows, ks = ((rollout.exit_layers == layer) & rollout.mask).nonzero(as_tuple=True)
@@ -90,8 +89,19 @@ class Divergence:
     exit_confidence: np.ndarray  # the lens's probability of every exited token at its exit layer
 
 
-def partings(ee_model, task="addition", *, rule=None, threshold=UNSET, patience=UNSET, min_confidence=UNSET,
-             max_entropy=UNSET, n: int = 500, split: str = "test", batch: int = 50) -> Divergence:
+def partings(
+    ee_model,
+    task="addition",
+    *,
+    rule=None,
+    threshold=UNSET,
+    patience=UNSET,
+    min_confidence=UNSET,
+    max_entropy=UNSET,
+    n: int = 500,
+    split: str = "test",
+    batch: int = 50,
+) -> Divergence:
     """Every answer that full depth gets right and thresholded exits get wrong, with where and why it
     parted, and the lens's confidence at every exit. The exits follow `rule` (an `ExitRule` of mode
     "threshold"), or one built from `threshold`, `patience`, `min_confidence` and `max_entropy`."""
@@ -99,15 +109,22 @@ def partings(ee_model, task="addition", *, rule=None, threshold=UNSET, patience=
 
     if rule is None and threshold is UNSET:
         raise TypeError("partings needs a threshold (or a rule)")
-    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode="threshold", threshold=threshold,
-                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
+    rule = ExitRule.from_kwargs(
+        rule,
+        n_exit=len(ee_model.exit_layers),
+        mode="threshold",
+        threshold=threshold,
+        patience=patience,
+        min_confidence=min_confidence,
+        max_entropy=max_entropy,
+    )
 
     task = tasks.get(task) if isinstance(task, str) else task
     examples = task.test_split()[:n] if split == "test" else task.validation_split(n)
     tok = ee_model.model.tokenizer
     L, out, confidence = ee_model.n_layers, [], []
     for i in range(0, len(examples), batch):
-        chunk = examples[i:i + batch]
+        chunk = examples[i : i + batch]
         prompts = [e.prompt for e in chunk]
         kw = dict(temperature=0.0, seed=0)
         with torch.no_grad():
@@ -126,13 +143,19 @@ def partings(ee_model, task="addition", *, rule=None, threshold=UNSET, patience=
             prompt_ids = ex.prompt_tokens[r][ex.prompt_mask[r].bool()]
             replayed = replay_top(ee_model, prompt_ids, ex.tokens[r], ex.exit_layers[r], k)
             want = int(full.tokens[r, k])
-            out.append(Parting(
-                prompt=e.prompt, position=k, exit_layer=int(ex.exit_layers[r, k]),
-                full_depth=tok.decode([want]), exited=tok.decode([int(ex.tokens[r, k])]),
-                replayed=tok.decode([replayed]),
-                lens_p=float(conf[r, k]),
-                earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
-                cause="exit" if replayed == want else "context"))
+            out.append(
+                Parting(
+                    prompt=e.prompt,
+                    position=k,
+                    exit_layer=int(ex.exit_layers[r, k]),
+                    full_depth=tok.decode([want]),
+                    exited=tok.decode([int(ex.tokens[r, k])]),
+                    replayed=tok.decode([replayed]),
+                    lens_p=float(conf[r, k]),
+                    earlier_exits=int((ex.exit_layers[r, :k] < L).sum()),
+                    cause="exit" if replayed == want else "context",
+                )
+            )
     return Divergence(out, len(examples), np.concatenate(confidence))
 
 
@@ -149,16 +172,26 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     import eetools
 
-    rule = ExitRule(mode="threshold", threshold=a.threshold, patience=a.patience, min_confidence=a.min_confidence,
-                    max_entropy=a.max_entropy)
+    rule = ExitRule(
+        mode="threshold",
+        threshold=a.threshold,
+        patience=a.patience,
+        min_confidence=a.min_confidence,
+        max_entropy=a.max_entropy,
+    )
     ee_model = eetools.load_exit_model(a.exit_model)
     d = partings(ee_model, a.task, rule=rule, n=a.n, split=a.split)
-    print(f"{d.n} prompts; {len(d.partings)} answers right at full depth and wrong with exits "
-          f"(threshold {a.threshold}, patience {a.patience}, min_confidence {a.min_confidence}"
-          + (f", max_entropy {a.max_entropy}" if a.max_entropy is not None else "") + ")")
+    print(
+        f"{d.n} prompts; {len(d.partings)} answers right at full depth and wrong with exits "
+        f"(threshold {a.threshold}, patience {a.patience}, min_confidence {a.min_confidence}"
+        + (f", max_entropy {a.max_entropy}" if a.max_entropy is not None else "")
+        + ")"
+    )
     c = d.exit_confidence
-    print(f"{len(c)} exited tokens; share whose lens probability at the exit layer is below q: "
-          + ", ".join(f"{q}: {float((c < q).mean()):.2%}" for q in (0.6, 0.8, 0.9, 0.95, 0.99)))
+    print(
+        f"{len(c)} exited tokens; share whose lens probability at the exit layer is below q: "
+        + ", ".join(f"{q}: {float((c < q).mean()):.2%}" for q in (0.6, 0.8, 0.9, 0.95, 0.99))
+    )
     if not d.partings:
         return
     df = pd.DataFrame([vars(p) for p in d.partings])

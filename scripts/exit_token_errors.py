@@ -52,7 +52,7 @@ def token_exits(ee_model, task="addition", n: int = 500, split: str = "test", ba
     L = ee_model.n_layers
     out = TokenExits([], [], [], list(ee_model.exit_layers), L)
     for i in range(0, len(examples), batch):
-        prompts = [e.prompt for e in examples[i:i + batch]]
+        prompts = [e.prompt for e in examples[i : i + batch]]
         with torch.no_grad():
             rollout = ee_model.generate(prompts, task.max_new_tokens, mode="off", temperature=0.0, seed=0)
             completions = [tasks.cut_at_answer(t) for t in rollout.text]
@@ -98,8 +98,14 @@ def frontier(te: TokenExits, thresholds=THRESHOLDS, patience: int = 0) -> pd.Dat
             pred = np.where(ex < te.n_layers, lens[np.arange(len(ex)), np.minimum(ex, te.n_layers - 1)], final)
             kept += int((pred == final).all())
             used, tokens = used + int(ex.sum()), tokens + len(ex)
-        rows.append({"threshold": t, "patience": patience, "kept": kept / len(te.c),
-                     "layers_saved": 1 - used / (tokens * te.n_layers)})
+        rows.append(
+            {
+                "threshold": t,
+                "patience": patience,
+                "kept": kept / len(te.c),
+                "layers_saved": 1 - used / (tokens * te.n_layers),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -111,8 +117,10 @@ def wrong_exits(te: TokenExits, threshold: float, patience: int = 0, decode=str)
             got = lens[k, ex[k]]
             if got != final[k]:
                 count[(int(ex[k]), decode(int(final[k])), decode(int(got)))] += 1
-    return pd.DataFrame([{"layer": l, "full_depth": a, "exited": b, "count": n} for (l, a, b), n in count.most_common()],
-                        columns=["layer", "full_depth", "exited", "count"])
+    return pd.DataFrame(
+        [{"layer": l, "full_depth": a, "exited": b, "count": n} for (l, a, b), n in count.most_common()],
+        columns=["layer", "full_depth", "exited", "count"],
+    )
 
 
 def main(argv=None) -> None:
@@ -130,8 +138,12 @@ def main(argv=None) -> None:
     te = token_exits(ee_model, a.task, a.n, a.split)
     print(f"{len(te.c)} sequences, {sum(len(f) for f in te.final)} completion tokens")
     curves = pd.concat([frontier(te, patience=p) for p in a.patience])
-    print(curves.pivot(index="threshold", columns="patience", values=["kept", "layers_saved"])
-          .sort_index(ascending=False).round(3).to_string())
+    print(
+        curves.pivot(index="threshold", columns="patience", values=["kept", "layers_saved"])
+        .sort_index(ascending=False)
+        .round(3)
+        .to_string()
+    )
     tok = ee_model.model.tokenizer
     wrong = wrong_exits(te, a.threshold, decode=lambda i: tok.decode([i]))
     print(f"\nwrong exits at threshold {a.threshold} (patience 0): {int(wrong['count'].sum())}")

@@ -23,8 +23,8 @@ def bracket_errors(model_dir: str | None = None, n: int = 500) -> dict[tuple, tu
 
     from eetools import tasks
     from eetools.io.models import resolve
-    from eetools.tasks.tom import _presence, trace
     from eetools.io.tokenizer import build_tokenizer
+    from eetools.tasks.tom import _presence, trace
 
     tok = build_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(resolve(model_dir)[0]).eval()
@@ -43,7 +43,7 @@ def bracket_errors(model_dir: str | None = None, n: int = 500) -> dict[tuple, tu
             if event is None or event[0][0] != "move":
                 continue
             b = start + at + line.rindex("(") + 1  # first token of the bracketed word
-            word = line[line.rindex("(") + 1:-1]
+            word = line[line.rindex("(") + 1 : -1]
             wrong = any(pred[b - 1 + k].item() != ids[b + k] for k in range(len(word)))
             for key in (("all",), (kind, set(need) <= set(event[1]))):
                 stats[key][0] += 1

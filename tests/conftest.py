@@ -13,7 +13,9 @@ torch.set_num_threads(1)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu", help="device of the tiny bridges (cpu, cuda); see benchmarks/gpu_check.sh")
+    parser.addoption(
+        "--device", default="cpu", help="device of the tiny bridges (cpu, cuda); see benchmarks/gpu_check.sh"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -35,9 +37,18 @@ def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
     torch.manual_seed(seed)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if arch == "qwen3":  # RMSNorm, rotary, grouped-query attention
-        cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=n_layers,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                          tie_word_embeddings=True, **ids)
+        cfg = Qwen3Config(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+            **ids,
+        )
         model = Qwen3ForCausalLM(cfg)
     else:  # LayerNorm, learned positions
         cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, **ids)

@@ -11,8 +11,8 @@ adapters can cost accuracy on their own, and that row separates their cost from 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
-from eetools.core.rule import UNSET, ExitRule
 from eetools.analysis.judges import as_judge, score_all
+from eetools.core.rule import UNSET, ExitRule
 
 
 @dataclass
@@ -55,24 +55,52 @@ class Evaluation:
         return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
 
 
-def _generate_all(ee_model, prompts, *, rule: ExitRule, max_new_tokens, seed, batch_size, temperature, base, progress,
-                  label=None):
+def _generate_all(
+    ee_model, prompts, *, rule: ExitRule, max_new_tokens, seed, batch_size, temperature, base, progress, label=None
+):
     """Rollouts of `prompts` in batches under `rule` (greedy or sampled tokens), the base model's with `base`."""
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:
-        for i in tqdm(range(0, len(prompts), batch_size), desc=f"evaluate ({label or ('base' if base else rule.mode)})",
-                      disable=not progress, leave=False):
-            rollouts.append(ee_model.generate(prompts[i:i + batch_size], max_new_tokens, rule=rule,
-                                              temperature=temperature, seed=seed + i, skip="compute"))
+        for i in tqdm(
+            range(0, len(prompts), batch_size),
+            desc=f"evaluate ({label or ('base' if base else rule.mode)})",
+            disable=not progress,
+            leave=False,
+        ):
+            rollouts.append(
+                ee_model.generate(
+                    prompts[i : i + batch_size],
+                    max_new_tokens,
+                    rule=rule,
+                    temperature=temperature,
+                    seed=seed + i,
+                    skip="compute",
+                )
+            )
     return rollouts
 
 
-def evaluate(ee_model, task, *, n: int = 100, rule: ExitRule | None = None, mode: str = UNSET, seed: int = 0,
-             judges=("reasoning",), max_new_tokens: int | None = None, batch_size: int = 50, temperature: float = 0.0,
-             threshold: float | Sequence[float] = UNSET, examples: Sequence | None = None, compare: bool = True,
-             progress: bool = True, patience: int = UNSET, min_confidence: float = UNSET,
-             max_entropy: float | None = UNSET) -> Evaluation:
+def evaluate(
+    ee_model,
+    task,
+    *,
+    n: int = 100,
+    rule: ExitRule | None = None,
+    mode: str = UNSET,
+    seed: int = 0,
+    judges=("reasoning",),
+    max_new_tokens: int | None = None,
+    batch_size: int = 50,
+    temperature: float = 0.0,
+    threshold: float | Sequence[float] = UNSET,
+    examples: Sequence | None = None,
+    compare: bool = True,
+    progress: bool = True,
+    patience: int = UNSET,
+    min_confidence: float = UNSET,
+    max_entropy: float | None = UNSET,
+) -> Evaluation:
     """Evaluate `ee_model` on `n` held-out examples of `task` (greedy tokens, exits by the rule).
 
     Args:
@@ -99,8 +127,15 @@ def evaluate(ee_model, task, *, n: int = 100, rule: ExitRule | None = None, mode
     Returns:
         An `Evaluation` (DataFrames; `.figure()` plots the exit histograms).
     """
-    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode=mode, threshold=threshold,
-                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
+    rule = ExitRule.from_kwargs(
+        rule,
+        n_exit=len(ee_model.exit_layers),
+        mode=mode,
+        threshold=threshold,
+        patience=patience,
+        min_confidence=min_confidence,
+        max_entropy=max_entropy,
+    )
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
@@ -120,9 +155,18 @@ def evaluate(ee_model, task, *, n: int = 100, rule: ExitRule | None = None, mode
     base_text, done = None, {}  # rollouts per (rule, base): with mode "off", no_exit is the model's own run
     for name, r, base in systems:
         if (r, base) not in done:
-            done[r, base] = _generate_all(ee_model, prompts, rule=r, max_new_tokens=max_new_tokens, seed=seed,
-                                          batch_size=batch_size, temperature=temperature, base=base,
-                                          progress=progress, label=rule.mode if name == "model" else name)
+            done[r, base] = _generate_all(
+                ee_model,
+                prompts,
+                rule=r,
+                max_new_tokens=max_new_tokens,
+                seed=seed,
+                batch_size=batch_size,
+                temperature=temperature,
+                base=base,
+                progress=progress,
+                label=rule.mode if name == "model" else name,
+            )
         rs = done[r, base]
         texts = [t for r in rs for t in r.text]
         compute = torch.cat([r.compute for r in rs]).tolist()
@@ -144,8 +188,14 @@ def evaluate(ee_model, task, *, n: int = 100, rule: ExitRule | None = None, mode
         rows += _rows("oracle", task, exs, base_text, comp, judges)
     per = pd.DataFrame(rows)
     for name, g in per.groupby("system", sort=False):
-        rec = {"system": name, "n": len(g), "accuracy": g["correct"].mean(), "mean_score": g["score"].mean(),
-               "compute": g["compute"].mean(), "layers_saved": 1 - g["compute"].mean()}
+        rec = {
+            "system": name,
+            "n": len(g),
+            "accuracy": g["correct"].mean(),
+            "mean_score": g["score"].mean(),
+            "compute": g["compute"].mean(),
+            "layers_saved": 1 - g["compute"].mean(),
+        }
         for j in judges:
             rec[f"coherence_{j.name}"] = g[f"coherence_{j.name}"].mean()
         summary.append(rec)
@@ -157,13 +207,29 @@ def _rows(system, task, exs, texts, compute, judges):
     cut = [task_lib.cut_at_answer(t) for t in texts]
     scores = [task.score(e, c) for e, c in zip(exs, cut)]
     coh = {j.name: score_all(j, exs, cut) for j in judges}
-    return [{"system": system, "example": i, "score": s, "correct": s == 1.0, "compute": c, "completion": t,
-             **{f"coherence_{k}": v[i] for k, v in coh.items()}}
-            for i, (s, c, t) in enumerate(zip(scores, compute, cut))]
+    return [
+        {
+            "system": system,
+            "example": i,
+            "score": s,
+            "correct": s == 1.0,
+            "compute": c,
+            "completion": t,
+            **{f"coherence_{k}": v[i] for k, v in coh.items()},
+        }
+        for i, (s, c, t) in enumerate(zip(scores, compute, cut))
+    ]
 
 
-def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100, max_new_tokens: int | None = None,
-                    progress: bool = True) -> float:
+def greedy_accuracy(
+    model,
+    task,
+    *,
+    n: int | None = None,
+    batch_size: int = 100,
+    max_new_tokens: int | None = None,
+    progress: bool = True,
+) -> float:
     """Greedy accuracy of a base model (a bridge, no exits) on the task's frozen test split."""
     from eetools.core.model import attach_exit_heads
 
@@ -171,8 +237,17 @@ def greedy_accuracy(model, task, *, n: int | None = None, batch_size: int = 100,
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = task.test_split()[:n] if n else task.test_split()
     ee = attach_exit_heads(model)
-    rs = _generate_all(ee, [e.prompt for e in exs], rule=ExitRule(mode="off"), max_new_tokens=max_new_tokens, seed=0,
-                       batch_size=batch_size, temperature=0.0, base=True, progress=progress)
+    rs = _generate_all(
+        ee,
+        [e.prompt for e in exs],
+        rule=ExitRule(mode="off"),
+        max_new_tokens=max_new_tokens,
+        seed=0,
+        batch_size=batch_size,
+        temperature=0.0,
+        base=True,
+        progress=progress,
+    )
     texts = [t for r in rs for t in r.text]
     return sum(task.score(e, task_lib.cut_at_answer(t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)
 
@@ -184,21 +259,36 @@ class CoherenceByKL:
     df: pd.DataFrame  # columns: system, kl_factor, example, coherence, correct, compute
 
     def summary(self) -> pd.DataFrame:
-        return (self.df.groupby(["system", "kl_factor"], dropna=False, sort=False)
-                .agg(coherence=("coherence", "mean"), accuracy=("correct", "mean"), compute=("compute", "mean"))
-                .reset_index())
+        return (
+            self.df.groupby(["system", "kl_factor"], dropna=False, sort=False)
+            .agg(coherence=("coherence", "mean"), accuracy=("correct", "mean"), compute=("compute", "mean"))
+            .reset_index()
+        )
 
     def figure(self) -> go.Figure:
         fig = go.Figure()
         for system, g in self.df.groupby("system", sort=False):
             fig.add_trace(go.Box(y=g["coherence"], name=system, boxmean=True, boxpoints=False))
-        fig.update_layout(title="Coherence by KL factor (higher k: exits rarer, text closer to the base model)",
-                          yaxis_title="coherence", template="plotly_white", showlegend=False)
+        fig.update_layout(
+            title="Coherence by KL factor (higher k: exits rarer, text closer to the base model)",
+            yaxis_title="coherence",
+            template="plotly_white",
+            showlegend=False,
+        )
         return fig
 
 
-def coherence_by_kl_factor(models: Mapping[float, object], task="addition", *, n: int = 100, seed: int = 0,
-                           judge="reasoning", mode: str = "sample", base_model=None, progress: bool = True) -> CoherenceByKL:
+def coherence_by_kl_factor(
+    models: Mapping[float, object],
+    task="addition",
+    *,
+    n: int = 100,
+    seed: int = 0,
+    judge="reasoning",
+    mode: str = "sample",
+    base_model=None,
+    progress: bool = True,
+) -> CoherenceByKL:
     """Fig. 3: evaluate students calibrated with different KL factors ({k: ee_model}) plus the base model."""
     frames = []
     for k, ee in sorted(models.items()):

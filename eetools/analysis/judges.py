@@ -13,7 +13,8 @@ and a protocol for plugging in any other:
 from __future__ import annotations
 
 import math
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -120,7 +121,7 @@ class ReferenceLikelihoodJudge:
             out.append(float(-(tok_lp * m).sum() / m.sum().clamp(min=1)))
         return out
 
-    def fit(self, prompts: Sequence[str], max_new_tokens: int = 96) -> "ReferenceLikelihoodJudge":
+    def fit(self, prompts: Sequence[str], max_new_tokens: int = 96) -> ReferenceLikelihoodJudge:
         """Set the normaliser to the mean NLL of the reference model's greedy completions."""
         ee = self._ee()
         with ee.adapters_disabled():

@@ -13,8 +13,8 @@ learned heads add.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -61,33 +61,63 @@ class Tradeoff:
     def figure(self) -> go.Figure:
         """Accuracy against layers saved: the threshold curve, the sampled point, base, oracle (and the confidence baseline)."""
         fig = go.Figure()
-        styles = {"threshold": dict(mode="lines+markers+text", marker=dict(size=8, color="rgb(40,70,170)")),
-                  "sample": dict(mode="markers", marker=dict(size=12, symbol="diamond", color="rgb(215,48,31)")),
-                  "base": dict(mode="markers", marker=dict(size=11, symbol="square", color="gray")),
-                  "no_exit": dict(mode="markers", marker=dict(size=11, symbol="square-open", color="gray")),
-                  "confidence": dict(mode="lines+markers+text", line=dict(dash="dot", color="rgb(230,140,20)"),
-                                     marker=dict(size=8, symbol="triangle-up", color="rgb(230,140,20)")),
-                  "oracle": dict(mode="markers", marker=dict(size=14, symbol="star", color="rgb(90,160,90)"))}
+        styles = {
+            "threshold": dict(mode="lines+markers+text", marker=dict(size=8, color="rgb(40,70,170)")),
+            "sample": dict(mode="markers", marker=dict(size=12, symbol="diamond", color="rgb(215,48,31)")),
+            "base": dict(mode="markers", marker=dict(size=11, symbol="square", color="gray")),
+            "no_exit": dict(mode="markers", marker=dict(size=11, symbol="square-open", color="gray")),
+            "confidence": dict(
+                mode="lines+markers+text",
+                line=dict(dash="dot", color="rgb(230,140,20)"),
+                marker=dict(size=8, symbol="triangle-up", color="rgb(230,140,20)"),
+            ),
+            "oracle": dict(mode="markers", marker=dict(size=14, symbol="star", color="rgb(90,160,90)")),
+        }
         for system, g in self.df.groupby("system", sort=False):
             text = [f"t={t:g}" for t in g["threshold"]] if system in ("threshold", "confidence") else None
-            fig.add_trace(go.Scatter(x=100 * g["layers_saved"], y=100 * g["accuracy"], name=system, text=text,
-                                     textposition="top center", customdata=g[["coherence"]],
-                                     hovertemplate="%{x:.1f} % saved, %{y:.1f} % correct, coherence %{customdata[0]:.3f}",
-                                     **styles.get(system, {})))
+            fig.add_trace(
+                go.Scatter(
+                    x=100 * g["layers_saved"],
+                    y=100 * g["accuracy"],
+                    name=system,
+                    text=text,
+                    textposition="top center",
+                    customdata=g[["coherence"]],
+                    hovertemplate="%{x:.1f} % saved, %{y:.1f} % correct, coherence %{customdata[0]:.3f}",
+                    **styles.get(system, {}),
+                )
+            )
         base = self.df[self.df.system == "base"]
         if len(base):
             fig.add_hline(y=100 * float(base["accuracy"].iloc[0]), line_dash="dash", line_color="gray")
-        fig.update_layout(title=f"Accuracy vs layers saved ({self.task}, {self.split} split, "
-                                "threshold exits labelled t)",
-                          xaxis_title="layers saved (%)", yaxis_title="accuracy (%)", template="plotly_white",
-                          height=420, width=640)
+        fig.update_layout(
+            title=f"Accuracy vs layers saved ({self.task}, {self.split} split, threshold exits labelled t)",
+            xaxis_title="layers saved (%)",
+            yaxis_title="accuracy (%)",
+            template="plotly_white",
+            height=420,
+            width=640,
+        )
         return fig
 
 
-def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS, n: int = 100, seed: int = 0,
-             sample: bool = True, judge="reasoning", split: str = "test", confidence: Sequence[float] = (),
-             rule: ExitRule | None = None, patience: int = UNSET, min_confidence: float = UNSET,
-             max_entropy: float | None = UNSET, progress: bool = True) -> Tradeoff:
+def tradeoff(
+    ee_model,
+    task,
+    *,
+    thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
+    n: int = 100,
+    seed: int = 0,
+    sample: bool = True,
+    judge="reasoning",
+    split: str = "test",
+    confidence: Sequence[float] = (),
+    rule: ExitRule | None = None,
+    patience: int = UNSET,
+    min_confidence: float = UNSET,
+    max_entropy: float | None = UNSET,
+    progress: bool = True,
+) -> Tradeoff:
     """Evaluate `ee_model` at several exit thresholds (and with sampled exits) on one task.
 
     Args:
@@ -126,10 +156,15 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     thresholds, confidence = [float(t) for t in thresholds], [float(t) for t in confidence]
     if not thresholds:
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")
-    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), patience=patience,
-                                min_confidence=min_confidence, max_entropy=max_entropy)
+    rule = ExitRule.from_kwargs(
+        rule,
+        n_exit=len(ee_model.exit_layers),
+        patience=patience,
+        min_confidence=min_confidence,
+        max_entropy=max_entropy,
+    )
     # every point's rule, all checked before any evaluation runs
-    rules = ([("sample", rule.replace(mode="sample"))] if sample else [])
+    rules = [("sample", rule.replace(mode="sample"))] if sample else []
     rules += [("threshold", rule.replace(mode="threshold", threshold=t)) for t in thresholds]
     rules += [("confidence", ExitRule(mode="threshold", threshold=t)) for t in confidence]
     task = task_lib.get(task)  # resolved once for every evaluation
@@ -140,15 +175,23 @@ def tradeoff(ee_model, task, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
     for i, (system, point) in enumerate(tqdm(rules, desc="tradeoff", disable=not progress)):
         model = baseline if system == "confidence" else ee_model
         t = None if system == "sample" else point.threshold
-        ev = evaluate(model, task, n=n, seed=seed, judges=(judge,), rule=point, examples=examples,
-                      compare=i == 0, progress=False)
+        ev = evaluate(
+            model, task, n=n, seed=seed, judges=(judge,), rule=point, examples=examples, compare=i == 0, progress=False
+        )
         for rec in ev.summary.to_dict(orient="records"):
             label = system if rec["system"] == "model" else rec["system"]
             coherence = next(v for k, v in rec.items() if k.startswith("coherence_"))
-            rows.append({"system": label, "threshold": t if label in ("threshold", "confidence") else float("nan"),
-                         "n": rec["n"],
-                         "accuracy": rec["accuracy"], "layers_saved": rec["layers_saved"],
-                         "compute": rec["compute"], "coherence": coherence})
+            rows.append(
+                {
+                    "system": label,
+                    "threshold": t if label in ("threshold", "confidence") else float("nan"),
+                    "n": rec["n"],
+                    "accuracy": rec["accuracy"],
+                    "layers_saved": rec["layers_saved"],
+                    "compute": rec["compute"],
+                    "coherence": coherence,
+                }
+            )
     order = {"base": 0, "no_exit": 1, "sample": 2, "threshold": 3, "confidence": 4, "oracle": 5}
     df = pd.DataFrame(rows).sort_values("system", key=lambda s: s.map(order), kind="stable").reset_index(drop=True)
     return Tradeoff(df=df, task=task.name, split=split)

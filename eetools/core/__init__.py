@@ -14,5 +14,16 @@ from eetools.core.model import EarlyExitModel, PrescribedOutput, TeacherOutput, 
 from eetools.core.rollout import Rollout
 from eetools.core.rule import ExitRule
 
-__all__ = ["EarlyExitModel", "ExitRule", "PrescribedOutput", "Rollout", "TeacherOutput", "attach_exit_heads", "encode_prompts",
-           "encode_sequences", "exit_log_probs", "generate", "stick_breaking"]
+__all__ = [
+    "EarlyExitModel",
+    "ExitRule",
+    "PrescribedOutput",
+    "Rollout",
+    "TeacherOutput",
+    "attach_exit_heads",
+    "encode_prompts",
+    "encode_sequences",
+    "exit_log_probs",
+    "generate",
+    "stick_breaking",
+]

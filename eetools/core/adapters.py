@@ -14,12 +14,22 @@ import weakref
 import torch
 from torch import nn
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-                   "c_attn", "c_proj", "c_fc")
+DEFAULT_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "c_attn",
+    "c_proj",
+    "c_fc",
+)
 
 # bridge -> its LoRA layers with the slots holding them, found by one walk of the module tree (a
 # thousand modules on the shipped model: a few ms, which every generate and reference pass paid)
-_SLOTS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_SLOTS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def lora_slots(ee_model) -> list[tuple[nn.Module, str, nn.Module]]:
@@ -37,8 +47,12 @@ def lora_slots(ee_model) -> list[tuple[nn.Module, str, nn.Module]]:
     slots = _SLOTS.get(model)
     # a slot may hold the layer's base layer instead, inside `adapters_merged`
     if slots is None or any(parent._modules.get(name) not in (m, m.base_layer) for parent, name, m in slots):
-        slots = [(parent, name, child) for parent in model.modules() for name, child in parent._modules.items()
-                 if isinstance(child, LoraLayer)]
+        slots = [
+            (parent, name, child)
+            for parent in model.modules()
+            for name, child in parent._modules.items()
+            if isinstance(child, LoraLayer)
+        ]
         _SLOTS[model] = slots
     return slots
 
@@ -103,7 +117,9 @@ def adapters_merged(ee_model):
                 m.get_base_layer().weight.copy_(w)
 
 
-def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS) -> list[nn.Parameter]:
+def add_lora(
+    ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS
+) -> list[nn.Parameter]:
     """Inject LoRA adapters into the base model's linear layers; freeze the base weights.
 
     Returns the adapter parameters (trainable). Calling it twice is an error.
@@ -114,16 +130,20 @@ def add_lora(ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, target
         raise ValueError("this model already has LoRA adapters")
     from transformers.pytorch_utils import Conv1D
 
-    found = [(n, m) for n, m in ee_model.model.named_modules()
-             if isinstance(m, (nn.Linear, Conv1D)) and any(f".{t}." in f".{n}." for t in targets)]
+    found = [
+        (n, m)
+        for n, m in ee_model.model.named_modules()
+        if isinstance(m, (nn.Linear, Conv1D)) and any(f".{t}." in f".{n}." for t in targets)
+    ]
     if not found:
         raise ValueError(f"no linear layers named {targets} found to adapt")
     names = [n for n, _ in found]
     conv1d = any(isinstance(m, Conv1D) for _, m in found)  # GPT-2 stores weights transposed
     for p in ee_model.model.parameters():
         p.requires_grad_(False)
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none",
-                        fan_in_fan_out=conv1d)
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", fan_in_fan_out=conv1d
+    )
     inject_adapter_in_model(config, ee_model.model)
     forget_lora_slots(ee_model.model)
     params = adapter_parameters(ee_model)

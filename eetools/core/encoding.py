@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -33,17 +33,19 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
             known[p] = model.to_tokens(p, prepend_bos=bool(model.cfg.default_prepend_bos), truncate=False)[0].tolist()
         ids = known[p]
         if len(ids) + max_new_tokens > n_ctx:
-            raise ValueError(f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
-                             f"{len(ids) + max_new_tokens} > the model's context of {n_ctx} tokens; shorten the prompt "
-                             f"or lower max_new_tokens")
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{len(ids) + max_new_tokens} > the model's context of {n_ctx} tokens; shorten the prompt "
+                f"or lower max_new_tokens"
+            )
         seqs.append(ids)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     n = max(map(len, seqs))
     ids = torch.full((len(seqs), n), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, n - len(s):] = torch.tensor(s)
-        mask[i, n - len(s):] = 1
+        ids[i, n - len(s) :] = torch.tensor(s)
+        mask[i, n - len(s) :] = 1
     return ids.to(ee_model.device), mask.to(ee_model.device)
 
 
@@ -62,9 +64,11 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
     n = max(map(len, rows))
     if n > int(model.cfg.n_ctx):
         i = max(range(len(rows)), key=lambda r: len(rows[r]))
-        raise ValueError(f"sequence {i} (prompt {prompts[i][:40]!r}...) has {n} tokens with its continuation, more than "
-                         f"the model's context of {model.cfg.n_ctx}; shorten it, or lower max_new_tokens for generated "
-                         f"continuations")
+        raise ValueError(
+            f"sequence {i} (prompt {prompts[i][:40]!r}...) has {n} tokens with its continuation, more than "
+            f"the model's context of {model.cfg.n_ctx}; shorten it, or lower max_new_tokens for generated "
+            f"continuations"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = torch.full((len(rows), n), pad, dtype=torch.long)
     attn = torch.zeros_like(ids)

@@ -14,31 +14,43 @@ Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache ro
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from eetools.core.adapters import adapters_merged
-from eetools.core.fast.bypass import bridge_bypassed
-from eetools.core.state import ExitState
 from eetools.core.encoding import encode_prompts
-from eetools.core.heads import exit_log_probs
+from eetools.core.fast.bypass import bridge_bypassed
 from eetools.core.fast.norm_shortcut import norm_shortcut
-from eetools.core.rollout import Rollout
-from eetools.core.rule import (MODES, UNSET, ExitRule, check_min_confidence, check_patience,  # noqa: F401 (re-exported)
-                               check_threshold, lens_held)
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
+from eetools.core.heads import exit_log_probs
+from eetools.core.rollout import Rollout
+from eetools.core.rule import MODES, UNSET, ExitRule, check_min_confidence, check_patience, check_threshold, lens_held  # noqa: F401 (re-exported)
+from eetools.core.state import ExitState
 
 SKIPS = ("mask", "compute")
 
 
 @torch.no_grad()
-def generate(ee_model, prompts, max_new_tokens: int = 64, *, rule: ExitRule | None = None, mode: str = UNSET,
-             temperature: float = 1.0, threshold: float | Sequence[float] = UNSET, patience: int = UNSET,
-             min_confidence: float = UNSET, max_entropy: float | None = UNSET, seed: int | None = None,
-             use_cache: bool = True, skip: str = "mask", progress: bool = False) -> Rollout:
+def generate(
+    ee_model,
+    prompts,
+    max_new_tokens: int = 64,
+    *,
+    rule: ExitRule | None = None,
+    mode: str = UNSET,
+    temperature: float = 1.0,
+    threshold: float | Sequence[float] = UNSET,
+    patience: int = UNSET,
+    min_confidence: float = UNSET,
+    max_entropy: float | None = UNSET,
+    seed: int | None = None,
+    use_cache: bool = True,
+    skip: str = "mask",
+    progress: bool = False,
+) -> Rollout:
     """Generate continuations with exits.
 
     Args:
@@ -75,15 +87,24 @@ def generate(ee_model, prompts, max_new_tokens: int = 64, *, rule: ExitRule | No
             weights for the call; same tokens, exits and log-probs up to float rounding, less
             time). "compute" needs ``use_cache=True``.
     """
-    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), mode=mode, threshold=threshold,
-                                patience=patience, min_confidence=min_confidence, max_entropy=max_entropy)
+    rule = ExitRule.from_kwargs(
+        rule,
+        n_exit=len(ee_model.exit_layers),
+        mode=mode,
+        threshold=threshold,
+        patience=patience,
+        min_confidence=min_confidence,
+        max_entropy=max_entropy,
+    )
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if skip not in SKIPS:
         raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
     if skip == "compute" and not use_cache:
-        raise ValueError("skip='compute' needs use_cache=True: without a KV cache every step recomputes "
-                         "the prefix, so exited tokens' later blocks cannot be skipped")
+        raise ValueError(
+            "skip='compute' needs use_cache=True: without a KV cache every step recomputes "
+            "the prefix, so exited tokens' later blocks cannot be skipped"
+        )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -152,8 +173,15 @@ class _Decoder:
         # duplicates (RL decodes k rollouts of every prompt): None when every prompt is distinct
         self.distinct = distinct_rows(torch.cat([ids, pmask], 1)) if use_cache else None
         # what a row that is not running records at a step (masked out in `rollout` anyway)
-        self.fill = {"tok": self.pad, "mask": False, "exit": self.L, "lp": 0.0, "elp": 0.0, "probs": 0.0,
-                     "allowed": True}
+        self.fill = {
+            "tok": self.pad,
+            "mask": False,
+            "exit": self.L,
+            "lp": 0.0,
+            "elp": 0.0,
+            "probs": 0.0,
+            "allowed": True,
+        }
 
     def step(self, step: int, state) -> None:
         """Decode one token for every running row: exits decided layer by layer, then the token drawn."""
@@ -172,8 +200,14 @@ class _Decoder:
         logp, tok = self._next_token(logits, u_tok)
         done = self.done[rows] if running else self.done
         tok = torch.where(done, torch.full_like(tok, self.pad), tok)
-        values = {"tok": tok, "mask": ~done, "exit": exit_at[:, -1], "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
-                  "elp": elp, "probs": z[:, -1]}
+        values = {
+            "tok": tok,
+            "mask": ~done,
+            "exit": exit_at[:, -1],
+            "lp": logp.gather(-1, tok[:, None]).squeeze(-1),
+            "elp": elp,
+            "probs": z[:, -1],
+        }
         if allowed is not None:
             values["allowed"] = allowed
         for key, v in values.items():  # raw per-step values of the full batch; masked once, in `rollout`
@@ -202,11 +236,13 @@ class _Decoder:
             return self._prefill_distinct(state)
         if self.use_cache:
             mask = self.mask if self.padded else None
-            logits, z, exit_at, self.cache = self.ee.run_with_exits(self.step_input, mask, decide=decide, state=state,
-                                                                    past_key_values=self.cache, use_cache=True)
+            logits, z, exit_at, self.cache = self.ee.run_with_exits(
+                self.step_input, mask, decide=decide, state=state, past_key_values=self.cache, use_cache=True
+            )
             return logits, z, exit_at
-        logits, z, exit_at, _ = self.ee.run_with_exits(self.seq, self.mask, exit_at=self.exit_hist, decide=decide,
-                                                       state=state)
+        logits, z, exit_at, _ = self.ee.run_with_exits(
+            self.seq, self.mask, exit_at=self.exit_hist, decide=decide, state=state
+        )
         self.exit_hist = exit_at
         return logits, z, exit_at
 
@@ -224,8 +260,9 @@ class _Decoder:
         if step == 0:
             return torch.zeros(len(self.rows), device=self.device)
         policy = allowed if self.mode == "sample" else None
-        return exit_log_probs(z[:, -1].float(), policy).gather(
-            -1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
+        return (
+            exit_log_probs(z[:, -1].float(), policy).gather(-1, self.ee.exit_index(exit_at[:, -1])[:, None]).squeeze(-1)
+        )
 
     def _next_token(self, logits: Tensor, u_tok: Tensor) -> tuple[Tensor, Tensor]:
         """Log-probs of the last position and the token drawn from them (greedy at temperature 0)."""
@@ -293,7 +330,21 @@ class _Decoder:
         str_tokens = [[piece[t] for t in row] for row in valid]
         prompt_str = [[piece[t] for t in row] for row in prompt_ids]
         text = [tok.decode([t for t in row if t != self.eos], skip_special_tokens=True) for row in valid]
-        return Rollout(prompts=prompts, prompt_tokens=ids, prompt_mask=pmask, tokens=tokens, mask=gmask,
-                       exit_layers=exits, token_logprobs=lp, exit_logprobs=elp,
-                       exit_probs=probs, text=text, str_tokens=str_tokens, prompt_str_tokens=prompt_str,
-                       n_layers=self.L, layers=list(self.ee.exit_layers), exit_allowed=allowed, rule=self.rule)
+        return Rollout(
+            prompts=prompts,
+            prompt_tokens=ids,
+            prompt_mask=pmask,
+            tokens=tokens,
+            mask=gmask,
+            exit_layers=exits,
+            token_logprobs=lp,
+            exit_logprobs=elp,
+            exit_probs=probs,
+            text=text,
+            str_tokens=str_tokens,
+            prompt_str_tokens=prompt_str,
+            n_layers=self.L,
+            layers=list(self.ee.exit_layers),
+            exit_allowed=allowed,
+            rule=self.rule,
+        )

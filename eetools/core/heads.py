@@ -15,7 +15,7 @@ at its layer beside the residual (docs/experiments.md: "Heads that read the logi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Bool, Float
@@ -39,8 +39,14 @@ class ExitHead(nn.Module):
     head need not re-learn the final norm and unembedding to tell a confident readout.
     """
 
-    def __init__(self, d_model: int, kind: str = "mlp", init_bias: float = INIT_BIAS,
-                 readout: Callable[[Tensor], Tensor] | None = None, vocab: int = 0):
+    def __init__(
+        self,
+        d_model: int,
+        kind: str = "mlp",
+        init_bias: float = INIT_BIAS,
+        readout: Callable[[Tensor], Tensor] | None = None,
+        vocab: int = 0,
+    ):
         super().__init__()
         if kind not in TRAINABLE_KINDS:
             raise ValueError(f"ExitHead kind must be one of {TRAINABLE_KINDS}, got {kind!r}")
@@ -57,7 +63,7 @@ class ExitHead(nn.Module):
         nn.init.normal_(last.weight, std=0.01)
         nn.init.constant_(last.bias, init_bias)
 
-    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ...]:
         # functional form of self.net (same parameters): decode steps call 7 heads per token, so
         # the layers are fetched from `_modules` (indexing an nn.Sequential walks it)
         layers = self.net._modules
@@ -85,7 +91,7 @@ class ConfidenceHead(nn.Module):
         super().__init__()
         self.readout = readout  # a function, not a submodule: the bridge's weights stay the bridge's
 
-    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "..."]:
+    def forward(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, ...]:
         return top_confidence(self.readout(resid))[0]
 
 
@@ -112,8 +118,9 @@ VETOED = -1e4
 """Exit logit of a layer whose exit a rule vetoes (``sigmoid`` is 0 in float32; finite, so no NaN in gradients)."""
 
 
-def exit_log_probs(exit_logits: Float[Tensor, "... m"],
-                   allowed: Bool[Tensor, "... m"] | None = None) -> Float[Tensor, "... m_plus_1"]:
+def exit_log_probs(
+    exit_logits: Float[Tensor, "... m"], allowed: Bool[Tensor, "... m"] | None = None
+) -> Float[Tensor, "... m_plus_1"]:
     """Log of `stick_breaking(sigmoid(exit_logits))`, computed stably with logsigmoid.
 
     `allowed` (None: every layer) masks exits a rule vetoes (patience, the confidence floor):

@@ -29,8 +29,10 @@ def check_hook_names(model) -> None:
     """Raise if the bridge lacks a hook eetools relies on (an unsupported architecture)."""
     missing = [n for n in required_hook_names(model.cfg.n_layers) if n not in model.hook_dict]
     if missing:
-        raise ValueError(f"model {getattr(model.cfg, 'model_name', '?')} lacks hooks {missing[:4]}...; "
-                         "eetools needs a TransformerLens bridge with blocks.{l}.hook_resid_pre/post")
+        raise ValueError(
+            f"model {getattr(model.cfg, 'model_name', '?')} lacks hooks {missing[:4]}...; "
+            "eetools needs a TransformerLens bridge with blocks.{l}.hook_resid_pre/post"
+        )
 
 
 def count_hooks(model) -> int:

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import operator
-from typing import Any, Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
 
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -55,8 +56,10 @@ def residual_hook_name(layer: int, n_layers: int, where: Where = "pre") -> str:
         ok = False
     if not ok:
         final = f" ({n_layers} = the final residual)" if where == "pre" else ""
-        raise ValueError(f"layer {layer!r} is out of range for where={where!r}: valid layers are 0..{top}{final} "
-                         f"on this {n_layers}-block model")
+        raise ValueError(
+            f"layer {layer!r} is out of range for where={where!r}: valid layers are 0..{top}{final} "
+            f"on this {n_layers}-block model"
+        )
     layer = operator.index(layer)
     if where == "post":
         return resid_post(layer)
@@ -78,8 +81,15 @@ def _base_and_shortcut(model, base: bool, norm_shortcut: bool) -> Iterator[None]
 
 
 @contextlib.contextmanager
-def capturing(model, layers: Sequence[int], *, where: Where = "pre", rows: Any = None, base: bool = False,
-              norm_shortcut: bool = True) -> Iterator[dict[int, Tensor]]:
+def capturing(
+    model,
+    layers: Sequence[int],
+    *,
+    where: Where = "pre",
+    rows: Any = None,
+    base: bool = False,
+    norm_shortcut: bool = True,
+) -> Iterator[dict[int, Tensor]]:
     """Context yielding a dict that every forward run inside fills with ``{layer: residual}``.
 
     Args:
@@ -107,16 +117,28 @@ def capturing(model, layers: Sequence[int], *, where: Where = "pre", rows: Any =
     def grab(layer: int):
         def hook(resid, hook):
             store[layer] = resid if rows is None else resid[rows]
+
         return hook
 
-    with (_base_and_shortcut(model, base, norm_shortcut),
-          bridge.hooks(fwd_hooks=[(name, grab(l)) for l, name in names.items()])):
+    with (
+        _base_and_shortcut(model, base, norm_shortcut),
+        bridge.hooks(fwd_hooks=[(name, grab(l)) for l, name in names.items()]),
+    ):
         yield store
 
 
-def capture_residuals(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[int], *,
-                      attention_mask: Tensor | None = None, where: Where = "pre", rows: Any = None,
-                      base: bool = False, norm_shortcut: bool = True, return_logits: bool = False):
+def capture_residuals(
+    model,
+    tokens: Int[Tensor, "batch pos"],
+    layers: Sequence[int],
+    *,
+    attention_mask: Tensor | None = None,
+    where: Where = "pre",
+    rows: Any = None,
+    base: bool = False,
+    norm_shortcut: bool = True,
+    return_logits: bool = False,
+):
     """One plain bridge forward (no exits) capturing the residual stream at `layers`.
 
     Returns ``{layer: Float[Tensor, "batch pos d_model"]}`` (rows selected by `rows`, see
@@ -131,8 +153,9 @@ def capture_residuals(model, tokens: Int[Tensor, "batch pos"], layers: Sequence[
     return (dict(store), logits) if return_logits else dict(store)
 
 
-def lens_logits(model, resid: Float[Tensor, "... d_model"], *, base: bool = False,
-                norm_shortcut: bool = False) -> Float[Tensor, "... vocab"]:
+def lens_logits(
+    model, resid: Float[Tensor, "... d_model"], *, base: bool = False, norm_shortcut: bool = False
+) -> Float[Tensor, "... vocab"]:
     """Logit lens with the final norm: ``unembed(ln_final(resid))``.
 
     `base` turns the adapters off for the readout (only matters if they touch the final norm or
@@ -147,7 +170,8 @@ def lens_logits(model, resid: Float[Tensor, "... d_model"], *, base: bool = Fals
         return bridge.unembed(bridge.ln_final(resid))
 
 
-def lens_logprobs(model, resid: Float[Tensor, "... d_model"], *, base: bool = False,
-                  norm_shortcut: bool = False) -> Float[Tensor, "... vocab"]:
+def lens_logprobs(
+    model, resid: Float[Tensor, "... d_model"], *, base: bool = False, norm_shortcut: bool = False
+) -> Float[Tensor, "... vocab"]:
     """`lens_logits` as float32 log-probabilities."""
     return lens_logits(model, resid, base=base, norm_shortcut=norm_shortcut).float().log_softmax(-1)

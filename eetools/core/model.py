@@ -17,18 +17,18 @@ readouts), `prescribed_forward` (exits given per position, differentiable) and
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from eetools.core.fast.norm_shortcut import norm_shortcut
+from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names
 from eetools.core.lens import capturing, lens_logits
-from eetools.core.fast.norm_shortcut import norm_shortcut
-from eetools.core.generation import generate
 from eetools.core.rule import UNSET, ExitRule
 from eetools.core.state import Decider, ExitState
 
@@ -58,8 +58,10 @@ def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[in
         raise ValueError(f"exit layers are empty; give a subset of 1..{n_layers - 1} (or None for a default)")
     bad = [l for l in layers if not 1 <= l <= n_layers - 1]
     if bad:
-        raise ValueError(f"exit layers {bad} are out of range: valid exitable layers are 1..{n_layers - 1} "
-                         f"for this {n_layers}-block model (0 would skip every block, {n_layers} is full depth)")
+        raise ValueError(
+            f"exit layers {bad} are out of range: valid exitable layers are 1..{n_layers - 1} "
+            f"for this {n_layers}-block model (0 would skip every block, {n_layers} is full depth)"
+        )
     if len(set(layers)) != len(layers):
         raise ValueError(f"exit layers {layers} contain duplicates; give each layer once")
     if layers != sorted(layers):
@@ -88,8 +90,6 @@ class PrescribedOutput:
         return exit_log_probs(self.exit_logits)
 
 
-
-
 class EarlyExitModel(nn.Module):
     """A bridge with exit heads. Build it with `attach_exit_heads`.
 
@@ -110,8 +110,9 @@ class EarlyExitModel(nn.Module):
         self.exit_layers: list[int] = validate_exit_layers(layers, self.n_layers)
         self.head_kind = head
         d_model = int(model.cfg.d_model)
-        self.heads = nn.ModuleList([make_head(head, d_model, self.readout, int(model.cfg.d_vocab))
-                                    for _ in self.exit_layers])
+        self.heads = nn.ModuleList(
+            [make_head(head, d_model, self.readout, int(model.cfg.d_vocab)) for _ in self.exit_layers]
+        )
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
@@ -127,7 +128,7 @@ class EarlyExitModel(nn.Module):
     def tokenizer(self):
         return self.model.tokenizer
 
-    def exit_index(self, exit_layers: Int[Tensor, "..."]) -> Int[Tensor, "..."]:
+    def exit_index(self, exit_layers: Int[Tensor, ...]) -> Int[Tensor, ...]:
         """Map exit layers (exitable layer or L) to outcome indices 0..m (m = no exit)."""
         lookup = self._exit_lookup.get(exit_layers.device)
         if lookup is None:  # built once per device: decode steps call this every token
@@ -144,9 +145,11 @@ class EarlyExitModel(nn.Module):
     def require_learned_heads(self, what: str) -> None:
         """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
         if self.head_kind not in TRAINABLE_KINDS:
-            raise ValueError(f"cannot {what}: this model's exit heads are {self.head_kind!r} heads, the parameter-free "
-                             f"logit-lens baseline, with nothing to train; attach learned heads "
-                             f"(head={' or '.join(map(repr, TRAINABLE_KINDS))}) to {what}")
+            raise ValueError(
+                f"cannot {what}: this model's exit heads are {self.head_kind!r} heads, the parameter-free "
+                f"logit-lens baseline, with nothing to train; attach learned heads "
+                f"(head={' or '.join(map(repr, TRAINABLE_KINDS))}) to {what}"
+            )
 
     def adapters_disabled(self):
         """Context in which LoRA adapters (if any) are off: the reference/base model."""
@@ -156,19 +159,31 @@ class EarlyExitModel(nn.Module):
 
     def _check_exit_layers(self, exit_layers: Tensor, shape) -> Tensor:
         if tuple(exit_layers.shape) != tuple(shape):
-            raise ValueError(f"exit_layers has shape {tuple(exit_layers.shape)}, expected {tuple(shape)} (one per token)")
+            raise ValueError(
+                f"exit_layers has shape {tuple(exit_layers.shape)}, expected {tuple(shape)} (one per token)"
+            )
         allowed = torch.tensor([*self.exit_layers, self.n_layers], device=exit_layers.device)
         ok = torch.isin(exit_layers, allowed)
         if not bool(ok.all()):
             bad = sorted(set(exit_layers[~ok].tolist()))
-            raise ValueError(f"exit_layers holds {bad}: each position must hold an exitable layer "
-                             f"{self.exit_layers} or {self.n_layers} (no exit)")
+            raise ValueError(
+                f"exit_layers holds {bad}: each position must hold an exitable layer "
+                f"{self.exit_layers} or {self.n_layers} (no exit)"
+            )
         return exit_layers.long()
 
     # ------------------------------------------------------------------ core
-    def run_with_exits(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None, *,
-                 exit_at: Tensor | None = None, decide: Decider | None = None,
-                 past_key_values=None, use_cache: bool = False, state: ExitState | None = None):
+    def run_with_exits(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None,
+        *,
+        exit_at: Tensor | None = None,
+        decide: Decider | None = None,
+        past_key_values=None,
+        use_cache: bool = False,
+        state: ExitState | None = None,
+    ):
         """One forward with exits; returns (logits, exit_logits [b,pos,m], exit_at, cache).
 
         `exit_at` prescribes exits per position (L = none). `decide`, if given, decides
@@ -177,8 +192,11 @@ class EarlyExitModel(nn.Module):
         `ExitState`) to run many forwards under one hook context, as generation does.
         """
         b, t = tokens.shape
-        exit_at = (torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device) if exit_at is None
-                   else exit_at.clone().to(tokens.device))
+        exit_at = (
+            torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device)
+            if exit_at is None
+            else exit_at.clone().to(tokens.device)
+        )
         ctx = contextlib.nullcontext()
         if state is None:
             state = ExitState(self)
@@ -206,8 +224,12 @@ class EarlyExitModel(nn.Module):
             early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
         return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))
 
-    def prescribed_forward(self, tokens: Int[Tensor, "batch pos"], exit_layers: Int[Tensor, "batch pos"],
-                           attention_mask: Tensor | None = None) -> PrescribedOutput:
+    def prescribed_forward(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        exit_layers: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None,
+    ) -> PrescribedOutput:
         """Student forward with the exit of every position given (L = no exit); differentiable.
 
         Position `p`'s exit decides the prediction of token `p+1`; give `L` to prompt positions.
@@ -223,10 +245,23 @@ class EarlyExitModel(nn.Module):
             exit_layers = torch.full_like(tokens, self.n_layers)
         return self.prescribed_forward(tokens, exit_layers, attention_mask)
 
-    def generate(self, prompts, max_new_tokens: int = 64, *, rule: ExitRule | None = None, mode: str = UNSET,
-                 temperature: float = 1.0, threshold: float | Sequence[float] = UNSET, patience: int = UNSET,
-                 min_confidence: float = UNSET, max_entropy: float | None = UNSET, seed: int | None = None,
-                 use_cache: bool = True, skip: str = "mask", progress: bool = False):
+    def generate(
+        self,
+        prompts,
+        max_new_tokens: int = 64,
+        *,
+        rule: ExitRule | None = None,
+        mode: str = UNSET,
+        temperature: float = 1.0,
+        threshold: float | Sequence[float] = UNSET,
+        patience: int = UNSET,
+        min_confidence: float = UNSET,
+        max_entropy: float | None = UNSET,
+        seed: int | None = None,
+        use_cache: bool = True,
+        skip: str = "mask",
+        progress: bool = False,
+    ):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.core.generation.generate`.
 
         The exit settings come as one `ExitRule` (`rule`) or as its fields (`mode`, `threshold`,
@@ -234,9 +269,22 @@ class EarlyExitModel(nn.Module):
         (exited tokens only compute keys and values in later blocks); the default ``"mask"`` is
         the exact reference.
         """
-        return generate(self, prompts, max_new_tokens, rule=rule, mode=mode, temperature=temperature,
-                        threshold=threshold, patience=patience, min_confidence=min_confidence,
-                        max_entropy=max_entropy, seed=seed, use_cache=use_cache, skip=skip, progress=progress)
+        return generate(
+            self,
+            prompts,
+            max_new_tokens,
+            rule=rule,
+            mode=mode,
+            temperature=temperature,
+            threshold=threshold,
+            patience=patience,
+            min_confidence=min_confidence,
+            max_entropy=max_entropy,
+            seed=seed,
+            use_cache=use_cache,
+            skip=skip,
+            progress=progress,
+        )
 
     # ------------------------------------------------------------------ persistence
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -246,8 +294,10 @@ class EarlyExitModel(nn.Module):
         return list(self.heads.parameters()) + adapter_parameters(self)
 
     def __repr__(self) -> str:
-        return (f"EarlyExitModel({getattr(self.model.cfg, 'model_name', '?')}, L={self.n_layers}, "
-                f"exit_layers={self.exit_layers}, head={self.head_kind!r})")
+        return (
+            f"EarlyExitModel({getattr(self.model.cfg, 'model_name', '?')}, L={self.n_layers}, "
+            f"exit_layers={self.exit_layers}, head={self.head_kind!r})"
+        )
 
 
 def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str = "mlp") -> EarlyExitModel:

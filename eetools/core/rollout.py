@@ -78,11 +78,14 @@ class Rollout:
             if tuple(t.shape) != (b, n):
                 raise ValueError(f"Rollout.{name} has shape {tuple(t.shape)}, expected {(b, n)}")
         if tuple(self.exit_probs.shape) != (b, n, len(self.layers)):
-            raise ValueError(f"Rollout.exit_probs has shape {tuple(self.exit_probs.shape)}, "
-                             f"expected {(b, n, len(self.layers))}")
+            raise ValueError(
+                f"Rollout.exit_probs has shape {tuple(self.exit_probs.shape)}, expected {(b, n, len(self.layers))}"
+            )
         if self.exit_allowed is not None and tuple(self.exit_allowed.shape) != tuple(self.exit_probs.shape):
-            raise ValueError(f"Rollout.exit_allowed has shape {tuple(self.exit_allowed.shape)}, "
-                             f"expected {tuple(self.exit_probs.shape)}")
+            raise ValueError(
+                f"Rollout.exit_allowed has shape {tuple(self.exit_allowed.shape)}, "
+                f"expected {tuple(self.exit_probs.shape)}"
+            )
         if len(self.prompts) != b or len(self.text) != b:
             raise ValueError("Rollout: prompts/text must have one entry per sequence")
 
@@ -95,7 +98,7 @@ class Rollout:
         return self.tokens.shape[0]
 
     @property
-    def n_tokens(self) -> Int[Tensor, "batch"]:
+    def n_tokens(self) -> Int[Tensor, " batch"]:
         """Generated tokens per sequence (EOS included)."""
         return self.mask.sum(1)
 
@@ -112,13 +115,13 @@ class Rollout:
         return self.exit_layers * self.mask
 
     @property
-    def compute(self) -> Float[Tensor, "batch"]:
+    def compute(self) -> Float[Tensor, " batch"]:
         """Mean over generated tokens of blocks used / L, per sequence."""
         used = (self.exit_layers.float() / self.n_layers) * self.mask
         return used.sum(1) / self.mask.sum(1).clamp(min=1)
 
     @property
-    def layers_saved(self) -> Float[Tensor, "batch"]:
+    def layers_saved(self) -> Float[Tensor, " batch"]:
         return 1 - self.compute
 
     @property
@@ -147,7 +150,9 @@ class Rollout:
         out[:, p : p + self.tokens.shape[1] - 1] = torch.where(self.mask[:, 1:], self.exit_layers[:, 1:], self.n_layers)
         return out
 
-    def exit_histogram(self) -> Float[Tensor, "n_exit_plus_1"]:
+    def exit_histogram(self) -> Float[Tensor, " n_exit_plus_1"]:
         """Fraction of generated tokens predicted at each exitable layer, then at full depth."""
-        counts = torch.tensor([float(((self.exit_layers == l) & self.mask).sum()) for l in [*self.layers, self.n_layers]])
+        counts = torch.tensor(
+            [float(((self.exit_layers == l) & self.mask).sum()) for l in [*self.layers, self.n_layers]]
+        )
         return counts / counts.sum().clamp(min=1)

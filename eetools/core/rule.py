@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -48,10 +49,14 @@ def check_threshold(threshold: float | Sequence[float], n_exit: int | None = Non
                 raise TypeError
             values, one = [float(t) for t in threshold], False
         except (TypeError, ValueError):
-            raise TypeError(f"threshold must be a number in (0, 1] or one per exitable layer, got {threshold!r}") from None
+            raise TypeError(
+                f"threshold must be a number in (0, 1] or one per exitable layer, got {threshold!r}"
+            ) from None
         if n_exit is not None and len(values) != n_exit:
-            raise ValueError(f"threshold has {len(values)} values but the model has {n_exit} exitable layers; "
-                             f"give one number, or one per exitable layer")
+            raise ValueError(
+                f"threshold has {len(values)} values but the model has {n_exit} exitable layers; "
+                f"give one number, or one per exitable layer"
+            )
     for t in values:
         if not 0.0 < t <= 1.0:
             raise ValueError(f"threshold must be in (0, 1] (exit where c >= threshold), got {t}")
@@ -64,13 +69,17 @@ def check_patience(patience: int, mode: str, n_exit: int | None = None) -> int:
     if isinstance(patience, bool) or not isinstance(patience, int):
         raise TypeError(f"patience must be an int (exitable layers whose lens must agree), got {patience!r}")
     if patience and mode not in ("threshold", "sample"):
-        raise ValueError(f"patience applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
-                         f"never exits: pass patience=0")
+        raise ValueError(
+            f"patience applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+            f"never exits: pass patience=0"
+        )
     if n_exit is None and patience < 0:
         raise ValueError(f"patience must be >= 0 (the first `patience` exitable layers cannot exit), got {patience}")
     if n_exit is not None and not 0 <= patience < n_exit:
-        raise ValueError(f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
-                         f"`patience` of them cannot exit), got {patience}")
+        raise ValueError(
+            f"patience must be in 0 .. {n_exit - 1} (the model has {n_exit} exitable layers, and the first "
+            f"`patience` of them cannot exit), got {patience}"
+        )
     return patience
 
 
@@ -79,11 +88,15 @@ def check_min_confidence(min_confidence: float, mode: str) -> float:
     if isinstance(min_confidence, bool) or not isinstance(min_confidence, (int, float)):
         raise TypeError(f"min_confidence must be a number in [0, 1), got {min_confidence!r}")
     if not 0.0 <= min_confidence < 1.0:
-        raise ValueError(f"min_confidence must be in [0, 1) (the logit lens's top probability a token needs to exit; "
-                         f"0: no floor), got {min_confidence}")
+        raise ValueError(
+            f"min_confidence must be in [0, 1) (the logit lens's top probability a token needs to exit; "
+            f"0: no floor), got {min_confidence}"
+        )
     if min_confidence and mode not in ("threshold", "sample"):
-        raise ValueError(f"min_confidence applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
-                         f"never exits: pass min_confidence=0")
+        raise ValueError(
+            f"min_confidence applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+            f"never exits: pass min_confidence=0"
+        )
     return float(min_confidence)
 
 
@@ -95,15 +108,19 @@ def check_max_entropy(max_entropy: float | None, mode: str) -> float | None:
     if isinstance(max_entropy, bool) or not isinstance(max_entropy, (int, float)):
         raise TypeError(f"max_entropy must be a number >= 0 (nats) or None, got {max_entropy!r}")
     if math.isnan(max_entropy) or max_entropy < 0:
-        raise ValueError(f"max_entropy must be >= 0 (the logit lens's entropy in nats a token may exit at; "
-                         f"None: no ceiling), got {max_entropy}")
+        raise ValueError(
+            f"max_entropy must be >= 0 (the logit lens's entropy in nats a token may exit at; "
+            f"None: no ceiling), got {max_entropy}"
+        )
     if mode not in ("threshold", "sample"):
-        raise ValueError(f"max_entropy applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
-                         f"never exits: pass max_entropy=None")
+        raise ValueError(
+            f"max_entropy applies to exits (mode 'threshold' or 'sample'), not mode={mode!r}, which "
+            f"never exits: pass max_entropy=None"
+        )
     return float(max_entropy)
 
 
-def top_confidence(logits: Float[Tensor, "... vocab"]) -> tuple[Float[Tensor, "..."], Int[Tensor, "..."]]:
+def top_confidence(logits: Float[Tensor, "... vocab"]) -> tuple[Float[Tensor, ...], Int[Tensor, ...]]:
     """The logit of the largest probability of `logits`' softmax, ``x_max - logsumexp(other logits)``,
     and the index of that largest one. Exact where the probability rounds to 1 in float32. Here (not
     in `heads`, whose `ConfidenceHead` uses it) so that this module imports nothing from eetools."""
@@ -195,8 +212,10 @@ class ExitRule:
         given = {k: v for k, v in kwargs.items() if v is not UNSET}
         unknown = set(given) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise TypeError(f"unknown exit settings {sorted(unknown)}; ExitRule takes mode, threshold, patience, "
-                            f"min_confidence and max_entropy")
+            raise TypeError(
+                f"unknown exit settings {sorted(unknown)}; ExitRule takes mode, threshold, patience, "
+                f"min_confidence and max_entropy"
+            )
         if rule is None:
             if n_exit is not None and "patience" in given:  # the range is the clearer message
                 check_patience(given["patience"], given.get("mode", "sample"), n_exit)
@@ -207,8 +226,10 @@ class ExitRule:
             other = dataclasses.replace(rule, **given)
             clash = [k for k in given if getattr(other, k) != getattr(rule, k)]
             if clash:
-                raise ValueError(f"both rule= and {', '.join(f'{k}={given[k]!r}' for k in clash)} were given and "
-                                 f"they disagree; give the exit settings once")
+                raise ValueError(
+                    f"both rule= and {', '.join(f'{k}={given[k]!r}' for k in clash)} were given and "
+                    f"they disagree; give the exit settings once"
+                )
         return rule.checked(n_exit) if n_exit is not None else rule
 
     @property
@@ -217,14 +238,16 @@ class ExitRule:
         c = self.min_confidence
         return math.log(c / (1 - c)) if c else -math.inf
 
-    def fires(self, c: Float[Tensor, "batch"], i: int, u: Float[Tensor, "batch"]) -> Bool[Tensor, "batch"]:
+    def fires(self, c: Float[Tensor, " batch"], i: int, u: Float[Tensor, " batch"]) -> Bool[Tensor, " batch"]:
         """The heads' decision at the i-th exitable layer: ``u < c`` (sampled, `u` the step's
         uniforms) or ``c >= threshold`` (thresholded); the lens checks come on top (`allows`)."""
         if self.mode == "sample":
             return u < c
         return c >= (self.threshold if isinstance(self.threshold, float) else self.threshold[i])
 
-    def allows(self, logits: Float[Tensor, "batch vocab"], i: int, top: list[Int[Tensor, "batch"]]) -> Bool[Tensor, "batch"]:
+    def allows(
+        self, logits: Float[Tensor, "batch vocab"], i: int, top: list[Int[Tensor, " batch"]]
+    ) -> Bool[Tensor, " batch"]:
         """Whether the lens checks let each row exit at the i-th exitable layer, given the logit
         lens's `logits` there. `top` holds the lens's top tokens at exitable layers ``0 .. i-1``
         (for patience); this layer's is appended, so call it for ``i = 0, 1, ...`` in order."""

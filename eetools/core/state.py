@@ -9,7 +9,8 @@ the hooks; `eetools.core.fast` reads `ExitState.running` to skip exited rows' co
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ class ExitState:
     value back at every position whose exit layer is ``<= j``.
     """
 
-    def __init__(self, ee_model: "EarlyExitModel"):
+    def __init__(self, ee_model: EarlyExitModel):
         self.ee = ee_model
         self.reset(None, None)
 
@@ -53,7 +54,7 @@ class ExitState:
         else:  # without any exit yet, every row; else count (some last positions may arrive exited)
             self.undecided = int((exit_at[:, -1] == self.ee.n_layers).sum()) if self.any_exit else len(exit_at)
 
-    def running(self, layer: int) -> "tuple[Tensor, int, int] | None":
+    def running(self, layer: int) -> tuple[Tensor, int, int] | None:
         """``(rows, n, batch)``: indices of the rows still running at block `layer`, their number, the batch size.
 
         Only in a one-position forward: None if it covers several positions (a prefill, where a
@@ -99,6 +100,7 @@ class ExitState:
                 if here is not None:
                     self.frozen = torch.where(here, resid, resid if self.frozen is None else self.frozen)
                 return None
+
             return hook
 
         def on_post(layer: int):
@@ -112,6 +114,7 @@ class ExitState:
                     if n == 0:
                         return self.frozen.clone()
                 return torch.where((self.exit_at <= layer).unsqueeze(-1), self.frozen, resid)
+
             return hook
 
         fwd = [(resid_pre(l), on_pre(i, l)) for i, l in enumerate(ee.exit_layers)]

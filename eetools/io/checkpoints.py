@@ -109,8 +109,10 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def save_json(obj: Any, path: str | Path) -> None:
     """Write `obj` as indented JSON atomically."""
     text = json.dumps(obj, indent=2, sort_keys=True)
+
     def write(tmp):
         Path(tmp).write_text(text)
+
     _atomic_write(Path(path), write)
 
 
@@ -149,8 +151,10 @@ def unflatten_state(prefix: str, tensors: dict[str, torch.Tensor], meta: dict) -
         return node["__value__"]
     if "__list__" in node:
         return [unflatten_state(f"{prefix}/{i}", tensors, meta) for i in range(node["__list__"])]
-    return {(int(k) if is_int else k): unflatten_state(f"{prefix}/{k}", tensors, meta)
-            for k, is_int in zip(node["__dict__"], node["__int_keys__"])}
+    return {
+        (int(k) if is_int else k): unflatten_state(f"{prefix}/{k}", tensors, meta)
+        for k, is_int in zip(node["__dict__"], node["__int_keys__"])
+    }
 
 
 def save_state(state: dict[str, Any], folder: str | Path, name: str = "state") -> None:
@@ -181,8 +185,11 @@ def rng_state() -> dict[str, Any]:
 
     py = random.getstate()
     np_state = np.random.get_state()
-    return {"python": [py[0], list(py[1]), py[2]], "torch": torch.get_rng_state(),
-            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]]}
+    return {
+        "python": [py[0], list(py[1]), py[2]],
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype("int64")), *np_state[2:]],
+    }
 
 
 def set_rng_state(state: dict[str, Any]) -> None:

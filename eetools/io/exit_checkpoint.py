@@ -20,9 +20,12 @@ FORMAT = "eetools.exit_model/1"
 # "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (docs/experiments.md, "Slower adapters")
 # "rl-lam6": slower adapters, λ 6, 60 steps (seed 0); with patience 1 and a lens-confidence floor of 0.9 it
 # saves 40 % of addition's layers within a point of the base model (docs/experiments.md, "Moved from README (2026-12-04)")
-PRESETS = {"tiny-reasoner/calibrated": "tiny-reasoner-calibrated", "tiny-reasoner/rl": "tiny-reasoner-rl",
-           "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters",
-           "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6"}
+PRESETS = {
+    "tiny-reasoner/calibrated": "tiny-reasoner-calibrated",
+    "tiny-reasoner/rl": "tiny-reasoner-rl",
+    "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters",
+    "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6",
+}
 
 
 PROBE_TOL = 0.02  # relative; bf16 rounding moves the probe by about 0.3 %, another model by about 100 %
@@ -49,7 +52,9 @@ def fingerprint(model) -> dict:
         "name": str(getattr(cfg, "model_name", "?")).rstrip("/").split("/")[-1],
         "source": str(getattr(cfg, "model_name", "?")),
         "architecture": str(getattr(cfg, "architecture", None) or type(model.original_model).__name__),
-        "n_layers": int(cfg.n_layers), "d_model": int(cfg.d_model), "d_vocab": int(cfg.d_vocab),
+        "n_layers": int(cfg.n_layers),
+        "d_model": int(cfg.d_model),
+        "d_vocab": int(cfg.d_vocab),
         "dtype": str(model.W_U.dtype).removeprefix("torch."),
         "unembed_sha256": hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16],
         "unembed_probe": unembed_probe(w),
@@ -67,8 +72,10 @@ def _same_unembed(have: dict, want: dict) -> bool:
 
 
 def _describe(fp: dict) -> str:
-    return (f"{fp.get('name')} ({fp.get('architecture')}, L={fp.get('n_layers')}, d_model={fp.get('d_model')}, "
-            f"vocab={fp.get('d_vocab')}, W_U {fp.get('unembed_sha256')})")
+    return (
+        f"{fp.get('name')} ({fp.get('architecture')}, L={fp.get('n_layers')}, d_model={fp.get('d_model')}, "
+        f"vocab={fp.get('d_vocab')}, W_U {fp.get('unembed_sha256')})"
+    )
 
 
 def check_base_model(folder, want: dict, model) -> None:
@@ -80,11 +87,15 @@ def check_base_model(folder, want: dict, model) -> None:
     if differs:
         hint = ""
         if differs == ["unembed_sha256"] and have["dtype"] != want.get("dtype", "float32"):
-            hint = (f" (the checkpoint was saved from a {want.get('dtype', 'float32')} model without the probe that "
-                    f"compares across dtypes: load the base model in {want.get('dtype', 'float32')}, or re-save the "
-                    f"checkpoint with this version of eetools)")
-        raise CheckpointError(f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
-                              f"they differ in {', '.join(differs)}{hint}")
+            hint = (
+                f" (the checkpoint was saved from a {want.get('dtype', 'float32')} model without the probe that "
+                f"compares across dtypes: load the base model in {want.get('dtype', 'float32')}, or re-save the "
+                f"checkpoint with this version of eetools)"
+            )
+        raise CheckpointError(
+            f"checkpoint {folder} belongs to {_describe(want)}, not to {_describe(have)}; "
+            f"they differ in {', '.join(differs)}{hint}"
+        )
 
 
 def save_exit_model(ee_model, folder) -> None:
@@ -99,9 +110,17 @@ def save_exit_model(ee_model, folder) -> None:
         save_tensors(state, folder / "adapters.safetensors")
         lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
         lora["n_tensors"] = len(adapter_parameters(ee_model))
-    save_json({"format": FORMAT, "exit_layers": ee_model.exit_layers, "head": ee_model.head_kind,
-               "base_model": fingerprint(ee_model.model), "lora": lora,
-               "calibration": ee_model.calibration}, folder / "exit_config.json")
+    save_json(
+        {
+            "format": FORMAT,
+            "exit_layers": ee_model.exit_layers,
+            "head": ee_model.head_kind,
+            "base_model": fingerprint(ee_model.model),
+            "lora": lora,
+            "calibration": ee_model.calibration,
+        },
+        folder / "exit_config.json",
+    )
 
 
 def resolve_checkpoint(path_or_preset) -> Path:
@@ -126,12 +145,16 @@ def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
     if cfg.get("base_model") is not None:  # e.g. a run folder left by an earlier version of the base model
         check_base_model(folder, cfg["base_model"], ee_model.model)
     if cfg["exit_layers"] != ee_model.exit_layers or cfg["head"] != ee_model.head_kind:
-        raise CheckpointError(f"{folder} has exit layers {cfg['exit_layers']} ({cfg['head']} heads); the model has "
-                              f"{ee_model.exit_layers} ({ee_model.head_kind})")
+        raise CheckpointError(
+            f"{folder} has exit layers {cfg['exit_layers']} ({cfg['head']} heads); the model has "
+            f"{ee_model.exit_layers} ({ee_model.head_kind})"
+        )
     _load_strict(ee_model.heads, load_tensors(folder / "heads.safetensors"), folder / "heads.safetensors")
     if bool(cfg.get("lora")) != bool(lora_layers(ee_model)):
-        raise CheckpointError(f"{folder} {'has' if cfg.get('lora') else 'has no'} LoRA adapters but the model "
-                              f"{'has none' if cfg.get('lora') else 'has some'}")
+        raise CheckpointError(
+            f"{folder} {'has' if cfg.get('lora') else 'has no'} LoRA adapters but the model "
+            f"{'has none' if cfg.get('lora') else 'has some'}"
+        )
     if cfg.get("lora"):
         state = load_tensors(folder / "adapters.safetensors")
         params = dict((n, p) for n, p in ee_model.model.named_parameters() if "lora_" in n)
@@ -139,15 +162,19 @@ def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
         with torch.no_grad():
             for n, p in params.items():
                 if p.shape != state[n].shape:
-                    raise CheckpointError(f"{folder}/adapters.safetensors: {n} has shape {tuple(state[n].shape)}, "
-                                          f"model expects {tuple(p.shape)}")
+                    raise CheckpointError(
+                        f"{folder}/adapters.safetensors: {n} has shape {tuple(state[n].shape)}, "
+                        f"model expects {tuple(p.shape)}"
+                    )
                 p.copy_(state[n])
 
 
 def _check_keys(expected: set, found: set, path) -> None:
     missing, extra = sorted(expected - found), sorted(found - expected)
     if missing or extra:
-        raise CheckpointError(f"{path} does not match the model: missing keys {missing[:8]}, unexpected keys {extra[:8]}")
+        raise CheckpointError(
+            f"{path} does not match the model: missing keys {missing[:8]}, unexpected keys {extra[:8]}"
+        )
 
 
 def _load_strict(module, state, path) -> None:

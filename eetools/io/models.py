@@ -40,21 +40,26 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
     if name_or_path is None:
         name_or_path = TINY_REASONER
     if not str(name_or_path).strip():
-        raise ModelNotFoundError("model name is empty; pass None for the shipped tiny reasoner, "
-                                 "a model folder or a hub name")
+        raise ModelNotFoundError(
+            "model name is empty; pass None for the shipped tiny reasoner, a model folder or a hub name"
+        )
     p = Path(name_or_path)
     if p.is_dir():
         if not (p / "config.json").exists():
-            raise ModelNotFoundError(f"folder {str(p)!r} has no config.json; pass a Hugging Face-format "
-                                     f"model folder (config.json, weights, tokenizer)")
+            raise ModelNotFoundError(
+                f"folder {str(p)!r} has no config.json; pass a Hugging Face-format "
+                f"model folder (config.json, weights, tokenizer)"
+            )
         return str(p), True
     shipped = shipped_model_dir(str(name_or_path))
     if shipped.is_dir() and (shipped / "config.json").exists():
         return str(shipped), True
     text = str(name_or_path)
     if p.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:  # a path, not "org/name"
-        raise ModelNotFoundError(f"no model folder at {text!r}; pass an existing HF-format folder, a shipped "
-                                 f"model name or a hub name like 'Qwen/Qwen3-0.6B'")
+        raise ModelNotFoundError(
+            f"no model folder at {text!r}; pass an existing HF-format folder, a shipped "
+            f"model name or a hub name like 'Qwen/Qwen3-0.6B'"
+        )
     return text, False
 
 
@@ -77,8 +82,13 @@ def _check_hub_available(name: str) -> None:
         )
 
 
-def load_model(name_or_path: str | os.PathLike | None = None, *, device: str | None = None,
-               dtype: torch.dtype | str | None = None, hf_model=None):
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    hf_model=None,
+):
     """Load a TransformerLens `TransformerBridge`.
 
     Args:
@@ -147,10 +157,12 @@ def load_exit_model(path_or_preset, model=None):
     folder = resolve_checkpoint(path_or_preset)
     cfg = load_json(folder / "exit_config.json")
     if cfg.get("format") != FORMAT:
-        raise CheckpointError(f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})")
+        raise CheckpointError(
+            f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})"
+        )
     unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration"}
     if unknown:
-        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them")
+        warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them", stacklevel=2)
     want = cfg["base_model"]
     if model is None:
         src = want.get("source") or want["name"]

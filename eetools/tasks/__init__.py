@@ -28,10 +28,21 @@ def get(name: str | Task) -> Task:
     if name in _VARIANTS:
         return _VARIANTS[name]()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)} (training variants: "
-                         f"{', '.join(_VARIANTS)})")
+        raise ValueError(
+            f"unknown task {name!r}; available: {', '.join(NAMES)} (training variants: {', '.join(_VARIANTS)})"
+        )
     return _REGISTRY[name]()
 
 
-__all__ = ["AdditionTask", "Example", "MixtureTask", "NAMES", "Task", "TomTask", "cut_at_answer", "get",
-           "load_jsonl", "save_jsonl"]
+__all__ = [
+    "AdditionTask",
+    "Example",
+    "MixtureTask",
+    "NAMES",
+    "Task",
+    "TomTask",
+    "cut_at_answer",
+    "get",
+    "load_jsonl",
+    "save_jsonl",
+]

@@ -57,8 +57,9 @@ class AdditionTask(Task):
         steps = column_steps(a, b)
         reasoning = "".join(f"{x}+{y}+{c}={s}\n" for x, y, c, s in steps)
         reasoning += f"{ANSWER_PREFIX}{a + b}\n"
-        return Example(task=self.name, prompt=f"Q: {a}+{b}\n", reasoning=reasoning,
-                       answer=str(a + b), meta={"a": a, "b": b})
+        return Example(
+            task=self.name, prompt=f"Q: {a}+{b}\n", reasoning=reasoning, answer=str(a + b), meta={"a": a, "b": b}
+        )
 
     def _make(self, rng: random.Random) -> Example:
         return self.make(self._operand(rng), self._operand(rng))

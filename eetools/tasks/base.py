@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 ANSWER_PREFIX = "A: "
 # the seed of `Task.validation_split`: a named stream, apart from the integer seeds training uses
@@ -47,10 +48,11 @@ class Example:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, line: str) -> "Example":
+    def from_json(cls, line: str) -> Example:
         d = json.loads(line)
-        return cls(task=d["task"], prompt=d["prompt"], reasoning=d["reasoning"],
-                   answer=d["answer"], meta=d.get("meta", {}))
+        return cls(
+            task=d["task"], prompt=d["prompt"], reasoning=d["reasoning"], answer=d["answer"], meta=d.get("meta", {})
+        )
 
 
 class Task:
@@ -106,7 +108,7 @@ class Task:
         found = None
         for line in completion.split("\n"):
             if line.startswith(ANSWER_PREFIX):
-                found = line[len(ANSWER_PREFIX):].strip()
+                found = line[len(ANSWER_PREFIX) :].strip()
         return found
 
     def score(self, example: Example, completion: str) -> float:
@@ -180,7 +182,9 @@ class MixtureTask(Task):
         self.max_new_tokens = max(p.max_new_tokens for p in parts)
 
     def sample(self, n: int, seed: int | str) -> list[Example]:
-        per = [p.sample((n + len(self.parts) - 1 - i) // len(self.parts), seed) for i, p in enumerate(self.parts.values())]
+        per = [
+            p.sample((n + len(self.parts) - 1 - i) // len(self.parts), seed) for i, p in enumerate(self.parts.values())
+        ]
         out = [ex for group in zip(*[g + [None] * (max(map(len, per)) - len(g)) for g in per]) for ex in group if ex]
         return out[:n]
 

@@ -53,9 +53,7 @@ _MARKED = rf"{_NAME}[+-]"
 _EVENT = rf"(?:[a-z]+|{_NAME} in|{_NAME} out): {_MARKED}(?: {_MARKED})* \((?:{_MARKED} ){{0,2}}[a-z]+\)"
 EVENT_LINE = re.compile(rf"^{_EVENT}$")
 """One well-formed event line of the written reasoning (see `trace`)."""
-_WELL_FORMED = re.compile(
-    rf"^({_EVENT}\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\nA: [a-z]+\n?$"
-)
+_WELL_FORMED = re.compile(rf"^({_EVENT}\n)+(now [a-z]+|{_NAME} saw [a-z]+|{_NAME} {_NAME} saw [a-z]+)\nA: [a-z]+\n?$")
 
 
 def _join(names: list[str]) -> str:
@@ -184,8 +182,9 @@ class TomTask(Task):
         line, answer = decision(meta)
         reasoning = "".join(f"{line}\n" for line in trace(meta))
         reasoning += f"{line}\n{ANSWER_PREFIX}{answer}\n"
-        return Example(task=self.name, prompt=" ".join(story) + f"\nQ: {q}\n",
-                       reasoning=reasoning, answer=answer, meta=meta)
+        return Example(
+            task=self.name, prompt=" ".join(story) + f"\nQ: {q}\n", reasoning=reasoning, answer=answer, meta=meta
+        )
 
     def _question(self, rng: random.Random, meta: dict) -> list[str]:
         """``["reality"]``, ``["first", a]`` or ``["second", a, b]``.
@@ -200,8 +199,9 @@ class TomTask(Task):
         if self.false_belief and rng.random() < self.false_belief:
             moves = [set(seen) for ev, seen in _presence(meta) if ev[0] == "move"]
             firsts = [["first", a] for a in agents if any(a not in seen for seen in moves)]
-            seconds = [["second", a, b] for a in agents for b in agents
-                       if a != b and any(not {a, b} <= seen for seen in moves)]
+            seconds = [
+                ["second", a, b] for a in agents for b in agents if a != b and any(not {a, b} <= seen for seen in moves)
+            ]
             if firsts or seconds:
                 return rng.choice(firsts + seconds)
         kind = rng.choice(["reality", "first", "second"])

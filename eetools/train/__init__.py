@@ -11,5 +11,13 @@ Imports `core`, `io` and `tasks`, never `analysis` or `views` (plot a run's hist
 from eetools.train.calibration import CalibrationConfig, CalibrationResult, calibrate
 from eetools.train.rl import RLConfig, RLResult, SweepResult, run_sweep, train_rl
 
-__all__ = ["CalibrationConfig", "CalibrationResult", "RLConfig", "RLResult", "SweepResult", "calibrate", "run_sweep",
-           "train_rl"]
+__all__ = [
+    "CalibrationConfig",
+    "CalibrationResult",
+    "RLConfig",
+    "RLResult",
+    "SweepResult",
+    "calibrate",
+    "run_sweep",
+    "train_rl",
+]

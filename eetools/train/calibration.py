@@ -20,26 +20,28 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eetools.train import distributed
 from eetools import tasks as task_lib
 from eetools.core.encoding import CHUNK_ROWS, encode_sequences
 from eetools.core.heads import exit_log_probs, stick_breaking
+from eetools.train import distributed
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
 
 
-def exit_targets(teacher_logprobs: Float[Tensor, "batch pos vocab"],
-                 early_logprobs: Float[Tensor, "batch n_exit pos vocab"],
-                 kl_factor: float) -> Float[Tensor, "batch pos n_exit_plus_1"]:
+def exit_targets(
+    teacher_logprobs: Float[Tensor, "batch pos vocab"],
+    early_logprobs: Float[Tensor, "batch n_exit pos vocab"],
+    kl_factor: float,
+) -> Float[Tensor, "batch pos n_exit_plus_1"]:
     """Target exit distribution per position (last entry = no exit).
 
     ``D = KL(teacher || early)``, ``c* = 2 - 2*sigmoid(kl_factor * D)``, then stick-breaking.
@@ -130,9 +132,16 @@ def _counts(predict: Tensor, exit_samples: int) -> Tensor:
     return torch.stack([predict.sum(), _exitable(predict).sum()]).float() * exit_samples
 
 
-def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict: Tensor, kl_factor: float,
-                     exit_samples: int, generator: torch.Generator,
-                     chunk_rows: int | None = CHUNK_ROWS) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+def calibration_sums(
+    ee_model,
+    ids: Int[Tensor, "b pos"],
+    attn: Tensor,
+    predict: Tensor,
+    kl_factor: float,
+    exit_samples: int,
+    generator: torch.Generator,
+    chunk_rows: int | None = CHUNK_ROWS,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
     Sums add up across shards; dividing by the global counts (``sums["n_predict"]``,
@@ -153,15 +162,18 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
     b, t = ids.shape
     flat = target.reshape(-1, target.shape[-1]).cpu()
     if not bool(torch.isfinite(flat).all()):
-        raise FloatingPointError("the base model's log-probs are not finite (NaN or inf in its forward pass), so "
-                                 "there are no exit targets: check its weights, or load it in float32")
+        raise FloatingPointError(
+            "the base model's log-probs are not finite (NaN or inf in its forward pass), so "
+            "there are no exit targets: check its weights, or load it in float32"
+        )
     draws = torch.multinomial(flat, exit_samples, replacement=True, generator=generator)  # [b*pos, S]
     layer_of = torch.tensor([*layers, L])
     sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]
     sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
     rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
-    kl, logpi = _student_terms(ee_model, rep(ids), sampled.reshape(exit_samples * b, t), rep(attn),
-                               rep(teacher.logprobs), chunk_rows)  # [S*b, pos], [S*b, pos, m+1]
+    kl, logpi = _student_terms(
+        ee_model, rep(ids), sampled.reshape(exit_samples * b, t), rep(attn), rep(teacher.logprobs), chunk_rows
+    )  # [S*b, pos], [S*b, pos, m+1]
     pm = rep(predict).float()
     em = rep(exitable).float()
     kl_sum = (kl * pm).sum()
@@ -172,15 +184,29 @@ def calibration_sums(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, predict:
         stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
         flat_s = sampled.reshape(exit_samples * b, t)
         sel = [(flat_s == l) & rep(exitable) for l in [*layers, L]]
-        sums = {"kl": kl_sum.detach(), "exit_nll": nll_sum.detach(), "n_predict": pm.sum(), "n_exit": em.sum(),
-                "n_exitable": e.sum(), "target": (target * e.unsqueeze(-1)).sum((0, 1)),
-                "student": (stu * e.unsqueeze(-1)).sum((0, 1)), "sampled": (sampled.float() / L * exitable).sum(),
-                "kl_at": torch.stack([kl[s].sum() for s in sel]), "n_at": torch.stack([s.sum() for s in sel]).float()}
+        sums = {
+            "kl": kl_sum.detach(),
+            "exit_nll": nll_sum.detach(),
+            "n_predict": pm.sum(),
+            "n_exit": em.sum(),
+            "n_exitable": e.sum(),
+            "target": (target * e.unsqueeze(-1)).sum((0, 1)),
+            "student": (stu * e.unsqueeze(-1)).sum((0, 1)),
+            "sampled": (sampled.float() / L * exitable).sum(),
+            "kl_at": torch.stack([kl[s].sum() for s in sel]),
+            "n_at": torch.stack([s.sum() for s in sel]).float(),
+        }
     return kl_sum, nll_sum, sums
 
 
-def _student_terms(ee_model, ids: Int[Tensor, "n pos"], exits: Int[Tensor, "n pos"], attn: Tensor,
-                   teacher_logprobs: Float[Tensor, "n pos vocab"], chunk_rows: int | None):
+def _student_terms(
+    ee_model,
+    ids: Int[Tensor, "n pos"],
+    exits: Int[Tensor, "n pos"],
+    attn: Tensor,
+    teacher_logprobs: Float[Tensor, "n pos vocab"],
+    chunk_rows: int | None,
+):
     """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
 
     Sequences are right-padded, so a chunk is cut to its longest sequence and its results padded
@@ -207,9 +233,14 @@ def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: 
     denom = sums["n_exitable"].clamp(min=1)
     tgt_mean, stu_mean = sums["target"] / denom, sums["student"] / denom
     frac = torch.tensor([*layers, n_layers], dtype=torch.float, device=tgt_mean.device) / n_layers
-    stats = {"loss": (kl + nll).item(), "kl": kl.item(), "exit_nll": nll.item(),
-             "target_compute": float((tgt_mean * frac).sum()), "student_compute": float((stu_mean * frac).sum()),
-             "sampled_compute": float(sums["sampled"] / (exit_samples * denom))}
+    stats = {
+        "loss": (kl + nll).item(),
+        "kl": kl.item(),
+        "exit_nll": nll.item(),
+        "target_compute": float((tgt_mean * frac).sum()),
+        "student_compute": float((stu_mean * frac).sum()),
+        "sampled_compute": float(sums["sampled"] / (exit_samples * denom)),
+    }
     for i, l in enumerate([*layers, n_layers]):
         stats[f"target_p_{l}"] = float(tgt_mean[i])
         stats[f"student_p_{l}"] = float(stu_mean[i])
@@ -227,7 +258,7 @@ def _reduce_sums(sums: dict[str, Tensor]) -> dict[str, Tensor]:
     out, i = {}, 0
     for k in keys:
         n = sums[k].numel()
-        out[k] = flat[i:i + n].view_as(sums[k])
+        out[k] = flat[i : i + n].view_as(sums[k])
         i += n
     return out
 
@@ -242,13 +273,27 @@ def _check_args(cfg: CalibrationConfig, source) -> None:
     if cfg.continuations not in ("reasoning", "greedy"):
         raise ValueError(f"continuations must be 'reasoning' or 'greedy', got {cfg.continuations!r}")
     if not isinstance(source, task_lib.Task) and len(source) == 0:
-        raise ValueError("the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts")
+        raise ValueError(
+            "the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts"
+        )
     distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
 
 
-def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_samples: int = 4, steps: int = 500,
-              batch_size: int = 8, lr: float = 3e-3, lora: bool = True, seed: int = 0,
-              checkpoint_dir: str | Path | None = None, progress: bool = True, **options) -> CalibrationResult:
+def calibrate(
+    ee_model,
+    task_or_dataset,
+    *,
+    kl_factor: float = 64.0,
+    exit_samples: int = 4,
+    steps: int = 500,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    lora: bool = True,
+    seed: int = 0,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    **options,
+) -> CalibrationResult:
     """Calibrate the exit heads (and LoRA adapters) of `ee_model` by self-distillation.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -277,21 +322,35 @@ def calibrate(ee_model, task_or_dataset, *, kl_factor: float = 64.0, exit_sample
     if unknown:
         raise TypeError(f"calibrate() got unknown options {sorted(unknown)}")
     ee_model.require_learned_heads("calibrate")
-    cfg = CalibrationConfig(kl_factor=kl_factor, exit_samples=exit_samples, steps=steps, batch_size=batch_size,
-                            lr=lr, lora=lora, seed=seed, **options)
-    source = task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    cfg = CalibrationConfig(
+        kl_factor=kl_factor,
+        exit_samples=exit_samples,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lora=lora,
+        seed=seed,
+        **options,
+    )
+    source = (
+        task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+    )
     data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
     distributed.setup(ee_model.device)
     _check_args(cfg, source)
     params = _trainable_parameters(ee_model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    files = exit_run_files(checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches,
-                           data=data)
-    loop = TrainLoop(params, opt, cfg, files, name="calibration", desc=f"calibrate k={cfg.kl_factor}",
-                     progress=progress)
+    files = exit_run_files(
+        checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches, data=data
+    )
+    loop = TrainLoop(
+        params, opt, cfg, files, name="calibration", desc=f"calibrate k={cfg.kl_factor}", progress=progress
+    )
     loop.resume()
-    history = loop.run(functools.partial(calibration_step, ee_model, source, cfg),
-                       postfix=lambda row: {"loss": f"{row['loss']:.3f}", "compute": f"{row['student_compute']:.2f}"})
+    history = loop.run(
+        functools.partial(calibration_step, ee_model, source, cfg),
+        postfix=lambda row: {"loss": f"{row['loss']:.3f}", "compute": f"{row['student_compute']:.2f}"},
+    )
     # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
     ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(history), config=cfg)
@@ -312,8 +371,10 @@ def _trainable_parameters(ee_model, cfg: CalibrationConfig) -> list:
 def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tuple[dict, bool]:
     """Forward and backward of step `step` (this rank's shards); its history row, and True (a gradient to apply)."""
     examples = _examples_for_step(source, cfg, step)  # the global batch, the same on every rank
-    shards = [(g, encode_examples(ee_model, part, cfg, step))
-              for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")]
+    shards = [
+        (g, encode_examples(ee_model, part, cfg, step))
+        for g, part in distributed.local_shards(examples, cfg.micro_batches, name="batch_size")
+    ]
     # both loss terms are means over the global batch's positions: normalise every shard by the global counts
     counts = distributed.all_reduce_sum(sum(_counts(predict, cfg.exit_samples) for _, (_, _, predict) in shards))
     total: dict[str, Tensor] = {}

@@ -26,7 +26,8 @@ Outside torchrun (or with one process) every helper is a no-op and rank 0 is the
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -110,9 +111,11 @@ def check_divisible(n: int, micro_batches: int = 1, *, name: str = "batch", worl
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     shards = world * micro_batches
     if n % shards:
-        raise ValueError(f"{name}={n} does not split into {world} process(es) x {micro_batches} micro-batch(es) "
-                         f"= {shards} equal shards; make {name} a multiple of {shards} (or change the number of "
-                         f"processes / micro_batches)")
+        raise ValueError(
+            f"{name}={n} does not split into {world} process(es) x {micro_batches} micro-batch(es) "
+            f"= {shards} equal shards; make {name} a multiple of {shards} (or change the number of "
+            f"processes / micro_batches)"
+        )
     return n // shards
 
 
@@ -123,7 +126,7 @@ def shard(items: Sequence[T], index: int, n_shards: int, *, name: str = "batch")
     ['c', 'd']
     """
     size = check_divisible(len(items), n_shards, name=name, world=1)
-    return list(items[index * size:(index + 1) * size])
+    return list(items[index * size : (index + 1) * size])
 
 
 def local_shards(items: Sequence[T], micro_batches: int = 1, *, name: str = "batch") -> list[tuple[int, list[T]]]:
@@ -194,7 +197,7 @@ def _flat(tensors: list[Tensor], device: torch.device) -> Tensor:
 def _unflat(flat: Tensor, like: list[Tensor]) -> list[Tensor]:
     out, i = [], 0
     for t in like:
-        out.append(flat[i:i + t.numel()].view_as(t).to(t.device, t.dtype))
+        out.append(flat[i : i + t.numel()].view_as(t).to(t.device, t.dtype))
         i += t.numel()
     return out
 

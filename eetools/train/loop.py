@@ -17,8 +17,9 @@ gradient to apply. `TrainLoop` does everything else, the same way for every meth
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
@@ -39,8 +40,10 @@ def stop_note(ckpt: Path | None, step: int) -> str:
     """The end of a message stopping a run at `step`: where its state before that step is, and what to try."""
     if ckpt is None:
         return "; the weights are those before this step; a lower lr usually helps"
-    return (f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
-            f"checkpoint folder: a run with another lr does not resume this one)")
+    return (
+        f"; the state before step {step} is saved in {ckpt}; a lower lr usually helps (in a new "
+        f"checkpoint folder: a run with another lr does not resume this one)"
+    )
 
 
 class TrainLoop:
@@ -58,9 +61,20 @@ class TrainLoop:
         progress: show a progress bar (rank 0 only).
     """
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], opt, cfg, files: RunFiles | None, *, name: str,
-                 desc: str | None = None, finite: Sequence[str] = ("loss",),
-                 records: Callable[[list[dict]], dict] = _history, progress: bool = True, scheduler=None):
+    def __init__(
+        self,
+        params: Sequence[torch.nn.Parameter],
+        opt,
+        cfg,
+        files: RunFiles | None,
+        *,
+        name: str,
+        desc: str | None = None,
+        finite: Sequence[str] = ("loss",),
+        records: Callable[[list[dict]], dict] = _history,
+        progress: bool = True,
+        scheduler=None,
+    ):
         self.params, self.opt, self.cfg, self.files, self.scheduler = list(params), opt, cfg, files, scheduler
         self.name, self.desc, self.finite, self.records = name, desc or name, tuple(finite), records
         self.progress = progress
@@ -80,22 +94,36 @@ class TrainLoop:
         distributed.broadcast_parameters(self.params)
         return saved
 
-    def run(self, step_fn: StepFn, *, postfix: Callable[[dict], dict] | None = None,
-            on_step_end: Callable[[int], None] | None = None) -> list[dict]:
+    def run(
+        self,
+        step_fn: StepFn,
+        *,
+        postfix: Callable[[dict], dict] | None = None,
+        on_step_end: Callable[[int], None] | None = None,
+    ) -> list[dict]:
         """Steps ``start .. cfg.steps - 1``; returns the history (one row per step, resumed rows first).
 
         `postfix(row)` gives the progress bar's postfix; `on_step_end(done)` runs after step
         ``done - 1`` is applied and recorded, before its checkpoint (e.g. held-out evaluations).
         """
-        bar = tqdm(range(self.start, self.cfg.steps), initial=self.start, total=self.cfg.steps, desc=self.desc,
-                   disable=not self.progress or not distributed.is_main())
+        bar = tqdm(
+            range(self.start, self.cfg.steps),
+            initial=self.start,
+            total=self.cfg.steps,
+            desc=self.desc,
+            disable=not self.progress or not distributed.is_main(),
+        )
         for step in bar:
             self.opt.zero_grad(set_to_none=True)
             row, has_gradient = step_fn(step)
             bad = [k for k in self.finite if not math.isfinite(row[k])]
             if bad:
-                self._stop(step, f"non-finite {self.name} statistics at step {step} ("
-                           + ", ".join(f"{k}={row[k]}" for k in bad) + "); stopped before the optimizer step")
+                self._stop(
+                    step,
+                    f"non-finite {self.name} statistics at step {step} ("
+                    + ", ".join(f"{k}={row[k]}" for k in bad)
+                    + "); stopped before the optimizer step",
+                )
             if has_gradient:
                 self._apply_gradients(step)
             self.history.append(row)

@@ -72,11 +72,18 @@ def model_config(cfg: PretrainConfig, tokenizer):
     from transformers import Qwen3Config
 
     return Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.d_model // cfg.n_heads,
-        max_position_embeddings=cfg.n_ctx, tie_word_embeddings=True, rope_theta=10000.0,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        head_dim=cfg.d_model // cfg.n_heads,
+        max_position_embeddings=cfg.n_ctx,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -122,7 +129,7 @@ def grow_blocks(state: dict[str, torch.Tensor], n_old: int, n_new: int) -> dict[
         prefix = f"model.layers.{i}."
         for k, v in state.items():
             if k.startswith(prefix):
-                name = k[len(prefix):]
+                name = k[len(prefix) :]
                 zero = fresh and name in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
                 grown[f"model.layers.{j}.{name}"] = torch.zeros_like(v) if zero else v.clone()
     return grown
@@ -132,8 +139,10 @@ def _load_init(model, folder: Path, grow: bool = False) -> None:
     """Load ``--init`` weights, refusing a model of another shape instead of half-loading it."""
     weights = folder / "model.safetensors"
     if not weights.exists():
-        raise FileNotFoundError(f"--init {folder}: no model.safetensors there; pass an HF-format model "
-                                f"folder such as <out>/model of an earlier `eetools pretrain`")
+        raise FileNotFoundError(
+            f"--init {folder}: no model.safetensors there; pass an HF-format model "
+            f"folder such as <out>/model of an earlier `eetools pretrain`"
+        )
     state = load_tensors(weights)
     if grow:
         n_old = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("model.layers."))
@@ -141,13 +150,17 @@ def _load_init(model, folder: Path, grow: bool = False) -> None:
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers, "
-                         f"--d-model, --n-heads, --n-kv-heads, --d-mlp to its config.json): "
-                         f"{str(e).splitlines()[-1].strip()}") from None
+        raise ValueError(
+            f"--init {folder} does not fit the configured model (match --n-layers, "
+            f"--d-model, --n-heads, --n-kv-heads, --d-mlp to its config.json): "
+            f"{str(e).splitlines()[-1].strip()}"
+        ) from None
     missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
     if missing or unexpected:
-        raise ValueError(f"--init {folder} does not fit the configured model (match --n-layers and the "
-                         f"other sizes to its config.json, or pass --grow to add blocks): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"--init {folder} does not fit the configured model (match --n-layers and the "
+            f"other sizes to its config.json, or pass --grow to add blocks): missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.tie_weights()
 
 
@@ -173,18 +186,31 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.05)
-    files = RunFiles(out / "checkpoint", cfg, resumable=("out", "checkpoint_every"),
-                     save_model=lambda folder: save_tensors(model.state_dict(), folder / "model.safetensors"),
-                     load_model=lambda folder: model.load_state_dict(load_tensors(folder / "model.safetensors"),
-                                                                     strict=True))
+    files = RunFiles(
+        out / "checkpoint",
+        cfg,
+        resumable=("out", "checkpoint_every"),
+        save_model=lambda folder: save_tensors(model.state_dict(), folder / "model.safetensors"),
+        load_model=lambda folder: model.load_state_dict(load_tensors(folder / "model.safetensors"), strict=True),
+    )
     # trainer.json keeps the last step's loss, not the history
-    loop = TrainLoop(list(model.parameters()), opt, cfg, files, name="pretraining", desc="pretrain",
-                     scheduler=sched, progress=progress,
-                     records=lambda history: {"loss": history[-1]["loss"]} if history else {})
+    loop = TrainLoop(
+        list(model.parameters()),
+        opt,
+        cfg,
+        files,
+        name="pretraining",
+        desc="pretrain",
+        scheduler=sched,
+        progress=progress,
+        records=lambda history: {"loss": history[-1]["loss"]} if history else {},
+    )
     loop.resume()
     model.train()
-    loop.run(functools.partial(pretrain_step, model, tokenizer, cfg, device, amp),
-             postfix=lambda row: {"loss": f"{row['loss']:.4f}", "task": cfg.tasks[(row["step"] - 1) % len(cfg.tasks)]})
+    loop.run(
+        functools.partial(pretrain_step, model, tokenizer, cfg, device, amp),
+        postfix=lambda row: {"loss": f"{row['loss']:.4f}", "task": cfg.tasks[(row["step"] - 1) % len(cfg.tasks)]},
+    )
     final = out / "model"
     model.eval().to("cpu")
     model.save_pretrained(final)
@@ -198,7 +224,9 @@ def pretrain_step(model, tokenizer, cfg: PretrainConfig, device: torch.device, a
     ids, attn, lmask = (t.to(device) for t in encode_batch(batch_for_step(cfg, step), tokenizer))
     with torch.autocast(device.type, dtype=amp, enabled=amp not in (None, torch.float32)):
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+    )
     m = lmask[:, 1:].reshape(-1).float()
     loss = (nll * m).sum() / m.sum()
     loss.backward()
@@ -208,5 +236,7 @@ def pretrain_step(model, tokenizer, cfg: PretrainConfig, device: torch.device, a
 
 def write_model_card(folder: Path, cfg: PretrainConfig) -> None:
     """``eetools_model.json``: how the model was trained; also tells `load_model` to prepend <bos>."""
-    save_json({"trained_by": "eetools pretrain", "config": dataclasses.asdict(cfg),
-               "prepend_bos": True, "tasks": cfg.tasks}, Path(folder) / "eetools_model.json")
+    save_json(
+        {"trained_by": "eetools pretrain", "config": dataclasses.asdict(cfg), "prepend_bos": True, "tasks": cfg.tasks},
+        Path(folder) / "eetools_model.json",
+    )

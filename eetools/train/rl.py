@@ -25,23 +25,23 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eetools.train import distributed
 from eetools import tasks as task_lib
 from eetools.core.adapters import adapter_parameters
 from eetools.core.encoding import CHUNK_ROWS
+from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import distinct_rows
 from eetools.core.heads import exit_log_probs
-from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.rule import UNSET, ExitRule
+from eetools.train import distributed
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
 
@@ -94,8 +94,9 @@ class RLConfig:
     def exit_rule(self, mode: str = "sample") -> ExitRule:
         """The `ExitRule` of the run's rollouts (sampled exits under its lens checks), or of its
         held-out evaluations in `mode`."""
-        return ExitRule(mode=mode, patience=self.patience, min_confidence=self.min_confidence,
-                        max_entropy=self.max_entropy)
+        return ExitRule(
+            mode=mode, patience=self.patience, min_confidence=self.min_confidence, max_entropy=self.max_entropy
+        )
 
 
 @dataclass
@@ -115,7 +116,7 @@ def rloo_advantages(rewards: Float[Tensor, "groups k"]) -> Float[Tensor, "groups
         raise ValueError("RLOO needs k >= 2 rollouts per prompt (a leave-one-out baseline)")
     others = (rewards.sum(-1, keepdim=True) - rewards) / (k - 1)
     adv = rewards - others
-    flat = (rewards.max(-1, keepdim=True).values == rewards.min(-1, keepdim=True).values)
+    flat = rewards.max(-1, keepdim=True).values == rewards.min(-1, keepdim=True).values
     return torch.where(flat, torch.zeros_like(adv), adv)
 
 
@@ -127,18 +128,30 @@ def _task_rewards(task, reward_fn, examples, completions, step, first: int = 0) 
         try:
             r = fn(e, c)
         except Exception as err:
-            raise RewardError(f"reward function raised at step {step}, sample {i} (completion {c[:120]!r}): "
-                              f"{type(err).__name__}: {err}") from err
+            raise RewardError(
+                f"reward function raised at step {step}, sample {i} (completion {c[:120]!r}): "
+                f"{type(err).__name__}: {err}"
+            ) from err
         if r is None or not isinstance(r, (int, float)) or not math.isfinite(float(r)):
-            raise RewardError(f"reward function returned {r!r} at step {step}, sample {i} "
-                              f"(completion {c[:120]!r}); rewards must be finite numbers")
+            raise RewardError(
+                f"reward function returned {r!r} at step {step}, sample {i} "
+                f"(completion {c[:120]!r}); rewards must be finite numbers"
+            )
         out.append(float(r))
     return out
 
 
-def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: float,
-             token_term: bool = True, chunk_rows: int | None = CHUNK_ROWS,
-             share_prompts: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+def rl_terms(
+    ee_model,
+    rollout,
+    task_reward: Tensor,
+    k: int,
+    lam: float,
+    beta: float,
+    token_term: bool = True,
+    chunk_rows: int | None = CHUNK_ROWS,
+    share_prompts: bool = True,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
     Returns ``(objective, per_rollout)``: ``-sum_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``
@@ -174,21 +187,29 @@ def rl_terms(ee_model, rollout, task_reward: Tensor, k: int, lam: float, beta: f
         reward = task_reward - beta * kl - lam * cost
         adv = rloo_advantages(reward.view(-1, k)).view(-1)
     per_rollout = -(adv * summed)
-    return per_rollout.sum(), {"reward": reward, "task": task_reward, "kl": kl, "exitcost": cost, "adv": adv,
-                               "objective": per_rollout.detach()}
+    return per_rollout.sum(), {
+        "reward": reward,
+        "task": task_reward,
+        "kl": kl,
+        "exitcost": cost,
+        "adv": adv,
+        "objective": per_rollout.detach(),
+    }
 
 
 def _group_order(prompt_id: Tensor, lengths: Tensor) -> Tensor:
     """Rollout indices with the rollouts of one prompt together, longest rows first, groups by their longest row."""
     group_len = torch.zeros(int(prompt_id.max()) + 1, dtype=lengths.dtype).scatter_reduce(
-        0, prompt_id, lengths, reduce="amax")
+        0, prompt_id, lengths, reduce="amax"
+    )
     order = lengths.argsort(descending=True, stable=True)
     order = order[prompt_id[order].argsort(stable=True)]
     return order[group_len[prompt_id[order]].argsort(descending=True, stable=True)]
 
 
-def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool,
-                  prompt_id: Tensor | None) -> tuple[Tensor, Tensor]:
+def _policy_terms(
+    ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool, prompt_id: Tensor | None
+) -> tuple[Tensor, Tensor]:
     """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model.
 
     `exits` is ``rollout.prescribed_exit_layers()``; `prompt_id` (each row's prompt) shares
@@ -202,16 +223,18 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
     prompts, pmask = rollout.prompt_tokens[rows, p0:].to(device), prompt_mask[:, p0:].long().to(device)
     tokens = rollout.tokens[rows, :n].to(device)
     attn = torch.cat([pmask, mask[:, :n].long().to(device)], 1)
-    exits = exits[rows][:, p0:P + n].to(device)
+    exits = exits[rows][:, p0 : P + n].to(device)
     p, mask = P - p0, mask[:, :n].to(device).float()
     distinct = None if prompt_id is None else distinct_rows(prompt_id.to(device))
-    passes = None if distinct is None else _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
+    passes = (
+        None if distinct is None else _shared_prompt_passes(ee_model, prompts, tokens, attn, exits[:, p:], distinct)
+    )
     if passes is None:  # one pass over prompt and completion
         seqs = torch.cat([prompts, tokens], 1)
         with torch.no_grad():
-            ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1:-1]
+            ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1 : -1]
         out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
-        pol, z = out.logprobs[:, p - 1:-1], out.exit_logits[:, p - 1:-1]
+        pol, z = out.logprobs[:, p - 1 : -1], out.exit_logits[:, p - 1 : -1]
     else:
         ref, pol, z = passes
     # the exits' log-probs under the policy that sampled them: masked where a rule (patience, floor) vetoed
@@ -227,8 +250,14 @@ def _policy_terms(ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bo
     return (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1), kl
 
 
-def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Tensor, "b n"],
-                          attn: Int[Tensor, "b p_plus_n"], exits: Int[Tensor, "b n"], distinct):
+def _shared_prompt_passes(
+    ee_model,
+    prompts: Int[Tensor, "b p"],
+    tokens: Int[Tensor, "b n"],
+    attn: Int[Tensor, "b p_plus_n"],
+    exits: Int[Tensor, "b n"],
+    distinct,
+):
     """Reference and policy log-probs of every completion token, each distinct prompt run once.
 
     The prompt's KV cache rows are copied to its rollouts (`distinct` = ``(first, inverse)``),
@@ -255,7 +284,7 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
     logits, z = [logits[:, -1:][inverse]], [z[:, -1:][inverse]]
     if n > 1:
         cache.batch_select_indices(inverse)
-        more, more_z, _, _ = ee_model.run_with_exits(rest, rest_attn, exit_at=exits[:, :n - 1], past_key_values=cache)
+        more, more_z, _, _ = ee_model.run_with_exits(rest, rest_attn, exit_at=exits[:, : n - 1], past_key_values=cache)
         logits.append(more)
         z.append(more_z)
     pol = torch.cat(logits, 1).float().log_softmax(-1)
@@ -265,11 +294,17 @@ def _shared_prompt_passes(ee_model, prompts: Int[Tensor, "b p"], tokens: Int[Ten
 def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:
     """Loss and reward statistics of a batch from `rl_terms`'s per-rollout values (one batch, or gathered)."""
     adv = per_rollout["adv"]
-    return {"loss": per_rollout["objective"].mean().item(), "reward": per_rollout["reward"].mean().item(),
-            "task": per_rollout["task"].mean().item(), "kl": per_rollout["kl"].mean().item(),
-            "exitcost": per_rollout["exitcost"].mean().item(), "adv_mean": adv.mean().item(),
-            "adv_std": adv.std().item(), "adv_abs_max": adv.abs().max().item(),
-            "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean())}
+    return {
+        "loss": per_rollout["objective"].mean().item(),
+        "reward": per_rollout["reward"].mean().item(),
+        "task": per_rollout["task"].mean().item(),
+        "kl": per_rollout["kl"].mean().item(),
+        "exitcost": per_rollout["exitcost"].mean().item(),
+        "adv_mean": adv.mean().item(),
+        "adv_std": adv.std().item(),
+        "adv_abs_max": adv.abs().max().item(),
+        "flat_groups": float((adv.view(-1, k) == 0).all(-1).float().mean()),
+    }
 
 
 def _rollout_columns(ee_model, rollout, per: dict[str, Tensor], scores, coherence) -> dict[str, Tensor]:
@@ -279,9 +314,13 @@ def _rollout_columns(ee_model, rollout, per: dict[str, Tensor], scores, coherenc
     outcomes = [*ee_model.exit_layers, ee_model.n_layers]
     exits = torch.stack([((rollout.exit_layers == l) & mask).sum(1) for l in outcomes], 1)
     cols = {k: v.detach().cpu().double().reshape(len(rollout), -1) for k, v in per.items()}
-    cols.update(score=torch.tensor(scores, dtype=torch.float64)[:, None],
-                coherence=torch.tensor(coherence, dtype=torch.float64)[:, None],
-                used=used.double()[:, None], n_tokens=mask.sum(1).double()[:, None], exits=exits.double())
+    cols.update(
+        score=torch.tensor(scores, dtype=torch.float64)[:, None],
+        coherence=torch.tensor(coherence, dtype=torch.float64)[:, None],
+        used=used.double()[:, None],
+        n_tokens=mask.sum(1).double()[:, None],
+        exits=exits.double(),
+    )
     return cols
 
 
@@ -293,15 +332,18 @@ def _gather_columns(shards: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     table = distributed.all_gather_cat(local)
     out, i = {}, 0
     for key, w in zip(keys, widths):
-        out[key] = table[:, i:i + w].squeeze(1) if w == 1 else table[:, i:i + w]
+        out[key] = table[:, i : i + w].squeeze(1) if w == 1 else table[:, i : i + w]
         i += w
     return out
 
 
 def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
-    row = {"step": step + 1, **rl_stats(cols, k),
-           "accuracy": float((cols["score"] == 1.0).sum()) / len(cols["score"]),
-           "compute": float(cols["used"].sum() / cols["n_tokens"].sum().clamp(min=1))}
+    row = {
+        "step": step + 1,
+        **rl_stats(cols, k),
+        "accuracy": float((cols["score"] == 1.0).sum()) / len(cols["score"]),
+        "compute": float(cols["used"].sum() / cols["n_tokens"].sum().clamp(min=1)),
+    }
     row["layers_saved"] = 1 - row["compute"]
     row["coherence"] = float(cols["coherence"].mean())
     hist = cols["exits"].sum(0)
@@ -314,12 +356,33 @@ def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
 FINITE_STATS = ("loss", "reward", "task", "kl", "exitcost", "adv_mean", "adv_std", "adv_abs_max")
 
 
-def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8, prompts_per_step: int = 8,
-             steps: int = 30, lr: float = 1e-3, head_lr: float = 0.0, max_new_tokens: int = 0, temperature: float = 1.0, seed: int = 0,
-             eval_every: int = 10, eval_prompts: int = 32, checkpoint_dir: str | Path | None = None,
-             reward_fn: Callable | None = None, progress: bool = True, checkpoint_every: int = 10,
-             micro_batches: int = 1, train_adapters: bool = True, rule: ExitRule | None = None,
-             patience: int = UNSET, min_confidence: float = UNSET, max_entropy: float | None = UNSET) -> RLResult:
+def train_rl(
+    ee_model,
+    task,
+    *,
+    lam: float = 1.5,
+    beta: float = 0.25,
+    k: int = 8,
+    prompts_per_step: int = 8,
+    steps: int = 30,
+    lr: float = 1e-3,
+    head_lr: float = 0.0,
+    max_new_tokens: int = 0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    eval_every: int = 10,
+    eval_prompts: int = 32,
+    checkpoint_dir: str | Path | None = None,
+    reward_fn: Callable | None = None,
+    progress: bool = True,
+    checkpoint_every: int = 10,
+    micro_batches: int = 1,
+    train_adapters: bool = True,
+    rule: ExitRule | None = None,
+    patience: int = UNSET,
+    min_confidence: float = UNSET,
+    max_entropy: float | None = UNSET,
+) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
     Under ``torchrun`` every process makes the same call: each takes its shards of every
@@ -346,13 +409,33 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     """
     if isinstance(rule, ExitRule) and rule.mode != "sample":
         raise ValueError(f"RL trains sampled exits: rule.mode must be 'sample', got {rule.mode!r}")
-    rule = ExitRule.from_kwargs(rule, n_exit=len(ee_model.exit_layers), patience=patience,
-                                min_confidence=min_confidence, max_entropy=max_entropy)
-    cfg = RLConfig(lam=lam, beta=beta, k=k, prompts_per_step=prompts_per_step, steps=steps, lr=lr, head_lr=head_lr,
-                   max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, eval_every=eval_every,
-                   eval_prompts=eval_prompts, checkpoint_every=checkpoint_every, micro_batches=micro_batches,
-                   train_adapters=train_adapters, patience=rule.patience, min_confidence=rule.min_confidence,
-                   max_entropy=rule.max_entropy)
+    rule = ExitRule.from_kwargs(
+        rule,
+        n_exit=len(ee_model.exit_layers),
+        patience=patience,
+        min_confidence=min_confidence,
+        max_entropy=max_entropy,
+    )
+    cfg = RLConfig(
+        lam=lam,
+        beta=beta,
+        k=k,
+        prompts_per_step=prompts_per_step,
+        steps=steps,
+        lr=lr,
+        head_lr=head_lr,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        eval_every=eval_every,
+        eval_prompts=eval_prompts,
+        checkpoint_every=checkpoint_every,
+        micro_batches=micro_batches,
+        train_adapters=train_adapters,
+        patience=rule.patience,
+        min_confidence=rule.min_confidence,
+        max_entropy=rule.max_entropy,
+    )
     _check_config(ee_model, cfg)
     task = task_lib.get(task)
     distributed.setup(ee_model.device)
@@ -361,11 +444,21 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
-    files = exit_run_files(checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches,
-                           data=task.name)
+    files = exit_run_files(
+        checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches, data=task.name
+    )
     evals: list[dict] = []
-    loop = TrainLoop(params, opt, cfg, files, name="RL", desc="rl", finite=FINITE_STATS, progress=progress,
-                     records=lambda history: {"history": history, "evals": evals})
+    loop = TrainLoop(
+        params,
+        opt,
+        cfg,
+        files,
+        name="RL",
+        desc="rl",
+        finite=FINITE_STATS,
+        progress=progress,
+        records=lambda history: {"history": history, "evals": evals},
+    )
     evals.extend(loop.resume().get("evals", []))
     if loop.start == 0 and cfg.eval_every:
         evals.append(_evaluate_on_main(ee_model, task, cfg, 0))
@@ -374,9 +467,15 @@ def train_rl(ee_model, task, *, lam: float = 1.5, beta: float = 0.25, k: int = 8
         if cfg.eval_every and done % cfg.eval_every == 0:
             evals.append(_evaluate_on_main(ee_model, task, cfg, done))
 
-    history = loop.run(functools.partial(rl_step, ee_model, task, cfg, reward_fn), on_step_end=evaluate,
-                       postfix=lambda row: {"acc": f"{row['accuracy']:.2f}", "compute": f"{row['compute']:.2f}",
-                                            "reward": f"{row['reward']:.2f}"})
+    history = loop.run(
+        functools.partial(rl_step, ee_model, task, cfg, reward_fn),
+        on_step_end=evaluate,
+        postfix=lambda row: {
+            "acc": f"{row['accuracy']:.2f}",
+            "compute": f"{row['compute']:.2f}",
+            "reward": f"{row['reward']:.2f}",
+        },
+    )
     return RLResult(ee_model=ee_model, history=pd.DataFrame(history), evals=pd.DataFrame(evals), config=cfg)
 
 
@@ -396,8 +495,10 @@ def rl_step(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, step: int
     Every group flat (no advantage anywhere, on any rank): no signal, the parameters are left alone.
     """
     exs = task.sample(cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + 500_000 + step)  # global, every rank
-    shards = [_rollout_shard(ee_model, task, cfg, reward_fn, part, g, step)
-              for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step")]
+    shards = [
+        _rollout_shard(ee_model, task, cfg, reward_fn, part, g, step)
+        for g, part in distributed.local_shards(exs, cfg.micro_batches, name="prompts_per_step")
+    ]
     if not cfg.train_adapters:
         # frozen adapters stay out of the optimizer; peft turns their requires_grad back on whenever
         # adapters are re-enabled, so their gradients are dropped at every step instead
@@ -407,13 +508,19 @@ def rl_step(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, step: int
     return _history_row(ee_model, step, cols, cfg.k), bool((cols["adv"] != 0).any())
 
 
-def _rollout_shard(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, part: list, g: int,
-                   step: int) -> dict[str, Tensor]:
+def _rollout_shard(
+    ee_model, task, cfg: RLConfig, reward_fn: Callable | None, part: list, g: int, step: int
+) -> dict[str, Tensor]:
     """Rollouts of global shard `g` (prompts `part`, `k` each), their RLOO objective's backward, their columns."""
     group = [e for e in part for _ in range(cfg.k)]
-    rollout = ee_model.generate([e.prompt for e in group], cfg.max_new_tokens or task.max_new_tokens,
-                                rule=cfg.exit_rule(), temperature=cfg.temperature, skip="compute",
-                                seed=distributed.shard_seed(cfg.seed * 7_919 + step, g))
+    rollout = ee_model.generate(
+        [e.prompt for e in group],
+        cfg.max_new_tokens or task.max_new_tokens,
+        rule=cfg.exit_rule(),
+        temperature=cfg.temperature,
+        skip="compute",
+        seed=distributed.shard_seed(cfg.seed * 7_919 + step, g),
+    )
     completions = [task_lib.cut_at_answer(t) for t in rollout.text]
     task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
     objective, per = rl_terms(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta, token_term=cfg.temperature > 0)
@@ -430,8 +537,10 @@ def _param_groups(ee_model, params: list, cfg: RLConfig) -> list[dict]:
     if cfg.head_lr in (0.0, cfg.lr):
         return [{"params": params}]
     heads = {id(p) for p in ee_model.heads.parameters()}
-    return [{"params": [p for p in params if id(p) in heads], "lr": cfg.head_lr},
-            {"params": [p for p in params if id(p) not in heads], "lr": cfg.lr}]
+    return [
+        {"params": [p for p in params if id(p) in heads], "lr": cfg.head_lr},
+        {"params": [p for p in params if id(p) not in heads], "lr": cfg.lr},
+    ]
 
 
 def _evaluate_on_main(ee_model, task, cfg: RLConfig, step: int) -> dict:
@@ -444,8 +553,14 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
     exs = task.test_split()[: cfg.eval_prompts]
     out = {"step": step}
     for mode in ("sample", "threshold"):
-        r = ee_model.generate([e.prompt for e in exs], cfg.max_new_tokens or task.max_new_tokens,
-                              rule=cfg.exit_rule(mode), temperature=0, seed=cfg.seed + 12_345, skip="compute")
+        r = ee_model.generate(
+            [e.prompt for e in exs],
+            cfg.max_new_tokens or task.max_new_tokens,
+            rule=cfg.exit_rule(mode),
+            temperature=0,
+            seed=cfg.seed + 12_345,
+            skip="compute",
+        )
         comp = [task_lib.cut_at_answer(t) for t in r.text]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute
@@ -461,8 +576,16 @@ class SweepResult:
     evals: pd.DataFrame
 
 
-def run_sweep(make_model: Callable[[], object], task, *, seeds=(0, 1, 2), lams=(1.5,), betas=(0.25,),
-              checkpoint_root: str | Path | None = None, **kwargs) -> SweepResult:
+def run_sweep(
+    make_model: Callable[[], object],
+    task,
+    *,
+    seeds=(0, 1, 2),
+    lams=(1.5,),
+    betas=(0.25,),
+    checkpoint_root: str | Path | None = None,
+    **kwargs,
+) -> SweepResult:
     """Run `train_rl` for every (seed, lam, beta) on a fresh model from `make_model()`; collect histories."""
     hist, evs = [], []
     run = 0
@@ -476,5 +599,6 @@ def run_sweep(make_model: Callable[[], object], task, *, seeds=(0, 1, 2), lams=(
                 if len(res.evals):
                     evs.append(res.evals.assign(**tag))
                 run += 1
-    return SweepResult(history=pd.concat(hist, ignore_index=True),
-                       evals=pd.concat(evs, ignore_index=True) if evs else pd.DataFrame())
+    return SweepResult(
+        history=pd.concat(hist, ignore_index=True), evals=pd.concat(evs, ignore_index=True) if evs else pd.DataFrame()
+    )

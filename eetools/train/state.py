@@ -12,14 +12,23 @@ fields named. In a multi-process run only rank 0 writes; every rank resumes.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from eetools.train import distributed
-from eetools.io.checkpoints import (load_json, load_state, recover_checkpoint, rng_state, save_json, save_state,
-                                    set_rng_state, staged_checkpoint)
+from eetools.io.checkpoints import (
+    load_json,
+    load_state,
+    recover_checkpoint,
+    rng_state,
+    save_json,
+    save_state,
+    set_rng_state,
+    staged_checkpoint,
+)
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.train import distributed
 
 # fields that may change between a run and its resumption (micro_batches: only processes x micro_batches matters)
 RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches")
@@ -58,10 +67,17 @@ class RunFiles:
             return
         with staged_checkpoint(self.folder) as stage:
             self.save_model(stage)
-            save_state({"optimizer": opt.state_dict(), **({"scheduler": scheduler.state_dict()} if scheduler else {}),
-                        "rng": rng_state()}, stage)
-            save_json({"step": step, "config": dataclasses.asdict(self.cfg), **self.meta, **records},
-                      stage / "trainer.json")
+            save_state(
+                {
+                    "optimizer": opt.state_dict(),
+                    **({"scheduler": scheduler.state_dict()} if scheduler else {}),
+                    "rng": rng_state(),
+                },
+                stage,
+            )
+            save_json(
+                {"step": step, "config": dataclasses.asdict(self.cfg), **self.meta, **records}, stage / "trainer.json"
+            )
 
     def load(self, opt, scheduler=None) -> dict:
         """Load the saved run into the model, `opt` (and `scheduler`) and the RNGs; returns the saved trainer record."""
@@ -81,30 +97,41 @@ class RunFiles:
         was_cfg = {**{f.name: _default(f) for f in dataclasses.fields(self.cfg)}, **saved["config"]}
         diff = [k for k in now if k not in self.resumable and was_cfg.get(k) != now[k]]
         if diff:
-            raise ValueError(f"cannot resume from {ckpt}: configuration differs in "
-                             + ", ".join(f"{k} (saved {was_cfg.get(k)!r}, now {now[k]!r})" for k in diff))
+            raise ValueError(
+                f"cannot resume from {ckpt}: configuration differs in "
+                + ", ".join(f"{k} (saved {was_cfg.get(k)!r}, now {now[k]!r})" for k in diff)
+            )
         data = self.meta.get("data")
         if saved.get("data") is not None and data is not None and saved["data"] != data:
-            raise ValueError(f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on "
-                             f"{data!r}; use another checkpoint folder")
+            raise ValueError(
+                f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on "
+                f"{data!r}; use another checkpoint folder"
+            )
         was, shards = saved.get("shards", 1), self.meta.get("shards", 1)
         if was != shards:
-            raise ValueError(f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "
-                             f"micro_batches), this run splits them into {shards}, and the random draws depend on "
-                             f"it; resume with processes x micro_batches = {was} (e.g. micro_batches={was} in one "
-                             f"process)")
+            raise ValueError(
+                f"cannot resume from {ckpt}: its steps were split into {was} shard(s) (processes x "
+                f"micro_batches), this run splits them into {shards}, and the random draws depend on "
+                f"it; resume with processes x micro_batches = {was} (e.g. micro_batches={was} in one "
+                f"process)"
+            )
 
 
-def exit_run_files(ckpt: str | Path | None, ee_model, cfg, *, shards: int = 1,
-                   data: str | None = None) -> RunFiles | None:
+def exit_run_files(
+    ckpt: str | Path | None, ee_model, cfg, *, shards: int = 1, data: str | None = None
+) -> RunFiles | None:
     """The `RunFiles` of training an exit model (heads + adapters in ``model/``); None without a folder."""
     from eetools.io.exit_checkpoint import load_weights_into
 
     if ckpt is None:
         return None
-    return RunFiles(Path(ckpt), cfg, save_model=lambda folder: save_exit_model(ee_model, folder / "model"),
-                    load_model=lambda folder: load_weights_into(ee_model, folder / "model"),
-                    meta={"shards": shards, "data": data})
+    return RunFiles(
+        Path(ckpt),
+        cfg,
+        save_model=lambda folder: save_exit_model(ee_model, folder / "model"),
+        load_model=lambda folder: load_weights_into(ee_model, folder / "model"),
+        meta={"shards": shards, "data": data},
+    )
 
 
 def has_checkpoint(ckpt: Path | None) -> bool:

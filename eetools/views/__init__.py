@@ -5,8 +5,27 @@ Views take plain data (a `Rollout`, a history DataFrame, arrays) and import only
 """
 
 from eetools.views.figures import calibration_figure, rl_dynamics_figure
-from eetools.views.tokens import TokenView, color_tokens, color_tokens_many, exit_heatmap, exit_histogram_figure, visible
+from eetools.views.tokens import (
+    TokenView,
+    color_tokens,
+    color_tokens_many,
+    exit_heatmap,
+    exit_histogram_figure,
+    visible,
+)
 from eetools.views.widgets import Explorer, TokenDetails, explore, token_details
 
-__all__ = ["Explorer", "TokenDetails", "TokenView", "calibration_figure", "color_tokens", "color_tokens_many",
-           "exit_heatmap", "exit_histogram_figure", "explore", "rl_dynamics_figure", "token_details", "visible"]
+__all__ = [
+    "Explorer",
+    "TokenDetails",
+    "TokenView",
+    "calibration_figure",
+    "color_tokens",
+    "color_tokens_many",
+    "exit_heatmap",
+    "exit_histogram_figure",
+    "explore",
+    "rl_dynamics_figure",
+    "token_details",
+    "visible",
+]

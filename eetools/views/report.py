@@ -6,8 +6,8 @@ Plotly's JavaScript is inlined once, so the file opens offline in any browser.
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 
@@ -24,8 +24,15 @@ def build_report(sections: Sequence[tuple[str, object]], path: str | Path, *, ti
     for i, (heading, content) in enumerate(sections):
         parts.append(f"<h2>{html.escape(heading)}</h2>")
         if hasattr(content, "to_plotly_json"):
-            parts.append(pio.to_html(content, include_plotlyjs="inline" if first_fig else False, full_html=False,
-                                     div_id=f"fig{i}", config={"displaylogo": False}))
+            parts.append(
+                pio.to_html(
+                    content,
+                    include_plotlyjs="inline" if first_fig else False,
+                    full_html=False,
+                    div_id=f"fig{i}",
+                    config={"displaylogo": False},
+                )
+            )
             first_fig = False
         elif isinstance(content, pd.DataFrame):
             parts.append(content.to_html(float_format=lambda v: f"{v:.3f}", index=False, border=0, classes="tbl"))
@@ -33,11 +40,13 @@ def build_report(sections: Sequence[tuple[str, object]], path: str | Path, *, ti
             parts.append(content._repr_html_())
         else:
             parts.append(f"<p>{html.escape(str(content))}</p>")
-    doc = ("<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
-           f"<title>{html.escape(title)}</title>"
-           "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-           ".tbl{border-collapse:collapse}.tbl td,.tbl th{padding:4px 10px;border-bottom:1px solid #ddd}</style>"
-           f"</head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts) + "\n</body></html>\n")
+    doc = (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+        ".tbl{border-collapse:collapse}.tbl td,.tbl th{padding:4px 10px;border-bottom:1px solid #ddd}</style>"
+        f"</head><body><h1>{html.escape(title)}</h1>\n" + "\n".join(parts) + "\n</body></html>\n"
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".html.tmp")

@@ -62,8 +62,10 @@ class TokenView:
 
     def to_html(self) -> str:
         """A full standalone HTML document (UTF-8, no external resources)."""
-        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-                f"<title>{html.escape(self.title)}</title></head>\n<body>\n{self.fragment}\n</body></html>\n")
+        return (
+            f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>{html.escape(self.title)}</title></head>\n<body>\n{self.fragment}\n</body></html>\n"
+        )
 
 
 def visible(token: str, *, newline: str = "\n") -> str:
@@ -91,8 +93,7 @@ def color_tokens(rollout: Rollout, index: int = 0, *, title: str | None = None) 
     return TokenView(_wrap(body), title or f"eetools sequence {index}")
 
 
-def color_tokens_many(rollout: Rollout, indices: Sequence[int] | None = None, *,
-                      max_sequences: int = 16) -> TokenView:
+def color_tokens_many(rollout: Rollout, indices: Sequence[int] | None = None, *, max_sequences: int = 16) -> TokenView:
     """Render several sequences of `rollout` stacked under one legend (at most `max_sequences`)."""
     indices = list(range(len(rollout))) if indices is None else list(indices)
     shown = indices[:max_sequences]
@@ -103,8 +104,9 @@ def color_tokens_many(rollout: Rollout, indices: Sequence[int] | None = None, *,
     return TokenView(_wrap("".join(parts)), f"eetools: {len(shown)} sequences")
 
 
-def exit_heatmap(rollouts_or_rollout: Rollout | Sequence[Rollout], index: int | Sequence[int] = 0, *,
-                 value: str = "exit_prob") -> go.Figure:
+def exit_heatmap(
+    rollouts_or_rollout: Rollout | Sequence[Rollout], index: int | Sequence[int] = 0, *, value: str = "exit_prob"
+) -> go.Figure:
     """Heatmap of exit probabilities, generated tokens (x) x exitable layers (y), one subplot per sequence.
 
     Args:
@@ -122,17 +124,25 @@ def exit_heatmap(rollouts_or_rollout: Rollout | Sequence[Rollout], index: int | 
     if value not in ("exit_prob", "exit_dist"):
         raise ValueError(f"value must be 'exit_prob' or 'exit_dist', got {value!r}")
     pairs = _pairs(rollouts_or_rollout, index)
-    fig = make_subplots(rows=1, cols=len(pairs), horizontal_spacing=0.04,
-                        subplot_titles=[f"sequence {i}" for _, i in pairs])
+    fig = make_subplots(
+        rows=1, cols=len(pairs), horizontal_spacing=0.04, subplot_titles=[f"sequence {i}" for _, i in pairs]
+    )
     for col, (r, i) in enumerate(pairs, start=1):
         _add_heatmap(fig, r, i, value, col)
-    fig.update_layout(coloraxis=dict(colorscale=_HEAT_SCALE, cmin=0, cmax=1, colorbar_title=value),
-                      height=160 + 28 * max(len(r.layers) for r, _ in pairs), margin=dict(t=40, b=40))
+    fig.update_layout(
+        coloraxis=dict(colorscale=_HEAT_SCALE, cmin=0, cmax=1, colorbar_title=value),
+        height=160 + 28 * max(len(r.layers) for r, _ in pairs),
+        margin=dict(t=40, b=40),
+    )
     return fig
 
 
-def exit_histogram_figure(hist: Mapping[str, Sequence[float] | np.ndarray | torch.Tensor], layers: Sequence[int],
-                          n_layers: int, title: str = "Exit-layer distribution") -> go.Figure:
+def exit_histogram_figure(
+    hist: Mapping[str, Sequence[float] | np.ndarray | torch.Tensor],
+    layers: Sequence[int],
+    n_layers: int,
+    title: str = "Exit-layer distribution",
+) -> go.Figure:
     """Grouped bars comparing exit-layer distributions, e.g. ``{"student": ..., "target": ...}``.
 
     Each value has one entry per exitable layer then one for full depth (as produced by
@@ -145,8 +155,13 @@ def exit_histogram_figure(hist: Mapping[str, Sequence[float] | np.ndarray | torc
         if y.shape[0] != len(labels):
             raise ValueError(f"hist[{name!r}] has {y.shape[0]} entries, expected {len(labels)} (layers + full)")
         fig.add_trace(go.Bar(name=str(name), x=labels, y=y.tolist()))
-    fig.update_layout(barmode="group", title=title, xaxis=dict(type="category", title="exit layer"),
-                      yaxis_title="fraction of tokens", margin=dict(t=50, b=40))
+    fig.update_layout(
+        barmode="group",
+        title=title,
+        xaxis=dict(type="category", title="exit layer"),
+        yaxis_title="fraction of tokens",
+        margin=dict(t=50, b=40),
+    )
     return fig
 
 
@@ -176,8 +191,11 @@ def _legend(rollout: Rollout) -> str:
     L = rollout.n_layers
     items = [(f"layer {l}", *_color(l, rollout.layers, L)) for l in rollout.layers]
     items += [(f"full depth ({L})", *_color(L, rollout.layers, L)), ("prompt", "transparent", "#999")]
-    swatches = "".join(f'<span style="background:{bg};color:{fg};padding:1px 6px;margin-right:3px;'
-                       f'border-radius:3px">{html.escape(name)}</span>' for name, bg, fg in items)
+    swatches = "".join(
+        f'<span style="background:{bg};color:{fg};padding:1px 6px;margin-right:3px;'
+        f'border-radius:3px">{html.escape(name)}</span>'
+        for name, bg, fg in items
+    )
     return f'<div style="margin-bottom:6px">exit layer: {swatches}</div>'
 
 
@@ -195,22 +213,33 @@ def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
     parts = [f'<div style="font-weight:bold;margin-top:6px">{html.escape(title)}</div>' if title else ""]
     if n:
         mean = sum(exits) / n
-        parts.append(f'<div style="color:#666">tokens: {n} · compute: {mean / L:.3f} '
-                     f'(mean exit layer {mean:.2f} / {L}) · layers saved: {1 - mean / L:.1%}</div>')
+        parts.append(
+            f'<div style="color:#666">tokens: {n} · compute: {mean / L:.3f} '
+            f"(mean exit layer {mean:.2f} / {L}) · layers saved: {1 - mean / L:.1%}</div>"
+        )
     else:
         parts.append('<div style="color:#666">tokens: 0 · no generated tokens</div>')
     parts.append('<div style="white-space:pre-wrap;word-break:break-all;line-height:1.8">')
-    parts += [f'<span style="color:#999" title="prompt">{html.escape(visible(s))}</span>'
-              for s in rollout.prompt_str_tokens[index]]
+    parts += [
+        f'<span style="color:#999" title="prompt">{html.escape(visible(s))}</span>'
+        for s in rollout.prompt_str_tokens[index]
+    ]
     for t in range(n):
         e = int(exits[t])
         p = float(dist[t, col[e]]) if e in col else float(dist[t, -1]) if e >= L else float("nan")
         where = f"exit layer {e}" if e < L else f"no exit: full depth ({L})"
-        hover = [f"token {t}: {visible(toks[t], newline='')!r}", where, f"blocks used: {e}/{L}",
-                 f"exit probability: {p:.3f}", f"token log-prob: {logps[t]:.3f}"]
+        hover = [
+            f"token {t}: {visible(toks[t], newline='')!r}",
+            where,
+            f"blocks used: {e}/{L}",
+            f"exit probability: {p:.3f}",
+            f"token log-prob: {logps[t]:.3f}",
+        ]
         bg, fg = _color(e, layers, L)
-        parts.append(f'<span style="background:{bg};color:{fg};border-radius:2px" '
-                     f'title="{html.escape(chr(10).join(hover))}">{html.escape(visible(toks[t]))}</span>')
+        parts.append(
+            f'<span style="background:{bg};color:{fg};border-radius:2px" '
+            f'title="{html.escape(chr(10).join(hover))}">{html.escape(visible(toks[t]))}</span>'
+        )
     parts.append("</div>")
     return "".join(parts)
 
@@ -218,8 +247,7 @@ def _sequence_html(rollout: Rollout, index: int, title: str | None) -> str:
 def _wrap(body: str) -> str:
     """The root ``<div>``, its id a stable hash of the content (deterministic output)."""
     digest = hashlib.sha1(body.encode("utf-8")).hexdigest()[:12]
-    return (f'<div id="eetools-{digest}" class="eetools-tokens" '
-            f'style="font-family:{_MONO};font-size:13px">{body}</div>')
+    return f'<div id="eetools-{digest}" class="eetools-tokens" style="font-family:{_MONO};font-size:13px">{body}</div>'
 
 
 def _pairs(rollouts: Rollout | Sequence[Rollout], index: int | Sequence[int]) -> list[tuple[Rollout, int]]:
@@ -243,17 +271,42 @@ def _add_heatmap(fig: go.Figure, rollout: Rollout, index: int, value: str, col: 
     allowed = _as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64)  # patience vetoes at 0
     z = (c if value == "exit_prob" else stick_breaking(torch.from_numpy(allowed)).numpy()[:, :-1]).T
     labels = [visible(s, newline="") for s in rollout.str_tokens[index][:n]]
-    exits: Int[np.ndarray, "n"] = _as_numpy(rollout.exit_layers[index, :n])
+    exits: Int[np.ndarray, " n"] = _as_numpy(rollout.exit_layers[index, :n])
     row = {l: k for k, l in enumerate(layers)}
     x = list(range(n))
     text = [[f"{t}: {labels[t]!r} · layer {l}" for t in x] for l in layers]
-    fig.add_trace(go.Heatmap(z=z.tolist(), x=x, y=list(range(len(layers))), text=text, coloraxis="coloraxis",
-                             hovertemplate="%{text}<br>" + value + "=%{z:.3f}<extra></extra>",
-                             name=f"sequence {index}"), row=1, col=col)
+    fig.add_trace(
+        go.Heatmap(
+            z=z.tolist(),
+            x=x,
+            y=list(range(len(layers))),
+            text=text,
+            coloraxis="coloraxis",
+            hovertemplate="%{text}<br>" + value + "=%{z:.3f}<extra></extra>",
+            name=f"sequence {index}",
+        ),
+        row=1,
+        col=col,
+    )
     ys = [row.get(int(e), len(layers)) for e in exits]
-    fig.add_trace(go.Scatter(x=x, y=ys, mode="markers", marker=dict(symbol="x", color="#222", size=7),
-                             text=[f"{t}: {labels[t]!r} · exit {int(exits[t])}" for t in x],
-                             hovertemplate="%{text}<extra></extra>", showlegend=False), row=1, col=col)
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=ys,
+            mode="markers",
+            marker=dict(symbol="x", color="#222", size=7),
+            text=[f"{t}: {labels[t]!r} · exit {int(exits[t])}" for t in x],
+            hovertemplate="%{text}<extra></extra>",
+            showlegend=False,
+        ),
+        row=1,
+        col=col,
+    )
     fig.update_xaxes(tickvals=x, ticktext=labels, tickangle=-60, row=1, col=col)
-    fig.update_yaxes(tickvals=list(range(len(layers) + 1)), ticktext=[f"L{l}" for l in layers] + [f"full ({L})"],
-                     range=[-0.5, len(layers) + 0.5], row=1, col=col)
+    fig.update_yaxes(
+        tickvals=list(range(len(layers) + 1)),
+        ticktext=[f"L{l}" for l in layers] + [f"full ({L})"],
+        range=[-0.5, len(layers) + 0.5],
+        row=1,
+        col=col,
+    )

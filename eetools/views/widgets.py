@@ -40,11 +40,24 @@ class TokenDetails:
     full_depth: list[tuple[str, float]]
 
     def figure(self) -> go.Figure:
-        fig = go.Figure(go.Scatter(x=self.lens["layer"], y=self.lens["p_token"], mode="lines+markers",
-                                   text=self.lens["top1"], name="P(generated token)"))
+        fig = go.Figure(
+            go.Scatter(
+                x=self.lens["layer"],
+                y=self.lens["p_token"],
+                mode="lines+markers",
+                text=self.lens["top1"],
+                name="P(generated token)",
+            )
+        )
         fig.add_vline(x=self.exit_layer, line_dash="dash", annotation_text="exit")
-        fig.update_layout(title=f"Logit lens of {self.token!r}", xaxis_title="layer", yaxis_title="probability",
-                          template="plotly_white", height=300, yaxis_range=[0, 1])
+        fig.update_layout(
+            title=f"Logit lens of {self.token!r}",
+            xaxis_title="layer",
+            yaxis_title="probability",
+            template="plotly_white",
+            height=300,
+            yaxis_range=[0, 1],
+        )
         return fig
 
 
@@ -56,13 +69,14 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     n = int(rollout.mask[index].sum())
     if not 0 <= t < n:
         raise IndexError(f"token {t} out of range: sequence {index} has {n} generated tokens")
-    seq = rollout.sequences[index:index + 1].to(ee_model.device)
-    attn = rollout.attention_mask[index:index + 1].to(ee_model.device)
+    seq = rollout.sequences[index : index + 1].to(ee_model.device)
+    attn = rollout.attention_mask[index : index + 1].to(ee_model.device)
     pos = rollout.prompt_tokens.shape[1] - 1 + t  # the position that predicts token t
     L = ee_model.n_layers
     # the model as it is (adapters on), no norm shortcut: as before the shared helper
-    store, logits = capture_residuals(ee_model, seq, range(1, L), attention_mask=attn, rows=(0, pos),
-                                      norm_shortcut=False, return_logits=True)
+    store, logits = capture_residuals(
+        ee_model, seq, range(1, L), attention_mask=attn, rows=(0, pos), norm_shortcut=False, return_logits=True
+    )
     final = logits[0, pos].float().softmax(-1)
     tok_id = int(rollout.tokens[index, t])
     tok = ee_model.model.tokenizer
@@ -77,9 +91,13 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     dist = stick_breaking(rollout.allowed_exit_probs[index, t].float())  # where patience let it exit
     labels = [str(l) for l in rollout.layers] + ["none"]
     top3 = torch.topk(final, 3)
-    return TokenDetails(token=rollout.str_tokens[index][t], exit_layer=int(rollout.exit_layers[index, t]),
-                        exit_distribution=pd.Series(dist.numpy(), index=labels), lens=pd.DataFrame(rows),
-                        full_depth=[(tok.decode([int(i)]), float(v)) for v, i in zip(top3.values, top3.indices)])
+    return TokenDetails(
+        token=rollout.str_tokens[index][t],
+        exit_layer=int(rollout.exit_layers[index, t]),
+        exit_distribution=pd.Series(dist.numpy(), index=labels),
+        lens=pd.DataFrame(rows),
+        full_depth=[(tok.decode([int(i)]), float(v)) for v, i in zip(top3.values, top3.indices)],
+    )
 
 
 class Explorer:
@@ -93,8 +111,9 @@ class Explorer:
         self.generate(self.examples[0].prompt, mode="sample", temperature=0.0, threshold=0.5, seed=0)
 
     def generate(self, prompt: str, *, mode="sample", temperature=0.0, threshold=0.5, seed=0):
-        self.rollout = self.ee_model.generate(prompt, self.max_new_tokens, mode=mode, temperature=temperature,
-                                              threshold=threshold, seed=seed)
+        self.rollout = self.ee_model.generate(
+            prompt, self.max_new_tokens, mode=mode, temperature=temperature, threshold=threshold, seed=seed
+        )
         return self.rollout
 
     def details(self, t: int) -> TokenDetails:
@@ -129,7 +148,9 @@ class Explorer:
 
         from eetools.views.tokens import color_tokens
 
-        pick = W.Dropdown(options=[(e.prompt.strip()[:60], i) for i, e in enumerate(self.examples)], description="example")
+        pick = W.Dropdown(
+            options=[(e.prompt.strip()[:60], i) for i, e in enumerate(self.examples)], description="example"
+        )
         prompt = W.Textarea(value=self.examples[0].prompt, description="prompt", layout=W.Layout(width="600px"))
         mode = W.Dropdown(options=["sample", "threshold", "off"], value="sample", description="mode")
         temp = W.FloatSlider(value=0.0, min=0.0, max=1.5, step=0.1, description="temperature")
@@ -145,8 +166,12 @@ class Explorer:
                 if self.rollout is None or int(self.rollout.mask[0].sum()) == 0:
                     return
                 d = self.details(token.value)
-                display(HTML(f"<b>{d.token!r}</b>: exit layer {d.exit_layer}; full depth would say "
-                             + ", ".join(f"{s!r} {p:.2f}" for s, p in d.full_depth)))
+                display(
+                    HTML(
+                        f"<b>{d.token!r}</b>: exit layer {d.exit_layer}; full depth would say "
+                        + ", ".join(f"{s!r} {p:.2f}" for s, p in d.full_depth)
+                    )
+                )
                 display(d.exit_distribution.to_frame("P(exit)").T)
                 d.figure().show()
 

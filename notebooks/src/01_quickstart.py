@@ -12,8 +12,11 @@
 # ```
 
 # %%
-import torch, plotly.io as pio
+import plotly.io as pio
+import torch
+
 import eetools as ee
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
@@ -53,7 +56,12 @@ print(fresh, "compute:", round(float(r.compute[0]), 3))
 calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
 r = calibrated.generate(example.prompt, 80, temperature=0, seed=0)
 print(r.text[0])
-print("score", task.score(example, ee.tasks.cut_at_answer(r.text[0])), "| layers saved", round(float(r.layers_saved[0]), 2))
+print(
+    "score",
+    task.score(example, ee.tasks.cut_at_answer(r.text[0])),
+    "| layers saved",
+    round(float(r.layers_saved[0]), 2),
+)
 
 # %%
 ee.views.color_tokens(r)
@@ -81,7 +89,9 @@ ee.views.color_tokens_many(rs)
 # %%
 # NBVAL_CHECK_OUTPUT
 fast = calibrated.generate(prompts, 160, temperature=0, seed=0, skip="compute")
-print("same tokens:", torch.equal(fast.tokens, rs.tokens), "| same exits:", torch.equal(fast.exit_layers, rs.exit_layers))
+print(
+    "same tokens:", torch.equal(fast.tokens, rs.tokens), "| same exits:", torch.equal(fast.exit_layers, rs.exit_layers)
+)
 print("max log-prob difference < 1e-4:", bool((fast.token_logprobs - rs.token_logprobs).abs().max() < 1e-4))
 
 # %% [markdown]

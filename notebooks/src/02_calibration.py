@@ -6,8 +6,11 @@
 # The student (LoRA adapters on) is trained on exits sampled from it.
 
 # %%
-import torch, plotly.io as pio
+import plotly.io as pio
+import torch
+
 import eetools as ee
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
@@ -18,6 +21,7 @@ ee_model = ee.attach_exit_heads(model)
 task = ee.tasks.get("addition")
 example = task.test_split()[0]
 from eetools.train.calibration import encode_sequences, exit_targets
+
 ids, attn, predict = encode_sequences(ee_model, [example.prompt], [example.reasoning])
 teacher = ee_model.teacher_forward(ids, attn)
 targets = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor=64.0)[0]
@@ -28,11 +32,18 @@ print(targets.shape)
 
 # %%
 import plotly.graph_objects as go
+
 from eetools.views.tokens import visible
+
 pos = predict[0].nonzero().squeeze(-1)
-labels = [f"{i}:{visible(model.tokenizer.decode([int(ids[0, p + 1])]), newline='')}" for i, p in enumerate(pos.tolist())]
-go.Figure(go.Heatmap(z=targets[pos].T.numpy(), x=labels, y=[str(l) for l in ee_model.exit_layers] + ["none"],
-                     colorscale="Blues")).update_layout(title="Target exit distribution (k=64)", yaxis_title="exit layer", height=320)
+labels = [
+    f"{i}:{visible(model.tokenizer.decode([int(ids[0, p + 1])]), newline='')}" for i, p in enumerate(pos.tolist())
+]
+go.Figure(
+    go.Heatmap(
+        z=targets[pos].T.numpy(), x=labels, y=[str(l) for l in ee_model.exit_layers] + ["none"], colorscale="Blues"
+    )
+).update_layout(title="Target exit distribution (k=64)", yaxis_title="exit layer", height=320)
 
 # %% [markdown]
 # Copied digits and format characters can exit at layer 1-3; the digit of each column sum needs depth. A short live calibration (the shipped heads used the same code with more steps):
@@ -61,7 +72,9 @@ fig4.figure()
 
 # %%
 import pandas as pd
+
 from eetools.analysis.evaluation import CoherenceByKL
+
 fig3 = CoherenceByKL(pd.read_csv(ee.io.data_dir() / "results" / "fig3.csv"))
 fig3.summary()
 

@@ -5,8 +5,11 @@
 # leave-one-out advantages; the policy gradient covers both the sampled tokens and the sampled exits.
 
 # %%
-import torch, plotly.io as pio
+import plotly.io as pio
+import torch
+
 import eetools as ee
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
@@ -14,8 +17,18 @@ pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders
 # %%
 # NBVAL_IGNORE_OUTPUT
 calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
-res = ee.train_rl(calibrated, "addition", lam=1.5, beta=0.25, k=4, prompts_per_step=2, steps=3,
-                  max_new_tokens=70, eval_every=0, seed=0)
+res = ee.train_rl(
+    calibrated,
+    "addition",
+    lam=1.5,
+    beta=0.25,
+    k=4,
+    prompts_per_step=2,
+    steps=3,
+    max_new_tokens=70,
+    eval_every=0,
+    seed=0,
+)
 res.history[["step", "reward", "task", "kl", "exitcost", "accuracy", "compute", "adv_std"]]
 
 # %% [markdown]
@@ -23,12 +36,16 @@ res.history[["step", "reward", "task", "kl", "exitcost", "accuracy", "compute", 
 # The shipped histories of the runs behind the shipped RL model (`eetools reproduce`): each run light, the mean bold with ±1 SE, the base model dashed.
 
 # %%
-import pandas as pd, json
+
+import pandas as pd
+
 results = ee.io.data_dir() / "results"
 history = pd.read_csv(results / "rl_history.csv")
 table = pd.read_csv(results / "evaluation.csv")
 base = table[(table.system == "base") & (table.task == "addition")].iloc[0]
-ee.views.rl_dynamics_figure(history, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})
+ee.views.rl_dynamics_figure(
+    history, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning}
+)
 
 # %%
 table
@@ -44,7 +61,9 @@ table
 
 # %%
 slow = pd.read_csv(results / "rl_slow_adapters_history.csv")
-ee.views.rl_dynamics_figure(slow, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning})
+ee.views.rl_dynamics_figure(
+    slow, base={"accuracy": base.accuracy, "compute": 1.0, "coherence": base.coherence_reasoning}
+)
 
 # %% [markdown]
 # ## Fig. 2 (right): the same prompt before and after RL
@@ -104,5 +123,7 @@ points.figure()
 val = ee.tradeoff(rl, "addition", thresholds=[0.7, 0.5, 0.3, 0.15], n=40, seed=0, sample=False, split="validation")
 t = val.best_threshold(max_drop=0.01)  # the most layers saved within 1 point of the base model
 test = ee.evaluate(rl, "addition", n=40, mode="threshold", threshold=t, seed=0, compare=False).summary
-print(f"chosen on validation: t = {t}; on the test split: accuracy {test.accuracy[0]:.1%}, "
-      f"{test.layers_saved[0]:.1%} of layers saved")
+print(
+    f"chosen on validation: t = {t}; on the test split: accuracy {test.accuracy[0]:.1%}, "
+    f"{test.layers_saved[0]:.1%} of layers saved"
+)

@@ -6,14 +6,18 @@
 # reasoning into the written tokens (less *hidden planning*).
 
 # %%
-import torch, plotly.io as pio
+import plotly.io as pio
+import torch
+
 import eetools as ee
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
 
 # %%
 from eetools.analysis import probes
+
 calibrated = ee.load_exit_model("tiny-reasoner/calibrated")
 rl = ee.load_exit_model("tiny-reasoner/rl")
 examples = ee.tasks.get("addition").test_split()[:60]

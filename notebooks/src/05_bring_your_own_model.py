@@ -12,22 +12,39 @@
 # the same pipeline on it.
 
 # %%
-import torch, plotly.io as pio
+import plotly.io as pio
+import torch
+
 import eetools as ee
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
 
 # %%
 import tempfile
+
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
 from eetools.io.tokenizer import build_tokenizer
+
 folder = tempfile.mkdtemp()
 tok = build_tokenizer()
-cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=6,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
-                  bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-Qwen3ForCausalLM(cfg).save_pretrained(folder); tok.save_pretrained(folder)
+cfg = Qwen3Config(
+    vocab_size=len(tok),
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=256,
+    bos_token_id=tok.bos_token_id,
+    eos_token_id=tok.eos_token_id,
+    pad_token_id=tok.pad_token_id,
+)
+Qwen3ForCausalLM(cfg).save_pretrained(folder)
+tok.save_pretrained(folder)
 model = ee.load_model(folder)
 ee_model = ee.attach_exit_heads(model, layers=[2, 4])
 ee_model

@@ -25,13 +25,24 @@ def quick_report(tmp_path_factory):
 
 
 def test_quick_reproduce_writes_every_figure(quick_report):
-    for name in ("report.html", "evaluation.csv", "fig2_left.json", "fig3.json", "calibrated/fig4.json",
-                 "fig2_right_rl.html", "summary.json", "tradeoff.csv", "tradeoff_rl.json"):
+    for name in (
+        "report.html",
+        "evaluation.csv",
+        "fig2_left.json",
+        "fig3.json",
+        "calibrated/fig4.json",
+        "fig2_right_rl.html",
+        "summary.json",
+        "tradeoff.csv",
+        "tradeoff_rl.json",
+    ):
         assert (quick_report / name).exists(), name
     import pandas as pd
 
     points = pd.read_csv(quick_report / "tradeoff.csv")
-    assert set(points.model) == {"calibrated", "rl"} and {"threshold", "sample", "base", "confidence", "oracle"} <= set(points.system)
+    assert set(points.model) == {"calibrated", "rl"} and {"threshold", "sample", "base", "confidence", "oracle"} <= set(
+        points.system
+    )
     html = (quick_report / "report.html").read_text()
     # self-contained: nothing fetched from the network (plotly.js is inlined)
     import re
@@ -43,10 +54,21 @@ def test_quick_reproduce_writes_every_figure(quick_report):
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(quick_report, tmp_path):
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000", "--dump-dom",
-           (quick_report / "report.html").as_uri()]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--virtual-time-budget=10000",
+        "--dump-dom",
+        (quick_report / "report.html").as_uri(),
+    ]
     run = subprocess.run(cmd + ["--enable-logging=stderr", "--v=0"], capture_output=True, text=True, timeout=120)
     dom = run.stdout
     # plotly draws SVG into each figure div once its inline JavaScript ran
@@ -54,6 +76,10 @@ def test_report_renders_in_headless_chromium(quick_report, tmp_path):
     assert "Fig. 4" in dom and "Results" in dom
     assert "Uncaught" not in run.stderr, f"JavaScript errors: {run.stderr[-500:]}"
     shot = quick_report / "report.png"
-    subprocess.run([c for c in cmd if c != "--dump-dom"][:-1] + ["--window-size=1200,2400", f"--screenshot={shot}",
-                    (quick_report / "report.html").as_uri()], capture_output=True, timeout=120)
+    subprocess.run(
+        [c for c in cmd if c != "--dump-dom"][:-1]
+        + ["--window-size=1200,2400", f"--screenshot={shot}", (quick_report / "report.html").as_uri()],
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.exists() and shot.stat().st_size > 10_000, "no screenshot"

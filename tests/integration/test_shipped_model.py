@@ -64,8 +64,10 @@ def test_cached_equals_uncached_on_the_shipped_model(reasoner):
     torch.testing.assert_close(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("preset", ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters",
-                                    "tiny-reasoner/rl-lam6"])
+@pytest.mark.parametrize(
+    "preset",
+    ["tiny-reasoner/calibrated", "tiny-reasoner/rl", "tiny-reasoner/rl-slow-adapters", "tiny-reasoner/rl-lam6"],
+)
 def test_shipped_exit_models_load_and_exit(preset):
     from eetools.io.exit_checkpoint import PRESETS
     from eetools.io.paths import data_dir
@@ -109,7 +111,9 @@ def test_finished_rows_leave_the_batch_without_changing_results(monkeypatch, ski
     prompts = [e.prompt for e in tasks.get("addition").test_split()[:8]]
     selects = []
     select = DynamicCache.batch_select_indices
-    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: (selects.append(len(idx)), select(self, idx)))
+    monkeypatch.setattr(
+        DynamicCache, "batch_select_indices", lambda self, idx: (selects.append(len(idx)), select(self, idx))
+    )
     a = ee.generate(prompts, 80, seed=5, temperature=1.0, skip=skip)
     assert selects and min(selects) < len(prompts), "the test needs rows that finish early"
     monkeypatch.setattr(generation._Decoder, "_drop_finished", lambda self, done: None)
@@ -132,8 +136,11 @@ def test_repeated_prompts_are_prefilled_once_without_changing_results(monkeypatc
     prompts = [e.prompt for e in examples for _ in range(4)]
     widths = []
     forward = exits.EarlyExitModel.run_with_exits
-    monkeypatch.setattr(exits.EarlyExitModel, "run_with_exits",
-                        lambda self, tokens, *a, **k: (widths.append(len(tokens)), forward(self, tokens, *a, **k))[1])
+    monkeypatch.setattr(
+        exits.EarlyExitModel,
+        "run_with_exits",
+        lambda self, tokens, *a, **k: (widths.append(len(tokens)), forward(self, tokens, *a, **k))[1],
+    )
     a = ee.generate(prompts, 40, seed=5, temperature=1.0, skip=skip)
     assert widths[0] == 3, "the prefill should run on the 3 distinct prompts"
     monkeypatch.setattr(generation, "distinct_rows", lambda rows: None)
@@ -173,9 +180,20 @@ def test_the_lam6_preset_with_its_exit_rules_saves_40_percent_within_a_point():
     """README's operating point: `tiny-reasoner/rl-lam6` at the default threshold 0.5 with patience 1 and a
     lens-confidence floor of 0.9 (99.6 % / 40.6 % on the 500 test prompts); here the first 100."""
     ee = eetools.load_exit_model("tiny-reasoner/rl-lam6")
-    ev = eetools.evaluate(ee, "addition", n=100, mode="threshold", threshold=0.5, patience=1, min_confidence=0.9,
-                          compare=False, progress=False)
+    ev = eetools.evaluate(
+        ee,
+        "addition",
+        n=100,
+        mode="threshold",
+        threshold=0.5,
+        patience=1,
+        min_confidence=0.9,
+        compare=False,
+        progress=False,
+    )
     row = ev.summary.set_index("system").loc["model"]
     assert row["accuracy"] >= 0.99 and row["layers_saved"] >= 0.40, row.to_dict()
     plain = eetools.evaluate(ee, "addition", n=100, mode="threshold", threshold=0.5, compare=False, progress=False)
-    assert plain.summary.set_index("system").loc["model", "layers_saved"] > row["layers_saved"]  # the rules hold exits back
+    assert (
+        plain.summary.set_index("system").loc["model", "layers_saved"] > row["layers_saved"]
+    )  # the rules hold exits back

@@ -8,8 +8,8 @@ split from the fused ``c_attn`` by the bridge, must fall back to the bridge.
 import pytest
 import torch
 
-from eetools.core.fast import bypass
 from eetools.core.adapters import adapter_parameters, add_lora
+from eetools.core.fast import bypass
 from eetools.core.hooks import count_hooks
 
 FIELDS = ("tokens", "mask", "exit_layers", "token_logprobs", "exit_logprobs", "exit_probs")
@@ -39,8 +39,11 @@ def _generate(ee, noop_hook: bool, **kw):
     return r, len(calls)
 
 
-@pytest.mark.parametrize("kw", [dict(mode="sample", temperature=1.0), dict(mode="threshold", threshold=0.4, temperature=0.0)],
-                         ids=["sample", "threshold"])
+@pytest.mark.parametrize(
+    "kw",
+    [dict(mode="sample", temperature=1.0), dict(mode="threshold", threshold=0.4, temperature=0.0)],
+    ids=["sample", "threshold"],
+)
 def test_bypassed_decode_equals_the_bridge_path(tiny_ee, arch, kw):
     add_lora(tiny_ee, r=2)
     with torch.no_grad():  # adapters that change the function, so merging them matters
@@ -94,8 +97,9 @@ def test_the_tree_and_hooks_are_restored_on_errors(tiny_ee, arch):
         tiny_ee.generate(PROMPTS, 4, seed=0, skip="compute")
     tiny_ee.heads[1].forward = orig
     assert _tree(tiny_ee.model) == before
-    assert [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers] == hooks_before, \
+    assert [(len(l._forward_hooks), len(l._forward_pre_hooks)) for l in layers] == hooks_before, (
         "an exit hook stayed on an HF layer"
+    )
     assert not any("forward" in m.__dict__ for m in tiny_ee.model.original_model.modules())
     assert count_hooks(tiny_ee.model) == 0
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from eetools import tasks
-from eetools.train.calibration import calibrate, exit_targets
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.train.calibration import calibrate, exit_targets
 
 
 def test_targets_match_a_hand_computation():
@@ -20,7 +20,9 @@ def test_targets_match_a_hand_computation():
     k = 2.0
     got = exit_targets(q, early, k)
     for t in range(2):
-        kls = [sum(qi * math.log(qi / pi) for qi, pi in zip(q[0, t].exp().tolist(), p[t].exp().tolist())) for p in (p1, p2)]
+        kls = [
+            sum(qi * math.log(qi / pi) for qi, pi in zip(q[0, t].exp().tolist(), p[t].exp().tolist())) for p in (p1, p2)
+        ]
         c = [2 - 2 / (1 + math.exp(-k * d)) for d in kls]
         want = [c[0], (1 - c[0]) * c[1], (1 - c[0]) * (1 - c[1])]
         torch.testing.assert_close(got[0, t], torch.tensor(want))
@@ -64,6 +66,7 @@ def test_a_few_steps_lower_the_loss_and_change_only_trainable_parameters(tiny_ee
     with tiny_ee.adapters_disabled():
         off = tiny_ee.model(toks)
     from eetools.core.adapters import lora_layers
+
     for m in lora_layers(tiny_ee):
         m.enable_adapters(False)
     torch.testing.assert_close(off, tiny_ee.model(toks))
@@ -77,8 +80,9 @@ def test_length_chunked_student_equals_one_pass(tiny_ee):
     with torch.no_grad():
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.0)
-    ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n", "Q: 9+9\n"],
-                                          ["3", "1+8=9\n4+7=11\nA: 13023", "18\nA: 18"])
+    ids, attn, predict = encode_sequences(
+        tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n", "Q: 9+9\n"], ["3", "1+8=9\n4+7=11\nA: 13023", "18\nA: 18"]
+    )
     assert len(set(attn.sum(1).tolist())) == 3
     params = tiny_ee.trainable_parameters()
     results = []
@@ -86,8 +90,9 @@ def test_length_chunked_student_equals_one_pass(tiny_ee):
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        kl, nll, sums = calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0),
-                                         chunk_rows=chunk_rows)
+        kl, nll, sums = calibration_sums(
+            tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0), chunk_rows=chunk_rows
+        )
         (kl + nll).backward()
         results.append((sums, [p.grad.clone() for p in params]))
     (sums, grads), others = results[0], results[1:]
@@ -150,8 +155,15 @@ def test_a_crash_while_saving_leaves_a_whole_checkpoint_to_resume(tiny_folders, 
     assert list(full.history["loss"]) == list(resumed.history["loss"])
 
 
-@pytest.mark.parametrize("kwargs,match", [({"kl_factor": 0}, "kl_factor"), ({"kl_factor": -1}, "kl_factor"),
-                                          ({"exit_samples": 0}, "exit_samples"), ({"bogus": 1}, "unknown")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"kl_factor": 0}, "kl_factor"),
+        ({"kl_factor": -1}, "kl_factor"),
+        ({"exit_samples": 0}, "exit_samples"),
+        ({"bogus": 1}, "unknown"),
+    ],
+)
 def test_bad_arguments(tiny_ee, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         calibrate(tiny_ee, "addition", steps=1, progress=False, **kwargs)
@@ -173,8 +185,9 @@ def test_examples_and_prompt_lists_are_accepted(tiny_ee):
     exs = tasks.get("addition").sample(4, seed=0)
     res = calibrate(tiny_ee, exs, steps=1, batch_size=2, progress=False, lora=False)
     assert len(res.history) == 1
-    res = calibrate(tiny_ee, [e.prompt for e in exs], steps=1, batch_size=2, progress=False, lora=False,
-                    max_new_tokens=8)
+    res = calibrate(
+        tiny_ee, [e.prompt for e in exs], steps=1, batch_size=2, progress=False, lora=False, max_new_tokens=8
+    )
     assert len(res.history) == 1
 
 
@@ -183,7 +196,9 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
         tiny_ee.heads[0].net[-1].bias.fill_(float("nan"))
     before = [p.detach().clone() for p in tiny_ee.heads[1:].parameters()]
     with pytest.raises(FloatingPointError, match="step 0"):
-        calibrate(tiny_ee, "addition", steps=3, batch_size=2, progress=False, lora=False, checkpoint_dir=tmp_path / "ck")
+        calibrate(
+            tiny_ee, "addition", steps=3, batch_size=2, progress=False, lora=False, checkpoint_dir=tmp_path / "ck"
+        )
     assert (tmp_path / "ck" / "trainer.json").exists(), "checkpoint saved before stopping"
     after = [p.detach() for p in tiny_ee.heads[1:].parameters()]
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "no optimizer step may be applied"

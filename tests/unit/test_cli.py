@@ -22,68 +22,267 @@ def test_help_text_comes_from_field_docstrings(capsys):
 def test_calibrate_rl_evaluate_round_trip(tiny_folders, tmp_path, capsys):
     model = str(tiny_folders["qwen3"])
     cal = tmp_path / "cal"
-    assert main(["calibrate", "--model", model, "--steps", "2", "--batch-size", "2", "--lora-r", "2",
-                 "--out", str(cal), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                model,
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--lora-r",
+                "2",
+                "--out",
+                str(cal),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (cal / "model" / "heads.safetensors").exists() and (cal / "calibration_history.csv").exists()
     assert (cal / "fig4.json").exists()
     rl = tmp_path / "rl"
-    assert main(["rl", "--from", str(cal / "model"), "--steps", "1", "--k", "2", "--prompts-per-step", "1",
-                 "--max-new-tokens", "4", "--eval-every", "0", "--out", str(rl), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "rl",
+                "--from",
+                str(cal / "model"),
+                "--steps",
+                "1",
+                "--k",
+                "2",
+                "--prompts-per-step",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--eval-every",
+                "0",
+                "--out",
+                str(rl),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (rl / "rl_history.csv").exists()
-    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--out", str(tmp_path / "ev"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            ["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--out", str(tmp_path / "ev"), "--no-progress"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "accuracy" in out and "oracle" in out
-    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold", "1",
-                 "--out", str(tmp_path / "ev1"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--mode",
+                "threshold",
+                "--threshold",
+                "1",
+                "--out",
+                str(tmp_path / "ev1"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ev1 = pd.read_csv(tmp_path / "ev1" / "evaluation.csv").set_index("system")
     assert ev1.loc["model", "layers_saved"] == 0  # c >= 1 never holds: no token exits
-    assert main(["evaluate", "--exit-model", str(rl / "model"), "--mode", "threshold", "--threshold", "0",
-                 "--out", str(tmp_path / "ev1"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--exit-model",
+                str(rl / "model"),
+                "--mode",
+                "threshold",
+                "--threshold",
+                "0",
+                "--out",
+                str(tmp_path / "ev1"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     tr = tmp_path / "tr"
-    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "0.1",
-                 "--out", str(tr), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--thresholds",
+                "0.5",
+                "0.1",
+                "--out",
+                str(tr),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tr / "tradeoff.csv").exists() and (tr / "tradeoff.json").exists()
     assert "threshold" in capsys.readouterr().out
     assert "sample" in set(pd.read_csv(tr / "tradeoff.csv").system)
-    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "0.5", "--no-sample",
-                 "--confidence", "0.9999", "--out", str(tr), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--thresholds",
+                "0.5",
+                "--no-sample",
+                "--confidence",
+                "0.9999",
+                "--out",
+                str(tr),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     systems = list(pd.read_csv(tr / "tradeoff.csv").system)
     assert "sample" not in systems and systems.count("confidence") == 1
     assert "confidence    0.9999" in capsys.readouterr().out  # printed as given, not rounded to 1.000
     capsys.readouterr()
-    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "1", "--no-sample",
-                 "--split", "validation", "--max-drop", "0", "--out", str(tr), "--no-progress"]) == 0
-    assert "validation split: the threshold saving the most layers within 0 of the base model's accuracy is 1.0" \
-        in capsys.readouterr().out  # c >= 1 never holds: no exit, the base model's accuracy
-    assert main(["tradeoff", "--exit-model", str(rl / "model"), "--n", "2", "--thresholds", "2",
-                 "--out", str(tr), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--thresholds",
+                "1",
+                "--no-sample",
+                "--split",
+                "validation",
+                "--max-drop",
+                "0",
+                "--out",
+                str(tr),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        "validation split: the threshold saving the most layers within 0 of the base model's accuracy is 1.0"
+        in capsys.readouterr().out
+    )  # c >= 1 never holds: no exit, the base model's accuracy
+    assert (
+        main(
+            [
+                "tradeoff",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--thresholds",
+                "2",
+                "--out",
+                str(tr),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "in (0, 1]" in capsys.readouterr().err
-    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold",
-                 "1", "0.5", "1", "--out", str(tmp_path / "ev2"), "--no-progress"]) == 0
-    assert main(["evaluate", "--exit-model", str(rl / "model"), "--n", "2", "--mode", "threshold", "--threshold",
-                 "0.5", "0.5", "--out", str(tmp_path / "ev2"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--mode",
+                "threshold",
+                "--threshold",
+                "1",
+                "0.5",
+                "1",
+                "--out",
+                str(tmp_path / "ev2"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "evaluate",
+                "--exit-model",
+                str(rl / "model"),
+                "--n",
+                "2",
+                "--mode",
+                "threshold",
+                "--threshold",
+                "0.5",
+                "0.5",
+                "--out",
+                str(tmp_path / "ev2"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "3 exitable layers" in capsys.readouterr().err
 
 
 def test_config_file_sets_options_and_flags_override(tiny_folders, tmp_path):
     cfg = tmp_path / "c.toml"
-    cfg.write_text('[calibrate]\nsteps = 1\nbatch_size = 2\nlora = false\nunknown_key = 3\n')
+    cfg.write_text("[calibrate]\nsteps = 1\nbatch_size = 2\nlora = false\nunknown_key = 3\n")
     with pytest.warns(UserWarning, match="unknown_key"):
-        assert main(["calibrate", "--model", str(tiny_folders["gpt2"]), "--config", str(cfg), "--out",
-                     str(tmp_path / "o"), "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "calibrate",
+                    "--model",
+                    str(tiny_folders["gpt2"]),
+                    "--config",
+                    str(cfg),
+                    "--out",
+                    str(tmp_path / "o"),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     import pandas as pd
+
     assert len(pd.read_csv(tmp_path / "o" / "calibration_history.csv")) == 1
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["calibrate", "--layers", "0", "9"], "out of range"),
-    (["calibrate", "--kl-factor", "-1"], "kl_factor"),
-    (["calibrate", "--config", "/nonexistent.toml"], "does not exist"),
-    (["rl", "--from", "/nowhere"], "not an exit-model checkpoint"),
-    (["calibrate", "--model", "no-such-model-anywhere"], "not a local folder"),
-    (["report", "--out", "/tmp/eetools-empty-report-dir"], "lacks"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["calibrate", "--layers", "0", "9"], "out of range"),
+        (["calibrate", "--kl-factor", "-1"], "kl_factor"),
+        (["calibrate", "--config", "/nonexistent.toml"], "does not exist"),
+        (["rl", "--from", "/nowhere"], "not an exit-model checkpoint"),
+        (["calibrate", "--model", "no-such-model-anywhere"], "not a local folder"),
+        (["report", "--out", "/tmp/eetools-empty-report-dir"], "lacks"),
+    ],
+)
 def test_bad_input_exits_nonzero_with_one_line(argv, needle, tiny_folders, capsys):
     if argv[0] == "calibrate" and "--model" not in argv:
         argv = argv + ["--model", str(tiny_folders["qwen3"])]
@@ -95,8 +294,21 @@ def test_bad_input_exits_nonzero_with_one_line(argv, needle, tiny_folders, capsy
 def test_yaml_config(tiny_folders, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("calibrate:\n  steps: 1\n  batch_size: 2\n  lora: false\n")
-    assert main(["calibrate", "--model", str(tiny_folders["qwen3"]), "--config", str(cfg), "--out",
-                 str(tmp_path / "o"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tiny_folders["qwen3"]),
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "o"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
 def test_reproduce_rl_options_reach_its_config(monkeypatch, tmp_path):

@@ -64,8 +64,9 @@ def _scenario(folder, out: Path, **shards) -> dict:
     res = {}
     res["cal"] = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=out / "cal", **CAL, **shards)
     calibrate(_fresh(folder), "addition", steps=2, checkpoint_dir=out / "cal_resume", **CAL, **shards)
-    res["cal_resume"] = calibrate(_fresh(folder), "addition", steps=3, checkpoint_dir=out / "cal_resume", **CAL,
-                                  **shards)
+    res["cal_resume"] = calibrate(
+        _fresh(folder), "addition", steps=3, checkpoint_dir=out / "cal_resume", **CAL, **shards
+    )
     rl = dict(**RL, **shards, reward_fn=_reward)
     res["rl"] = train_rl(_fresh(folder, -0.5), "addition", steps=3, checkpoint_dir=out / "rl", **rl)
     train_rl(_fresh(folder, -0.5), "addition", steps=2, checkpoint_dir=out / "rl_resume", **rl)
@@ -91,8 +92,11 @@ def _worker(folder: str, out: str) -> None:
     assert distributed.setup("cpu") and distributed.world_size() == 2
     r, out = distributed.rank(), Path(out)
     res = _scenario(folder, out / "ckpt")
-    tensors = {f"{name}.{i}": p.detach().clone() for name, x in res.items()
-               for i, p in enumerate(x.ee_model.trainable_parameters())}
+    tensors = {
+        f"{name}.{i}": p.detach().clone()
+        for name, x in res.items()
+        for i, p in enumerate(x.ee_model.trainable_parameters())
+    }
     save_file(tensors, str(out / f"rank{r}.safetensors"))
     for name, x in res.items():
         x.history.to_pickle(out / f"rank{r}_{name}.pkl")
@@ -136,8 +140,9 @@ def test_micro_batches_leave_a_deterministic_calibration_unchanged(tiny_folders,
     assert (one.history["sampled_compute"] == 1.0).all(), "the test needs deterministic (no-exit) prescriptions"
     assert one.history["kl"].iloc[-1] > 0, "the KL term must take part"
     for a, b in zip(one.ee_model.trainable_parameters(), two.ee_model.trainable_parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=DDP_ATOL,
-                                   msg="micro-batches changed the update: loss normalisation")
+        torch.testing.assert_close(
+            a, b, rtol=0, atol=DDP_ATOL, msg="micro-batches changed the update: loss normalisation"
+        )
     for a, b in zip(_moments(tmp_path / "one"), _moments(tmp_path / "two")):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg="gradient scale differs: loss normalisation")
     torch.testing.assert_close(torch.tensor(one.history["loss"].values), torch.tensor(two.history["loss"].values))
@@ -147,8 +152,14 @@ def test_resuming_with_another_number_of_shards_is_refused(tiny_folders, tmp_pat
     folder = tiny_folders["qwen3"]
     calibrate(_fresh(folder), "addition", steps=1, checkpoint_dir=tmp_path / "ck", **{**CAL, "lora": False})
     with pytest.raises(ValueError, match="split into 1 shard.*this run splits them into 2"):
-        calibrate(_fresh(folder), "addition", steps=2, checkpoint_dir=tmp_path / "ck", micro_batches=2,
-                  **{**CAL, "lora": False})
+        calibrate(
+            _fresh(folder),
+            "addition",
+            steps=2,
+            checkpoint_dir=tmp_path / "ck",
+            micro_batches=2,
+            **{**CAL, "lora": False},
+        )
 
 
 def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_path):
@@ -157,14 +168,29 @@ def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_
 
     folder = tiny_folders["qwen3"]
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2",
-           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
-            "import test_distributed as t; t._worker(*sys.argv[1:])")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(folder), str(tmp_path)],
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "WORLD_SIZE": "2",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+        "import test_distributed as t; t._worker(*sys.argv[1:])"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(folder), str(tmp_path)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
     try:
         ref = _scenario(folder, tmp_path / "ref", micro_batches=2)  # meanwhile: one process, the same 2 shards
         logs = [p.communicate(timeout=WORKER_TIMEOUT_S)[0] for p in procs]
@@ -180,12 +206,24 @@ def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_
         assert torch.equal(ranks[0][key], ranks[1][key]), f"ranks disagree on {key}: gradients not all-reduced?"
     for name, res in ref.items():
         for i, p in enumerate(res.ee_model.trainable_parameters()):
-            torch.testing.assert_close(ranks[0][f"{name}.{i}"], p.detach(), rtol=0, atol=DDP_ATOL,
-                                       msg=f"{name}: 2 processes != 1 process with 2 micro-batches (parameter {i})")
+            torch.testing.assert_close(
+                ranks[0][f"{name}.{i}"],
+                p.detach(),
+                rtol=0,
+                atol=DDP_ATOL,
+                msg=f"{name}: 2 processes != 1 process with 2 micro-batches (parameter {i})",
+            )
         for r in range(2):
             hist = pd.read_pickle(tmp_path / f"rank{r}_{name}.pkl")
-            pd.testing.assert_frame_equal(hist, res.history, check_exact=False, rtol=1e-4, atol=1e-6,
-                                          check_dtype=False, obj=f"{name} history of rank {r}")
+            pd.testing.assert_frame_equal(
+                hist,
+                res.history,
+                check_exact=False,
+                rtol=1e-4,
+                atol=1e-6,
+                check_dtype=False,
+                obj=f"{name} history of rank {r}",
+            )
             if name.startswith("rl"):
                 evals = pd.read_pickle(tmp_path / f"rank{r}_{name}_evals.pkl")
                 pd.testing.assert_frame_equal(evals, res.evals, check_exact=False, check_dtype=False)
@@ -194,10 +232,12 @@ def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7, msg=f"{name}: gradient scale differs")
 
     # a 2-process checkpoint resumes in 1 process with 2 micro-batches (the same shards)
-    on = calibrate(_fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ckpt" / "cal", micro_batches=2,
-                   **CAL)
-    ref_on = calibrate(_fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ref" / "cal", micro_batches=2,
-                       **CAL)
+    on = calibrate(
+        _fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ckpt" / "cal", micro_batches=2, **CAL
+    )
+    ref_on = calibrate(
+        _fresh(folder), "addition", steps=4, checkpoint_dir=tmp_path / "ref" / "cal", micro_batches=2, **CAL
+    )
     for a, b in zip(on.ee_model.trainable_parameters(), ref_on.ee_model.trainable_parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=DDP_ATOL, msg="resuming a 2-process run in 1 process")
 
@@ -207,25 +247,72 @@ def test_two_processes_equal_one_process_with_the_same_shards(tiny_folders, tmp_
 
 
 def _torchrun(argv: list[str], cwd) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "eetools.cli", *argv, "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "eetools.cli",
+        *argv,
+        "--no-progress",
+    ]
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+    }
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
 
 
 def test_cli_calibrate_and_rl_under_torchrun(tiny_folders, tmp_path):
-    cal = _torchrun(["calibrate", "--model", str(tiny_folders["qwen3"]), "--steps", "2", "--batch-size", "2",
-                     "--lora-r", "2", "--out", str(tmp_path / "cal")], tmp_path)
+    cal = _torchrun(
+        [
+            "calibrate",
+            "--model",
+            str(tiny_folders["qwen3"]),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--lora-r",
+            "2",
+            "--out",
+            str(tmp_path / "cal"),
+        ],
+        tmp_path,
+    )
     assert cal.returncode == 0, cal.stderr[-3000:]
     assert cal.stdout.split() == [str(tmp_path / "cal" / "model")], "only rank 0 prints"
     assert (tmp_path / "cal" / "calibration_history.csv").exists() and (tmp_path / "cal" / "fig4.json").exists()
-    rl = _torchrun(["rl", "--from", str(tmp_path / "cal" / "model"), "--steps", "1", "--k", "2", "--prompts-per-step",
-                    "2", "--max-new-tokens", "4", "--eval-every", "1", "--eval-prompts", "2", "--out",
-                    str(tmp_path / "rl")], tmp_path)
+    rl = _torchrun(
+        [
+            "rl",
+            "--from",
+            str(tmp_path / "cal" / "model"),
+            "--steps",
+            "1",
+            "--k",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--eval-every",
+            "1",
+            "--eval-prompts",
+            "2",
+            "--out",
+            str(tmp_path / "rl"),
+        ],
+        tmp_path,
+    )
     assert rl.returncode == 0, rl.stderr[-3000:]
     assert rl.stdout.split() == [str(tmp_path / "rl" / "model")]
     import pandas as pd
+
     assert len(pd.read_csv(tmp_path / "rl" / "rl_history.csv")) == 1
     assert len(pd.read_csv(tmp_path / "rl" / "rl_evals.csv")) == 2

@@ -8,8 +8,8 @@ import torch
 
 import eetools
 from eetools.io.checkpoints import CheckpointError, load_state, save_state, save_tensors
-from eetools.io.models import load_exit_model
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.io.models import load_exit_model
 
 
 def test_round_trip_is_bit_exact(tiny_ee, tmp_path):
@@ -99,8 +99,11 @@ def test_a_checkpoint_of_several_files_is_written_all_or_nothing(tmp_path, monke
         ck.save_json({"step": v}, stage / "trainer.json")
 
     def read():
-        return (float(ck.load_tensors(folder / "model" / "w.safetensors")["w"][0]),
-                ck.load_json(folder / "state.json")["v"], ck.load_json(folder / "trainer.json")["step"])
+        return (
+            float(ck.load_tensors(folder / "model" / "w.safetensors")["w"][0]),
+            ck.load_json(folder / "state.json")["v"],
+            ck.load_json(folder / "trainer.json")["step"],
+        )
 
     with ck.staged_checkpoint(folder) as stage:
         write(stage, 1)
@@ -153,13 +156,29 @@ def test_nested_state_round_trip(tmp_path):
 def test_resuming_a_run_folder_of_another_base_model_is_refused(tiny_folders, build_tiny, tmp_path):
     """A run folder left by an earlier version of the base model (same shapes, other weights) is not resumed."""
     first = eetools.attach_exit_heads(eetools.load_model(tiny_folders["qwen3"]), layers=[1, 2])
-    eetools.calibrate(first, "addition", steps=1, batch_size=2, exit_samples=1, lora=False, progress=False,
-                      checkpoint_dir=tmp_path / "run")
+    eetools.calibrate(
+        first,
+        "addition",
+        steps=1,
+        batch_size=2,
+        exit_samples=1,
+        lora=False,
+        progress=False,
+        checkpoint_dir=tmp_path / "run",
+    )
     retrained = build_tiny(tmp_path / "retrained", "qwen3", seed=1)  # same architecture and shapes
     second = eetools.attach_exit_heads(eetools.load_model(retrained), layers=[1, 2])
     with pytest.raises(CheckpointError, match="belongs to .*not to .*differ in unembed_sha256"):
-        eetools.calibrate(second, "addition", steps=2, batch_size=2, exit_samples=1, lora=False, progress=False,
-                          checkpoint_dir=tmp_path / "run")
+        eetools.calibrate(
+            second,
+            "addition",
+            steps=2,
+            batch_size=2,
+            exit_samples=1,
+            lora=False,
+            progress=False,
+            checkpoint_dir=tmp_path / "run",
+        )
 
 
 def test_heads_saved_in_float32_load_on_a_bfloat16_copy_of_the_same_model(tiny_folders, build_tiny, tmp_path):
@@ -193,8 +212,12 @@ def test_nothing_in_the_package_unpickles():
 
     package = Path(eetools.__file__).parent
     pattern = re.compile(r"\btorch\.load\(|\bimport pickle\b|\bpickle\.loads?\(|\bimport dill\b|\bjoblib\.load\(")
-    offenders = [f"{p.relative_to(package)}:{i}" for p in sorted(package.rglob("*.py"))
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    offenders = [
+        f"{p.relative_to(package)}:{i}"
+        for p in sorted(package.rglob("*.py"))
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert offenders == [], f"pickle-based loading in {offenders}"
 
 

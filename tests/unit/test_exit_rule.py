@@ -31,44 +31,47 @@ def _replayed_entropy(ee, rollout):
     tokens = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
     exit_at = torch.full_like(tokens, L)
     start = rollout.prompt_tokens.shape[1] - 1  # the position that predicts the first generated token
-    exit_at[0, start:start + n_new] = rollout.exit_layers[0]
+    exit_at[0, start : start + n_new] = rollout.exit_layers[0]
     resid = {}
     hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee.exit_layers]
     with torch.no_grad():
         with ee.model.hooks(fwd_hooks=hooks):
             ee(tokens, exit_layers=exit_at)
-        return torch.stack([lens_entropy(ee.readout(resid[l][0, start:start + n_new])) for l in ee.exit_layers], -1)
+        return torch.stack([lens_entropy(ee.readout(resid[l][0, start : start + n_new])) for l in ee.exit_layers], -1)
 
 
 def _ceiling_in_a_gap(values):
     """A ceiling some values pass and some do not, far from every value (decoding rounds differently)."""
     v = values.flatten().sort().values
     lo, hi = len(v) // 4, 3 * len(v) // 4
-    gap = int((v[lo + 1:hi + 1] - v[lo:hi]).argmax()) + lo
+    gap = int((v[lo + 1 : hi + 1] - v[lo:hi]).argmax()) + lo
     return float(v[gap] + v[gap + 1]) / 2
 
 
 # ------------------------------------------------------------------ the value
 
 
-@pytest.mark.parametrize("kw, error, match", [
-    (dict(mode="maybe"), ValueError, "mode must be one of"),
-    (dict(threshold=0.0), ValueError, r"in \(0, 1\]"),
-    (dict(threshold=1.5), ValueError, r"in \(0, 1\]"),
-    (dict(threshold=(0.5, 0.0)), ValueError, r"in \(0, 1\]"),
-    (dict(threshold="high"), TypeError, "one per exitable layer"),
-    (dict(patience=-1), ValueError, ">= 0"),
-    (dict(patience=1.0), TypeError, "must be an int"),
-    (dict(mode="off", patience=1), ValueError, "never exits"),
-    (dict(min_confidence=1.0), ValueError, r"\[0, 1\)"),
-    (dict(min_confidence=-0.1), ValueError, r"\[0, 1\)"),
-    (dict(min_confidence="0.9"), TypeError, "a number"),
-    (dict(mode="off", min_confidence=0.5), ValueError, "never exits"),
-    (dict(max_entropy=-0.5), ValueError, ">= 0"),
-    (dict(max_entropy=float("nan")), ValueError, ">= 0"),
-    (dict(max_entropy="1"), TypeError, "a number"),
-    (dict(mode="off", max_entropy=1.0), ValueError, "never exits"),
-])
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(mode="maybe"), ValueError, "mode must be one of"),
+        (dict(threshold=0.0), ValueError, r"in \(0, 1\]"),
+        (dict(threshold=1.5), ValueError, r"in \(0, 1\]"),
+        (dict(threshold=(0.5, 0.0)), ValueError, r"in \(0, 1\]"),
+        (dict(threshold="high"), TypeError, "one per exitable layer"),
+        (dict(patience=-1), ValueError, ">= 0"),
+        (dict(patience=1.0), TypeError, "must be an int"),
+        (dict(mode="off", patience=1), ValueError, "never exits"),
+        (dict(min_confidence=1.0), ValueError, r"\[0, 1\)"),
+        (dict(min_confidence=-0.1), ValueError, r"\[0, 1\)"),
+        (dict(min_confidence="0.9"), TypeError, "a number"),
+        (dict(mode="off", min_confidence=0.5), ValueError, "never exits"),
+        (dict(max_entropy=-0.5), ValueError, ">= 0"),
+        (dict(max_entropy=float("nan")), ValueError, ">= 0"),
+        (dict(max_entropy="1"), TypeError, "a number"),
+        (dict(mode="off", max_entropy=1.0), ValueError, "never exits"),
+    ],
+)
 def test_bad_rules_are_refused_at_construction_with_one_line(kw, error, match):
     with pytest.raises(error, match=match) as e:
         ExitRule(**kw)
@@ -125,8 +128,12 @@ def test_a_rule_and_the_old_keywords_give_the_same_rollout(tiny_ee, skip):
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.4)
     prompts = ["Q: 12+34\n", "Q: 5+678\n"]
-    for kw in (dict(mode="sample"), dict(mode="threshold", threshold=[0.5, 0.6, 0.55], patience=1),
-               dict(mode="sample", min_confidence=0.05, max_entropy=50.0), dict(mode="off")):
+    for kw in (
+        dict(mode="sample"),
+        dict(mode="threshold", threshold=[0.5, 0.6, 0.55], patience=1),
+        dict(mode="sample", min_confidence=0.05, max_entropy=50.0),
+        dict(mode="off"),
+    ):
         old = tiny_ee.generate(prompts, 8, seed=3, skip=skip, **kw)
         new = tiny_ee.generate(prompts, 8, seed=3, skip=skip, rule=ExitRule(**kw))
         assert old.rule == new.rule == ExitRule(**kw) and old.text == new.text
@@ -150,11 +157,22 @@ def test_evaluate_takes_a_rule_like_its_keywords(tiny_ee):
 def test_rollouts_carry_their_rule():
     from eetools.core.rollout import Rollout
 
-    fields = dict(prompts=["a"], prompt_tokens=torch.ones(1, 2, dtype=torch.long),
-                  prompt_mask=torch.ones(1, 2, dtype=torch.long), tokens=torch.ones(1, 3, dtype=torch.long),
-                  mask=torch.ones(1, 3, dtype=torch.bool), exit_layers=torch.full((1, 3), 4),
-                  token_logprobs=torch.zeros(1, 3), exit_logprobs=torch.zeros(1, 3), exit_probs=torch.zeros(1, 3, 3),
-                  text=["b"], str_tokens=[["b"]], prompt_str_tokens=[["a"]], n_layers=4, layers=[1, 2, 3])
+    fields = dict(
+        prompts=["a"],
+        prompt_tokens=torch.ones(1, 2, dtype=torch.long),
+        prompt_mask=torch.ones(1, 2, dtype=torch.long),
+        tokens=torch.ones(1, 3, dtype=torch.long),
+        mask=torch.ones(1, 3, dtype=torch.bool),
+        exit_layers=torch.full((1, 3), 4),
+        token_logprobs=torch.zeros(1, 3),
+        exit_logprobs=torch.zeros(1, 3),
+        exit_probs=torch.zeros(1, 3, 3),
+        text=["b"],
+        str_tokens=[["b"]],
+        prompt_str_tokens=[["a"]],
+        n_layers=4,
+        layers=[1, 2, 3],
+    )
     legacy = Rollout(**fields, mode="threshold", patience=1)  # the loose fields still build one
     assert legacy.rule == ExitRule(mode="threshold", patience=1) and legacy.max_entropy is None
     r = Rollout(**fields, rule=ExitRule(min_confidence=0.5, max_entropy=1.5))
@@ -166,9 +184,10 @@ def test_an_entropy_ceiling_lets_a_token_exit_only_where_the_lens_is_sharp(tiny_
     _constant_heads(tiny_ee, 0.9)  # the threshold always holds: only the ceiling decides
     prompt, L, layers = "Q: 12+34\n", tiny_ee.n_layers, tiny_ee.exit_layers
     free = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, temperature=0, seed=0)
-    h = _ceiling_in_a_gap(_replayed_entropy(tiny_ee, free)[1:int(free.mask[0].sum())])
-    r = tiny_ee.generate(prompt, 12, rule=ExitRule(mode="threshold", threshold=0.5, max_entropy=h), temperature=0,
-                         seed=0, skip=skip)
+    h = _ceiling_in_a_gap(_replayed_entropy(tiny_ee, free)[1 : int(free.mask[0].sum())])
+    r = tiny_ee.generate(
+        prompt, 12, rule=ExitRule(mode="threshold", threshold=0.5, max_entropy=h), temperature=0, seed=0, skip=skip
+    )
     assert r.max_entropy == h and r.exit_allowed is not None
     entropy = _replayed_entropy(tiny_ee, r)
     outcomes = set()
@@ -179,8 +198,9 @@ def test_an_entropy_ceiling_lets_a_token_exit_only_where_the_lens_is_sharp(tiny_
             assert entropy[k, layers.index(int(r.exit_layers[0, k]))] <= h
         outcomes.add(bool(sharp))
     assert outcomes == {True, False}, "the test needs both exits and vetoes"
-    both = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, max_entropy=h, patience=1, temperature=0,
-                            seed=0, skip=skip)
+    both = tiny_ee.generate(
+        prompt, 12, mode="threshold", threshold=0.5, max_entropy=h, patience=1, temperature=0, seed=0, skip=skip
+    )
     entropy = _replayed_entropy(tiny_ee, both)
     for k in range(1, int(both.mask[0].sum())):  # with patience, an exit needs both (layer 1 never holds)
         exited = int(both.exit_layers[0, k])
@@ -193,7 +213,7 @@ def test_sampled_exits_under_an_entropy_ceiling_follow_the_masked_policy(tiny_ee
     _constant_heads(tiny_ee, 0.6)
     L, layers = tiny_ee.n_layers, tiny_ee.exit_layers
     free = tiny_ee.generate("Q: 12+34\n", 12, mode="sample", temperature=0, seed=3)
-    h = _ceiling_in_a_gap(_replayed_entropy(tiny_ee, free)[1:int(free.mask[0].sum())])
+    h = _ceiling_in_a_gap(_replayed_entropy(tiny_ee, free)[1 : int(free.mask[0].sum())])
     z = torch.full((len(layers),), math.log(0.6 / 0.4))
     vetoed = allowed = 0
     for prompt in ("Q: 12+34\n", "Q: 5+67\n"):
@@ -227,8 +247,15 @@ def test_tradeoff_takes_a_rule(tiny_ee):
 def test_rl_samples_under_the_entropy_ceiling_and_keeps_it_in_its_configuration(tiny_ee):
     from eetools.train.rl import RLConfig, train_rl
 
-    kw = dict(k=2, prompts_per_step=2, max_new_tokens=6, eval_every=0, lr=1e-2, progress=False,
-              reward_fn=lambda e, c: float(len(c) % 3))
+    kw = dict(
+        k=2,
+        prompts_per_step=2,
+        max_new_tokens=6,
+        eval_every=0,
+        lr=1e-2,
+        progress=False,
+        reward_fn=lambda e, c: float(len(c) % 3),
+    )
     with torch.no_grad():
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.4)
@@ -253,20 +280,25 @@ def test_the_command_line_takes_an_entropy_ceiling(tiny_folders, tmp_path, capsy
     common = ["--exit-model", str(folder), "--n", "2", "--no-progress"]
     saved = {}
     for ceiling in ("0.01", "1e9"):
-        assert main(["evaluate", *common, "--mode", "threshold", "--max-entropy", ceiling, "--out",
-                     str(tmp_path / ceiling)]) == 0
+        assert (
+            main(
+                ["evaluate", *common, "--mode", "threshold", "--max-entropy", ceiling, "--out", str(tmp_path / ceiling)]
+            )
+            == 0
+        )
         summary = pd.read_csv(tmp_path / ceiling / "evaluation.csv").set_index("system")
         saved[ceiling] = summary.loc["model", "layers_saved"]
     assert saved["0.01"] == 0 < saved["1e9"]  # an untrained model's lens is never that sharp; no ceiling: all exit
     capsys.readouterr()
     for bad, says in (("-1", ">= 0"), ("nan", ">= 0")):
-        assert main(["evaluate", *common, "--mode", "threshold", "--max-entropy", bad, "--out",
-                     str(tmp_path / "bad")]) == 2
+        assert (
+            main(["evaluate", *common, "--mode", "threshold", "--max-entropy", bad, "--out", str(tmp_path / "bad")])
+            == 2
+        )
         err = capsys.readouterr().err
         assert says in err and err.count("\n") == 1
     assert main(["evaluate", *common, "--mode", "off", "--max-entropy", "1", "--out", str(tmp_path / "off")]) == 2
     assert "never exits" in capsys.readouterr().err
-    assert main(["tradeoff", *common, "--thresholds", "0.5", "--max-entropy", "-2", "--out",
-                 str(tmp_path / "tr")]) == 2
+    assert main(["tradeoff", *common, "--thresholds", "0.5", "--max-entropy", "-2", "--out", str(tmp_path / "tr")]) == 2
     assert ">= 0" in capsys.readouterr().err
     assert make_parser().parse_args(["rl", "--max-entropy", "2.5"]).max_entropy == 2.5  # from RLConfig's field

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import eetools
-from eetools.core.model import validate_exit_layers
 from eetools.core.heads import exit_log_probs, stick_breaking
 from eetools.core.hooks import count_hooks, required_hook_names
+from eetools.core.model import validate_exit_layers
 from eetools.io.exit_checkpoint import save_exit_model
 
 CACHE_TOL = 1e-4
@@ -33,10 +33,20 @@ def test_every_hook_name_exists(tiny_bridge):
         assert name in tiny_bridge.hook_dict, f"{name} missing: the bridge renamed its residual hooks"
 
 
-@pytest.mark.parametrize("layers,match", [([0], "out of range.*1..3"), ([4], "out of range.*1..3"),
-                                          ([-1], "out of range"), ([1, 9], r"\[9\] are out of range"),
-                                          ([1, 1], "duplicates"), ([], "empty"), ([3, 1], "not sorted"),
-                                          (["a"], "must be integers in 1..3"), ([1.5], "must be integers")])
+@pytest.mark.parametrize(
+    "layers,match",
+    [
+        ([0], "out of range.*1..3"),
+        ([4], "out of range.*1..3"),
+        ([-1], "out of range"),
+        ([1, 9], r"\[9\] are out of range"),
+        ([1, 1], "duplicates"),
+        ([], "empty"),
+        ([3, 1], "not sorted"),
+        (["a"], "must be integers in 1..3"),
+        ([1.5], "must be integers"),
+    ],
+)
 def test_bad_exit_layers_are_clear_errors(tiny_bridge, layers, match):
     with pytest.raises(ValueError, match=match):
         eetools.attach_exit_heads(tiny_bridge, layers=layers)
@@ -65,7 +75,9 @@ def test_confidence_heads_exit_where_the_logit_lens_is_confident(tiny_bridge, tm
     torch.testing.assert_close(torch.sigmoid(ee.heads[1](resid)), top)
     # the logit stays exact where the probability rounds to 1 in float32
     z = ConfidenceHead(lambda x: x)(torch.tensor([[30.0, 0.0, 0.0], [0.0, 0.0, 0.0]]))
-    torch.testing.assert_close(z, torch.tensor([30.0 - torch.log(torch.tensor(2.0)).item(), -torch.log(torch.tensor(2.0)).item()]))
+    torch.testing.assert_close(
+        z, torch.tensor([30.0 - torch.log(torch.tensor(2.0)).item(), -torch.log(torch.tensor(2.0)).item()])
+    )
     # threshold the median first-layer confidence: some tokens exit, and each exits at its first confident layer
     off = ee.generate("Q: 12+34\n", 16, mode="off", temperature=0, seed=0)
     t = float(off.exit_probs[0, 1:, 0][off.mask[0, 1:]].median())
@@ -94,7 +106,9 @@ def test_no_exits_equals_base_model(tiny_ee):
     toks = _toks(tiny_ee.model)
     base = tiny_ee.model(toks).float().log_softmax(-1)
     out = tiny_ee.prescribed_forward(toks, torch.full_like(toks, tiny_ee.n_layers))
-    torch.testing.assert_close(out.logprobs, base, msg="heads attached but no exits changed the logits: a hook writes when it should not")
+    torch.testing.assert_close(
+        out.logprobs, base, msg="heads attached but no exits changed the logits: a hook writes when it should not"
+    )
     teacher = tiny_ee.teacher_forward(toks)
     torch.testing.assert_close(teacher.logprobs, base)
     assert out.exit_logits.shape == (1, toks.shape[1], 3)
@@ -112,13 +126,19 @@ def test_exited_token_reads_out_the_logit_lens_and_only_later_tokens_change(tiny
     out = tiny_ee.prescribed_forward(toks, exits).logprobs
     _, cache = bridge.run_with_cache(toks)
     lens = tiny_ee.readout(cache[f"blocks.{exit_layer}.hook_resid_pre"][0, p]).float().log_softmax(-1)
-    torch.testing.assert_close(out[0, p], lens, msg="exited token's logits are not unembed(ln_final(resid_pre)): freezing broke")
-    torch.testing.assert_close(out[0, :p], base[0, :p], msg="earlier tokens changed: they cannot attend to a later token")
-    later = (out[0, p + 1:] - base[0, p + 1:]).abs().amax(-1)
+    torch.testing.assert_close(
+        out[0, p], lens, msg="exited token's logits are not unembed(ln_final(resid_pre)): freezing broke"
+    )
+    torch.testing.assert_close(
+        out[0, :p], base[0, :p], msg="earlier tokens changed: they cannot attend to a later token"
+    )
+    later = (out[0, p + 1 :] - base[0, p + 1 :]).abs().amax(-1)
     if exit_layer < L - 1:
-        assert bool((later > 1e-4).all()), "later tokens attend to the frozen token's keys/values in blocks > exit and must change"
+        assert bool((later > 1e-4).all()), (
+            "later tokens attend to the frozen token's keys/values in blocks > exit and must change"
+        )
     else:  # block L-1 still sees the same input for the exited token: nothing later can differ
-        torch.testing.assert_close(out[0, p + 1:], base[0, p + 1:])
+        torch.testing.assert_close(out[0, p + 1 :], base[0, p + 1 :])
     # the teacher's early readout at that layer is the same logit lens
     teacher = tiny_ee.teacher_forward(toks)
     torch.testing.assert_close(teacher.early_logprobs[0, exit_layer - 1, p], lens)
@@ -155,9 +175,9 @@ def test_cached_generation_equals_uncached_and_rescoring_reproduces_logprobs(tin
     # re-score in prescribed mode
     out = tiny_ee.prescribed_forward(a.sequences, a.prescribed_exit_layers(), attention_mask=a.attention_mask)
     P = a.prompt_tokens.shape[1]
-    tok_lp = out.logprobs[:, P - 1:-1].gather(-1, a.tokens[..., None]).squeeze(-1)
+    tok_lp = out.logprobs[:, P - 1 : -1].gather(-1, a.tokens[..., None]).squeeze(-1)
     torch.testing.assert_close(tok_lp * a.mask, a.token_logprobs, atol=CACHE_TOL, rtol=0)
-    ex_lp = out.exit_logprobs()[:, P - 1:-1].gather(-1, tiny_ee.exit_index(a.exit_layers)[..., None]).squeeze(-1)
+    ex_lp = out.exit_logprobs()[:, P - 1 : -1].gather(-1, tiny_ee.exit_index(a.exit_layers)[..., None]).squeeze(-1)
     ex_lp[:, 0] = 0
     torch.testing.assert_close(ex_lp * a.mask, a.exit_logprobs, atol=CACHE_TOL, rtol=0)
 
@@ -187,8 +207,15 @@ def test_mode_off_never_exits_and_equals_bridge_greedy(tiny_ee):
     _eager_heads(tiny_ee, 3.0)
     r = tiny_ee.generate("Q: 1+2\n", 12, mode="off", temperature=0, seed=0)
     assert (r.exit_layers == tiny_ee.n_layers).all() and float(r.compute[0]) == 1.0
-    ref = tiny_ee.model.generate("Q: 1+2\n", max_new_tokens=12, do_sample=False, verbose=False, return_type="tokens",
-                                 prepend_bos=True, stop_at_eos=True)
+    ref = tiny_ee.model.generate(
+        "Q: 1+2\n",
+        max_new_tokens=12,
+        do_sample=False,
+        verbose=False,
+        return_type="tokens",
+        prepend_bos=True,
+        stop_at_eos=True,
+    )
     n = r.tokens.shape[1]
     assert r.tokens[0].tolist() == ref[0, -n:].tolist() or r.tokens[0].tolist() == ref[0, -12:][:n].tolist()
 
@@ -265,8 +292,10 @@ def test_hooks_never_leak_after_an_exception(tiny_ee):
 
     orig = tiny_ee.heads[1].forward
     tiny_ee.heads[1].forward = boom
-    for call in (lambda: tiny_ee.prescribed_forward(toks, torch.full_like(toks, 4)),
-                 lambda: tiny_ee.generate("Q: 1+2\n", 4, seed=0)):
+    for call in (
+        lambda: tiny_ee.prescribed_forward(toks, torch.full_like(toks, 4)),
+        lambda: tiny_ee.generate("Q: 1+2\n", 4, seed=0),
+    ):
         with pytest.raises(RuntimeError, match="injected"):
             call()
         assert count_hooks(bridge) == n_user, "an eetools hook stayed attached after an exception"

@@ -6,22 +6,38 @@ import torch
 
 from eetools import tasks
 from eetools.analysis.figures import exit_histogram_by_class
-from eetools.views.figures import rl_dynamics_figure
 from eetools.core.rollout import Rollout
+from eetools.views.figures import rl_dynamics_figure
 
 
 def _rollout(text: str, exits: list[int], L: int = 4) -> Rollout:
     n = len(text)
-    return Rollout(prompts=["Q: 12+34\n"], prompt_tokens=torch.ones(1, 2, dtype=torch.long),
-                   prompt_mask=torch.ones(1, 2, dtype=torch.long), tokens=torch.ones(1, n, dtype=torch.long),
-                   mask=torch.ones(1, n, dtype=torch.bool), exit_layers=torch.tensor([exits]),
-                   token_logprobs=torch.zeros(1, n), exit_logprobs=torch.zeros(1, n), exit_probs=torch.zeros(1, n, 3),
-                   text=[text], str_tokens=[list(text)], prompt_str_tokens=[["Q", ":"]], n_layers=L, layers=[1, 2, 3])
+    return Rollout(
+        prompts=["Q: 12+34\n"],
+        prompt_tokens=torch.ones(1, 2, dtype=torch.long),
+        prompt_mask=torch.ones(1, 2, dtype=torch.long),
+        tokens=torch.ones(1, n, dtype=torch.long),
+        mask=torch.ones(1, n, dtype=torch.bool),
+        exit_layers=torch.tensor([exits]),
+        token_logprobs=torch.zeros(1, n),
+        exit_logprobs=torch.zeros(1, n),
+        exit_probs=torch.zeros(1, n, 3),
+        text=[text],
+        str_tokens=[list(text)],
+        prompt_str_tokens=[["Q", ":"]],
+        n_layers=L,
+        layers=[1, 2, 3],
+    )
 
 
 def test_rl_dynamics_has_runs_light_mean_bold_and_base_dashed():
-    h = pd.DataFrame([{"run": r, "step": s, "accuracy": 0.5 + 0.1 * r, "compute": 1 - 0.1 * s, "coherence": 1.0}
-                      for r in range(3) for s in range(4)])
+    h = pd.DataFrame(
+        [
+            {"run": r, "step": s, "accuracy": 0.5 + 0.1 * r, "compute": 1 - 0.1 * s, "coherence": 1.0}
+            for r in range(3)
+            for s in range(4)
+        ]
+    )
     fig = rl_dynamics_figure(h, base={"accuracy": 0.9, "compute": 1.0, "coherence": 1.0})
     means = [t for t in fig.data if t.name and t.name.startswith("mean")]
     assert len(means) == 3 and all(t.error_y.array is not None for t in means)

@@ -139,8 +139,9 @@ def test_import_stack_is_shallow():
     chain = [deepest]
     while import_graph()[chain[-1]]:
         chain.append(max(import_graph()[chain[-1]], key=depth.get))
-    assert depth[deepest] <= MAX_LEVELS, (f"{depth[deepest]} levels of imports (at most {MAX_LEVELS}): "
-                                          + " -> ".join(chain))
+    assert depth[deepest] <= MAX_LEVELS, f"{depth[deepest]} levels of imports (at most {MAX_LEVELS}): " + " -> ".join(
+        chain
+    )
 
 
 def test_the_checker_finds_cycles_and_upward_imports():

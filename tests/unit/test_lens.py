@@ -41,8 +41,9 @@ def test_readout_at_exit_layers_equals_teacher_forward(tiny_ee):
     toks = _tokens(tiny_ee)
     attn = _mask(toks, tiny_ee)
     teacher = tiny_ee.teacher_forward(toks, attn)
-    resid, logits = capture_residuals(tiny_ee, toks, tiny_ee.exit_layers, attention_mask=attn, base=True,
-                                      return_logits=True)
+    resid, logits = capture_residuals(
+        tiny_ee, toks, tiny_ee.exit_layers, attention_mask=attn, base=True, return_logits=True
+    )
     early = torch.stack([lens_logprobs(tiny_ee, resid[l], base=True) for l in tiny_ee.exit_layers], 1)
     torch.testing.assert_close(early, teacher.early_logprobs, rtol=0, atol=0)
     torch.testing.assert_close(logits.float().log_softmax(-1), teacher.logprobs, rtol=0, atol=0)
@@ -76,8 +77,9 @@ def test_norm_shortcut_on_and_off_agree(tiny_ee):
         torch.testing.assert_close(on[l], off[l], rtol=0, atol=NORM_SHORTCUT_ATOL)
     torch.testing.assert_close(lo_on, lo_off, rtol=0, atol=NORM_SHORTCUT_ATOL)
     r = on[2]
-    torch.testing.assert_close(lens_logits(tiny_ee, r, norm_shortcut=True), lens_logits(tiny_ee, r),
-                               rtol=0, atol=NORM_SHORTCUT_ATOL)
+    torch.testing.assert_close(
+        lens_logits(tiny_ee, r, norm_shortcut=True), lens_logits(tiny_ee, r), rtol=0, atol=NORM_SHORTCUT_ATOL
+    )
 
 
 @torch.no_grad()
@@ -117,8 +119,9 @@ def test_no_hook_survives_even_an_exception(tiny_ee):
     assert count_hooks(tiny_ee.model) == 0
 
 
-@pytest.mark.parametrize("layers,where", [([-1], "pre"), ([99], "pre"), ([4], "post"), ([1.5], "pre"),
-                                          (["final"], "pre"), ([1], "mid")])
+@pytest.mark.parametrize(
+    "layers,where", [([-1], "pre"), ([99], "pre"), ([4], "post"), ([1.5], "pre"), (["final"], "pre"), ([1], "mid")]
+)
 def test_bad_layers_give_a_one_line_value_error(tiny_ee, layers, where):
     with pytest.raises(ValueError) as err:
         with capturing(tiny_ee, layers, where=where):
@@ -144,5 +147,6 @@ def test_nobody_else_spells_hook_names():
             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if "hook_resid" in line:
                     offenders.append(f"{rel}:{i}: {line.strip()}")
-    assert not offenders, ("spell hook names through eetools.core.hooks / eetools.core.lens, not by hand:\n"
-                           + "\n".join(offenders))
+    assert not offenders, "spell hook names through eetools.core.hooks / eetools.core.lens, not by hand:\n" + "\n".join(
+        offenders
+    )

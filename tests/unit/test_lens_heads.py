@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import eetools
-from eetools.train.calibration import calibrate
-from eetools.io.models import load_exit_model
 from eetools.core.heads import LENS_FLOOR, LENS_SCALE, ExitHead
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.io.models import load_exit_model
+from eetools.train.calibration import calibrate
 
 
 @pytest.fixture()
@@ -24,7 +24,7 @@ def test_a_lens_head_reads_the_residual_and_the_early_readout(lens_ee):
     torch.testing.assert_close(head(resid), head.net(x).squeeze(-1))
     assert head.net[0].in_features == lens_ee.model.cfg.d_model + lens_ee.model.cfg.d_vocab
     with torch.no_grad():  # weights on the lens inputs only: the head follows what the readout says
-        head.net[0].weight[:, :resid.shape[-1]] = 0
+        head.net[0].weight[:, : resid.shape[-1]] = 0
         other = resid.clone()
         other[0, 0] = torch.randn_like(other[0, 0])
     z, z_other = head(resid), head(other)
@@ -42,8 +42,9 @@ def test_lens_heads_calibrate_save_and_load(lens_ee, tmp_path):
     assert again.head_kind == "lens"
     toks = torch.randint(4, lens_ee.model.cfg.d_vocab, (1, 9))
     full = torch.full_like(toks, lens_ee.n_layers)
-    torch.testing.assert_close(again.prescribed_forward(toks, full).exit_logits,
-                               lens_ee.prescribed_forward(toks, full).exit_logits)
+    torch.testing.assert_close(
+        again.prescribed_forward(toks, full).exit_logits, lens_ee.prescribed_forward(toks, full).exit_logits
+    )
 
 
 def test_a_lens_head_needs_the_readout():

@@ -8,7 +8,8 @@ from eetools.core.fast.norm_shortcut import _METHOD, _shortcut_norms, norm_short
 
 def _toks(bridge):
     return torch.randint(4, bridge.cfg.d_vocab, (2, 12), generator=torch.Generator().manual_seed(0)).to(
-        next(bridge.parameters()).device)
+        next(bridge.parameters()).device
+    )
 
 
 def _loss_and_grads(bridge, toks):

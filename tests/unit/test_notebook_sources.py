@@ -31,8 +31,10 @@ NAMES = sorted(p.name for p in NOTEBOOKS.glob("*.ipynb"))
 def committed_cells(path: Path) -> list[tuple[str, str]]:
     nb = json.loads(path.read_text(encoding="utf-8"))
     kinds = {"markdown": "md", "code": "code"}
-    return [(kinds[c["cell_type"]], "".join(c["source"]) if isinstance(c["source"], list) else c["source"])
-            for c in nb["cells"]]
+    return [
+        (kinds[c["cell_type"]], "".join(c["source"]) if isinstance(c["source"], list) else c["source"])
+        for c in nb["cells"]
+    ]
 
 
 def test_every_notebook_has_a_source():
@@ -58,7 +60,11 @@ def test_source_is_canonical_python(name, tmp_path):
 def test_parse_percent():
     text = "# %% [markdown]\n# # Title\n#\n# text\n\n# %%\nx = 1\n\n\ny = 2\n\n# %%\n# NBVAL_CHECK_OUTPUT\nprint(x)\n"
     cells = build.parse_percent(text)
-    assert cells == [("md", "# Title\n\ntext"), ("code", "x = 1\n\n\ny = 2"), ("code", "# NBVAL_CHECK_OUTPUT\nprint(x)")]
+    assert cells == [
+        ("md", "# Title\n\ntext"),
+        ("code", "x = 1\n\n\ny = 2"),
+        ("code", "# NBVAL_CHECK_OUTPUT\nprint(x)"),
+    ]
     assert build.to_percent(cells) == text
     with pytest.raises(ValueError):
         build.parse_percent("# %% [markdown]\nnot a comment\n")
@@ -69,6 +75,9 @@ def test_parse_percent():
 def test_resolve_names():
     assert build.resolve(["03"]) == ["03_rl.ipynb"]
     assert build.resolve(["03_rl", "notebooks/src/01_quickstart.py", "05_bring_your_own_model.ipynb"]) == [
-        "03_rl.ipynb", "01_quickstart.ipynb", "05_bring_your_own_model.ipynb"]
+        "03_rl.ipynb",
+        "01_quickstart.ipynb",
+        "05_bring_your_own_model.ipynb",
+    ]
     with pytest.raises(SystemExit):
         build.resolve(["0"])

@@ -36,12 +36,12 @@ def test_thresholds_outside_zero_one_are_refused(tiny_ee, bad):
 
 def test_a_model_with_adapters_also_shows_itself_at_full_depth(tiny_ee):
     """`no_exit`: the adapted weights without exits, so the adapters' own cost is not blamed on the exits."""
-    from eetools.core.adapters import add_lora
     from eetools.analysis.evaluation import evaluate
+    from eetools.core.adapters import add_lora
 
     add_lora(tiny_ee, r=2)
     with torch.no_grad():  # nonzero adapters: the adapted model's greedy text is not the base model's
-        for p in tiny_ee.trainable_parameters()[len(list(tiny_ee.heads.parameters())):]:
+        for p in tiny_ee.trainable_parameters()[len(list(tiny_ee.heads.parameters())) :]:
             p.normal_(0, 0.5)
     res = tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, sample=False, progress=False)
     assert list(res.df.system) == ["base", "no_exit", "threshold", "oracle"]
@@ -60,9 +60,14 @@ def test_best_threshold_is_chosen_on_the_validation_split(tiny_ee):
 
     from eetools.analysis.operating_points import Tradeoff
 
-    df = pd.DataFrame({"system": ["base", "threshold", "threshold", "threshold", "oracle"],
-                       "threshold": [float("nan"), 0.5, 0.3, 0.1, float("nan")],
-                       "accuracy": [1.0, 1.0, 0.99, 0.95, 1.0], "layers_saved": [0.0, 0.3, 0.4, 0.5, 0.6]})
+    df = pd.DataFrame(
+        {
+            "system": ["base", "threshold", "threshold", "threshold", "oracle"],
+            "threshold": [float("nan"), 0.5, 0.3, 0.1, float("nan")],
+            "accuracy": [1.0, 1.0, 0.99, 0.95, 1.0],
+            "layers_saved": [0.0, 0.3, 0.4, 0.5, 0.6],
+        }
+    )
     points = Tradeoff(df=df, task="addition")
     assert points.best_threshold(0.01) == 0.3 and points.best_threshold(0.0) == 0.5
     assert points.best_threshold(0.1) == 0.1

@@ -28,12 +28,12 @@ def _replayed_lens(ee, rollout):
     tokens = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
     exit_at = torch.full_like(tokens, L)
     start = rollout.prompt_tokens.shape[1] - 1  # the position that predicts the first generated token
-    exit_at[0, start:start + n_new] = rollout.exit_layers[0]
+    exit_at[0, start : start + n_new] = rollout.exit_layers[0]
     resid = {}
     hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee.exit_layers]
     with torch.no_grad(), ee.model.hooks(fwd_hooks=hooks):
         ee(tokens, exit_layers=exit_at)
-    return torch.stack([ee.readout(resid[l][0, start:start + n_new]).argmax(-1) for l in ee.exit_layers], -1)
+    return torch.stack([ee.readout(resid[l][0, start : start + n_new]).argmax(-1) for l in ee.exit_layers], -1)
 
 
 def _replayed_top_probability(ee, rollout):
@@ -42,27 +42,29 @@ def _replayed_top_probability(ee, rollout):
     tokens = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
     exit_at = torch.full_like(tokens, L)
     start = rollout.prompt_tokens.shape[1] - 1
-    exit_at[0, start:start + n_new] = rollout.exit_layers[0]
+    exit_at[0, start : start + n_new] = rollout.exit_layers[0]
     resid = {}
     hooks = [(f"blocks.{l}.hook_resid_pre", lambda x, hook, l=l: resid.__setitem__(l, x)) for l in ee.exit_layers]
     with torch.no_grad(), ee.model.hooks(fwd_hooks=hooks):
         ee(tokens, exit_layers=exit_at)
-    return torch.stack([ee.readout(resid[l][0, start:start + n_new]).float().softmax(-1).amax(-1)
-                        for l in ee.exit_layers], -1)
+    return torch.stack(
+        [ee.readout(resid[l][0, start : start + n_new]).float().softmax(-1).amax(-1) for l in ee.exit_layers], -1
+    )
 
 
 @pytest.mark.parametrize("skip", ["mask", "compute"])
 def test_a_token_exits_at_the_first_layer_where_the_lens_has_held(tiny_ee, skip):
     _constant_heads(tiny_ee, 0.9)  # the threshold always holds: only patience decides
-    r = tiny_ee.generate("Q: 12+34\n", 12, mode="threshold", threshold=0.5, patience=1, temperature=0, seed=0,
-                         skip=skip)
+    r = tiny_ee.generate(
+        "Q: 12+34\n", 12, mode="threshold", threshold=0.5, patience=1, temperature=0, seed=0, skip=skip
+    )
     lens = _replayed_lens(tiny_ee, r)
     L, layers = tiny_ee.n_layers, tiny_ee.exit_layers
     for k in range(1, int(r.mask[0].sum())):  # the first token comes from the prompt, which never exits
         held = [i for i in range(1, len(layers)) if lens[k, i] == lens[k, i - 1]]
         assert r.exit_layers[0, k] == (layers[held[0]] if held else L)
     without = tiny_ee.generate("Q: 12+34\n", 12, mode="threshold", threshold=0.5, temperature=0, seed=0, skip=skip)
-    assert set(without.exit_layers[0, 1:int(without.mask[0].sum())].tolist()) == {layers[0]}
+    assert set(without.exit_layers[0, 1 : int(without.mask[0].sum())].tolist()) == {layers[0]}
 
 
 def test_patience_never_exits_earlier_and_the_threshold_still_applies(tiny_ee):
@@ -76,10 +78,15 @@ def test_patience_never_exits_earlier_and_the_threshold_still_applies(tiny_ee):
     assert (two.exit_layers[two.mask] >= tiny_ee.exit_layers[2]).all()
 
 
-@pytest.mark.parametrize("kw, error, match", [(dict(mode="off", patience=1), ValueError, "never exits"),
-                                              (dict(mode="threshold", patience=3), ValueError, r"0 \.\. 2"),
-                                              (dict(mode="threshold", patience=-1), ValueError, r"0 \.\. 2"),
-                                              (dict(mode="threshold", patience=1.0), TypeError, "must be an int")])
+@pytest.mark.parametrize(
+    "kw, error, match",
+    [
+        (dict(mode="off", patience=1), ValueError, "never exits"),
+        (dict(mode="threshold", patience=3), ValueError, r"0 \.\. 2"),
+        (dict(mode="threshold", patience=-1), ValueError, r"0 \.\. 2"),
+        (dict(mode="threshold", patience=1.0), TypeError, "must be an int"),
+    ],
+)
 def test_bad_patience_is_refused(tiny_ee, kw, error, match):
     with pytest.raises(error, match=match):
         tiny_ee.generate("Q: 1+2\n", 4, **kw)
@@ -96,8 +103,25 @@ def test_tradeoff_and_the_command_line_take_patience(tiny_folders, tmp_path, cap
     assert saved["p"] <= saved["0"]
     folder = tmp_path / "ee"
     save_exit_model(ee, folder)
-    assert main(["evaluate", "--exit-model", str(folder), "--n", "2", "--mode", "off", "--patience", "1",
-                 "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--exit-model",
+                str(folder),
+                "--n",
+                "2",
+                "--mode",
+                "off",
+                "--patience",
+                "1",
+                "--out",
+                str(tmp_path / "ev"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "never exits" in capsys.readouterr().err
 
 
@@ -135,8 +159,7 @@ def test_the_rl_loss_scores_sampled_exits_under_the_mask_they_were_sampled_with(
     with torch.no_grad():
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.4)
-    r = tiny_ee.generate(["Q: 12+34\n", "Q: 12+34\n", "Q: 5+678\n", "Q: 5+678\n"], 10, mode="sample",
-                         seed=1, **rules)
+    r = tiny_ee.generate(["Q: 12+34\n", "Q: 12+34\n", "Q: 5+678\n", "Q: 5+678\n"], 10, mode="sample", seed=1, **rules)
     assert not r.exit_allowed[r.mask].all() and r.exit_allowed[r.mask][:, 1:].any(), "the test needs vetoes and exits"
     recorded = (r.exit_logprobs * r.mask).sum(1)
     rows = torch.arange(len(r))
@@ -153,8 +176,9 @@ def test_masked_exit_log_probs_give_vetoed_heads_no_gradient():
     allowed = torch.tensor([[False, True, True]])
     lp = exit_log_probs(z, allowed)
     c = torch.sigmoid(z.detach())[0]
-    assert torch.allclose(lp.exp()[0], torch.stack([torch.tensor(0.0), c[1], (1 - c[1]) * c[2],
-                                                    (1 - c[1]) * (1 - c[2])]), atol=1e-6)
+    assert torch.allclose(
+        lp.exp()[0], torch.stack([torch.tensor(0.0), c[1], (1 - c[1]) * c[2], (1 - c[1]) * (1 - c[2])]), atol=1e-6
+    )
     lp[0, 2].backward()
     assert z.grad[0, 0] == 0 and torch.isfinite(z.grad).all() and z.grad[0, 1] != 0
 
@@ -164,8 +188,15 @@ def test_rl_trains_the_masked_policy_and_resumes_with_it(tiny_ee, tmp_path):
     and the setting is part of the run's configuration."""
     from eetools.train.rl import train_rl
 
-    kw = dict(k=2, prompts_per_step=2, max_new_tokens=8, eval_every=0, lr=1e-2, progress=False,
-              reward_fn=lambda e, c: float(len(c) % 3))
+    kw = dict(
+        k=2,
+        prompts_per_step=2,
+        max_new_tokens=8,
+        eval_every=0,
+        lr=1e-2,
+        progress=False,
+        reward_fn=lambda e, c: float(len(c) % 3),
+    )
     with torch.no_grad():
         for h in tiny_ee.heads:
             h.net[-1].bias.fill_(0.4)
@@ -189,7 +220,9 @@ def test_views_show_the_exit_distribution_the_patience_rule_left(tiny_ee):
     _constant_heads(tiny_ee, 0.6)
     r = tiny_ee.generate("Q: 12+34\n", 12, mode="sample", patience=1, temperature=0, seed=3)
     assert torch.equal(r.allowed_exit_probs == 0, ~r.exit_allowed & r.mask[..., None] | ~r.mask[..., None])
-    k = next(k for k in range(1, int(r.mask[0].sum())) if r.exit_layers[0, k] == tiny_ee.n_layers)  # decided at every layer
+    k = next(
+        k for k in range(1, int(r.mask[0].sum())) if r.exit_layers[0, k] == tiny_ee.n_layers
+    )  # decided at every layer
     dist = token_details(tiny_ee, r, 0, k).exit_distribution
     assert math.isclose(dist.sum(), 1.0, rel_tol=1e-6)
     assert (dist.iloc[:-1][~r.exit_allowed[0, k].numpy()] == 0).all() and dist.iloc[0] == 0  # layer 1 never held
@@ -201,12 +234,13 @@ def test_a_confidence_floor_lets_a_token_exit_only_where_the_lens_is_sure(tiny_e
     prompt, L, layers = "Q: 12+34\n", tiny_ee.n_layers, tiny_ee.exit_layers
     free = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, temperature=0, seed=0)
     with torch.no_grad():  # a floor some layers pass and some do not, far from every value (decoding rounds)
-        v = _replayed_top_probability(tiny_ee, free)[1:int(free.mask[0].sum())].flatten().sort().values
+        v = _replayed_top_probability(tiny_ee, free)[1 : int(free.mask[0].sum())].flatten().sort().values
     lo, hi = len(v) // 4, 3 * len(v) // 4
-    gap = int((v[lo + 1:hi + 1] - v[lo:hi]).argmax()) + lo
+    gap = int((v[lo + 1 : hi + 1] - v[lo:hi]).argmax()) + lo
     q = float(v[gap] + v[gap + 1]) / 2
-    r = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, temperature=0, seed=0,
-                         skip=skip)
+    r = tiny_ee.generate(
+        prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, temperature=0, seed=0, skip=skip
+    )
     assert r.min_confidence == q and r.exit_allowed is not None
     top_p = _replayed_top_probability(tiny_ee, r)
     outcomes = set()
@@ -215,8 +249,9 @@ def test_a_confidence_floor_lets_a_token_exit_only_where_the_lens_is_sure(tiny_e
         assert r.exit_layers[0, k] == (layers[sure[0]] if sure else L)
         outcomes.add(bool(sure))
     assert outcomes == {True, False}, "the test needs both exits and vetoes"
-    both = tiny_ee.generate(prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, patience=1,
-                            temperature=0, seed=0, skip=skip)
+    both = tiny_ee.generate(
+        prompt, 12, mode="threshold", threshold=0.5, min_confidence=q, patience=1, temperature=0, seed=0, skip=skip
+    )
     lens = _replayed_lens(tiny_ee, both)
     top_p = _replayed_top_probability(tiny_ee, both)
     for k in range(1, int(both.mask[0].sum())):  # both rules must hold
@@ -224,8 +259,9 @@ def test_a_confidence_floor_lets_a_token_exit_only_where_the_lens_is_sure(tiny_e
         assert both.exit_layers[0, k] == (layers[ok[0]] if ok else L)
 
 
-@pytest.mark.parametrize("q, error, match", [(1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"),
-                                             ("0.9", TypeError, "a number")])
+@pytest.mark.parametrize(
+    "q, error, match", [(1.0, ValueError, r"\[0, 1\)"), (-0.1, ValueError, r"\[0, 1\)"), ("0.9", TypeError, "a number")]
+)
 def test_bad_confidence_floors_are_refused(tiny_ee, q, error, match):
     with pytest.raises(error, match=match):
         tiny_ee.generate("Q: 1+2\n", 4, mode="threshold", min_confidence=q)
@@ -241,11 +277,16 @@ def test_the_command_line_takes_a_confidence_floor(tiny_folders, tmp_path, capsy
     folder = tmp_path / "ee"
     save_exit_model(ee, folder)
     common = ["--exit-model", str(folder), "--n", "2", "--no-progress"]
-    assert main(["evaluate", *common, "--mode", "threshold", "--min-confidence", "0.999", "--out",
-                 str(tmp_path / "ev")]) == 0
+    assert (
+        main(["evaluate", *common, "--mode", "threshold", "--min-confidence", "0.999", "--out", str(tmp_path / "ev")])
+        == 0
+    )
     import pandas as pd
+
     saved = pd.read_csv(tmp_path / "ev" / "evaluation.csv").set_index("system").loc["model", "layers_saved"]
     assert saved == 0  # an untrained model's lens is never 99.9 % sure: nothing exits
-    assert main(["tradeoff", *common, "--thresholds", "0.5", "--min-confidence", "1.5", "--out",
-                 str(tmp_path / "tr")]) == 2
+    assert (
+        main(["tradeoff", *common, "--thresholds", "0.5", "--min-confidence", "1.5", "--out", str(tmp_path / "tr")])
+        == 2
+    )
     assert "[0, 1)" in capsys.readouterr().err

@@ -6,8 +6,18 @@ import torch
 from eetools.io.checkpoints import load_tensors
 from eetools.train.pretrain import PretrainConfig, pretrain
 
-TINY = dict(steps=4, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1, d_mlp=64, n_ctx=512, checkpoint_every=2,
-            batch_sizes={"addition": 4, "tom": 2}, threads=1)
+TINY = dict(
+    steps=4,
+    n_layers=2,
+    d_model=32,
+    n_heads=2,
+    n_kv_heads=1,
+    d_mlp=64,
+    n_ctx=512,
+    checkpoint_every=2,
+    batch_sizes={"addition": 4, "tom": 2},
+    threads=1,
+)
 
 
 def test_resume_after_interruption_is_bit_identical(tmp_path, monkeypatch):
@@ -42,8 +52,10 @@ def test_resume_with_another_config_is_refused(tmp_path):
 def test_init_continues_from_a_model_and_refuses_another_shape(tmp_path):
     first = pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 2}), progress=False)
     cont = pretrain(PretrainConfig(out=str(tmp_path / "b"), init=str(first), **{**TINY, "steps": 2}), progress=False)
-    assert not torch.equal(load_tensors(first / "model.safetensors")["model.embed_tokens.weight"],
-                           load_tensors(cont / "model.safetensors")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        load_tensors(first / "model.safetensors")["model.embed_tokens.weight"],
+        load_tensors(cont / "model.safetensors")["model.embed_tokens.weight"],
+    )
     with pytest.raises(ValueError, match="--n-layers"):  # deeper than the init: would half-load silently
         pretrain(PretrainConfig(out=str(tmp_path / "c"), init=str(first), **{**TINY, "n_layers": 3}), progress=False)
     with pytest.raises(ValueError, match="--d-model"):
@@ -56,7 +68,9 @@ def test_grow_adds_identity_blocks_that_keep_the_function(tmp_path):
     from transformers import Qwen3ForCausalLM
 
     first = pretrain(PretrainConfig(out=str(tmp_path / "a"), **{**TINY, "steps": 2}), progress=False)
-    grown_cfg = PretrainConfig(out=str(tmp_path / "g"), init=str(first), grow=True, **{**TINY, "steps": 1, "n_layers": 3})
+    grown_cfg = PretrainConfig(
+        out=str(tmp_path / "g"), init=str(first), grow=True, **{**TINY, "steps": 1, "n_layers": 3}
+    )
     import eetools.train.pretrain as P
 
     old = Qwen3ForCausalLM.from_pretrained(first).eval()

@@ -27,7 +27,7 @@ def test_addition_token_classes_by_hand():
     df = probes.annotate_tokens(list(ex.reasoning), "addition", ex)
     code = {"format": ".", "copied_digit": "c", "computed_digit": "S", "answer": "A"}
     got = "".join(code[c] for c in df["token_class"])
-    want = ("c.c.c.S." "c.c.c.SS." "c.c.c.SS." "c.c.c.S." "..." "AAAA.")
+    want = "c.c.c.S.c.c.c.SS.c.c.c.SS.c.c.c.S....AAAA."
     assert got == want
     lines = df[df["line"] < 4].groupby("line")
     assert lines["carry"].first().tolist() == [0, 1, 1, 0]
@@ -38,7 +38,14 @@ def test_addition_token_classes_by_hand():
     assert df.loc[df["token"] == "A", "answer_digit"].isna().all()
     # multi-character tokens take the most informative class
     multi = probes.annotate_tokens(["1+", "7+0", "=8\n", "A: ", "5218", "\n"], "addition", ADD.make(1, 7))
-    assert multi["token_class"].tolist() == ["copied_digit", "copied_digit", "computed_digit", "format", "answer", "format"]
+    assert multi["token_class"].tolist() == [
+        "copied_digit",
+        "copied_digit",
+        "computed_digit",
+        "format",
+        "answer",
+        "format",
+    ]
 
 
 def test_tom_token_classes_by_hand():
@@ -47,8 +54,9 @@ def test_tom_token_classes_by_hand():
     df = probes.annotate_tokens(list(text), "tom", ex)
     code = {"format": ".", "copied_name": "N", "mark": "M", "container": "C", "answer": "A"}
     got = "".join(code[c] for c in df["token_class"])
-    assert got == ("CCC..NNNM.NNNM..NNNM.CCC.." "NNN......NNNM.NNNM..NNNM.CCC.." "CCC..NNNM.NNNM..NNNM.CCC.."
-                   "NNN.....CCC." "...AAA.")
+    assert got == (
+        "CCC..NNNM.NNNM..NNNM.CCC..NNN......NNNM.NNNM..NNNM.CCC..CCC..NNNM.NNNM..NNNM.CCC..NNN.....CCC....AAA."
+    )
     assert (df["believed_location"] == "box").all()
     # a real example: every class occurs, nothing is "other"
     real = TomTask().sample(1, seed=3)[0]
@@ -69,8 +77,10 @@ def test_collect_residuals_rows_and_shapes(tiny_ee):
     assert rs.df.groupby("seq").size().tolist() == [_n_tokens(tiny_ee, e.reasoning) for e in examples]
     last = rs.df[rs.df["seq"] == 3]
     assert "".join(last["token"]) == examples[3].reasoning
-    assert last["token_class"].tolist() == probes.annotate_tokens(list(examples[3].reasoning), "addition",
-                                                                   examples[3])["token_class"].tolist()
+    assert (
+        last["token_class"].tolist()
+        == probes.annotate_tokens(list(examples[3].reasoning), "addition", examples[3])["token_class"].tolist()
+    )
     # the captured values are the bridge's own hook values at those positions
     from eetools.core.encoding import encode_sequences
 
@@ -133,8 +143,15 @@ def _synthetic(n=600, d=32, seed=0):
     resid[:, 1] += 3 * dirs[y]  # layer 5 encodes the label, layer 0 does not
     z = torch.randn(n, generator=g)
     resid[:, 1, 0] += 4 * z
-    df = pd.DataFrame({"seq": np.arange(n) // 5, "position": np.arange(n) % 5, "token_class": "format",
-                       "label": y.numpy(), "value": z.numpy()})
+    df = pd.DataFrame(
+        {
+            "seq": np.arange(n) // 5,
+            "position": np.arange(n) % 5,
+            "token_class": "format",
+            "label": y.numpy(),
+            "value": z.numpy(),
+        }
+    )
     return probes.ResidualSet(resid=resid, layers=[0, 5], df=df, n_layers=5)
 
 
@@ -169,11 +186,17 @@ def test_probe_sweep_one_row_per_layer_and_real_residuals(tiny_ee):
 
 def test_oracle_from_logprobs_by_hand():
     final = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.2, 0.6]]).log()
-    early = torch.tensor([
-        [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]],  # agrees from layer 2
-        [[0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.6, 0.2, 0.2]],  # agrees at 1 (and 3)
-        [[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.5, 0.4, 0.1]],  # never
-    ]).clamp(min=1e-6).log()
+    early = (
+        torch.tensor(
+            [
+                [[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.1, 0.8, 0.1]],  # agrees from layer 2
+                [[0.5, 0.4, 0.1], [0.1, 0.8, 0.1], [0.6, 0.2, 0.2]],  # agrees at 1 (and 3)
+                [[0.9, 0.1, 0.0], [0.1, 0.8, 0.1], [0.5, 0.4, 0.1]],  # never
+            ]
+        )
+        .clamp(min=1e-6)
+        .log()
+    )
     got = probes.oracle_from_logprobs(final, early, [1, 2, 3], 4)
     assert got.tolist() == [2, 1, 4]
     # the teacher against itself: the first exitable layer
@@ -228,7 +251,9 @@ def test_skipped_computation_rows_only_for_exited_tokens(tiny_ee):
     assert len(s.blocks) == int((L - s.df["exit_layer"]).sum())
     assert (s.blocks["block"] >= s.blocks["exit_layer"]).all() and (s.blocks["norm"] >= 0).all()
     per_tok = s.blocks.groupby(["seq", "t"])["dla"].sum()
-    np.testing.assert_allclose(s.df.set_index(["seq", "t"])["skipped_dla"].sort_index(), per_tok.sort_index(), rtol=1e-5)
+    np.testing.assert_allclose(
+        s.df.set_index(["seq", "t"])["skipped_dla"].sort_index(), per_tok.sort_index(), rtol=1e-5
+    )
     assert s.figure() is not None and s.summary()["n"].sum() == len(s.df)
     # early readout = the rollout's own log-prob of the chosen token
     lp = r.token_logprobs[torch.tensor(s.df["seq"].to_numpy()), torch.tensor(s.df["t"].to_numpy())]
@@ -279,9 +304,8 @@ def test_skipped_block_attributions_sum_to_full_minus_exited_logit(tiny_folders)
 
 def test_oracle_equals_brute_force(tiny_ee):
     """Oracle exit = the earliest exitable layer whose logit-lens argmax equals the final argmax, by brute force."""
-    from eetools.analysis.probes import oracle_exits
-
     from eetools import tasks
+    from eetools.analysis.probes import oracle_exits
 
     exs = tasks.get("addition").sample(2, seed=3)
     res = oracle_exits(tiny_ee, exs, base=True)

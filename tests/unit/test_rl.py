@@ -31,7 +31,7 @@ def test_chunked_and_prompt_shared_terms_equal_one_pass(tiny_ee, token_term):
     rollouts (its KV cache copied to them): the objective, values and gradients of one plain pass."""
     import dataclasses
 
-    from eetools.core.adapters import add_lora, adapter_parameters
+    from eetools.core.adapters import adapter_parameters, add_lora
 
     add_lora(tiny_ee, r=2)  # gradients must reach the adapters through the shared prompts' cache
     with torch.no_grad():
@@ -53,10 +53,13 @@ def test_chunked_and_prompt_shared_terms_equal_one_pass(tiny_ee, token_term):
         for p in params:
             p.requires_grad_(True)
             p.grad = None
-        objective, per = rl_terms(tiny_ee, r, reward, 2, 1.5, 0.25, token_term=token_term, chunk_rows=chunk_rows,
-                                  share_prompts=share)
+        objective, per = rl_terms(
+            tiny_ee, r, reward, 2, 1.5, 0.25, token_term=token_term, chunk_rows=chunk_rows, share_prompts=share
+        )
         objective.backward()
-        results.append((objective.detach(), per, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]))
+        results.append(
+            (objective.detach(), per, [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+        )
     (obj, per, grads), others = results[0], results[1:]
     assert float(per["adv"].abs().sum()) > 0, "the test needs a non-flat group"
     assert float(per["kl"].min()) > 0, "the adapters should move the policy away from the reference"
@@ -78,8 +81,9 @@ def test_k_equal_one_is_a_configuration_error(tiny_ee):
 def test_flat_rewards_leave_parameters_unchanged(tiny_ee):
     before = _params(tiny_ee)
     # constant task reward and no exit cost/KL differences would still vary; make everything flat:
-    res = train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: 1.0, lam=0.0, beta=0.0, temperature=0.0,
-                   **{**FAST})
+    res = train_rl(
+        tiny_ee, "addition", steps=2, reward_fn=lambda e, c: 1.0, lam=0.0, beta=0.0, temperature=0.0, **{**FAST}
+    )
     assert (res.history["flat_groups"] == 1.0).all()
     for a, b in zip(before, _params(tiny_ee)):
         assert torch.equal(a, b)
@@ -156,20 +160,28 @@ def test_exit_cost_alone_pushes_exit_probabilities_up(tiny_ee):
             return float(1 - out.exit_logprobs()[..., -1].exp().mean())  # P(exit somewhere)
 
     before = mean_exit_prob()
-    train_rl(tiny_ee, "addition", steps=6, reward_fn=lambda e, c: 0.0, lam=1.0, beta=0.0,
-             **{**FAST, "k": 4, "max_new_tokens": 8, "lr": 3e-2})
+    train_rl(
+        tiny_ee,
+        "addition",
+        steps=6,
+        reward_fn=lambda e, c: 0.0,
+        lam=1.0,
+        beta=0.0,
+        **{**FAST, "k": 4, "max_new_tokens": 8, "lr": 3e-2},
+    )
     assert mean_exit_prob() > before + 0.02
 
 
 def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
     """`head_lr` trains the heads at their own rate; the adapters keep `lr` (here ~0: they stay put)."""
-    from eetools.core.adapters import add_lora, adapter_parameters
+    from eetools.core.adapters import adapter_parameters, add_lora
 
     add_lora(tiny_ee, r=2)
     heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
     lora0 = [p.detach().clone() for p in adapter_parameters(tiny_ee)]
-    train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3),
-             **{**FAST, "lr": 1e-12, "head_lr": 1e-2})
+    train_rl(
+        tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3), **{**FAST, "lr": 1e-12, "head_lr": 1e-2}
+    )
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(heads0, tiny_ee.heads.parameters()))
     assert all((a - b).abs().max() < 1e-9 for a, b in zip(lora0, adapter_parameters(tiny_ee)))
     with pytest.raises(ValueError, match="head_lr >= 0"):
@@ -178,7 +190,7 @@ def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
 
 def test_frozen_adapters_stay_exact_while_the_heads_learn(tiny_ee):
     """`train_adapters=False`: RL moves only the heads; a later calibration trains the adapters again."""
-    from eetools.core.adapters import add_lora, adapter_parameters
+    from eetools.core.adapters import adapter_parameters, add_lora
     from eetools.train.calibration import calibrate
 
     add_lora(tiny_ee, r=2)
@@ -214,8 +226,14 @@ def test_non_finite_loss_stops_after_saving_a_checkpoint(tiny_ee, tmp_path):
         tiny_ee.heads[0].net[-1].bias.fill_(float("nan"))
     before = _params(tiny_ee)
     with pytest.raises(FloatingPointError, match=r"step 0 .*state before step 0 is saved in"):
-        train_rl(tiny_ee, "addition", steps=2, reward_fn=lambda e, c: float(len(c) % 3),
-                 checkpoint_dir=tmp_path / "ck", **FAST)
+        train_rl(
+            tiny_ee,
+            "addition",
+            steps=2,
+            reward_fn=lambda e, c: float(len(c) % 3),
+            checkpoint_dir=tmp_path / "ck",
+            **FAST,
+        )
     assert (tmp_path / "ck" / "trainer.json").exists(), "checkpoint saved before stopping"
     for a, b in zip(before, _params(tiny_ee)):
         assert torch.equal(a.nan_to_num(), b.nan_to_num()), "no optimizer step may be applied"

@@ -21,8 +21,20 @@ def test_tom_bracket_errors_counts_every_move_line(tmp_path):
     from eetools import tasks
     from eetools.tasks.tom import _presence
 
-    model = pretrain(PretrainConfig(out=str(tmp_path / "m"), steps=1, n_layers=2, d_model=32, n_heads=2, n_kv_heads=1,
-                                    d_mlp=64, batch_sizes={"addition": 2, "tom": 2}, threads=1), progress=False)
+    model = pretrain(
+        PretrainConfig(
+            out=str(tmp_path / "m"),
+            steps=1,
+            n_layers=2,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            d_mlp=64,
+            batch_sizes={"addition": 2, "tom": 2},
+            threads=1,
+        ),
+        progress=False,
+    )
     stats = _script("tom_bracket_errors").bracket_errors(str(model), n=12)
     exs = tasks.get("tom").test_split()[:12]
     moves = sum(ev[0] == "move" for e in exs for ev, _ in _presence(e.meta))
@@ -38,14 +50,27 @@ def test_exit_token_errors_simulates_thresholds_token_by_token(tmp_path):
 
     import eetools
 
-    model = pretrain(PretrainConfig(out=str(tmp_path / "m"), steps=1, n_layers=3, d_model=32, n_heads=2, n_kv_heads=1,
-                                    d_mlp=64, batch_sizes={"addition": 2, "tom": 2}, threads=1), progress=False)
+    model = pretrain(
+        PretrainConfig(
+            out=str(tmp_path / "m"),
+            steps=1,
+            n_layers=3,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            d_mlp=64,
+            batch_sizes={"addition": 2, "tom": 2},
+            threads=1,
+        ),
+        progress=False,
+    )
     torch.manual_seed(0)
     ee_model = eetools.attach_exit_heads(eetools.load_model(str(model)), layers=[1, 2])
     mod = _script("exit_token_errors")
     te = mod.token_exits(ee_model, "addition", n=6, batch=4)
-    assert len(te.c) == 6 and all(c.shape == (len(f), 2) and lens.shape == (len(f), 3)
-                                  for c, lens, f in zip(te.c, te.lens, te.final))
+    assert len(te.c) == 6 and all(
+        c.shape == (len(f), 2) and lens.shape == (len(f), 3) for c, lens, f in zip(te.c, te.lens, te.final)
+    )
     curve = mod.frontier(te, thresholds=[1.01, 0.0]).set_index("threshold")
     # never exiting keeps every prediction; exiting everything at layer 1 saves 2 of 3 layers per token and
     # keeps exactly the sequences whose layer-1 lens already agrees with full depth on every token
@@ -67,8 +92,20 @@ def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
     import eetools
     from eetools import tasks
 
-    model = pretrain(PretrainConfig(out=str(tmp_path / "m"), steps=1, n_layers=3, d_model=32, n_heads=2, n_kv_heads=1,
-                                    d_mlp=64, batch_sizes={"addition": 2, "tom": 2}, threads=1), progress=False)
+    model = pretrain(
+        PretrainConfig(
+            out=str(tmp_path / "m"),
+            steps=1,
+            n_layers=3,
+            d_model=32,
+            n_heads=2,
+            n_kv_heads=1,
+            d_mlp=64,
+            batch_sizes={"addition": 2, "tom": 2},
+            threads=1,
+        ),
+        progress=False,
+    )
     torch.manual_seed(0)
     bridge = eetools.load_model(str(model))
     with torch.no_grad():  # random weights of some size: later blocks change the prediction
@@ -92,8 +129,9 @@ def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
     d = mod.partings(ee, FullDepthIsRight(), threshold=1e-6, n=6, batch=4)  # every token exits at layer 1
     found = d.partings
     assert d.n == 6
-    ex = ee.generate([e.prompt for e in examples], addition.max_new_tokens, mode="threshold", threshold=1e-6,
-                     temperature=0.0, seed=0)
+    ex = ee.generate(
+        [e.prompt for e in examples], addition.max_new_tokens, mode="threshold", threshold=1e-6, temperature=0.0, seed=0
+    )
     broken = [i for i in range(6) if ex.text[i] != reference.text[i]]
     assert [p.prompt for p in found] == [examples[i].prompt for i in broken] and found
     tok = ee.model.tokenizer
@@ -105,7 +143,9 @@ def test_exit_divergence_finds_where_exits_part_from_full_depth(tmp_path):
         assert p.cause == ("exit" if p.replayed == p.full_depth else "context")
         prompt_ids = ex.prompt_tokens[i][ex.prompt_mask[i].bool()]
         # the replay with every exit prescribed reproduces the exited token: positions line up
-        assert mod.replay_top(ee, prompt_ids, ex.tokens[i], ex.exit_layers[i], k, full_depth_at_k=False) == int(ex.tokens[i, k])
+        assert mod.replay_top(ee, prompt_ids, ex.tokens[i], ex.exit_layers[i], k, full_depth_at_k=False) == int(
+            ex.tokens[i, k]
+        )
         assert 0 < p.lens_p <= 1
         if p.earlier_exits == 0:  # nothing frozen before it: at full depth it is the full-depth rollout
             assert p.cause == "exit" and p.replayed == tok.decode([int(reference.tokens[i, k])])

@@ -9,8 +9,8 @@ layers identical.
 import pytest
 import torch
 
-from eetools.core.hooks import count_hooks
 from eetools.core.fast.skipping import SKIPPABLE, compute_skipping, skip_support
+from eetools.core.hooks import count_hooks
 
 SKIP_TOL = 1e-4
 
@@ -50,8 +50,11 @@ def test_compute_skipping_actually_skips(tiny_ee):
     _eager_heads(tiny_ee, [30.0, 30.0, 30.0])  # every generated token exits at layer 1
     seen = []
     # the weight-holding leaves inside the MLP run only when its real forward runs
-    leaves = [m for m in tiny_ee.model.blocks[2].mlp.modules() if getattr(m, "weight", None) is not None
-              and not list(m.children())]
+    leaves = [
+        m
+        for m in tiny_ee.model.blocks[2].mlp.modules()
+        if getattr(m, "weight", None) is not None and not list(m.children())
+    ]
     handles = [m.register_forward_hook(lambda m, i, o: seen.append(tuple(i[0].shape[:2]))) for m in leaves]
     try:
         r = tiny_ee.generate(["Q: 1+2\n", "Q: 3+4\n"], 6, seed=0, temperature=0, skip="compute")

@@ -5,8 +5,19 @@ import pytest
 import eetools.tasks as T
 from eetools.io.tokenizer import build_tokenizer
 
-GARBAGE = ["", " ", "\n\n", "A: ", "A:", "🙂 ünïcödé ∑", "A: " + "9" * 10_000, "x" * 100_000,
-           "\x00\x01", "A: 12\nA: 13", None]
+GARBAGE = [
+    "",
+    " ",
+    "\n\n",
+    "A: ",
+    "A:",
+    "🙂 ünïcödé ∑",
+    "A: " + "9" * 10_000,
+    "x" * 100_000,
+    "\x00\x01",
+    "A: 12\nA: 13",
+    None,
+]
 
 
 @pytest.mark.parametrize("name", T.NAMES)
@@ -61,18 +72,35 @@ def test_addition_final_carry_and_operand_range():
 def test_tom_false_belief_logic():
     from eetools.tasks.tom import decision, placements, trace
 
-    meta = {"agents": ["Ann", "Bob", "Eve"], "object": "ball", "start": "box",
-            "events": [["leave", "Bob"], ["move", "Ann", "bag"], ["enter", "Bob"], ["leave", "Eve"],
-                       ["move", "Ann", "jar"]], "question": ["first", "Eve"]}
+    meta = {
+        "agents": ["Ann", "Bob", "Eve"],
+        "object": "ball",
+        "start": "box",
+        "events": [
+            ["leave", "Bob"],
+            ["move", "Ann", "bag"],
+            ["enter", "Bob"],
+            ["leave", "Eve"],
+            ["move", "Ann", "jar"],
+        ],
+        "question": ["first", "Eve"],
+    }
     assert placements(meta) == [("box", ["Ann", "Bob", "Eve"]), ("bag", ["Ann", "Eve"]), ("jar", ["Ann", "Bob"])]
     # the running belief is Eve's (the question's): she saw the move to the bag, not the one to the jar
-    assert trace(meta) == ["box: Ann+ Bob+ Eve+ (Eve+ box)", "Bob out: Ann+ Bob- Eve+ (Eve+ box)",
-                           "bag: Ann+ Bob- Eve+ (Eve+ bag)", "Bob in: Ann+ Bob+ Eve+ (Eve+ bag)",
-                           "Eve out: Ann+ Bob+ Eve- (Eve- bag)", "jar: Ann+ Bob+ Eve- (Eve- bag)"]
+    assert trace(meta) == [
+        "box: Ann+ Bob+ Eve+ (Eve+ box)",
+        "Bob out: Ann+ Bob- Eve+ (Eve+ box)",
+        "bag: Ann+ Bob- Eve+ (Eve+ bag)",
+        "Bob in: Ann+ Bob+ Eve+ (Eve+ bag)",
+        "Eve out: Ann+ Bob+ Eve- (Eve- bag)",
+        "jar: Ann+ Bob+ Eve- (Eve- bag)",
+    ]
     assert trace({**meta, "question": ["reality"]})[-1] == "jar: Ann+ Bob+ Eve- (jar)"
     # second order: the questioned agents in the question's order, each with its mark on the line
     assert trace({**meta, "question": ["second", "Eve", "Bob"]})[2:4] == [
-        "bag: Ann+ Bob- Eve+ (Eve+ Bob- box)", "Bob in: Ann+ Bob+ Eve+ (Eve+ Bob+ box)"]
+        "bag: Ann+ Bob- Eve+ (Eve+ Bob- box)",
+        "Bob in: Ann+ Bob+ Eve+ (Eve+ Bob+ box)",
+    ]
     assert decision(meta) == ("Eve saw bag", "bag")
     assert decision({**meta, "question": ["reality"]}) == ("now jar", "jar")
     assert decision({**meta, "question": ["first", "Bob"]}) == ("Bob saw jar", "jar")
@@ -132,8 +160,10 @@ def test_max_new_tokens_fits_every_written_reasoning(name):
 
     tok = build_tokenizer()
     task = T.get(name)
-    longest = max(len(tok(e.reasoning, add_special_tokens=False)["input_ids"]) + 1
-                  for e in task.sample(2000, seed=5) + task.test_split())
+    longest = max(
+        len(tok(e.reasoning, add_special_tokens=False)["input_ids"]) + 1
+        for e in task.sample(2000, seed=5) + task.test_split()
+    )
     assert longest <= task.max_new_tokens, f"{name}: {longest} tokens > max_new_tokens {task.max_new_tokens}"
 
 
@@ -146,7 +176,8 @@ def test_false_belief_variant_asks_about_agents_who_missed_a_move():
     def missed(e):
         need = set(e.meta["question"][1:])
         return e.meta["question"][0] != "reality" and any(
-            ev[0] == "move" and not need <= set(seen) for ev, seen in _presence(e.meta))
+            ev[0] == "move" and not need <= set(seen) for ev, seen in _presence(e.meta)
+        )
 
     always = [missed(e) for e in T.TomTask(false_belief=1.0).sample(200, seed=3)]
     uniform = [missed(e) for e in T.get("tom").sample(200, seed=3)]

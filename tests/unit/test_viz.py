@@ -14,16 +14,17 @@ import numpy as np
 import pytest
 import torch
 
-from eetools.views import tokens as viz
 from eetools.core.rollout import Rollout
+from eetools.views import tokens as viz
 
 L = 4
 LAYERS = [1, 2, 3]
 PROMPT = ["Q", ":", " 12", "+", "34", "\n"]
 
 
-def _rollout(gen: list[list[str]], exits: list[list[int]] | None = None, *, c: float = 0.5,
-             meta: dict | None = None) -> Rollout:
+def _rollout(
+    gen: list[list[str]], exits: list[list[int]] | None = None, *, c: float = 0.5, meta: dict | None = None
+) -> Rollout:
     """A rollout of `len(gen)` sequences with generated tokens `gen` and exit layers `exits`.
 
     Every head's conditional exit probability is `c`; padding exits are `L` (no exit).
@@ -37,11 +38,21 @@ def _rollout(gen: list[list[str]], exits: list[list[int]] | None = None, *, c: f
         exit_layers[i, : len(e)] = torch.tensor(e, dtype=torch.long)
     p = len(PROMPT)
     return Rollout(
-        prompts=["".join(PROMPT)] * b, prompt_tokens=torch.arange(p).repeat(b, 1), prompt_mask=torch.ones(b, p, dtype=torch.long),
-        tokens=torch.arange(n).repeat(b, 1), mask=mask, exit_layers=exit_layers,
-        token_logprobs=-0.125 * torch.ones(b, n), exit_logprobs=torch.zeros(b, n),
-        exit_probs=torch.full((b, n, len(LAYERS)), c), text=["".join(g) for g in gen], str_tokens=[list(g) for g in gen],
-        prompt_str_tokens=[list(PROMPT)] * b, n_layers=L, layers=list(LAYERS), meta=meta or {},
+        prompts=["".join(PROMPT)] * b,
+        prompt_tokens=torch.arange(p).repeat(b, 1),
+        prompt_mask=torch.ones(b, p, dtype=torch.long),
+        tokens=torch.arange(n).repeat(b, 1),
+        mask=mask,
+        exit_layers=exit_layers,
+        token_logprobs=-0.125 * torch.ones(b, n),
+        exit_logprobs=torch.zeros(b, n),
+        exit_probs=torch.full((b, n, len(LAYERS)), c),
+        text=["".join(g) for g in gen],
+        str_tokens=[list(g) for g in gen],
+        prompt_str_tokens=[list(PROMPT)] * b,
+        n_layers=L,
+        layers=list(LAYERS),
+        meta=meta or {},
     )
 
 
@@ -122,6 +133,7 @@ def test_empty_rollout_renders_prompt_only():
 
 def test_ten_thousand_tokens_render_each_token_once():
     """A long rollout renders every token, at a constant size per token (no per-token growth); speed is not timed here."""
+
     def render(n):
         r = _rollout([[f"t{k % 7} " for k in range(n)]], [[LAYERS[k % 3] if k % 4 else L for k in range(n)]])
         return str(viz.color_tokens(r))

@@ -44,16 +44,36 @@ Conventions:
 from __future__ import annotations
 
 from eetools.analysis.probes.linear import ProbeResult, ProbeSweep, fit_probe, probe_sweep
-from eetools.analysis.probes.oracle import DepthResult, OracleResult, depth_necessity, oracle_exits, oracle_from_logprobs
+from eetools.analysis.probes.oracle import (
+    DepthResult,
+    OracleResult,
+    depth_necessity,
+    oracle_exits,
+    oracle_from_logprobs,
+)
 from eetools.analysis.probes.planning import HiddenPlanningResult, hidden_planning
 from eetools.analysis.probes.residuals import ResidualSet, collect_residuals
 from eetools.analysis.probes.skipped import SkippedResult, linearised_final_norm, skipped_computation
 from eetools.analysis.probes.tokens import TOKEN_CLASSES, annotate_tokens, guess_task
 
 __all__ = [
-    "ResidualSet", "collect_residuals", "annotate_tokens", "TOKEN_CLASSES",
-    "ProbeResult", "ProbeSweep", "fit_probe", "probe_sweep",
-    "SkippedResult", "skipped_computation", "linearised_final_norm",
-    "OracleResult", "oracle_exits", "oracle_from_logprobs", "DepthResult", "depth_necessity",
-    "HiddenPlanningResult", "hidden_planning",
+    "ResidualSet",
+    "guess_task",
+    "collect_residuals",
+    "annotate_tokens",
+    "TOKEN_CLASSES",
+    "ProbeResult",
+    "ProbeSweep",
+    "fit_probe",
+    "probe_sweep",
+    "SkippedResult",
+    "skipped_computation",
+    "linearised_final_norm",
+    "OracleResult",
+    "oracle_exits",
+    "oracle_from_logprobs",
+    "DepthResult",
+    "depth_necessity",
+    "HiddenPlanningResult",
+    "hidden_planning",
 ]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -69,16 +70,34 @@ class ProbeResult:
         import plotly.graph_objects as go
 
         r = self.df.iloc[0]
-        fig = go.Figure(go.Bar(x=["probe", "shuffled labels", "chance"], y=[r["score"], r["baseline"], r["chance"]],
-                               marker_color=["#1f77b4", "#999999", "#cccccc"]))
-        fig.update_layout(title=f"{r['kind']} probe of {r['target']} at layer {r['layer']}",
-                          yaxis_title=r["metric"], template="plotly_white")
+        fig = go.Figure(
+            go.Bar(
+                x=["probe", "shuffled labels", "chance"],
+                y=[r["score"], r["baseline"], r["chance"]],
+                marker_color=["#1f77b4", "#999999", "#cccccc"],
+            )
+        )
+        fig.update_layout(
+            title=f"{r['kind']} probe of {r['target']} at layer {r['layer']}",
+            yaxis_title=r["metric"],
+            template="plotly_white",
+        )
         return fig
 
 
-def fit_probe(residuals: ResidualSet, layer: int | str, target: str, *, kind: str = "logistic",
-              test_size: float = 0.3, seed: int = 0, token_class: str | Sequence[str] | None = None,
-              split: str = "sequence", C: float = 1.0, alpha: float = 1.0) -> ProbeResult:
+def fit_probe(
+    residuals: ResidualSet,
+    layer: int | str,
+    target: str,
+    *,
+    kind: str = "logistic",
+    test_size: float = 0.3,
+    seed: int = 0,
+    token_class: str | Sequence[str] | None = None,
+    split: str = "sequence",
+    C: float = 1.0,
+    alpha: float = 1.0,
+) -> ProbeResult:
     """Fit a linear probe of a df column from the residuals at one layer.
 
     Rows whose target is missing are dropped. The split keeps whole sequences on one
@@ -115,8 +134,10 @@ def fit_probe(residuals: ResidualSet, layer: int | str, target: str, *, kind: st
         y = y_raw.astype(str).to_numpy()
         n_classes = len(set(y))
         if n_classes < 2:
-            raise ValueError(f"target {target!r} has {n_classes} distinct value(s) on the selected tokens; "
-                             "a classifier needs at least 2")
+            raise ValueError(
+                f"target {target!r} has {n_classes} distinct value(s) on the selected tokens; "
+                "a classifier needs at least 2"
+            )
     else:
         y = y_raw.astype(float).to_numpy()
         n_classes = 0
@@ -139,11 +160,25 @@ def fit_probe(residuals: ResidualSet, layer: int | str, target: str, *, kind: st
     else:
         from sklearn.metrics import r2_score
 
-        score, base, chance, metric = (float(r2_score(y[te], probe.predict(x[te]))),
-                                       float(r2_score(y[te], shuffled.predict(x[te]))), 0.0, "r2")
-    row = {"layer": layer, "target": target, "kind": kind, "metric": metric, "score": score, "baseline": base,
-           "chance": chance, "n_train": len(tr), "n_test": len(te), "n_classes": n_classes,
-           "token_class": None if token_class is None else str(token_class)}
+        score, base, chance, metric = (
+            float(r2_score(y[te], probe.predict(x[te]))),
+            float(r2_score(y[te], shuffled.predict(x[te]))),
+            0.0,
+            "r2",
+        )
+    row = {
+        "layer": layer,
+        "target": target,
+        "kind": kind,
+        "metric": metric,
+        "score": score,
+        "baseline": base,
+        "chance": chance,
+        "n_train": len(tr),
+        "n_test": len(te),
+        "n_classes": n_classes,
+        "token_class": None if token_class is None else str(token_class),
+    }
     return ProbeResult(df=pd.DataFrame([row]), probe=probe)
 
 
@@ -162,21 +197,30 @@ class ProbeSweep:
         x = [str(l) for l in d["layer"]]
         fig = go.Figure()
         fig.add_trace(go.Scatter(x=x, y=d["score"], mode="lines+markers", name="probe"))
-        fig.add_trace(go.Scatter(x=x, y=d["baseline"], mode="lines+markers", name="shuffled labels",
-                                 line=dict(dash="dash", color="grey")))
+        fig.add_trace(
+            go.Scatter(
+                x=x, y=d["baseline"], mode="lines+markers", name="shuffled labels", line=dict(dash="dash", color="grey")
+            )
+        )
         if len(d) and d["metric"].iloc[0] == "accuracy":
-            fig.add_trace(go.Scatter(x=x, y=d["chance"], mode="lines", name="chance",
-                                     line=dict(dash="dot", color="lightgrey")))
+            fig.add_trace(
+                go.Scatter(x=x, y=d["chance"], mode="lines", name="chance", line=dict(dash="dot", color="lightgrey"))
+            )
         target = d["target"].iloc[0] if len(d) else ""
-        fig.update_layout(title=f"Linear probe of {target} by layer", xaxis_title="layer",
-                          yaxis_title=d["metric"].iloc[0] if len(d) else "", template="plotly_white")
+        fig.update_layout(
+            title=f"Linear probe of {target} by layer",
+            xaxis_title="layer",
+            yaxis_title=d["metric"].iloc[0] if len(d) else "",
+            template="plotly_white",
+        )
         return fig
 
 
-def probe_sweep(residuals: ResidualSet, target: str, layers: Sequence[int | str] | None = None,
-                **kwargs) -> ProbeSweep:
+def probe_sweep(residuals: ResidualSet, target: str, layers: Sequence[int | str] | None = None, **kwargs) -> ProbeSweep:
     """`fit_probe` at each layer (default: every captured layer); kwargs go to `fit_probe`."""
     layers = list(residuals.layers) if layers is None else list(layers)
     results = {l: fit_probe(residuals, l, target, **kwargs) for l in layers}
-    return ProbeSweep(df=pd.concat([r.df for r in results.values()], ignore_index=True),
-                      probes={l: r.probe for l, r in results.items()})
+    return ProbeSweep(
+        df=pd.concat([r.df for r in results.values()], ignore_index=True),
+        probes={l: r.probe for l, r in results.items()},
+    )

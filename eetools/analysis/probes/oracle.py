@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,14 +11,17 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eetools.core.lens import capturing
 from eetools.analysis.probes._common import _as_pairs
 from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
+from eetools.core.lens import capturing
 
 
-def oracle_from_logprobs(final_logprobs: Float[Tensor, "*rows vocab"],
-                         early_logprobs: Float[Tensor, "*rows n_exit vocab"],
-                         layers: Sequence[int], n_layers: int) -> Int[Tensor, "*rows"]:
+def oracle_from_logprobs(
+    final_logprobs: Float[Tensor, "*rows vocab"],
+    early_logprobs: Float[Tensor, "*rows n_exit vocab"],
+    layers: Sequence[int],
+    n_layers: int,
+) -> Int[Tensor, "*rows"]:
     """Earliest exitable layer whose argmax equals the final argmax, else `n_layers`.
 
     Args:
@@ -57,7 +60,7 @@ def _lens_rows(ee_model, examples, batch_size: int, base: bool):
         earlies.append(early.float().log_softmax(-1).cpu())
         nxt = ids[ri, pi + 1]
         nexts.append(nxt.cpu())
-        for i, (prompt, cont, ex) in enumerate(chunk):
+        for i, (prompt, _cont, ex) in enumerate(chunk):
             s = int(predict[i].float().argmax()) + 1
             n_pred = int(predict[i].sum())
             next_ids = ids[i, s : s + n_pred].tolist()
@@ -98,8 +101,11 @@ class OracleResult:
     def summary(self) -> pd.DataFrame:
         """Per token class: count, mean oracle layer and layers saved."""
         d = self.df.assign(saved=1 - self.df["oracle_layer"] / self.n_layers)
-        return d.groupby("token_class").agg(n=("saved", "size"), oracle_layer=("oracle_layer", "mean"),
-                                            layers_saved=("saved", "mean")).reset_index()
+        return (
+            d.groupby("token_class")
+            .agg(n=("saved", "size"), oracle_layer=("oracle_layer", "mean"), layers_saved=("saved", "mean"))
+            .reset_index()
+        )
 
     def figure(self):
         """Stacked bars: fraction of predictions whose oracle exit is each layer, by token class."""
@@ -111,9 +117,13 @@ class OracleResult:
         for cls, g in self.df.groupby("token_class"):
             counts = g["oracle_layer"].value_counts()
             fig.add_trace(go.Bar(x=[str(l) for l in layers], y=[counts.get(l, 0) / total for l in layers], name=cls))
-        fig.update_layout(barmode="stack", title=f"Oracle exit layers (layers saved {self.layers_saved:.3f})",
-                          xaxis_title="oracle exit layer (L = no exit)", yaxis_title="fraction of tokens",
-                          template="plotly_white")
+        fig.update_layout(
+            barmode="stack",
+            title=f"Oracle exit layers (layers saved {self.layers_saved:.3f})",
+            xaxis_title="oracle exit layer (L = no exit)",
+            yaxis_title="fraction of tokens",
+            template="plotly_white",
+        )
         return fig
 
 
@@ -167,8 +177,17 @@ class DepthResult:
         fig.add_trace(go.Scatter(x=d["layer"], y=d["agreement"], mode="lines+markers", name="agreement"), row=1, col=1)
         fig.add_trace(go.Scatter(x=d["layer"], y=d["nll"], mode="lines+markers", name="NLL at layer"), row=1, col=2)
         if len(d):
-            fig.add_trace(go.Scatter(x=d["layer"], y=d["final_nll"], mode="lines", name="full depth",
-                                     line=dict(dash="dash", color="grey")), row=1, col=2)
+            fig.add_trace(
+                go.Scatter(
+                    x=d["layer"],
+                    y=d["final_nll"],
+                    mode="lines",
+                    name="full depth",
+                    line=dict(dash="dash", color="grey"),
+                ),
+                row=1,
+                col=2,
+            )
         fig.update_yaxes(range=[0, 1.05], row=1, col=1)
         fig.update_xaxes(title_text="readout layer")
         fig.update_layout(title="Depth necessity", template="plotly_white")
@@ -197,11 +216,25 @@ def depth_necessity(ee_model, examples, *, base: bool = False, batch_size: int =
     final_nll = -final.gather(-1, nxt[:, None]).squeeze(-1)
     rows, crow = [], []
     for k, l in enumerate(ee_model.exit_layers):
-        rows.append({"layer": l, "agreement": float(agree[:, k].float().mean()), "nll": float(nll[:, k].mean()),
-                     "final_nll": float(final_nll.mean()), "n_tokens": len(df)})
+        rows.append(
+            {
+                "layer": l,
+                "agreement": float(agree[:, k].float().mean()),
+                "nll": float(nll[:, k].mean()),
+                "final_nll": float(final_nll.mean()),
+                "n_tokens": len(df),
+            }
+        )
         for cls in sorted(df["token_class"].unique()):
             m = torch.tensor((df["token_class"] == cls).to_numpy())
-            crow.append({"layer": l, "token_class": cls, "agreement": float(agree[m, k].float().mean()),
-                         "nll": float(nll[m, k].mean()), "final_nll": float(final_nll[m].mean()),
-                         "n_tokens": int(m.sum())})
+            crow.append(
+                {
+                    "layer": l,
+                    "token_class": cls,
+                    "agreement": float(agree[m, k].float().mean()),
+                    "nll": float(nll[m, k].mean()),
+                    "final_nll": float(final_nll[m].mean()),
+                    "n_tokens": int(m.sum()),
+                }
+            )
     return DepthResult(df=pd.DataFrame(rows), by_class=pd.DataFrame(crow))

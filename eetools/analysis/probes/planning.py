@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import pandas as pd
 
@@ -13,13 +13,16 @@ from eetools.analysis.probes.residuals import collect_residuals
 
 def _sequence_label(df: pd.DataFrame, target: str, column: int) -> pd.Series:
     if target == "answer_digit":
+
         def digit(ans):
             s = str(ans) if ans is not None else ""
             if not s.isdigit():
-                raise ValueError(f"answer {ans!r} is not a number; use target='answer' or 'believed_location' "
-                                 "for non-numeric tasks")
+                raise ValueError(
+                    f"answer {ans!r} is not a number; use target='answer' or 'believed_location' for non-numeric tasks"
+                )
             k = column if column >= 0 else len(s) + column
             return int(s[::-1][k]) if 0 <= k < len(s) else pd.NA
+
         return df["answer"].map(digit)
     if target not in df:
         raise KeyError(f"target {target!r} is not a column of the residual set; columns: {list(df.columns)}")
@@ -54,17 +57,37 @@ class HiddenPlanningResult:
         for name, g in self.df.groupby("model", sort=False):
             best = g.groupby("rel_position").agg(score=("score", "max"), baseline=("baseline", "max")).reset_index()
             fig.add_trace(go.Scatter(x=best["rel_position"], y=best["score"], mode="lines+markers", name=name))
-            fig.add_trace(go.Scatter(x=best["rel_position"], y=best["baseline"], mode="lines", name=f"{name} shuffled",
-                                     line=dict(dash="dash")))
-        fig.update_layout(title="Hidden planning: answer decodability before it is written (max over layers)",
-                          xaxis_title="position (-1 = prompt's last token)", yaxis_title="probe accuracy",
-                          template="plotly_white")
+            fig.add_trace(
+                go.Scatter(
+                    x=best["rel_position"],
+                    y=best["baseline"],
+                    mode="lines",
+                    name=f"{name} shuffled",
+                    line=dict(dash="dash"),
+                )
+            )
+        fig.update_layout(
+            title="Hidden planning: answer decodability before it is written (max over layers)",
+            xaxis_title="position (-1 = prompt's last token)",
+            yaxis_title="probe accuracy",
+            template="plotly_white",
+        )
         return fig
 
 
-def hidden_planning(ee_model_before, ee_model_after, examples, *, target: str = "answer_digit", column: int = 0,
-                    n_positions: int = 4, layers: Sequence[int | str] | None = None, test_size: float = 0.3,
-                    seed: int = 0, batch_size: int = 16) -> HiddenPlanningResult:
+def hidden_planning(
+    ee_model_before,
+    ee_model_after,
+    examples,
+    *,
+    target: str = "answer_digit",
+    column: int = 0,
+    n_positions: int = 4,
+    layers: Sequence[int | str] | None = None,
+    test_size: float = 0.3,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> HiddenPlanningResult:
     """Probe the final answer at early positions, before vs after RL.
 
     For each model, residuals are collected (no exits, teacher-forced on the examples'
@@ -103,12 +126,27 @@ def hidden_planning(ee_model_before, ee_model_after, examples, *, target: str = 
                 continue
             for l in sub.layers:
                 try:
-                    r = fit_probe(sub, l, "_label", kind="logistic", test_size=test_size, seed=seed,
-                                  split="token").df.iloc[0]
+                    r = fit_probe(
+                        sub, l, "_label", kind="logistic", test_size=test_size, seed=seed, split="token"
+                    ).df.iloc[0]
                 except ValueError:  # too few tokens or a single class in the training split
                     continue
-                rows.append({"model": name, "rel_position": rel, "layer": l, "score": r["score"],
-                             "baseline": r["baseline"], "chance": r["chance"], "n_train": r["n_train"],
-                             "n_test": r["n_test"], "target": target})
-    return HiddenPlanningResult(df=pd.DataFrame(rows, columns=["model", "rel_position", "layer", "score", "baseline",
-                                                               "chance", "n_train", "n_test", "target"]))
+                rows.append(
+                    {
+                        "model": name,
+                        "rel_position": rel,
+                        "layer": l,
+                        "score": r["score"],
+                        "baseline": r["baseline"],
+                        "chance": r["chance"],
+                        "n_train": r["n_train"],
+                        "n_test": r["n_test"],
+                        "target": target,
+                    }
+                )
+    return HiddenPlanningResult(
+        df=pd.DataFrame(
+            rows,
+            columns=["model", "rel_position", "layer", "score", "baseline", "chance", "n_train", "n_test", "target"],
+        )
+    )

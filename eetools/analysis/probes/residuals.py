@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -11,9 +11,9 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from eetools.core.lens import capturing
 from eetools.analysis.probes._common import _as_pairs
 from eetools.analysis.probes.tokens import _pieces, _task_of, annotate_tokens
+from eetools.core.lens import capturing
 
 
 @dataclass
@@ -40,7 +40,9 @@ class ResidualSet:
 
     def __post_init__(self):
         if self.resid.ndim != 3 or self.resid.shape[1] != len(self.layers):
-            raise ValueError(f"resid has shape {tuple(self.resid.shape)}; expected [n_tokens, {len(self.layers)}, d_model]")
+            raise ValueError(
+                f"resid has shape {tuple(self.resid.shape)}; expected [n_tokens, {len(self.layers)}, d_model]"
+            )
         if len(self.df) != self.resid.shape[0]:
             raise ValueError(f"df has {len(self.df)} rows but resid has {self.resid.shape[0]} tokens")
         if self.n_layers is None:
@@ -53,8 +55,10 @@ class ResidualSet:
         if layer == "final":
             layer = self.n_layers
         if layer not in self.layers:
-            raise KeyError(f"layer {layer!r} was not captured; captured layers are {self.layers} "
-                           f"(and 'exit' when exit layers were given)")
+            raise KeyError(
+                f"layer {layer!r} was not captured; captured layers are {self.layers} "
+                f"(and 'exit' when exit layers were given)"
+            )
         return self.layers.index(layer)
 
     def acts(self, layer: int | str) -> Float[Tensor, "n d_model"]:
@@ -65,12 +69,17 @@ class ResidualSet:
             return self.exit_resid
         return self.resid[:, self._index(layer)]
 
-    def subset(self, mask) -> "ResidualSet":
+    def subset(self, mask) -> ResidualSet:
         """The tokens where boolean `mask` (array-like over rows) holds."""
         m = np.asarray(mask, dtype=bool)
         idx = torch.from_numpy(np.flatnonzero(m))
-        return ResidualSet(self.resid[idx], list(self.layers), self.df[m].reset_index(drop=True), self.n_layers,
-                           None if self.exit_resid is None else self.exit_resid[idx])
+        return ResidualSet(
+            self.resid[idx],
+            list(self.layers),
+            self.df[m].reset_index(drop=True),
+            self.n_layers,
+            None if self.exit_resid is None else self.exit_resid[idx],
+        )
 
     def figure(self, layer: int | str | None = None, color: str = "token_class"):
         """2-D PCA of the residuals at `layer` (default: final), coloured by a df column."""
@@ -82,8 +91,15 @@ class ResidualSet:
         xy = PCA(n_components=2).fit_transform(x) if len(x) >= 2 else np.zeros((len(x), 2))
         d = self.df.assign(pc1=xy[:, 0], pc2=xy[:, 1])
         d[color] = d[color].astype(str)
-        fig = px.scatter(d, x="pc1", y="pc2", color=color, hover_data=["seq", "position", "token"],
-                         title=f"Residuals at layer {layer} (PCA)", template="plotly_white")
+        fig = px.scatter(
+            d,
+            x="pc1",
+            y="pc2",
+            color=color,
+            hover_data=["seq", "position", "token"],
+            title=f"Residuals at layer {layer} (PCA)",
+            template="plotly_white",
+        )
         return fig
 
 
@@ -115,8 +131,9 @@ def _exit_matrix(exit_layers, shape, L: int) -> Tensor:
     return ex
 
 
-def _sequence_frame(model, ids: Int[Tensor, "pos"], predict: Tensor, prompt: str, cont: str, ex,
-                    prompt_last: bool) -> pd.DataFrame:
+def _sequence_frame(
+    model, ids: Int[Tensor, " pos"], predict: Tensor, prompt: str, cont: str, ex, prompt_last: bool
+) -> pd.DataFrame:
     """One row per continuation token of one encoded sequence (and its prompt's last token with `prompt_last`):
     position, token, next token, class, line, task and answer."""
     tok = model.tokenizer
@@ -132,9 +149,18 @@ def _sequence_frame(model, ids: Int[Tensor, "pos"], predict: Tensor, prompt: str
     ann.insert(0, "rel_position", range(n))
     ann.insert(0, "position", range(s, s + n))
     if prompt_last:
-        first = pd.DataFrame([{"position": s - 1, "rel_position": -1, "token": tok.decode([int(ids[s - 1])]),
-                               "next_token": tok.decode([int(ids[s])]) if n else "", "token_class": "prompt",
-                               "line": -1}])
+        first = pd.DataFrame(
+            [
+                {
+                    "position": s - 1,
+                    "rel_position": -1,
+                    "token": tok.decode([int(ids[s - 1])]),
+                    "next_token": tok.decode([int(ids[s])]) if n else "",
+                    "token_class": "prompt",
+                    "line": -1,
+                }
+            ]
+        )
         if "believed_location" in ann:
             first["believed_location"] = getattr(ex, "answer", None)
         ann = pd.concat([first, ann], ignore_index=True) if n else first
@@ -144,9 +170,15 @@ def _sequence_frame(model, ids: Int[Tensor, "pos"], predict: Tensor, prompt: str
 
 
 @torch.no_grad()
-def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None = None,
-                      exit_layers: Sequence[Int[Tensor, "pos"]] | Int[Tensor, "batch pos"] | None = None,
-                      prompt_last: bool = False, batch_size: int = 16) -> ResidualSet:
+def collect_residuals(
+    ee_model,
+    examples,
+    *,
+    layers: Sequence[int | str] | None = None,
+    exit_layers: Sequence[Int[Tensor, " pos"]] | Int[Tensor, "batch pos"] | None = None,
+    prompt_last: bool = False,
+    batch_size: int = 16,
+) -> ResidualSet:
     """Teacher-forced residual streams at every continuation token of prompt + reasoning.
 
     Sequences are encoded as in calibration (`eetools.core.encoding.encode_sequences`:
@@ -211,9 +243,12 @@ def collect_residuals(ee_model, examples, *, layers: Sequence[int | str] | None 
             if L in store:  # the readout of an exited position reads its frozen state
                 store[L] = torch.where((e_rows < L).unsqueeze(-1), point, store[L])
             exit_res.append(point)
-            frames[-len(chunk):] = [f.assign(exit_layer=ex_mat[b_i, f["position"].tolist()].numpy())
-                                    for b_i, f in enumerate(frames[-len(chunk):])]
+            frames[-len(chunk) :] = [
+                f.assign(exit_layer=ex_mat[b_i, f["position"].tolist()].numpy())
+                for b_i, f in enumerate(frames[-len(chunk) :])
+            ]
         resids.append(torch.stack([store[l] for l in want], 1))
     df = pd.concat(frames, ignore_index=True)
-    return ResidualSet(resid=torch.cat(resids), layers=want, df=df, n_layers=L,
-                       exit_resid=torch.cat(exit_res) if exit_res else None)
+    return ResidualSet(
+        resid=torch.cat(resids), layers=want, df=df, n_layers=L, exit_resid=torch.cat(exit_res) if exit_res else None
+    )

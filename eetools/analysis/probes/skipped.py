@@ -9,8 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from eetools.core.lens import capturing
 from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
+from eetools.core.lens import capturing
 
 
 def _final_norm_scale(ee_model, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... 1"]:
@@ -23,8 +23,9 @@ def _final_norm_scale(ee_model, x: Float[Tensor, "... d_model"]) -> Float[Tensor
     return (xc.pow(2).mean(-1, keepdim=True) + eps).sqrt()
 
 
-def linearised_final_norm(ee_model, x: Float[Tensor, "... d_model"],
-                          final_resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
+def linearised_final_norm(
+    ee_model, x: Float[Tensor, "... d_model"], final_resid: Float[Tensor, "... d_model"]
+) -> Float[Tensor, "... d_model"]:
     """The final norm as a linear map frozen at `final_resid`: ``w * center(x) / scale(final_resid)``.
 
     The norm's scale (RMS, or standard deviation for LayerNorm) is taken from the final
@@ -62,12 +63,18 @@ class SkippedResult:
     def summary(self) -> pd.DataFrame:
         """Per token class: count, mean KL, top-1 agreement, mean exit layer, skipped norm and DLA."""
         if self.df.empty:
-            return pd.DataFrame(columns=["token_class", "n", "kl", "top1_agree", "exit_layer", "skipped_norm",
-                                         "skipped_dla"])
+            return pd.DataFrame(
+                columns=["token_class", "n", "kl", "top1_agree", "exit_layer", "skipped_norm", "skipped_dla"]
+            )
         g = self.df.groupby("token_class")
-        return g.agg(n=("kl", "size"), kl=("kl", "mean"), top1_agree=("top1_agree", "mean"),
-                     exit_layer=("exit_layer", "mean"), skipped_norm=("skipped_norm", "mean"),
-                     skipped_dla=("skipped_dla", "mean")).reset_index()
+        return g.agg(
+            n=("kl", "size"),
+            kl=("kl", "mean"),
+            top1_agree=("top1_agree", "mean"),
+            exit_layer=("exit_layer", "mean"),
+            skipped_norm=("skipped_norm", "mean"),
+            skipped_dla=("skipped_dla", "mean"),
+        ).reset_index()
 
     def figure(self):
         """Bars of mean KL(full || early) and top-1 agreement by token class."""
@@ -95,8 +102,9 @@ def _rollout_classes(rollout, i: int, task: str | None, example, tokenizer) -> p
 
 
 @torch.no_grad()
-def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = None,
-                        batch_size: int = 8) -> SkippedResult:
+def skipped_computation(
+    ee_model, rollout, *, examples=None, task: str | None = None, batch_size: int = 8
+) -> SkippedResult:
     """Compare each exited token's early readout with what full depth would have given.
 
     For generated token ``t`` predicted at layer ``l < L`` (``rollout.exit_layers``):
@@ -141,8 +149,10 @@ def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = 
         early = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers()[sl].to(device), attn)
         early_lp = early.logprobs[ri_d, pos_d].float()
         # the model as it is (adapters on) and, as before the shared helper, no norm shortcut
-        with (capturing(ee_model, range(L), where="pre", rows=(ri_d, pos_d), norm_shortcut=False) as pre,
-              capturing(ee_model, range(L), where="post", rows=(ri_d, pos_d), norm_shortcut=False) as post):
+        with (
+            capturing(ee_model, range(L), where="pre", rows=(ri_d, pos_d), norm_shortcut=False) as pre,
+            capturing(ee_model, range(L), where="post", rows=(ri_d, pos_d), norm_shortcut=False) as post,
+        ):
             full_logits = model(seqs, attention_mask=attn, return_type="logits")
         store = {f"{k}{j}": r.detach().float() for k, got in (("pre", pre), ("post", post)) for j, r in got.items()}
         full_lp = full_logits[ri_d, pos_d].float().log_softmax(-1)
@@ -152,8 +162,13 @@ def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = 
         final = store[f"post{L - 1}"]
         w_col = W_U[:, chosen].T.float()  # [n, d]
         norms = torch.stack([(store[f"post{j}"] - store[f"pre{j}"]).norm(dim=-1) for j in range(L)], 1)
-        dla = torch.stack([(linearised_final_norm(ee_model, store[f"post{j}"] - store[f"pre{j}"], final) * w_col).sum(-1)
-                           for j in range(L)], 1)
+        dla = torch.stack(
+            [
+                (linearised_final_norm(ee_model, store[f"post{j}"] - store[f"pre{j}"], final) * w_col).sum(-1)
+                for j in range(L)
+            ],
+            1,
+        )
         classes = {}
         for k in range(len(ri)):
             i = b0 + int(ri[k])
@@ -163,15 +178,47 @@ def skipped_computation(ee_model, rollout, *, examples=None, task: str | None = 
             t, l = int(ti[k]), int(exits[ri[k], ti[k]])
             ann = classes[i].iloc[t]
             skipped = range(l, L)
-            tok_rows.append({"seq": i, "t": t, "position": int(pos[k]), "token": ann["token"],
-                             "token_class": ann["token_class"], "exit_layer": l, "kl": float(kl[k]),
-                             "top1_agree": bool(agree[k]),
-                             "chosen_logprob_full": float(full_lp[k, chosen[k]]),
-                             "chosen_logprob_early": float(early_lp[k, chosen[k]]),
-                             "skipped_norm": float(norms[k, l:].sum()), "skipped_dla": float(dla[k, l:].sum())})
-            block_rows += [{"seq": i, "t": t, "token_class": ann["token_class"], "exit_layer": l, "block": j,
-                            "norm": float(norms[k, j]), "dla": float(dla[k, j])} for j in skipped]
-    cols = ["seq", "t", "position", "token", "token_class", "exit_layer", "kl", "top1_agree", "chosen_logprob_full",
-            "chosen_logprob_early", "skipped_norm", "skipped_dla"]
+            tok_rows.append(
+                {
+                    "seq": i,
+                    "t": t,
+                    "position": int(pos[k]),
+                    "token": ann["token"],
+                    "token_class": ann["token_class"],
+                    "exit_layer": l,
+                    "kl": float(kl[k]),
+                    "top1_agree": bool(agree[k]),
+                    "chosen_logprob_full": float(full_lp[k, chosen[k]]),
+                    "chosen_logprob_early": float(early_lp[k, chosen[k]]),
+                    "skipped_norm": float(norms[k, l:].sum()),
+                    "skipped_dla": float(dla[k, l:].sum()),
+                }
+            )
+            block_rows += [
+                {
+                    "seq": i,
+                    "t": t,
+                    "token_class": ann["token_class"],
+                    "exit_layer": l,
+                    "block": j,
+                    "norm": float(norms[k, j]),
+                    "dla": float(dla[k, j]),
+                }
+                for j in skipped
+            ]
+    cols = [
+        "seq",
+        "t",
+        "position",
+        "token",
+        "token_class",
+        "exit_layer",
+        "kl",
+        "top1_agree",
+        "chosen_logprob_full",
+        "chosen_logprob_early",
+        "skipped_norm",
+        "skipped_dla",
+    ]
     bcols = ["seq", "t", "token_class", "exit_layer", "block", "norm", "dla"]
     return SkippedResult(df=pd.DataFrame(tok_rows, columns=cols), blocks=pd.DataFrame(block_rows, columns=bcols))

@@ -9,12 +9,11 @@ into the strings that concatenate to the decoded text.
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 import pandas as pd
 
 from eetools.tasks.tom import EVENT_LINE as _TOM_EVENT
-
 
 TOKEN_CLASSES = {
     "addition": ("format", "copied_digit", "computed_digit", "answer"),
@@ -51,7 +50,7 @@ def _event_classes(line: str) -> list[str]:
 
 
 def guess_task(prompt: str) -> str | None:
-    """"addition", "tom" or None, from a prompt's text."""
+    """ "addition", "tom" or None, from a prompt's text."""
     if _ADD_PROMPT.search(prompt):
         return "addition"
     if "Where " in prompt and "Q:" in prompt:
@@ -69,7 +68,7 @@ def _char_labels(text: str, task: str | None) -> tuple[list[str], list[int | Non
         cls = ["other" if ch.isalnum() else "format" for ch in line]
         col: list[int | None] = [None] * len(line)
         if line.startswith(_ANSWER):
-            body = line[len(_ANSWER):]
+            body = line[len(_ANSWER) :]
             cls[: len(_ANSWER)] = ["format"] * len(_ANSWER)
             digits = [i for i, ch in enumerate(body) if ch.isdigit()]
             for i, ch in enumerate(body):
@@ -151,8 +150,12 @@ def annotate_tokens(pieces: Sequence[str], task: str | None = None, example=None
         start += len(piece)
         c = min((cls[i] for i in span), key=_RANK.__getitem__, default="format")
         col = next((cols[i] for i in span if cols[i] is not None), None)
-        row = {"token": piece, "token_class": c, "line": lines[span[0]] if len(span) else (lines[-1] if lines else 0),
-               "column": col}
+        row = {
+            "token": piece,
+            "token_class": c,
+            "line": lines[span[0]] if len(span) else (lines[-1] if lines else 0),
+            "column": col,
+        }
         if task == "addition":
             carry = sum_digit = answer_digit = None
             if col is not None and steps is not None and col < len(steps):
@@ -176,7 +179,7 @@ def _pieces(tokenizer, ids: Sequence[int]) -> list[str]:
     for k in range(len(ids)):
         cur = tokenizer.decode(list(ids[: k + 1]))
         if cur.startswith(prev):
-            out.append(cur[len(prev):])
+            out.append(cur[len(prev) :])
         else:  # a multi-byte character split across tokens: fall back to the lone token
             out.append(tokenizer.decode([ids[k]]))
         prev = cur

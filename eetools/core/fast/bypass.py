@@ -32,7 +32,7 @@ HF module the HF forward calls (GPT-2's query, which the bridge splits from the 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 from torch import Tensor, nn
 
@@ -69,7 +69,8 @@ def _swap_in_originals(root: nn.Module) -> list[tuple[nn.Module, str, nn.Module]
             elif isinstance(child, nn.ModuleList) and any(_is_bridge(c) for c in child):
                 # the bridge's block list (also `bridge.blocks`): a new list, the bridge's stays as it is
                 module._modules[name] = nn.ModuleList(
-                    [c._modules["_original_component"] if _is_bridge(c) else c for c in child])
+                    [c._modules["_original_component"] if _is_bridge(c) else c for c in child]
+                )
             else:
                 visit(child)
                 continue
@@ -103,16 +104,20 @@ def _layer_hooks(layer: nn.Module, pre: Callable | None, post: Callable | None) 
     """Attach TransformerLens-style hook functions ``fn(resid, hook)`` to an HF decoder layer's input and output."""
     handles = []
     if pre is not None:
+
         def on_input(module, args, kwargs):
             pre(args[0] if args else kwargs["hidden_states"], None)  # the heads only read; they return None
+
         handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
     if post is not None:
+
         def on_output(module, args, output):
             hidden = output if isinstance(output, Tensor) else output[0]
             new = post(hidden, None)
             if new is None:
                 return None
             return new if isinstance(output, Tensor) else (new, *output[1:])
+
         handles.append(layer.register_forward_hook(on_output))
     return handles
 

@@ -26,18 +26,24 @@ import weakref
 from torch import nn
 
 _METHOD = "_hf_autograd_forward_with_hooks"  # NormalizationBridge's native-autograd forward, TL 4
-_NORMS: "weakref.WeakKeyDictionary[nn.Module, list]" = weakref.WeakKeyDictionary()
+_NORMS: weakref.WeakKeyDictionary[nn.Module, list] = weakref.WeakKeyDictionary()
 
 
 def _shortcut_norms(bridge: nn.Module) -> list[nn.Module]:
     """The bridge's norm components that can take the shortcut (found once per bridge)."""
     norms = _NORMS.get(bridge)
     if norms is None:
-        norms = [m for m in bridge.modules()
-                 if callable(getattr(type(m), _METHOD, None)) and isinstance(getattr(m, "original_component", None), nn.Module)
-                 and not isinstance(m.original_component, nn.Identity)
-                 and all(hasattr(getattr(m, h, None), "fwd_hooks") and hasattr(getattr(m, h), "bwd_hooks")
-                         for h in ("hook_scale", "hook_normalized"))]
+        norms = [
+            m
+            for m in bridge.modules()
+            if callable(getattr(type(m), _METHOD, None))
+            and isinstance(getattr(m, "original_component", None), nn.Module)
+            and not isinstance(m.original_component, nn.Identity)
+            and all(
+                hasattr(getattr(m, h, None), "fwd_hooks") and hasattr(getattr(m, h), "bwd_hooks")
+                for h in ("hook_scale", "hook_normalized")
+            )
+        ]
         _NORMS[bridge] = norms
     return norms
 

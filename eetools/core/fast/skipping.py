@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import warnings
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor, nn
 
@@ -57,8 +57,10 @@ def skip_support(model) -> str | None:
         return "the model has no `blocks` components"
     missing = sorted({p for b in blocks for p in SKIPPABLE if _component(b, p) is None})
     if missing:
-        return (f"its blocks lack the components {missing} (a {type(blocks[0]).__name__} block); "
-                f"compute skipping needs separate attn.q, attn.o and mlp components")
+        return (
+            f"its blocks lack the components {missing} (a {type(blocks[0]).__name__} block); "
+            f"compute skipping needs separate attn.q, attn.o and mlp components"
+        )
     return None
 
 
@@ -70,7 +72,7 @@ class _RowSkip:
     for a query norm).
     """
 
-    def __init__(self, module: nn.Module, active: Callable[[], "tuple[Tensor, int, int] | None"]):
+    def __init__(self, module: nn.Module, active: Callable[[], tuple[Tensor, int, int] | None]):
         self.active = active
         self.inner = module.forward  # bound method (or an earlier instance override)
         self.out_dim: int | None = None
@@ -125,8 +127,11 @@ def compute_skipping(ee_model, state, *, bypassed: bool = False):
     """
     reason = skip_support(ee_model.model)
     if reason is not None:
-        warnings.warn(f"skip='compute' is not supported for this model: {reason}; falling back to masking "
-                      f"(same results, no time saved)", stacklevel=3)
+        warnings.warn(
+            f"skip='compute' is not supported for this model: {reason}; falling back to masking "
+            f"(same results, no time saved)",
+            stacklevel=3,
+        )
         yield False
         return
     patched: list[tuple[nn.Module, object]] = []
