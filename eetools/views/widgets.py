@@ -100,6 +100,14 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     )
 
 
+def token_summary_html(d: TokenDetails) -> str:
+    """One line of HTML on a picked token: the token, its exit layer and the full-depth top 3, model text escaped."""
+    import html
+
+    full = ", ".join(f"{html.escape(repr(s))} {p:.2f}" for s, p in d.full_depth)
+    return f"<b>{html.escape(repr(d.token))}</b>: exit layer {d.exit_layer}; full depth would say {full}"
+
+
 class Explorer:
     """The interactive explorer. Build with `explore(ee_model)`; display it in Jupyter."""
 
@@ -166,12 +174,7 @@ class Explorer:
                 if self.rollout is None or int(self.rollout.mask[0].sum()) == 0:
                     return
                 d = self.details(token.value)
-                display(
-                    HTML(
-                        f"<b>{d.token!r}</b>: exit layer {d.exit_layer}; full depth would say "
-                        + ", ".join(f"{s!r} {p:.2f}" for s, p in d.full_depth)
-                    )
-                )
+                display(HTML(token_summary_html(d)))
                 display(d.exit_distribution.to_frame("P(exit)").T)
                 d.figure().show()
 

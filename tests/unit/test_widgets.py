@@ -39,3 +39,32 @@ def test_widget_callbacks_update_without_a_browser(tiny_ee):
     assert token.max == int(ex.rollout.mask[0].sum()) - 1
     if token.max > 0:
         token.value = token.max  # shows that token's details
+
+
+def _hostile_details(evil: str):
+    import pandas as pd
+
+    from eetools.views.widgets import TokenDetails
+
+    lens = pd.DataFrame([{"layer": 1, "top1": evil, "p_top1": 0.5, "p_token": 0.5}])
+    return TokenDetails(evil, 1, pd.Series([1.0, 0.0], index=["1", "none"]), lens, [(evil, 0.9), ("b", 0.1)])
+
+
+def test_widget_escapes_model_text_in_the_token_summary(tiny_ee, monkeypatch):
+    # a hub model's token (or its full-depth prediction) can be HTML; the widget must show it as text
+    import IPython.display
+
+    from eetools.views.widgets import TokenDetails
+
+    evil = "<img src=x onerror=alert(1)>"
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", lambda obj: shown.append(obj))
+    monkeypatch.setattr(TokenDetails, "figure", lambda self: type("F", (), {"show": lambda self: None})())
+    ex = Explorer(tiny_ee, "addition", n_examples=1, max_new_tokens=4)
+    monkeypatch.setattr(ex, "details", lambda t: _hostile_details(evil))
+    ex.widget()
+    htmls = [o.data for o in shown if isinstance(o, IPython.display.HTML)]
+    summary = [h for h in htmls if "full depth would say" in h]
+    assert summary, htmls
+    assert all(evil not in h for h in htmls)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in summary[0]
