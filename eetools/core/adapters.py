@@ -62,6 +62,19 @@ def forget_lora_slots(bridge: nn.Module) -> None:
     _SLOTS.pop(bridge, None)
 
 
+def remove_lora(ee_model) -> None:
+    """Take every peft LoRA layer out of the bridge, putting its base layer back in its slot (undoes `add_lora`).
+
+    Base weights' ``requires_grad`` stay as they are (`add_lora` froze them); the caller restores them.
+    """
+    for parent, name, m in lora_slots(ee_model):
+        parent._modules[name] = m.get_base_layer()
+    forget_lora_slots(ee_model.model)
+    if hasattr(ee_model.model, "peft_config"):  # set by some peft versions on injection
+        del ee_model.model.peft_config
+    ee_model.lora_config = None
+
+
 def lora_layers(ee_model) -> list[nn.Module]:
     """The peft LoRA layers injected into the bridge, each once (empty when there are none)."""
     return list(dict.fromkeys(m for _, _, m in lora_slots(ee_model)))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from eetools.core.adapters import add_lora
+from eetools.core.adapters import add_lora, lora_layers, remove_lora
 from eetools.core.model import attach_exit_heads
 from eetools.io.checkpoints import CheckpointError, load_json
 from eetools.io.exit_checkpoint import FORMAT, check_base_model, load_weights_into, resolve_checkpoint
@@ -172,8 +172,17 @@ def load_exit_model(path_or_preset, model=None):
         model = load_model(src)
     check_base_model(folder, want, model)
     ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
-    if cfg.get("lora"):
-        add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
-    load_weights_into(ee_model, folder, cfg)
+    grads, had_lora = [p.requires_grad for p in model.parameters()], bool(lora_layers(ee_model))
+    try:
+        if cfg.get("lora"):
+            add_lora(ee_model, **{k: v for k, v in cfg["lora"].items() if k != "n_tensors"})
+        load_weights_into(ee_model, folder, cfg)
+    except BaseException:
+        # a failed load changes nothing: the caller's bridge gets its own layers back (a retry then works)
+        if not had_lora:
+            remove_lora(ee_model)
+        for p, g in zip(model.parameters(), grads):
+            p.requires_grad_(g)
+        raise
     ee_model.calibration = cfg.get("calibration")
     return ee_model
