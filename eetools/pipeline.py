@@ -182,10 +182,10 @@ def _base_for(start, device, dtype):
         return None
     from eetools.io.checkpoints import load_json
     from eetools.io.exit_checkpoint import resolve_checkpoint
-    from eetools.io.models import load_model
+    from eetools.io.models import base_model_source, load_model
 
-    name = load_json(resolve_checkpoint(start) / "exit_config.json")["base_model"]["name"]
-    return load_model(name, device=device, dtype=_dtype(dtype))
+    want = load_json(resolve_checkpoint(start) / "exit_config.json")["base_model"]
+    return load_model(base_model_source(want), device=device, dtype=_dtype(dtype))
 
 
 def _output_and_model(out, exit_model, device, dtype):

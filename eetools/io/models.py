@@ -50,7 +50,7 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
                 f"folder {str(p)!r} has no config.json; pass a Hugging Face-format "
                 f"model folder (config.json, weights, tokenizer)"
             )
-        return str(p), True
+        return str(p.resolve()), True  # absolute: checkpoints record it, to be found from any directory
     shipped = shipped_model_dir(str(name_or_path))
     if shipped.is_dir() and (shipped / "config.json").exists():
         return str(shipped), True
@@ -145,6 +145,15 @@ def load_model(
     return bridge
 
 
+def base_model_source(want: dict) -> str:
+    """What to load for a checkpoint's recorded base model (its fingerprint `want`): the folder it was
+    saved from if that still exists, else a shipped model of that name, else the recorded hub name."""
+    src = want.get("source") or want["name"]
+    if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
+        return want["name"]
+    return src
+
+
 def load_exit_model(path_or_preset, model=None):
     """Load an `EarlyExitModel` from a folder or a preset ("tiny-reasoner/calibrated", "tiny-reasoner/rl",
     "tiny-reasoner/rl-slow-adapters", "tiny-reasoner/rl-lam6").
@@ -165,11 +174,7 @@ def load_exit_model(path_or_preset, model=None):
         warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them", stacklevel=2)
     want = cfg["base_model"]
     if model is None:
-        src = want.get("source") or want["name"]
-        # a local folder that still exists, else a shipped model of that name, else a hub name
-        if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
-            src = want["name"]
-        model = load_model(src)
+        model = load_model(base_model_source(want))
     check_base_model(folder, want, model)
     ee_model = attach_exit_heads(model, cfg["exit_layers"], head=cfg["head"])
     grads, had_lora = [p.requires_grad for p in model.parameters()], bool(lora_layers(ee_model))
