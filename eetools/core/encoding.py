@@ -9,12 +9,27 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 CHUNK_ROWS = 16
 """Sequences per teacher-forced pass in training and analysis (longer batches run in length-sorted chunks)."""
+
+
+def _warn_unknown(tok, ids: list[int], i: int) -> None:
+    """Warn when a prompt encodes to unknown tokens (e.g. emoji or CJK for the tiny reasoner's character tokenizer)."""
+    unk = tok.unk_token_id
+    if unk is None or unk in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id):  # GPT-2: unk is <|endoftext|>
+        return
+    k = ids.count(unk)
+    if k:
+        warnings.warn(
+            f"prompt {i} has {k} character{'s' * (k != 1)} unknown to the tokenizer, encoded as "
+            f"{tok.unk_token!r}; the model sees {tok.unk_token!r} in their place",
+            stacklevel=4,
+        )
 
 
 def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
@@ -31,6 +46,7 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
             raise ValueError(f"prompt {i} is empty; give at least one character of text")
         if p not in known:
             known[p] = model.to_tokens(p, prepend_bos=bool(model.cfg.default_prepend_bos), truncate=False)[0].tolist()
+            _warn_unknown(model.tokenizer, known[p], i)
         ids = known[p]
         if len(ids) + max_new_tokens > n_ctx:
             raise ValueError(

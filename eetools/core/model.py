@@ -51,6 +51,8 @@ def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[in
         ints = [int(l) for l in layers]
     except (TypeError, ValueError):
         ints = None
+    if ints is not None and any(type(l).__name__ in ("bool", "bool_") for l in layers):  # True == 1 (numpy's too)
+        raise ValueError(f"exit layers must be integers in 1..{n_layers - 1}, not booleans, got {layers!r}")
     if ints is None or any(i != l for i, l in zip(ints, layers)):  # 1.5 is not layer 1
         raise ValueError(f"exit layers must be integers in 1..{n_layers - 1}, got {layers!r}")
     layers = ints

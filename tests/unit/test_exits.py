@@ -316,3 +316,23 @@ def test_bf16_model_with_fp32_heads(tiny_folders):
     toks = b.to_tokens(["Q: 1+2\n"], prepend_bos=True)
     out = ee.prescribed_forward(toks, torch.full_like(toks, 4))
     assert out.logprobs.dtype == torch.float32 and out.exit_logits.dtype == torch.float32
+
+
+def test_boolean_exit_layers_are_refused():
+    # True == 1 and would pass as layer 1
+    for layers in ([True, 2], [1, False]):
+        with pytest.raises(ValueError, match="not booleans"):
+            validate_exit_layers(layers, 4)
+    np = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match="not booleans"):
+        validate_exit_layers([np.True_, 2], 4)
+
+
+def test_prompts_of_unknown_characters_warn(tiny_ee):
+    import warnings
+
+    with pytest.warns(UserWarning, match="prompt 1 has 3 characters unknown to the tokenizer, encoded as '<unk>'"):
+        tiny_ee.generate(["Q: 1+2\n", "😀中文"], 2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_ee.generate("Q: 1+2\n", 2, seed=0)  # known characters: no warning
