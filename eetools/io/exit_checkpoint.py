@@ -2,8 +2,10 @@
 
 A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
 ``exit_config.json`` with the exitable layers, head kind, LoRA settings, the calibration's
-settings (KL factor, steps, data) and the base model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
-model with another fingerprint is refused with an error naming both models.
+settings (KL factor, steps, data), the base model's fingerprint (architecture, sizes, a hash of the unembedding)
+and the sha256 of each weight file. Loading into a model with another fingerprint is refused with an error
+naming both models; a weight file whose sha256 differs from the recorded one (corrupt or changed) is refused
+naming the file (checkpoints written before the hashes were recorded load unchecked).
 """
 
 from __future__ import annotations

@@ -4,9 +4,10 @@ A run's folder holds the model's weights (``model/`` for an exit model: heads + 
 `save_exit_model`; ``model.safetensors`` for the pretrained model), ``state.*`` (optimizer,
 learning-rate scheduler if any, and every RNG state, pickle-free) and ``trainer.json``
 (step, configuration, the run's `RunFiles.meta` such as the number of shards each step was
-split into and the data, and whatever records the run keeps, e.g. its history). Resuming
-with a different configuration, data or number of shards is refused with the differing
-fields named. In a multi-process run only rank 0 writes; every rank resumes.
+split into, the data, the run's kind and the model it started from, and whatever records the
+run keeps, e.g. its history). Resuming with a different configuration, data, number of shards,
+kind (calibrate, rl, pretrain) or starting model, or with fewer steps than already run, is
+refused with the differing fields named. In a multi-process run only rank 0 writes; every rank resumes.
 """
 
 from __future__ import annotations
