@@ -327,8 +327,28 @@ def _run(args) -> int:
         args.device = str(distributed.device_for(args.device))
         distributed.setup(args.device)
     say = print if distributed.is_main() else (lambda *a, **k: None)  # under torchrun rank 0 prints
-    _COMMANDS[args.command](args, file_cfg, Path(args.out), not args.no_progress, say)
+    out = Path(args.out)
+    existed = out.exists()
+    try:
+        _COMMANDS[args.command](args, file_cfg, out, not args.no_progress, say)
+    except BaseException:
+        if not existed:  # a failed command leaves no empty --out behind
+            _remove_empty(out)
+        raise
     return 0
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove `folder` if it holds no file (empty subfolders only); leave it otherwise."""
+    import os
+
+    if not folder.is_dir() or any(p.is_file() or p.is_symlink() for p in folder.rglob("*")):
+        return
+    for sub, _, _ in sorted(os.walk(folder), key=lambda w: -len(w[0])):  # deepest first
+        try:
+            os.rmdir(sub)
+        except OSError:  # e.g. another rank removed it, or a file appeared: keep the original error
+            return
 
 
 def _pretrain(args, file_cfg, out, progress, say) -> None:

@@ -18,6 +18,7 @@ import torch
 
 from eetools.core.rule import UNSET, ExitRule
 from eetools.io.exit_checkpoint import save_exit_model
+from eetools.io.paths import check_writable
 from eetools.train import distributed
 
 
@@ -125,7 +126,7 @@ def run_calibrate(
     from eetools.analysis.figures import exit_distribution_vs_target
     from eetools.train.calibration import calibrate
 
-    out = Path(out)
+    out = check_writable(out)
     ee = _fresh_ee(model, layers, head, device, dtype)
     kw = {
         k: v
@@ -144,6 +145,7 @@ def run_calibrate(
         seed=cfg.seed,
         checkpoint_dir=out / "checkpoint",
         progress=progress,
+        start=_origin(model if model is not None else "tiny-reasoner"),
         **kw,
     )
     if not distributed.is_main():  # under torchrun rank 0 writes the results
@@ -164,10 +166,15 @@ def run_rl(
     from eetools.io.models import load_exit_model
     from eetools.train.rl import train_rl
 
-    out = Path(out)
+    out = check_writable(out)
     ee = load_exit_model(start, model=_base_for(start, device, dtype))
     res = train_rl(
-        ee, task, checkpoint_dir=out / "checkpoint", progress=progress, **{k: v for k, v in asdict(cfg).items()}
+        ee,
+        task,
+        checkpoint_dir=out / "checkpoint",
+        progress=progress,
+        start=_origin(start),
+        **{k: v for k, v in asdict(cfg).items()},
     )
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
@@ -175,6 +182,12 @@ def run_rl(
     res.history.to_csv(out / "rl_history.csv", index=False)
     res.evals.to_csv(out / "rl_evals.csv", index=False)
     return out / "model"
+
+
+def _origin(name_or_path) -> str:
+    """How a run records the model it starts from: a folder as its absolute path, a preset or name as given."""
+    key = str(name_or_path)
+    return str(Path(key).resolve()) if Path(key).is_dir() else key
 
 
 def _base_for(start, device, dtype):
@@ -189,12 +202,14 @@ def _base_for(start, device, dtype):
 
 
 def _output_and_model(out, exit_model, device, dtype):
-    """The output folder (created) and the exit model on its base, for `run_evaluate` and `run_tradeoff`."""
+    """The output folder (checked writable, then created once the model loads) and the exit model on its
+    base, for `run_evaluate` and `run_tradeoff`."""
     from eetools.io.models import load_exit_model
 
-    out = Path(out)
+    out = check_writable(out)
+    ee = load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
     out.mkdir(parents=True, exist_ok=True)
-    return out, load_exit_model(exit_model, model=_base_for(exit_model, device, dtype))
+    return out, ee
 
 
 def run_evaluate(
@@ -280,7 +295,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     if distributed.launched():
         raise ValueError("reproduce runs in one process; under torchrun run `eetools calibrate` and `eetools rl`")
     cfg = _quick(cfg)
-    out = Path(out)
+    out = check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     timings, t0 = {}, time.time()
 
@@ -453,39 +468,86 @@ def write_report(out: Path) -> Path:
     return build_report(sections, out / "report.html", title="eetools: reproduction of Pavlova et al. (2026)")
 
 
+# what `ship` copies from a reproduction's output folder into data/results
+SHIPPED_RESULTS = (
+    "evaluation.csv",
+    "rl_history.csv",
+    "fig3.csv",
+    "calibrated/fig4.csv",
+    "calibrated/calibration_history.csv",
+    "summary.json",
+)
+OPTIONAL_RESULTS = ("tradeoff.csv",)  # absent from output folders of earlier versions
+
+
 def ship(out: Path, data: Path | None = None) -> list[Path]:
     """Copy a reproduction's calibrated and RL (first seed) exit models and its results into ``data/``.
 
     These are what the presets "tiny-reasoner/calibrated" and "tiny-reasoner/rl" and the notebooks load.
+    Every source is checked first (present, and the models' weights whole); then everything is
+    staged beside ``data/`` and moved into place, so a failure changes nothing there.
     """
-    import shutil
-
     from eetools.io.paths import data_dir
 
     out, data = Path(out), Path(data) if data else data_dir()
-    cfg = json.loads((out / "summary.json").read_text())["config"]
-    pairs = [
-        (out / "calibrated" / "model", data / "models" / "tiny-reasoner-calibrated"),
-        (out / "rl" / f"lam1.5_beta0.25_seed{cfg['seed']}" / "model", data / "models" / "tiny-reasoner-rl"),
-    ]
-    written = []
-    for src, dst in pairs:
-        if dst.exists():
-            shutil.rmtree(dst)
-        shutil.copytree(src, dst)
-        written.append(dst)
-    res = data / "results"
-    res.mkdir(parents=True, exist_ok=True)
-    required = (
-        "evaluation.csv",
-        "rl_history.csv",
-        "fig3.csv",
-        "calibrated/fig4.csv",
-        "calibrated/calibration_history.csv",
-        "summary.json",
-    )
-    optional = ("tradeoff.csv",)  # absent from output folders of earlier versions
-    for name in required + tuple(n for n in optional if (out / n).exists()):
-        shutil.copy(out / name, res / Path(name).name)
-        written.append(res / Path(name).name)
-    return written
+    return _replace_all(data, _ship_sources(out))
+
+
+def _ship_sources(out: Path) -> dict[str, Path]:
+    """What `ship` copies, as {path under data/: source}, once every source is checked to be there and whole."""
+    from eetools.io.checkpoints import load_json
+    from eetools.io.exit_checkpoint import verify_files
+
+    hint = f"run `eetools reproduce --out {out}` to the end first (nothing in data/ was changed)"
+    if not (out / "summary.json").is_file():
+        raise FileNotFoundError(f"cannot ship {out}: it has no summary.json; {hint}")
+    seed = load_json(out / "summary.json").get("config", {}).get("seed", 0)
+    models = {
+        "models/tiny-reasoner-calibrated": out / "calibrated" / "model",
+        "models/tiny-reasoner-rl": out / "rl" / f"lam1.5_beta0.25_seed{seed}" / "model",
+    }
+    missing = [str(m) for m in models.values() if not (m / "exit_config.json").is_file()]
+    missing += [str(out / n) for n in SHIPPED_RESULTS if not (out / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot ship {out}: it lacks {', '.join(missing)}; {hint}")
+    for m in models.values():
+        verify_files(m)
+    names = SHIPPED_RESULTS + tuple(n for n in OPTIONAL_RESULTS if (out / n).is_file())
+    return {**models, **{f"results/{Path(n).name}": out / n for n in names}}
+
+
+def _replace_all(data: Path, sources: dict[str, Path]) -> list[Path]:
+    """Copy every source into a staging folder in `data`, then move each over its target; on a failure the
+    targets already replaced are put back, so `data` is as it was."""
+    import os
+    import shutil
+    import tempfile
+
+    data.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".ship-", dir=data))
+    moved: list[tuple[Path, Path | None]] = []  # (target, where its previous version waits)
+    try:
+        for rel, src in sources.items():
+            (stage / "new" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / "new" / rel)
+        for rel in sources:
+            dst, backup = data / rel, None
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.exists():
+                backup = stage / "old" / rel
+                backup.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(dst, backup)
+            moved.append((dst, backup))
+            os.replace(stage / "new" / rel, dst)
+    except BaseException:
+        for dst, backup in reversed(moved):
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            elif dst.exists():
+                dst.unlink()
+            if backup is not None:
+                os.replace(backup, dst)
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return [data / rel for rel in sources]

@@ -10,6 +10,7 @@ beside an old optimizer state and step.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -26,13 +27,22 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or belongs to something else."""
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask (0o644 under 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
         write(tmp)
+        # after writing: mkstemp makes 0600 files and safetensors' save_file recreates the file 0600;
+        # checkpoints are meant to be shared
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -106,14 +116,23 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path} is truncated or corrupt: {e}") from e
 
 
-def save_json(obj: Any, path: str | Path) -> None:
-    """Write `obj` as indented JSON atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=True)
+def save_json(obj: Any, path: str | Path, sort_keys: bool = True) -> None:
+    """Write `obj` as indented JSON atomically (`sort_keys=False`: keys in their order, e.g. history columns)."""
+    text = json.dumps(obj, indent=2, sort_keys=sort_keys)
 
     def write(tmp):
         Path(tmp).write_text(text)
 
     _atomic_write(Path(path), write)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def load_json(path: str | Path) -> Any:

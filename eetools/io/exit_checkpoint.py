@@ -2,8 +2,10 @@
 
 A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
 ``exit_config.json`` with the exitable layers, head kind, LoRA settings, the calibration's
-settings (KL factor, steps, data) and the base model's fingerprint (architecture, sizes, a hash of the unembedding). Loading into a
-model with another fingerprint is refused with an error naming both models.
+settings (KL factor, steps, data), the base model's fingerprint (architecture, sizes, a hash of the unembedding)
+and the sha256 of each weight file. Loading into a model with another fingerprint is refused with an error
+naming both models; a weight file whose sha256 differs from the recorded one (corrupt or changed) is refused
+naming the file (checkpoints written before the hashes were recorded load unchecked).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from eetools.io.checkpoints import CheckpointError, load_json, load_tensors, save_json, save_tensors
+from eetools.io.checkpoints import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
 from eetools.io.paths import data_dir
 
 FORMAT = "eetools.exit_model/1"
@@ -110,6 +112,7 @@ def save_exit_model(ee_model, folder) -> None:
         save_tensors(state, folder / "adapters.safetensors")
         lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
         lora["n_tensors"] = len(adapter_parameters(ee_model))
+    files = ["heads.safetensors"] + (["adapters.safetensors"] if lora else [])
     save_json(
         {
             "format": FORMAT,
@@ -118,6 +121,7 @@ def save_exit_model(ee_model, folder) -> None:
             "base_model": fingerprint(ee_model.model),
             "lora": lora,
             "calibration": ee_model.calibration,
+            "sha256": {name: file_sha256(folder / name) for name in files},  # checked on load
         },
         folder / "exit_config.json",
     )
@@ -136,12 +140,31 @@ def resolve_checkpoint(path_or_preset) -> Path:
     return p
 
 
+def verify_files(folder, cfg: dict | None = None) -> None:
+    """Refuse a weight file whose sha256 is not the one ``exit_config.json`` records (a corrupt or changed file).
+
+    Checkpoints written before the hashes were recorded (no ``sha256`` entry) are not checked.
+    """
+    folder = Path(folder)
+    cfg = cfg or load_json(folder / "exit_config.json")
+    for name, want in (cfg.get("sha256") or {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} does not exist")
+        if file_sha256(path) != want:
+            raise CheckpointError(
+                f"checkpoint file {path} does not match the sha256 in {folder / 'exit_config.json'}: it is "
+                f"corrupt or was changed; copy or save the checkpoint again"
+            )
+
+
 def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
     """Load a checkpoint's heads (and adapters) into an existing, matching `EarlyExitModel` in place."""
     from eetools.core.adapters import lora_layers
 
     folder = Path(folder)
     cfg = cfg or load_json(folder / "exit_config.json")
+    verify_files(folder, cfg)
     if cfg.get("base_model") is not None:  # e.g. a run folder left by an earlier version of the base model
         check_base_model(folder, cfg["base_model"], ee_model.model)
     if cfg["exit_layers"] != ee_model.exit_layers or cfg["head"] != ee_model.head_kind:

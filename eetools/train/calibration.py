@@ -292,6 +292,7 @@ def calibrate(
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
+    start: str | None = None,
     **options,
 ) -> CalibrationResult:
     """Calibrate the exit heads (and LoRA adapters) of `ee_model` by self-distillation.
@@ -312,6 +313,8 @@ def calibrate(
             x micro_batches is identical.
         checkpoint_dir: where to write checkpoints; an existing one is resumed (every rank
             reads it, so it must be visible to all of them).
+        start: the base model's name or folder, recorded in the checkpoint; resuming a run of
+            another base model (or an RL run) is refused.
         **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens,
             checkpoint_every, micro_batches).
 
@@ -341,7 +344,13 @@ def calibrate(
     params = _trainable_parameters(ee_model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     files = exit_run_files(
-        checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches, data=data
+        checkpoint_dir,
+        ee_model,
+        cfg,
+        shards=distributed.world_size() * cfg.micro_batches,
+        data=data,
+        kind="calibrate",
+        start=start,
     )
     loop = TrainLoop(
         params, opt, cfg, files, name="calibration", desc=f"calibrate k={cfg.kl_factor}", progress=progress

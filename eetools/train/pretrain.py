@@ -192,6 +192,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
         resumable=("out", "checkpoint_every"),
         save_model=lambda folder: save_tensors(model.state_dict(), folder / "model.safetensors"),
         load_model=lambda folder: model.load_state_dict(load_tensors(folder / "model.safetensors"), strict=True),
+        meta={"kind": "pretrain"},
     )
     # trainer.json keeps the last step's loss, not the history
     loop = TrainLoop(

@@ -382,6 +382,7 @@ def train_rl(
     patience: int = UNSET,
     min_confidence: float = UNSET,
     max_entropy: float | None = UNSET,
+    start: str | None = None,
 ) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
@@ -403,6 +404,8 @@ def train_rl(
         max_entropy: exits sampled under a ceiling on the lens's entropy, the same way.
         rule: the lens checks as an `ExitRule` instead of the three keywords above (its mode must
             be "sample"; its threshold is not used: held-out thresholded exits use 0.5).
+        start: the checkpoint or preset the model was loaded from, recorded in the run's
+            checkpoint; resuming a run started from another (or a calibration) is refused.
 
     Returns:
         `RLResult` with `history` (one row per step) and `evals` (held-out evaluations).
@@ -445,7 +448,13 @@ def train_rl(
         p.requires_grad_(True)
     opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
     files = exit_run_files(
-        checkpoint_dir, ee_model, cfg, shards=distributed.world_size() * cfg.micro_batches, data=task.name
+        checkpoint_dir,
+        ee_model,
+        cfg,
+        shards=distributed.world_size() * cfg.micro_batches,
+        data=task.name,
+        kind="rl",
+        start=start,
     )
     evals: list[dict] = []
     loop = TrainLoop(

@@ -4,9 +4,10 @@ A run's folder holds the model's weights (``model/`` for an exit model: heads + 
 `save_exit_model`; ``model.safetensors`` for the pretrained model), ``state.*`` (optimizer,
 learning-rate scheduler if any, and every RNG state, pickle-free) and ``trainer.json``
 (step, configuration, the run's `RunFiles.meta` such as the number of shards each step was
-split into and the data, and whatever records the run keeps, e.g. its history). Resuming
-with a different configuration, data or number of shards is refused with the differing
-fields named. In a multi-process run only rank 0 writes; every rank resumes.
+split into, the data, the run's kind and the model it started from, and whatever records the
+run keeps, e.g. its history). Resuming with a different configuration, data, number of shards,
+kind (calibrate, rl, pretrain) or starting model, or with fewer steps than already run, is
+refused with the differing fields named. In a multi-process run only rank 0 writes; every rank resumes.
 """
 
 from __future__ import annotations
@@ -75,8 +76,10 @@ class RunFiles:
                 },
                 stage,
             )
-            save_json(
-                {"step": step, "config": dataclasses.asdict(self.cfg), **self.meta, **records}, stage / "trainer.json"
+            save_json(  # unsorted: the history's columns come back in their order
+                {"step": step, "config": dataclasses.asdict(self.cfg), **self.meta, **records},
+                stage / "trainer.json",
+                sort_keys=False,
             )
 
     def load(self, opt, scheduler=None) -> dict:
@@ -92,6 +95,7 @@ class RunFiles:
         return saved
 
     def _check(self, saved: dict) -> None:
+        self._check_origin(saved)
         ckpt, now = self.folder, dataclasses.asdict(self.cfg)
         # options added after the checkpoint was written: it ran with their defaults
         was_cfg = {**{f.name: _default(f) for f in dataclasses.fields(self.cfg)}, **saved["config"]}
@@ -116,11 +120,41 @@ class RunFiles:
                 f"process)"
             )
 
+    def _check_origin(self, saved: dict) -> None:
+        """Refuse another kind of run, another starting model, or a run already past the requested steps.
+
+        Checkpoints written before the kind and start were recorded resume unchecked on those.
+        """
+        ckpt = self.folder
+        for key, what in (("kind", "an `eetools {}` run"), ("start", "a run started from {!r}")):
+            was, now = saved.get(key), self.meta.get(key)
+            if was is not None and now is not None and was != now:
+                raise ValueError(
+                    f"cannot resume from {ckpt}: it is {what.format(was)}, this is {what.format(now)}; "
+                    f"use another --out folder"
+                )
+        steps = getattr(self.cfg, "steps", None)
+        if steps is not None and saved.get("step", 0) > steps:
+            raise ValueError(
+                f"cannot resume from {ckpt}: it has already run {saved['step']} steps, more than the {steps} "
+                f"requested; pass --steps {saved['step']} or more, or use another --out folder"
+            )
+
 
 def exit_run_files(
-    ckpt: str | Path | None, ee_model, cfg, *, shards: int = 1, data: str | None = None
+    ckpt: str | Path | None,
+    ee_model,
+    cfg,
+    *,
+    shards: int = 1,
+    data: str | None = None,
+    kind: str | None = None,
+    start: str | None = None,
 ) -> RunFiles | None:
-    """The `RunFiles` of training an exit model (heads + adapters in ``model/``); None without a folder."""
+    """The `RunFiles` of training an exit model (heads + adapters in ``model/``); None without a folder.
+
+    `kind` ("calibrate", "rl") and `start` (the model the run started from) are recorded and
+    checked on resume (None: not checked)."""
     from eetools.io.exit_checkpoint import load_weights_into
 
     if ckpt is None:
@@ -130,7 +164,7 @@ def exit_run_files(
         cfg,
         save_model=lambda folder: save_exit_model(ee_model, folder / "model"),
         load_model=lambda folder: load_weights_into(ee_model, folder / "model"),
-        meta={"shards": shards, "data": data},
+        meta={"shards": shards, "data": data, "kind": kind, "start": start},
     )
 
 

@@ -12,6 +12,13 @@ from eetools.io.exit_checkpoint import save_exit_model
 from eetools.io.models import load_exit_model
 
 
+def _without_hashes(folder):
+    """Make `folder` an exit-model checkpoint as written before the weight files' sha256 were recorded."""
+    cfg = json.loads((folder / "exit_config.json").read_text())
+    del cfg["sha256"]
+    (folder / "exit_config.json").write_text(json.dumps(cfg))
+
+
 def test_round_trip_is_bit_exact(tiny_ee, tmp_path):
     with torch.no_grad():
         for p in tiny_ee.heads.parameters():
@@ -61,6 +68,9 @@ def test_corrupt_truncated_and_mismatched_files(tiny_ee, tmp_path):
     with pytest.raises(CheckpointError, match="heads.safetensors"):
         load_exit_model(tmp_path / "ck", model=tiny_ee.model)
     save_tensors({"0.net.0.weight": torch.zeros(3)}, heads)
+    with pytest.raises(CheckpointError, match="heads.safetensors does not match the sha256"):
+        load_exit_model(tmp_path / "ck", model=tiny_ee.model)
+    _without_hashes(tmp_path / "ck")  # an older checkpoint: the keys are checked
     with pytest.raises(CheckpointError, match="missing keys"):
         load_exit_model(tmp_path / "ck", model=tiny_ee.model)
     (tmp_path / "ck" / "exit_config.json").write_text("{not json")
@@ -228,6 +238,7 @@ def test_heads_or_adapters_that_do_not_fit_the_model_are_named(tiny_ee, tmp_path
     from eetools.io.exit_checkpoint import load_weights_into
 
     save_exit_model(tiny_ee, tmp_path / "ck")
+    _without_hashes(tmp_path / "ck")  # the files are rewritten below: only their contents are checked
     heads = tmp_path / "ck" / "heads.safetensors"
     good = load_tensors(heads)
     save_tensors({**good, "9.net.0.weight": torch.zeros(1)}, heads)
@@ -244,8 +255,45 @@ def test_heads_or_adapters_that_do_not_fit_the_model_are_named(tiny_ee, tmp_path
     with pytest.raises(CheckpointError, match="has no LoRA adapters but the model has some"):
         load_weights_into(tiny_ee, tmp_path / "ck")
     save_exit_model(tiny_ee, tmp_path / "lora")
+    _without_hashes(tmp_path / "lora")
     state = load_tensors(tmp_path / "lora" / "adapters.safetensors")
     name = sorted(state)[0]
     save_tensors({**state, name: torch.zeros(1, 1)}, tmp_path / "lora" / "adapters.safetensors")
     with pytest.raises(CheckpointError, match=f"{name} has shape \\(1, 1\\)"):
         load_weights_into(tiny_ee, tmp_path / "lora")
+
+
+def test_a_changed_weight_file_is_refused_naming_it_and_old_checkpoints_still_load(tiny_ee, tmp_path):
+    """Issue 31 item 10: the last 4,000 bytes of heads.safetensors overwritten (a head turned NaN) loaded silently."""
+    from eetools.core.adapters import add_lora
+    from eetools.io.exit_checkpoint import load_weights_into
+
+    add_lora(tiny_ee, r=2)
+    save_exit_model(tiny_ee, tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "exit_config.json").read_text())
+    assert set(cfg["sha256"]) == {"heads.safetensors", "adapters.safetensors"}
+    for name in ("heads.safetensors", "adapters.safetensors"):
+        path = tmp_path / "ck" / name
+        good = path.read_bytes()
+        n = min(4000, len(good) // 4)
+        path.write_bytes(good[:-n] + b"\xff" * n)  # the header intact: the tensors read, as NaN
+        with pytest.raises(CheckpointError, match=f"{name} does not match the sha256 in .*exit_config.json"):
+            load_weights_into(tiny_ee, tmp_path / "ck")
+        path.write_bytes(good)
+    load_weights_into(tiny_ee, tmp_path / "ck")
+    _without_hashes(tmp_path / "ck")  # written before the hashes were recorded (the shipped data/models/*)
+    load_weights_into(tiny_ee, tmp_path / "ck")
+
+
+def test_checkpoint_files_are_written_with_the_umask_mode(tiny_ee, tmp_path):
+    """Issue 31 item 11: files meant to be shared came out 0600 (tempfile.mkstemp's mode)."""
+    old = os.umask(0o022)
+    try:
+        save_exit_model(tiny_ee, tmp_path / "a")
+        os.umask(0o027)
+        save_exit_model(tiny_ee, tmp_path / "b")
+    finally:
+        os.umask(old)
+    for folder, mode in (("a", 0o644), ("b", 0o640)):
+        for f in (tmp_path / folder).iterdir():
+            assert f.stat().st_mode & 0o777 == mode, (f, oct(f.stat().st_mode))

@@ -1,0 +1,188 @@
+"""Reliability cases of GitHub issue 31: shipping, resuming and writing outputs fail safely.
+
+Items 10 (weight files' sha256) and 11 (file modes, history column order) are tested beside the
+code they touch, in test_exit_checkpoint.py and test_loop.py.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eetools.cli import main
+from eetools.io.exit_checkpoint import save_exit_model
+
+ROOT = Path(__file__).resolve().parents[2]
+RL_RUN = Path("rl") / "lam1.5_beta0.25_seed0" / "model"
+RESULTS = ("evaluation.csv", "rl_history.csv", "fig3.csv", "summary.json")
+CALIBRATED_RESULTS = ("fig4.csv", "calibration_history.csv")
+
+
+def _cli(*argv, data: Path | None = None) -> subprocess.CompletedProcess:
+    """``python -m eetools.cli`` in a process of its own, importing this worktree's eetools."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    if data is not None:
+        env["EETOOLS_DATA"] = str(data)
+    return subprocess.run(
+        [sys.executable, "-m", "eetools.cli", *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def shipped(tmp_path):
+    """A data folder holding both presets (marker files standing in for their weights)."""
+    data = tmp_path / "data"
+    for name in ("tiny-reasoner-calibrated", "tiny-reasoner-rl"):
+        (data / "models" / name).mkdir(parents=True)
+        (data / "models" / name / "marker.txt").write_text(f"old {name}")
+    return data
+
+
+def _reproduction(out: Path, ee, parts=("calibrated", "rl", "results")) -> Path:
+    """A reproduction's output folder with some of its `parts`, as far as `ship` reads it."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text('{"config": {"seed": 0}, "timings": {}}')
+    if "calibrated" in parts:
+        save_exit_model(ee, out / "calibrated" / "model")
+    if "rl" in parts:
+        save_exit_model(ee, out / RL_RUN)
+    if "results" in parts:
+        for name in RESULTS[:-1]:
+            (out / name).write_text("a,b\n1,2\n")
+        for name in CALIBRATED_RESULTS:
+            (out / "calibrated").mkdir(exist_ok=True)
+            (out / "calibrated" / name).write_text("a,b\n1,2\n")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["qwen3"], indirect=True)
+def test_ship_checks_everything_before_it_replaces_a_preset(tiny_ee, tmp_path, shipped):
+    """Item 1: `ship` of an incomplete run folder deleted the shipped presets, then exited 2."""
+    before = _tree(shipped)
+    for parts in ((), ("calibrated",), ("calibrated", "results")):
+        out = _reproduction(tmp_path / f"out{len(parts)}", tiny_ee, parts)
+        r = _cli("ship", "--out", str(out), data=shipped)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert "lacks" in r.stderr or "no summary.json" in r.stderr, r.stderr
+        assert _tree(shipped) == before, f"ship changed data/ with only {parts}"
+    # a corrupt RL checkpoint (a weight file whose sha256 is not the recorded one) is refused too
+    bad = _reproduction(tmp_path / "bad", tiny_ee)
+    heads = bad / RL_RUN / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:-8] + b"\xff" * 8)
+    r = _cli("ship", "--out", str(bad), data=shipped)
+    assert r.returncode == 2 and "sha256" in r.stderr and _tree(shipped) == before, r.stderr
+    full = _reproduction(tmp_path / "full", tiny_ee)
+    r = _cli("ship", "--out", str(full), data=shipped)
+    assert r.returncode == 0, r.stderr
+    after = _tree(shipped)
+    assert "models/tiny-reasoner-rl/heads.safetensors" in after and "models/tiny-reasoner-rl/marker.txt" not in after
+    assert "results/fig4.csv" in after and not [p for p in shipped.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("arch", ["qwen3"], indirect=True)
+def test_ship_that_fails_while_moving_puts_every_preset_back(tiny_ee, tmp_path, shipped, monkeypatch):
+    """Item 1: all presets are replaced or none (a failure moving the second puts the first back)."""
+    from eetools import pipeline
+
+    full = _reproduction(tmp_path / "full", tiny_ee)
+    before = _tree(shipped)
+    real, calls = os.replace, []
+
+    def flaky(src, dst):
+        calls.append(dst)
+        if str(dst).endswith("tiny-reasoner-rl") and "/new/" in str(src):
+            raise OSError("disk full")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        pipeline.ship(full, data=shipped)
+    monkeypatch.setattr(os, "replace", real)
+    assert calls and _tree(shipped) == before
+    assert not [p for p in shipped.iterdir() if p.name.startswith(".")]
+
+
+def _calibrate(model, out, *extra):
+    argv = ["calibrate", "--model", model, "--steps", "1", "--batch-size", "2", "--lora-r", "2"]
+    return main([*argv, "--out", str(out), "--no-progress", *extra])
+
+
+def _rl(start, out, steps="1"):
+    argv = ["rl", "--from", str(start), "--steps", steps, "--k", "2", "--prompts-per-step", "1"]
+    return main([*argv, "--max-new-tokens", "4", "--eval-every", "0", "--out", str(out), "--no-progress"])
+
+
+def test_resume_refuses_another_start_model_another_kind_and_fewer_steps(tiny_folders, tmp_path, capsys):
+    """Item 3: a rerun into an RL run's folder with another --from, with a lower --steps, or a
+    `calibrate --out` of it continued the old run."""
+    model = str(tiny_folders["qwen3"])
+    assert _calibrate(model, tmp_path / "cal") == 0
+    shutil.copytree(tmp_path / "cal" / "model", tmp_path / "other")
+    assert _rl(tmp_path / "cal" / "model", tmp_path / "rl", steps="2") == 0
+    capsys.readouterr()
+    assert _rl(tmp_path / "other", tmp_path / "rl", steps="3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"started from '{tmp_path / 'cal' / 'model'}'" in err[0], err
+    assert f"started from '{tmp_path / 'other'}'" in err[0]
+    assert _rl(tmp_path / "cal" / "model", tmp_path / "rl", steps="1") == 2
+    assert "already run 2 steps, more than the 1 requested" in capsys.readouterr().err
+    assert _calibrate(model, tmp_path / "rl", "--steps", "2") == 2
+    assert "it is an `eetools rl` run, this is an `eetools calibrate` run" in capsys.readouterr().err
+    assert _rl(tmp_path / "cal" / "model", tmp_path / "rl", steps="3") == 0  # the same run, longer: resumed
+
+
+def _unwritable(tmp_path) -> list[Path]:
+    """Output folders that cannot be written: under a file (for everyone), under a read-only folder (not for root)."""
+    (tmp_path / "file.txt").write_text("x")
+    outs = [tmp_path / "file.txt" / "sub"]
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    if not os.access(ro, os.W_OK):  # root ignores permissions
+        outs += [ro, ro / "sub"]
+    return outs
+
+
+@pytest.mark.parametrize("command", ["evaluate", "tradeoff", "calibrate"])
+def test_an_unwritable_out_is_refused_before_any_work(command, tiny_folders, tmp_path, capsys, monkeypatch):
+    """Item 6: with an unwritable --out, evaluate, tradeoff and calibrate did all their work, then died
+    with a raw PermissionError."""
+    from eetools import pipeline
+    from eetools.io import models
+
+    def work(*a, **k):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(models, "load_exit_model", work)
+    monkeypatch.setattr(pipeline, "_fresh_ee", work)
+    args = {
+        "evaluate": ["evaluate", "--exit-model", "x", "--n", "2"],
+        "tradeoff": ["tradeoff", "--exit-model", "x", "--n", "2"],
+        "calibrate": ["calibrate", "--model", str(tiny_folders["qwen3"]), "--steps", "1"],
+    }[command]
+    try:
+        for out in _unwritable(tmp_path):
+            assert main([*args, "--out", str(out), "--no-progress"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith(f"eetools {command}: error: --out {out}"), err
+            assert "choose another --out" in err[0]
+    finally:
+        (tmp_path / "ro").chmod(0o700)
+
+
+def test_a_command_that_fails_validation_leaves_no_out_folder(tmp_path, capsys):
+    """Item 11: a command refused for its input left an empty --out folder behind."""
+    out = tmp_path / "new" / "ev"
+    assert main(["evaluate", "--exit-model", str(tmp_path / "nowhere"), "--out", str(out), "--no-progress"]) == 2
+    assert "not an exit-model checkpoint" in capsys.readouterr().err
+    assert not out.exists()
+    out.mkdir(parents=True)  # a folder that was there before is left alone
+    assert main(["evaluate", "--exit-model", str(tmp_path / "nowhere"), "--out", str(out), "--no-progress"]) == 2
+    assert out.is_dir()
