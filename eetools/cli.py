@@ -126,8 +126,11 @@ def load_config_file(path: str | None) -> dict:
 ARG_LIMITS = {
     "n": ">= 1",
     "max_drop": ">= 0: the accuracy one may lose, a fraction such as 0.01",
-    "thresholds": "> 0 and <= 1",
-    "confidence": "> 0 and <= 1",
+    "thresholds": "> 0 and <= 1: exit thresholds are in (0, 1]",
+    "confidence": "> 0 and <= 1: confidence thresholds are in (0, 1]",
+    "patience": ">= 0",
+    "min_confidence": ">= 0 and < 1: in [0, 1), 0 means no floor",
+    "max_entropy": ">= 0: nats; leave it out for no ceiling",
 }
 
 

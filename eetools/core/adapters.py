@@ -14,7 +14,7 @@ import weakref
 import torch
 from torch import nn
 
-from eetools.core.heads import seeded_init
+from eetools.core.seeding import seeded_init
 
 DEFAULT_TARGETS = (
     "q_proj",

@@ -15,8 +15,7 @@ at its layer beside the residual (docs/experiments.md: "Heads that read the logi
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from jaxtyping import Bool, Float
@@ -103,18 +102,6 @@ def make_head(kind: str, d_model: int, readout: Callable[[Tensor], Tensor], voca
     if kind == "confidence":
         return ConfidenceHead(readout)
     return ExitHead(d_model, kind, readout=readout, vocab=vocab)
-
-
-@contextlib.contextmanager
-def seeded_init(seed: int | None) -> Iterator[None]:
-    """Random initialisation inside the block drawn from the CPU generator seeded with `seed`, leaving
-    torch's global generator as it was; None: from the global generator, as usual."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        yield
 
 
 def stick_breaking(cond: Float[Tensor, "... m"]) -> Float[Tensor, "... m_plus_1"]:

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
-from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head, seeded_init
+from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names
 from eetools.core.lens import capturing, lens_logits
 from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
+from eetools.core.seeding import seeded_init
 from eetools.core.state import Decider, ExitState
 
 
