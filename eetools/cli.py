@@ -69,26 +69,24 @@ def add_config_args(parser: argparse.ArgumentParser, cls, skip=()) -> None:
 
 
 def build_config(cls, args: argparse.Namespace, file_cfg: dict, section: str, extra: dict | None = None):
-    """Dataclass from: defaults < config file section < explicit options (< `extra`)."""
-    import warnings
+    """Dataclass from: defaults < config file (flat keys, then its [section]) < explicit options (< `extra`),
+    checked (`validate_config`) before anything runs."""
+    from eetools.core.options import validate_config
 
     values = {}
     known = {f.name for f in dataclasses.fields(cls)}
     sect = file_cfg.get(section, {}) if isinstance(file_cfg.get(section), dict) else {}
     flat = {k: v for k, v in file_cfg.items() if not isinstance(v, dict)}
-    for src in (flat, sect):
-        for k, v in src.items():
-            key = k.replace("-", "_")
-            if key in known:
-                values[key] = v
-            elif src is sect:
-                warnings.warn(f"config file: unknown key {k!r} in [{section}] ignored", stacklevel=2)
+    for src in (flat, sect):  # unknown keys: see `apply_config_file`
+        values.update({k.replace("-", "_"): v for k, v in src.items() if k.replace("-", "_") in known})
     for f in known:
         v = getattr(args, f, None)
         if v is not None:
             values[f] = v
     values.update(extra or {})
-    return cls(**{k: v for k, v in values.items() if k in known})
+    cfg = cls(**{k: v for k, v in values.items() if k in known})
+    validate_config(cfg)
+    return cfg
 
 
 def load_config_file(path: str | None) -> dict:
@@ -97,13 +95,21 @@ def load_config_file(path: str | None) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ValueError(f"config file {p} does not exist")
-    text = p.read_text()
+    try:
+        text = p.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {p} is not text (UTF-8); give a TOML or YAML file") from None
     if p.suffix in (".yaml", ".yml"):
         try:
             import yaml
         except ImportError:
             raise ValueError("YAML configs need PyYAML (pip install pyyaml); or use TOML") from None
-        data = yaml.safe_load(text) or {}
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" (line {where.line + 1}, column {where.column + 1})" if where else ""
+            raise ValueError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     else:
         import tomllib
 
@@ -114,6 +120,133 @@ def load_config_file(path: str | None) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"config file {p} must hold a table of options")
     return data
+
+
+# limits of the options that are not config-dataclass fields (`eetools.core.options.check_value`)
+ARG_LIMITS = {
+    "n": ">= 1",
+    "max_drop": ">= 0: the accuracy one may lose, a fraction such as 0.01",
+    "thresholds": "> 0 and <= 1: exit thresholds are in (0, 1]",
+    "confidence": "> 0 and <= 1: confidence thresholds are in (0, 1]",
+    "patience": ">= 0",
+    "min_confidence": ">= 0 and < 1: in [0, 1), 0 means no floor",
+    "max_entropy": ">= 0: nats; leave it out for no ceiling",
+}
+
+
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser, by name."""
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def _config_class(command: str):
+    """The config dataclass behind a subcommand's options (None for commands without one)."""
+    from eetools.pipeline import ReproduceConfig
+    from eetools.train.calibration import CalibrationConfig
+    from eetools.train.pretrain import PretrainConfig
+    from eetools.train.rl import RLConfig
+
+    return {
+        "pretrain": PretrainConfig,
+        "calibrate": CalibrationConfig,
+        "rl": RLConfig,
+        "reproduce": ReproduceConfig,
+    }.get(command)
+
+
+def _arg_rules(sub: argparse.ArgumentParser, command: str) -> dict[str, tuple]:
+    """``dest -> (type hint, limit)`` of a subcommand's options that are not config-dataclass fields."""
+    cls = _config_class(command)
+    fields = {f.name for f in dataclasses.fields(cls)} if cls else set()
+    rules = {}
+    for a in sub._actions:
+        if a.dest in fields or a.dest in ("help", "config"):
+            continue
+        if isinstance(a, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+            hint = bool
+        else:
+            t = a.type if a.type in (int, float) else str
+            hint = list[t] if a.nargs in ("+", "*") else t
+        rules[a.dest] = (
+            hint | None if a.default is None else hint,
+            tuple(a.choices) if a.choices else ARG_LIMITS.get(a.dest),
+        )
+    return rules
+
+
+def _given(parser: argparse.ArgumentParser, sub: argparse.ArgumentParser, argv) -> set[str]:
+    """The options of `sub` set on the command line `argv` (parsed again with every default unset)."""
+    unset, saved = object(), {}
+    for a in sub._actions:
+        if a.default is not argparse.SUPPRESS:
+            saved[a], a.default = a.default, unset
+    try:
+        ns = parser.parse_args(argv)
+    finally:
+        for a, default in saved.items():
+            a.default = default
+    return {k for k, v in vars(ns).items() if v is not unset}
+
+
+def apply_config_file(parser: argparse.ArgumentParser, argv, args: argparse.Namespace, file_cfg: dict) -> None:
+    """Put a config file's values of the command's own options (``model``, ``task``, ``layers``...) into
+    `args` where the command line did not set them, and warn about keys no option takes. Config-dataclass
+    fields are read by `build_config`."""
+    import warnings
+
+    commands = _commands(parser)
+    sub, command = commands[args.command], args.command
+    cls = _config_class(command)
+    fields = {f.name for f in dataclasses.fields(cls)} if cls else set()
+    rules = _arg_rules(sub, command)
+    anywhere = {a.dest for p in commands.values() for a in p._actions} - {"help", "config"}
+    for name, v in file_cfg.items():
+        if isinstance(v, dict) and name not in commands:
+            warnings.warn(
+                f"config file: unknown section [{name}] ignored (commands: {', '.join(commands)})", stacklevel=2
+            )
+        elif not isinstance(v, dict) and name.replace("-", "_") not in anywhere:
+            warnings.warn(
+                f"config file: unknown top-level key {name!r} ignored (no command has that option)", stacklevel=2
+            )
+    sect = file_cfg.get(command) if isinstance(file_cfg.get(command), dict) else {}
+    for k in sect:
+        if k.replace("-", "_") not in fields | set(rules):
+            warnings.warn(f"config file: unknown key {k!r} in [{command}] ignored", stacklevel=2)
+    given = _given(parser, sub, argv)
+    flat = {k: v for k, v in file_cfg.items() if not isinstance(v, dict)}
+    for k, v in [*flat.items(), *sect.items()]:
+        key = k.replace("-", "_")
+        if key in rules and key not in given:
+            setattr(args, key, [v] if _takes_list(rules[key][0]) and not isinstance(v, list) else v)
+
+
+def _takes_list(hint) -> bool:
+    return any(typing.get_origin(h) is list for h in (hint, *typing.get_args(hint)))
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every option of the command that is not a config-dataclass field, checked (type, finiteness,
+    range, task names, device, dtype) before anything runs."""
+    import torch
+
+    from eetools import tasks as task_lib
+    from eetools.core.options import check_value
+
+    for dest, (hint, limit) in _arg_rules(_commands(parser)[args.command], args.command).items():
+        check_value("--" + dest.replace("_", "-"), getattr(args, dest), hint, limit)
+    for name in [args.task] if isinstance(getattr(args, "task", None), str) else getattr(args, "task", None) or []:
+        task_lib.get(name)
+    try:
+        torch.device(args.device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {args.device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if args.dtype is not None and not (
+        isinstance(getattr(torch, args.dtype, None), torch.dtype) and getattr(torch, args.dtype).is_floating_point
+    ):
+        raise ValueError(
+            f"--dtype {args.dtype!r} is not a floating-point torch dtype; use float32, bfloat16 or float16"
+        )
 
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
@@ -291,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
 
     joined_here = not (dist.is_available() and dist.is_initialized())  # leave a caller's process group alone
     try:
-        return _run(args)
+        return _run(args, parser, argv)
     except (
         ValueError,
         TypeError,
@@ -313,12 +446,14 @@ def main(argv: list[str] | None = None) -> int:
             distributed.teardown()
 
 
-def _run(args) -> int:
+def _run(args, parser: argparse.ArgumentParser, argv) -> int:
     import torch
 
     from eetools.train import distributed
 
     file_cfg = load_config_file(args.config)
+    apply_config_file(parser, argv, args, file_cfg)
+    check_args(parser, args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA device is available here")
     if distributed.launched():

@@ -12,10 +12,13 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
 
+from eetools import tasks as task_lib
+from eetools.core.options import validate_config
 from eetools.core.rule import UNSET, ExitRule
 from eetools.io.exit_checkpoint import save_exit_model
 from eetools.io.paths import check_writable
@@ -32,6 +35,21 @@ def _default_thresholds():
 class ReproduceConfig:
     """Settings of ``eetools reproduce`` (the paper's figures on the shipped tiny reasoner)."""
 
+    # what each field may be, beyond its type (`eetools.core.options.validate_config`)
+    LIMITS: ClassVar[dict] = {
+        "n_seeds": ">= 1",
+        "kl_factors": "> 0",
+        "calib_kl_factor": "> 0",
+        "calib_steps": ">= 0",
+        "fig3_steps": ">= 0",
+        "rl_steps": ">= 0",
+        "rl_temperature": ">= 0",
+        "rl_lr": "> 0",
+        "rl_head_lr": ">= 0",
+        "eval_n": ">= 1",
+        "thresholds": "> 0 and <= 1",
+        "confidence": "> 0 and <= 1",
+    }
     quick: bool = False
     """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
     task: str = "addition"
@@ -102,11 +120,11 @@ def _dtype(dtype):
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
-def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None):
+def _fresh_ee(model=None, layers=None, head="mlp", device="cpu", dtype=None, seed=None):
     from eetools.core.model import attach_exit_heads
     from eetools.io.models import load_model
 
-    return attach_exit_heads(load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head)
+    return attach_exit_heads(load_model(model, device=device, dtype=_dtype(dtype)), layers, head=head, seed=seed)
 
 
 def run_calibrate(
@@ -126,8 +144,10 @@ def run_calibrate(
     from eetools.analysis.figures import exit_distribution_vs_target
     from eetools.train.calibration import calibrate
 
+    validate_config(cfg)
+    task_lib.get(task)  # an unknown task fails here, before the model loads
     out = check_writable(out)
-    ee = _fresh_ee(model, layers, head, device, dtype)
+    ee = _fresh_ee(model, layers, head, device, dtype, seed=cfg.seed)  # heads, like adapters, from the seed
     kw = {
         k: v
         for k, v in asdict(cfg).items()
@@ -166,6 +186,8 @@ def run_rl(
     from eetools.io.models import load_exit_model
     from eetools.train.rl import train_rl
 
+    validate_config(cfg)
+    task_lib.get(task)  # an unknown task fails here, before the model loads
     out = check_writable(out)
     ee = load_exit_model(start, model=_base_for(start, device, dtype))
     res = train_rl(
@@ -294,6 +316,7 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
 
     if distributed.launched():
         raise ValueError("reproduce runs in one process; under torchrun run `eetools calibrate` and `eetools rl`")
+    _check_reproduce(cfg)
     cfg = _quick(cfg)
     out = check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,6 +381,16 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     return write_report(out)
 
 
+def _check_reproduce(cfg: ReproduceConfig) -> None:
+    """Every setting and task name of `cfg`, checked before the first stage runs."""
+    validate_config(cfg)
+    for name in ("task", "rl_task", "calib_task"):
+        try:
+            task_lib.get(getattr(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
+
 def _fig3(cfg: ReproduceConfig, out: Path, main, device, dtype, progress) -> None:
     """Fig. 3: coherence of students calibrated (briefly) at each KL factor, beside the main calibrated model."""
     from eetools.analysis.evaluation import coherence_by_kl_factor
@@ -366,7 +399,7 @@ def _fig3(cfg: ReproduceConfig, out: Path, main, device, dtype, progress) -> Non
     models = {cfg.calib_kl_factor: main}
     for k in cfg.kl_factors:
         if k != cfg.calib_kl_factor:
-            models[k] = _fresh_ee(device=device, dtype=dtype)
+            models[k] = _fresh_ee(device=device, dtype=dtype, seed=cfg.seed)
             calibrate(models[k], cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
     fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
     fig3.df.to_csv(out / "fig3.csv", index=False)
@@ -375,7 +408,6 @@ def _fig3(cfg: ReproduceConfig, out: Path, main, device, dtype, progress) -> Non
 
 def _evaluation_table(cfg: ReproduceConfig, out: Path, calibrated, rl_model, progress) -> pd.DataFrame:
     """Base, calibrated and RL on every task (the main task first), written to ``evaluation.csv``."""
-    from eetools import tasks as task_lib
     from eetools.analysis.evaluation import evaluate
 
     parts = []
@@ -415,7 +447,6 @@ def _operating_points(cfg: ReproduceConfig, out: Path, models: dict, progress) -
 
 def _fig2_right(cfg: ReproduceConfig, out: Path, before_model, after_model) -> None:
     """Fig. 2 right: the same test prompt's tokens coloured by exit layer, before and after RL."""
-    from eetools import tasks as task_lib
     from eetools.views.tokens import color_tokens
 
     task = task_lib.get(cfg.task)

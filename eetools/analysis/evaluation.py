@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from eetools import tasks as task_lib
 from eetools.analysis.judges import as_judge, score_all
+from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
 
 
@@ -81,6 +82,12 @@ def _generate_all(
     return rollouts
 
 
+def _check_counts(**counts) -> None:
+    """Each count None (its default) or an integer >= 1: a negative `n` would slice from the end."""
+    for name, value in counts.items():
+        check_value(name, value, int | None, ">= 1")
+
+
 def evaluate(
     ee_model,
     task,
@@ -136,6 +143,8 @@ def evaluate(
         min_confidence=min_confidence,
         max_entropy=max_entropy,
     )
+    _check_counts(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_value("temperature", temperature, float, ">= 0: 0 means greedy tokens")
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
@@ -233,9 +242,10 @@ def greedy_accuracy(
     """Greedy accuracy of a base model (a bridge, no exits) on the task's frozen test split."""
     from eetools.core.model import attach_exit_heads
 
+    _check_counts(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
     task = task_lib.get(task)
     max_new_tokens = max_new_tokens or task.max_new_tokens
-    exs = task.test_split()[:n] if n else task.test_split()
+    exs = task.test_split()[:n] if n is not None else task.test_split()
     ee = attach_exit_heads(model)
     rs = _generate_all(
         ee,

@@ -20,6 +20,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from tqdm.auto import tqdm
 
+from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
 
 DEFAULT_THRESHOLDS = (0.9, 0.7, 0.5, 0.3, 0.15, 0.05)
@@ -153,6 +154,7 @@ def tradeoff(
 
     if split not in ("test", "validation"):
         raise ValueError(f"split must be 'test' or 'validation', got {split!r}")
+    check_value("n", n, int, ">= 1")
     thresholds, confidence = [float(t) for t in thresholds], [float(t) for t in confidence]
     if not thresholds:
         raise ValueError("thresholds is empty; give at least one number in (0, 1]")

@@ -3,8 +3,9 @@
 Imports nothing from the rest of eetools. `model` holds `EarlyExitModel` (its
 `run_with_exits` is the one forward with exits), `state` the hooks that freeze exited
 residuals, `heads` the exit heads and stick-breaking, `generation` batched decoding,
-`rollout` what decoding returns, `rule` the exit settings (`ExitRule`), `encoding` token batches, `adapters` LoRA on the bridge,
-and `fast/` the optional paths that make exits save time (skipping, bypass, norm shortcut).
+`rollout` what decoding returns, `rule` the exit settings (`ExitRule`), `options` the checks of
+every run's settings, `seeding` seeded initialisation, `encoding` token batches, `adapters` LoRA
+on the bridge, and `fast/` the optional paths that make exits save time (skipping, bypass, norm shortcut).
 """
 
 from eetools.core.encoding import encode_prompts, encode_sequences

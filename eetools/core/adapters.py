@@ -14,6 +14,8 @@ import weakref
 import torch
 from torch import nn
 
+from eetools.core.seeding import seeded_init
+
 DEFAULT_TARGETS = (
     "q_proj",
     "k_proj",
@@ -131,11 +133,12 @@ def adapters_merged(ee_model):
 
 
 def add_lora(
-    ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS
+    ee_model, r: int = 8, alpha: int = 16, dropout: float = 0.0, targets=DEFAULT_TARGETS, seed: int | None = None
 ) -> list[nn.Parameter]:
     """Inject LoRA adapters into the base model's linear layers; freeze the base weights.
 
-    Returns the adapter parameters (trainable). Calling it twice is an error.
+    `seed` initialises the adapters (None: torch's global generator). Returns the adapter
+    parameters (trainable). Calling it twice is an error.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -157,7 +160,8 @@ def add_lora(
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=names, bias="none", fan_in_fan_out=conv1d
     )
-    inject_adapter_in_model(config, ee_model.model)
+    with seeded_init(seed):
+        inject_adapter_in_model(config, ee_model.model)
     forget_lora_slots(ee_model.model)
     params = adapter_parameters(ee_model)
     for p in params:

@@ -26,6 +26,7 @@ from eetools.core.fast.bypass import bridge_bypassed
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
 from eetools.core.heads import exit_log_probs
+from eetools.core.options import check_value
 from eetools.core.rollout import Rollout
 from eetools.core.rule import MODES, UNSET, ExitRule, check_min_confidence, check_patience, check_threshold, lens_held  # noqa: F401 (re-exported)
 from eetools.core.state import ExitState
@@ -96,8 +97,7 @@ def generate(
         min_confidence=min_confidence,
         max_entropy=max_entropy,
     )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_value("temperature", temperature, float, ">= 0: 0 means greedy tokens")
     if skip not in SKIPS:
         raise ValueError(f"skip must be one of {SKIPS}, got {skip!r}")
     if skip == "compute" and not use_cache:

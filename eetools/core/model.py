@@ -29,7 +29,9 @@ from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names
 from eetools.core.lens import capturing, lens_logits
+from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
+from eetools.core.seeding import seeded_init
 from eetools.core.state import Decider, ExitState
 
 
@@ -104,7 +106,7 @@ class EarlyExitModel(nn.Module):
             (None for fresh heads); kept through RL and checkpoints.
     """
 
-    def __init__(self, model, layers: Sequence[int] | None = None, head: str = "mlp"):
+    def __init__(self, model, layers: Sequence[int] | None = None, head: str = "mlp", seed: int | None = None):
         super().__init__()
         check_hook_names(model)
         object.__setattr__(self, "model", model)  # not a submodule: parameters() = trainable ones
@@ -112,9 +114,10 @@ class EarlyExitModel(nn.Module):
         self.exit_layers: list[int] = validate_exit_layers(layers, self.n_layers)
         self.head_kind = head
         d_model = int(model.cfg.d_model)
-        self.heads = nn.ModuleList(
-            [make_head(head, d_model, self.readout, int(model.cfg.d_vocab)) for _ in self.exit_layers]
-        )
+        with seeded_init(seed):
+            self.heads = nn.ModuleList(
+                [make_head(head, d_model, self.readout, int(model.cfg.d_vocab)) for _ in self.exit_layers]
+            )
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
@@ -302,7 +305,9 @@ class EarlyExitModel(nn.Module):
         )
 
 
-def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str = "mlp") -> EarlyExitModel:
+def attach_exit_heads(
+    model, layers: Sequence[int] | None = None, *, head: str = "mlp", seed: int | None = None
+) -> EarlyExitModel:
     """Attach exit heads to a TransformerLens bridge.
 
     Args:
@@ -313,10 +318,14 @@ def attach_exit_heads(model, layers: Sequence[int] | None = None, *, head: str =
             the logit lens at its layer), or "confidence" (no
             parameters: ``c_l`` is the logit lens's top probability at `l`; the baseline that
             exits where the early readout is confident, to compare learned heads with).
+        seed: initialise the heads from this seed (the same heads in every process); None: from
+            torch's global generator.
 
     Example:
         >>> ee_model = eetools.attach_exit_heads(eetools.load_model(), layers=[2, 4, 6])
         >>> rollout = ee_model.generate("Q: 12+34\\n", max_new_tokens=40, seed=0)
         >>> rollout.exit_layers
     """
-    return EarlyExitModel(model, layers, head)
+    if seed is not None:
+        check_value("seed", seed, int)
+    return EarlyExitModel(model, layers, head, seed)

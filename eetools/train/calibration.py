@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -32,6 +34,7 @@ from torch import Tensor, nn
 from eetools import tasks as task_lib
 from eetools.core.encoding import CHUNK_ROWS, encode_sequences
 from eetools.core.heads import exit_log_probs, stick_breaking
+from eetools.core.options import validate_config
 from eetools.train import distributed
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
@@ -47,8 +50,8 @@ def exit_targets(
     ``D = KL(teacher || early)``, ``c* = 2 - 2*sigmoid(kl_factor * D)``, then stick-breaking.
     KL = 0 gives a certain exit at the first exitable layer; infinite KL gives no exit.
     """
-    if kl_factor <= 0:
-        raise ValueError(f"kl_factor must be > 0, got {kl_factor}")
+    if not (kl_factor > 0 and math.isfinite(kl_factor)):
+        raise ValueError(f"kl_factor must be a finite number > 0, got {kl_factor}")
     q = teacher_logprobs.unsqueeze(1)
     kl = (q.exp() * (q - early_logprobs)).sum(-1).clamp(min=0)  # [batch, n_exit, pos]
     cond = 2 - 2 * torch.sigmoid(kl_factor * kl)
@@ -64,6 +67,19 @@ def kl_student_teacher(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Te
 class CalibrationConfig:
     """Settings of `calibrate` (each field is an ``eetools calibrate`` option)."""
 
+    # what each field may be, beyond its type (`eetools.core.options.validate_config`)
+    LIMITS: ClassVar[dict] = {
+        "kl_factor": "> 0: k of the exit target 2 - 2 sigmoid(k KL)",
+        "exit_samples": ">= 1",
+        "steps": ">= 0",
+        "batch_size": ">= 1",
+        "lr": "> 0",
+        "lora_r": ">= 1",
+        "continuations": ("reasoning", "greedy"),
+        "max_new_tokens": ">= 1",
+        "checkpoint_every": ">= 1: steps between checkpoints",
+        "micro_batches": ">= 1",
+    }
     kl_factor: float = 64.0
     """k in c* = 2 - 2 sigmoid(k KL): larger k, rarer exits, text closer to the base model (64 keeps the tiny reasoner's accuracy; 1 does not)."""
     exit_samples: int = 4
@@ -79,7 +95,7 @@ class CalibrationConfig:
     lora_r: int = 4
     """LoRA rank."""
     seed: int = 0
-    """Seed of the data stream and of the exit sampling."""
+    """Seed of the data stream, of the exit sampling and of the initial LoRA adapters (``eetools calibrate`` also initialises fresh exit heads from it)."""
     continuations: str = "reasoning"
     """Where continuations come from: "reasoning" (the task's written reasoning) or "greedy" (teacher generation)."""
     max_new_tokens: int = 96
@@ -264,19 +280,20 @@ def _reduce_sums(sums: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _check_args(cfg: CalibrationConfig, source) -> None:
-    if cfg.kl_factor <= 0:
-        raise ValueError(f"kl_factor must be > 0, got {cfg.kl_factor}")
-    if cfg.exit_samples < 1:
-        raise ValueError(f"exit_samples must be >= 1, got {cfg.exit_samples}")
-    if cfg.steps < 0 or cfg.batch_size < 1:
-        raise ValueError(f"need steps >= 0 and batch_size >= 1, got {cfg.steps}, {cfg.batch_size}")
-    if cfg.continuations not in ("reasoning", "greedy"):
-        raise ValueError(f"continuations must be 'reasoning' or 'greedy', got {cfg.continuations!r}")
-    if not isinstance(source, task_lib.Task) and len(source) == 0:
-        raise ValueError(
-            "the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts"
-        )
-    distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
+    validate_config(cfg)
+    if not isinstance(source, task_lib.Task):
+        if len(source) == 0:
+            raise ValueError(
+                "the calibration dataset is empty; give a task name, a Task, or a non-empty list of examples/prompts"
+            )
+        strings = sum(isinstance(x, str) for x in source)
+        others = sorted({type(x).__name__ for x in source if not isinstance(x, (str, task_lib.Example))})
+        if others or 0 < strings < len(source):
+            raise TypeError(
+                f"the calibration dataset mixes kinds ({strings} prompt strings of {len(source)} items"
+                f"{', and ' + ', '.join(others) if others else ''}); give a list of `Example`s or a list of "
+                f"prompt strings"
+            )
 
 
 def calibrate(
@@ -309,8 +326,9 @@ def calibrate(
         exit_samples: exit prescriptions sampled per sequence.
         steps, batch_size, lr: optimisation; `batch_size` is the global batch (all processes).
         lora: also train LoRA adapters (added if the model has none).
-        seed: seeds data order and exit sampling; a rerun with the same number of processes
-            x micro_batches is identical.
+        seed: seeds data order, exit sampling and the adapters `lora` adds; a rerun with the same
+            number of processes x micro_batches is identical if the heads start the same (attach
+            them with ``attach_exit_heads(..., seed=)``).
         checkpoint_dir: where to write checkpoints; an existing one is resumed (every rank
             reads it, so it must be visible to all of them).
         start: the base model's name or folder, recorded in the checkpoint; resuming a run of
@@ -339,8 +357,9 @@ def calibrate(
         task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
     )
     data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
-    distributed.setup(ee_model.device)
     _check_args(cfg, source)
+    distributed.setup(ee_model.device)
+    distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
     params = _trainable_parameters(ee_model, cfg)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     files = exit_run_files(
@@ -366,11 +385,12 @@ def calibrate(
 
 
 def _trainable_parameters(ee_model, cfg: CalibrationConfig) -> list:
-    """Heads and adapters (added if `cfg.lora` and the model has none); every other weight frozen."""
+    """Heads and adapters (added if `cfg.lora` and the model has none, initialised from `cfg.seed`);
+    every other weight frozen."""
     from eetools.core.adapters import add_lora, lora_layers
 
     if cfg.lora and not lora_layers(ee_model):
-        add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r)
+        add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r, seed=cfg.seed)
     for p in ee_model.model.parameters():
         if p.requires_grad and not any(p is q for q in ee_model.trainable_parameters()):
             p.requires_grad_(False)

@@ -17,10 +17,12 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from eetools import tasks as task_lib
+from eetools.core.options import validate_config
 from eetools.io.checkpoints import load_tensors, save_json, save_tensors
 from eetools.io.tokenizer import build_tokenizer
 from eetools.train.loop import TrainLoop
@@ -31,6 +33,21 @@ from eetools.train.state import RunFiles
 class PretrainConfig:
     """Configuration of `pretrain` (every field is a command-line option of ``eetools pretrain``)."""
 
+    # what each field may be, beyond its type (`eetools.core.options.validate_config`)
+    LIMITS: ClassVar[dict] = {
+        "steps": ">= 1",
+        "batch_sizes": ">= 1",
+        "lr": "> 0",
+        "weight_decay": ">= 0",
+        "n_layers": ">= 1",
+        "d_model": ">= 1",
+        "n_heads": ">= 1",
+        "n_kv_heads": ">= 1",
+        "d_mlp": ">= 1",
+        "n_ctx": ">= 1",
+        "checkpoint_every": ">= 1: steps between checkpoints",
+        "threads": ">= 1: torch CPU threads",
+    }
     out: str = "runs/pretrain"
     """Folder for checkpoints and the final HF-format model (``<out>/model``)."""
     tasks: list[str] = field(default_factory=lambda: ["addition", "tom"])
@@ -172,11 +189,14 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     """
     from transformers import Qwen3ForCausalLM
 
+    validate_config(cfg)
+    for name in cfg.tasks:
+        task_lib.get(name)  # an unknown task fails here, not at its first batch
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     torch.set_num_threads(cfg.threads)
     device = torch.device(device)
     amp = getattr(torch, dtype) if dtype else None
-    if amp is not None and amp not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     out = Path(cfg.out)
     tokenizer = build_tokenizer()
     torch.manual_seed(cfg.seed)

@@ -28,6 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pandas as pd
 import torch
@@ -40,6 +41,7 @@ from eetools.core.encoding import CHUNK_ROWS
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import distinct_rows
 from eetools.core.heads import exit_log_probs
+from eetools.core.options import validate_config
 from eetools.core.rule import UNSET, ExitRule
 from eetools.train import distributed
 from eetools.train.loop import TrainLoop
@@ -54,6 +56,25 @@ class RewardError(RuntimeError):
 class RLConfig:
     """Settings of `train_rl` (each field is an ``eetools rl`` option)."""
 
+    # what each field may be, beyond its type (`eetools.core.options.validate_config`)
+    LIMITS: ClassVar[dict] = {
+        "lam": ">= 0",
+        "beta": ">= 0",
+        "k": ">= 2: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline",
+        "prompts_per_step": ">= 1",
+        "steps": ">= 0",
+        "lr": "> 0",
+        "head_lr": ">= 0: 0 means the same as lr",
+        "max_new_tokens": ">= 0: 0 means the task's own cap",
+        "temperature": ">= 0: 0 means greedy tokens",
+        "eval_every": ">= 0: 0 means never",
+        "eval_prompts": ">= 1",
+        "checkpoint_every": ">= 1: steps between checkpoints",
+        "patience": ">= 0",
+        "min_confidence": ">= 0 and < 1",
+        "max_entropy": ">= 0",
+        "micro_batches": ">= 1",
+    }
     lam: float = 1.5
     """Weight of the exit cost (mean blocks used / L) in the reward."""
     beta: float = 0.25
@@ -489,13 +510,8 @@ def train_rl(
 
 
 def _check_config(ee_model, cfg: RLConfig) -> None:
+    validate_config(cfg)
     ee_model.require_learned_heads("RL-train")
-    if cfg.k < 2:
-        raise ValueError(f"k={cfg.k}: RLOO needs at least 2 rollouts per prompt for its leave-one-out baseline")
-    if cfg.prompts_per_step < 1 or cfg.steps < 0:
-        raise ValueError("prompts_per_step must be >= 1 and steps >= 0")
-    if not (cfg.lr > 0 and cfg.head_lr >= 0):
-        raise ValueError(f"lr must be > 0 and head_lr >= 0 (0: same as lr), got lr={cfg.lr}, head_lr={cfg.head_lr}")
 
 
 def rl_step(ee_model, task, cfg: RLConfig, reward_fn: Callable | None, step: int) -> tuple[dict, bool]:

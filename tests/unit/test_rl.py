@@ -184,7 +184,7 @@ def test_head_lr_moves_heads_at_their_own_rate(tiny_ee):
     )
     assert any((a - b).abs().max() > 1e-4 for a, b in zip(heads0, tiny_ee.heads.parameters()))
     assert all((a - b).abs().max() < 1e-9 for a, b in zip(lora0, adapter_parameters(tiny_ee)))
-    with pytest.raises(ValueError, match="head_lr >= 0"):
+    with pytest.raises(ValueError, match="head_lr must be a finite number >= 0"):
         train_rl(tiny_ee, "addition", steps=1, **{**FAST, "head_lr": -1.0})
 
 
