@@ -92,7 +92,8 @@ def _calib_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     import eetools
     from eetools.train.calibration import CalibrationConfig, _trainable_parameters, calibration_sums
 
-    cfg = CalibrationConfig(activation_checkpointing=ckpt)
+    opt = {"checkpoint_blocks": True} if ckpt else {}  # none: the call runs on code from before the option too
+    cfg = CalibrationConfig()
     ee = eetools.attach_exit_heads(qwen3_06b_shaped(device, dtype, n_layers=8))
     _trainable_parameters(ee, cfg)
     torch.manual_seed(0)
@@ -102,7 +103,7 @@ def _calib_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     predict[0, PROMPT_TOKENS - 1 : -1] = True
     base = _baseline(device)
     gen = torch.Generator().manual_seed(0)
-    kl, nll, _ = calibration_sums(ee, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen, checkpoint_blocks=ckpt)
+    kl, nll, _ = calibration_sums(ee, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen, **opt)
     (kl / predict.sum() + nll / predict.sum()).backward()
     return _peak(device) - base
 
@@ -115,7 +116,8 @@ def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.rl import RLConfig, rl_terms
 
-    cfg = RLConfig(k=2, activation_checkpointing=ckpt)
+    cfg = RLConfig(k=2)
+    opt = {"checkpoint_blocks": True} if ckpt else {}
     ee = eetools.attach_exit_heads(qwen3_06b_shaped(device, dtype, n_layers=8))
     r = CalibrationConfig().lora_r
     add_lora(ee, r=r, alpha=2 * r)
@@ -126,7 +128,7 @@ def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
             h.net[-1].bias.fill_(-1.0)  # some exits
     base = _baseline(device)
     rollout = ee.generate(["Q: 12+34\n"] * 2, tokens, rule=cfg.exit_rule(), skip="compute", seed=0)
-    objective, _ = rl_terms(ee, rollout, torch.tensor([1.0, 0.0]), 2, cfg.lam, cfg.beta, checkpoint_blocks=ckpt)
+    objective, _ = rl_terms(ee, rollout, torch.tensor([1.0, 0.0]), 2, cfg.lam, cfg.beta, **opt)
     objective.backward()
     print(f"rollout tokens {rollout.mask.sum(1).tolist()}", file=sys.stderr)
     return _peak(device) - base
