@@ -37,15 +37,14 @@ from _timing import compare, main, paired_ratio, timings  # noqa: E402
 RATES = (0, 25, 50, 75)
 
 
-def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int = 28):
-    """A random bridge with Qwen3-0.6B's shapes; no weights downloaded or written."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+def qwen3_config(n_layers: int = 28):
+    """A transformers `Qwen3Config` with Qwen3-0.6B's shapes and the eetools tokenizer's special ids."""
+    from transformers import Qwen3Config
 
-    import eetools
     from eetools.io.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
-    cfg = Qwen3Config(
+    return Qwen3Config(
         vocab_size=151_936,
         hidden_size=1024,
         intermediate_size=3072,
@@ -53,12 +52,23 @@ def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int 
         num_attention_heads=16,
         num_key_value_heads=8,
         head_dim=128,
-        max_position_embeddings=4096,
+        max_position_embeddings=4096 + 512,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
+
+
+def qwen3_06b_shaped(device: str = "cpu", dtype: str = "float32", n_layers: int = 28):
+    """A random bridge with Qwen3-0.6B's shapes; no weights downloaded or written."""
+    from transformers import Qwen3ForCausalLM
+
+    import eetools
+    from eetools.io.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = qwen3_config(n_layers)
     torch.manual_seed(0)
     hf = Qwen3ForCausalLM(cfg).to(dtype=getattr(torch, dtype)).eval()
     folder = tempfile.mkdtemp(prefix="qwen3-0.6b-shaped-")

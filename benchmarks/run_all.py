@@ -18,7 +18,10 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
 - calib_step_s, rl_step_s, rl_step_mixture_s, peak_mem_mb: training step times and peak memory;
   rl_terms_chunked_vs_one_pass, rl_terms_shared_vs_chunked, decode_compact_vs_full,
   decode_distinct_prefill_vs_every_row: what length-sorted chunks, running each prompt once for
-  its k rollouts, and dropping finished rows save on a mixture batch (< 1: faster).
+  its k rollouts, and dropping finished rows save on a mixture batch (< 1: faster);
+- calib_mem_vs_sft_{256,1024,4096}, rl_mem_vs_sft_{256,1024}: extra peak memory of a calibration
+  step and an RL step / a LoRA fine-tuning step on the same tokens, each in a fresh process
+  (bench_memory; target <= 1.5).
 """
 
 from __future__ import annotations
@@ -40,12 +43,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp")
+    ap.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp memory")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import bench_bridge
     import bench_ddp
     import bench_exits
+    import bench_memory
     import bench_skip
     import bench_train
 
@@ -55,6 +59,7 @@ def main() -> None:
         "skip": lambda: bench_skip.run(args.quick, args.device, args.dtype),
         "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
         "ddp": lambda: bench_ddp.measure(args.quick),
+        "memory": lambda: bench_memory.run(args.quick, args.device, args.dtype),
     }
     results = {}
     for name, fn in suites.items():

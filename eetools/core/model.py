@@ -17,17 +17,19 @@ readouts), `prescribed_forward` (exits given per position, differentiable) and
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
-from eetools.core.hooks import check_hook_names
+from eetools.core.hooks import check_hook_names, resid_post
 from eetools.core.lens import capturing, lens_logits
 from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
@@ -71,6 +73,39 @@ def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[in
     if layers != sorted(layers):
         raise ValueError(f"exit layers {layers} are not sorted; give them in increasing order")
     return layers
+
+
+class _Stopped(Exception):
+    """Ends a forward after the last block: the hook raising it holds the final residual."""
+
+
+def _checkpointed(forward, *args, **kwargs):
+    return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(bridge, enabled: bool = True):
+    """Activation checkpointing: inside, each block's attention and MLP keep only their inputs for
+    the backward, which recomputes them (less memory, about one more forward of compute).
+
+    The residual-stream hooks (exit heads, freezes) sit between these modules, so they are not
+    run again. Not for forwards that extend a KV cache (the recomputation would extend it twice).
+    """
+    if not enabled or not torch.is_grad_enabled():
+        yield
+        return
+    mods = [m for block in bridge.blocks for m in (block.attn, block.mlp)]
+    saved = [m.__dict__.get("forward") for m in mods]
+    for m in mods:  # in the instance's own dict: the bridge's components forward setattr to what they wrap
+        m.__dict__["forward"] = functools.partial(_checkpointed, m.forward)
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            if f is None:
+                m.__dict__.pop("forward", None)
+            else:
+                m.__dict__["forward"] = f
 
 
 @dataclass
@@ -228,6 +263,55 @@ class EarlyExitModel(nn.Module):
             logits = self.model(tokens, return_type="logits", **kwargs)
             early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
         return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))
+
+    def final_residual(
+        self,
+        tokens: Int[Tensor, "batch pos"],
+        attention_mask: Tensor | None = None,
+        *,
+        exit_at: Tensor | None = None,
+        capture: Sequence[int] = (),
+        base: bool = False,
+        past_key_values=None,
+        checkpoint_blocks: bool = False,
+    ) -> tuple[Tensor, Tensor | None, dict[int, Tensor]]:
+        """One forward stopped after the last block, before the final norm and unembedding.
+
+        Returns ``(resid, exit_logits, captured)``: the residual leaving the last block
+        ``[batch, pos, d_model]`` (exits applied; `readout` of it is `run_with_exits`'s logits),
+        the heads' logits ``[batch, pos, m]`` (None when `exit_at` is None: no exits, no heads),
+        and ``{layer: residual entering it}`` for the layers in `capture`. No vocabulary-sized
+        tensor is made: training losses read the residuals out chunk by chunk. `base`: adapters
+        off; `past_key_values`: a KV cache, extended in place; `checkpoint_blocks`: see
+        `checkpointed_blocks` (ignored with a cache).
+        """
+        L = self.n_layers
+        state, hooks = None, []
+        if exit_at is not None:
+            state = ExitState(self)
+            state.reset(self._check_exit_layers(exit_at.to(tokens.device), tokens.shape).clone(), None)
+            hooks = state.hooks()
+        box: dict[int, Tensor] = {}
+
+        def stop(resid, hook):
+            box[L] = resid
+            raise _Stopped
+
+        kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
+        # no KV cache unless one is extended: HF would make one, and a recomputed block extend it twice
+        kwargs.update(past_key_values=past_key_values, use_cache=past_key_values is not None)
+        with (
+            capturing(self, capture, base=base, norm_shortcut=True) as store,
+            self.model.hooks(fwd_hooks=[*hooks, (resid_post(L - 1), stop)]),
+            checkpointed_blocks(self.model, checkpoint_blocks and past_key_values is None),
+        ):
+            try:
+                self.model(tokens, return_type="logits", **kwargs)
+            except _Stopped:
+                pass
+            captured = dict(store)
+        z = None if state is None else torch.stack(state.logits, dim=-1)
+        return box[L], z, captured
 
     def prescribed_forward(
         self,

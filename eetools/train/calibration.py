@@ -30,6 +30,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from eetools import tasks as task_lib
 from eetools.core.encoding import CHUNK_ROWS, encode_sequences
@@ -38,6 +39,17 @@ from eetools.core.options import validate_config
 from eetools.train import distributed
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
+
+LOGIT_ROWS = 64
+"""Rows x positions per vocabulary-sized readout in the training losses: calibration and RL read the
+residuals out (final norm, unembedding, log-softmax) this many at a time and reduce them to a value
+per position at once, so no tensor of every position's vocabulary is kept."""
+
+
+def position_spans(n_pos: int, n_rows: int) -> list[slice]:
+    """Slices of ``range(n_pos)`` holding about `LOGIT_ROWS` rows x positions each."""
+    step = max(1, LOGIT_ROWS // max(n_rows, 1))
+    return [slice(s, min(s + step, n_pos)) for s in range(0, n_pos, step)]
 
 
 def exit_targets(
@@ -50,12 +62,42 @@ def exit_targets(
     ``D = KL(teacher || early)``, ``c* = 2 - 2*sigmoid(kl_factor * D)``, then stick-breaking.
     KL = 0 gives a certain exit at the first exitable layer; infinite KL gives no exit.
     """
+    q = teacher_logprobs.unsqueeze(1)
+    return targets_from_kl((q.exp() * (q - early_logprobs)).sum(-1), kl_factor)
+
+
+def targets_from_kl(
+    kl: Float[Tensor, "batch n_exit pos"], kl_factor: float
+) -> Float[Tensor, "batch pos n_exit_plus_1"]:
+    """`exit_targets` from the per-position ``KL(teacher || early)`` at each exitable layer."""
     if not (kl_factor > 0 and math.isfinite(kl_factor)):
         raise ValueError(f"kl_factor must be a finite number > 0, got {kl_factor}")
-    q = teacher_logprobs.unsqueeze(1)
-    kl = (q.exp() * (q - early_logprobs)).sum(-1).clamp(min=0)  # [batch, n_exit, pos]
-    cond = 2 - 2 * torch.sigmoid(kl_factor * kl)
+    cond = 2 - 2 * torch.sigmoid(kl_factor * kl.clamp(min=0))
     return stick_breaking(cond.transpose(1, 2))
+
+
+@torch.no_grad()
+def streamed_targets(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, kl_factor: float):
+    """`exit_targets` of the base model (adapters off, no exits) and its final logits, streamed.
+
+    One forward keeps the residuals at the exitable layers (``d_model`` wide); each chunk of
+    positions is read out through the final norm and unembedding, log-softmaxed in float32 and
+    reduced to its KL at once. Returns ``(target [b, pos, m+1], logits [b, pos, vocab])``, the
+    logits in the model's dtype (as the model made them).
+    """
+    layers = ee_model.exit_layers
+    final, _, early = ee_model.final_residual(ids, attn, capture=layers, base=True)
+    b, t, _ = final.shape
+    logits, kl = None, torch.zeros(b, len(layers), t, device=final.device)
+    for sl in position_spans(t, b):
+        z = ee_model.readout(final[:, sl])
+        if logits is None:
+            logits = z.new_empty(b, t, z.shape[-1])
+        logits[:, sl] = z
+        q = z.float().log_softmax(-1)
+        for i, l in enumerate(layers):
+            kl[:, i, sl] = kl_student_teacher(q, ee_model.readout(early[l][:, sl]).float().log_softmax(-1))
+    return targets_from_kl(kl, kl_factor), logits
 
 
 def kl_student_teacher(student_logprobs: Tensor, teacher_logprobs: Tensor) -> Tensor:
@@ -104,6 +146,8 @@ class CalibrationConfig:
     """Steps between checkpoints (when checkpoint_dir is given)."""
     micro_batches: int = 1
     """Micro-batches per process per step, run one after another with gradients accumulated (less memory). Exit sampling is seeded per micro-batch: processes x micro_batches fixes a run."""
+    activation_checkpointing: bool = False
+    """Recompute the blocks' attention and MLP in the backward instead of keeping their activations (less memory, about a third more compute); the same loss and gradients."""
 
 
 @dataclass
@@ -157,6 +201,7 @@ def calibration_sums(
     exit_samples: int,
     generator: torch.Generator,
     chunk_rows: int | None = CHUNK_ROWS,
+    checkpoint_blocks: bool = False,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
@@ -165,15 +210,16 @@ def calibration_sums(
 
     The student runs on the sequences sorted by length, `chunk_rows` at a time, each chunk cut to
     its own longest sequence (see `_student_terms`); ``chunk_rows=None`` is one padded pass.
+    Vocabulary-sized tensors exist a chunk of `LOGIT_ROWS` positions at a time (`streamed_targets`,
+    `_student_kl`), except the teacher's final logits, kept once in the model's dtype and indexed
+    by every exit sample. `checkpoint_blocks`: activation checkpointing (`checkpointed_blocks`).
 
     Returns:
         ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
         (differentiable), and a dict of detached sums for `calibration_stats`.
     """
     L, layers = ee_model.n_layers, ee_model.exit_layers
-    with torch.no_grad():
-        teacher = ee_model.teacher_forward(ids, attn)
-        target = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor)  # [b,pos,m+1]
+    target, teacher_logits = streamed_targets(ee_model, ids, attn, kl_factor)  # [b,pos,m+1], [b,pos,vocab]
     exitable = _exitable(predict)
     b, t = ids.shape
     flat = target.reshape(-1, target.shape[-1]).cpu()
@@ -187,18 +233,18 @@ def calibration_sums(
     sampled = layer_of[draws].reshape(b, t, exit_samples).permute(2, 0, 1).to(ids.device)  # [S,b,pos]
     sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
     rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
+    flat_s = sampled.reshape(exit_samples * b, t)
+    src = torch.arange(exit_samples * b, device=ids.device) % b  # the teacher row of each student row
     kl, logpi = _student_terms(
-        ee_model, rep(ids), sampled.reshape(exit_samples * b, t), rep(attn), rep(teacher.logprobs), chunk_rows
+        ee_model, rep(ids), flat_s, rep(attn), teacher_logits, src, chunk_rows, checkpoint_blocks
     )  # [S*b, pos], [S*b, pos, m+1]
     pm = rep(predict).float()
     em = rep(exitable).float()
     kl_sum = (kl * pm).sum()
-    idx = ee_model.exit_index(sampled.reshape(exit_samples * b, t))
-    nll_sum = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * em).sum()
+    nll_sum = -(logpi.gather(-1, ee_model.exit_index(flat_s).unsqueeze(-1)).squeeze(-1) * em).sum()
     with torch.no_grad():
         e = exitable.float()
         stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
-        flat_s = sampled.reshape(exit_samples * b, t)
         sel = [(flat_s == l) & rep(exitable) for l in [*layers, L]]
         sums = {
             "kl": kl_sum.detach(),
@@ -220,14 +266,17 @@ def _student_terms(
     ids: Int[Tensor, "n pos"],
     exits: Int[Tensor, "n pos"],
     attn: Tensor,
-    teacher_logprobs: Float[Tensor, "n pos vocab"],
+    teacher_logits: Float[Tensor, "b pos vocab"],
+    src: Int[Tensor, " n"],
     chunk_rows: int | None,
+    checkpoint_blocks: bool = False,
 ):
     """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
 
-    Sequences are right-padded, so a chunk is cut to its longest sequence and its results padded
-    back with zeros (positions no loss reads): a batch mixing short and long tasks stops paying
-    for padding, with the one-pass result up to float rounding.
+    Row `i` is compared with the teacher's row ``src[i]``. Sequences are right-padded, so a chunk
+    is cut to its longest sequence and its results padded back with zeros (positions no loss
+    reads): a batch mixing short and long tasks stops paying for padding, with the one-pass
+    result up to float rounding.
     """
     n, t = ids.shape
     lengths = attn.sum(1)
@@ -235,11 +284,31 @@ def _student_terms(
     kls, logpis = [], []
     for rows in order.split(chunk_rows or n):
         w = max(int(lengths[rows].max()), 1)
-        out = ee_model.prescribed_forward(ids[rows, :w], exits[rows, :w], attention_mask=attn[rows, :w])
-        kls.append(nn.functional.pad(kl_student_teacher(out.logprobs, teacher_logprobs[rows, :w]), (0, t - w)))
-        logpis.append(nn.functional.pad(exit_log_probs(out.exit_logits), (0, 0, 0, t - w)))
+        resid, z, _ = ee_model.final_residual(
+            ids[rows, :w], attention_mask=attn[rows, :w], exit_at=exits[rows, :w], checkpoint_blocks=checkpoint_blocks
+        )
+        kls.append(nn.functional.pad(_student_kl(ee_model, resid, teacher_logits, src[rows]), (0, t - w)))
+        logpis.append(nn.functional.pad(exit_log_probs(z), (0, 0, 0, t - w)))
     inverse = order.argsort()
     return torch.cat(kls)[inverse], torch.cat(logpis)[inverse]
+
+
+def _student_kl(ee_model, resid: Float[Tensor, "n w d_model"], teacher_logits: Tensor, src: Tensor) -> Tensor:
+    """``KL(student || teacher)`` per position ``[n, w]``, `LOGIT_ROWS` positions at a time.
+
+    Each chunk runs under `torch.utils.checkpoint`: the backward recomputes its readout and
+    log-softmax instead of keeping ``[n, w, vocab]`` float32 tensors for every position.
+    """
+    parts = [
+        checkpoint(_kl_chunk, ee_model, resid[:, sl], teacher_logits, src, sl, use_reentrant=False)
+        for sl in position_spans(resid.shape[1], resid.shape[0])
+    ]
+    return torch.cat(parts, 1)
+
+
+def _kl_chunk(ee_model, resid: Tensor, teacher_logits: Tensor, src: Tensor, sl: slice) -> Tensor:
+    student = ee_model.readout(resid).float().log_softmax(-1)
+    return kl_student_teacher(student, teacher_logits[src, sl].float().log_softmax(-1))
 
 
 def calibration_stats(sums: dict[str, Tensor], layers: Sequence[int], n_layers: int, exit_samples: int) -> dict:
@@ -334,7 +403,7 @@ def calibrate(
         start: the base model's name or folder, recorded in the checkpoint; resuming a run of
             another base model (or an RL run) is refused.
         **options: other `CalibrationConfig` fields (continuations, lora_r, max_new_tokens,
-            checkpoint_every, micro_batches).
+            checkpoint_every, micro_batches, activation_checkpointing).
 
     Returns:
         A `CalibrationResult` with the history as a DataFrame.
@@ -409,7 +478,16 @@ def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tup
     total: dict[str, Tensor] = {}
     for g, (ids, attn, predict) in shards:
         gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
-        kl_sum, nll_sum, sums = calibration_sums(ee_model, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen)
+        kl_sum, nll_sum, sums = calibration_sums(
+            ee_model,
+            ids,
+            attn,
+            predict,
+            cfg.kl_factor,
+            cfg.exit_samples,
+            gen,
+            checkpoint_blocks=cfg.activation_checkpointing,
+        )
         # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
         (distributed.world_size() * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
         total = {k: total[k] + v for k, v in sums.items()} if total else sums

@@ -34,16 +34,18 @@ import pandas as pd
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+from transformers import DynamicCache
 
 from eetools import tasks as task_lib
 from eetools.core.adapters import adapter_parameters
 from eetools.core.encoding import CHUNK_ROWS
-from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import distinct_rows
 from eetools.core.heads import exit_log_probs
 from eetools.core.options import validate_config
 from eetools.core.rule import UNSET, ExitRule
 from eetools.train import distributed
+from eetools.train.calibration import kl_student_teacher, position_spans
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
 
@@ -111,6 +113,8 @@ class RLConfig:
     """Ceiling on the logit lens's entropy (nats) for a sampled exit (`generate`'s `max_entropy`), a mask like `patience`. None: no ceiling."""
     micro_batches: int = 1
     """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
+    activation_checkpointing: bool = False
+    """Recompute the blocks' attention and MLP in the loss's backward instead of keeping their activations (less memory, more compute; each rollout's prompt is then run, not shared); the same loss and gradients."""
 
     def exit_rule(self, mode: str = "sample") -> ExitRule:
         """The `ExitRule` of the run's rollouts (sampled exits under its lens checks), or of its
@@ -172,6 +176,7 @@ def rl_terms(
     token_term: bool = True,
     chunk_rows: int | None = CHUNK_ROWS,
     share_prompts: bool = True,
+    checkpoint_blocks: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
@@ -187,9 +192,12 @@ def rl_terms(
     `share_prompts`, each distinct prompt of a chunk runs once and its KV cache (with its
     gradient) is copied to its rollouts, which then run their completions only. Every term is
     per rollout, so this is the one-pass result (``chunk_rows=None, share_prompts=False``) up
-    to float rounding.
+    to float rounding. Vocabulary-sized tensors exist `LOGIT_ROWS` positions at a time
+    (`_token_terms`). `checkpoint_blocks`: activation checkpointing of the blocks
+    (`checkpointed_blocks`); it runs every rollout's prompt (a KV cache cannot be recomputed).
     """
     device = ee_model.device
+    share_prompts = share_prompts and not checkpoint_blocks
     lengths = rollout.prompt_mask.sum(1) + rollout.mask.sum(1)
     exits = rollout.prescribed_exit_layers()
     summed, kls = [], []
@@ -197,7 +205,8 @@ def rl_terms(
     prompt_id = torch.arange(len(lengths)) if distinct is None else distinct[1].cpu()  # rollout -> its prompt
     order = _group_order(prompt_id, lengths)
     for rows in order.split(chunk_rows or len(order)):
-        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term, prompt_id[rows] if share_prompts else None)
+        shared = prompt_id[rows] if share_prompts else None
+        s, kl = _policy_terms(ee_model, rollout, exits, rows, token_term, shared, checkpoint_blocks)
         summed.append(s)
         kls.append(kl)
     inverse = order.argsort().to(device)
@@ -229,7 +238,13 @@ def _group_order(prompt_id: Tensor, lengths: Tensor) -> Tensor:
 
 
 def _policy_terms(
-    ee_model, rollout, exits: Tensor, rows: Tensor, token_term: bool, prompt_id: Tensor | None
+    ee_model,
+    rollout,
+    exits: Tensor,
+    rows: Tensor,
+    token_term: bool,
+    prompt_id: Tensor | None,
+    checkpoint_blocks: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """For rollouts `rows`: sum over generated tokens of the sampled log-probs (differentiable), and mean KL to the base model.
 
@@ -253,22 +268,40 @@ def _policy_terms(
     if passes is None:  # one pass over prompt and completion
         seqs = torch.cat([prompts, tokens], 1)
         with torch.no_grad():
-            ref = ee_model.teacher_forward(seqs, attn).logprobs[:, p - 1 : -1]
-        out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
-        pol, z = out.logprobs[:, p - 1 : -1], out.exit_logits[:, p - 1 : -1]
+            ref = ee_model.final_residual(seqs, attn, base=True)[0][:, p - 1 : -1]
+        pol, z, _ = ee_model.final_residual(seqs, attn, exit_at=exits, checkpoint_blocks=checkpoint_blocks)
+        pol, z = pol[:, p - 1 : -1], z[:, p - 1 : -1]
     else:
         ref, pol, z = passes
     # the exits' log-probs under the policy that sampled them: masked where a rule (patience, floor) vetoed
     allowed = None if rollout.exit_allowed is None else rollout.exit_allowed[rows, :n].to(device)
     exit_lp = exit_log_probs(z, allowed)
-    tok_lp = pol.gather(-1, tokens[..., None]).squeeze(-1)
+    tok_lp, kl_tok = _token_terms(ee_model, pol, ref, tokens)
     taken = ee_model.exit_index(rollout.exit_layers[rows, :n].to(device))
     ex_lp = exit_lp.gather(-1, taken[..., None]).squeeze(-1)
     ex_lp = torch.cat([torch.zeros_like(ex_lp[:, :1]), ex_lp[:, 1:]], 1)  # first token: no decision
-    with torch.no_grad():
-        kl_tok = (pol.exp() * (pol - ref)).sum(-1)
-        kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
+    kl = (kl_tok * mask).sum(1) / mask.sum(1).clamp(min=1)
     return (((tok_lp if token_term else 0.0) + ex_lp) * mask).sum(1), kl
+
+
+def _token_terms(ee_model, pol: Tensor, ref: Tensor, tokens: Int[Tensor, "b n"]) -> tuple[Tensor, Tensor]:
+    """Policy log-prob of each token (differentiable) and ``KL(policy || reference)`` per position (detached).
+
+    `pol` and `ref` are final residuals ``[b, n, d_model]``; they are read out `LOGIT_ROWS`
+    positions at a time under `torch.utils.checkpoint`, so no ``[b, n, vocab]`` tensor is kept.
+    """
+    parts = [
+        checkpoint(_token_chunk, ee_model, pol[:, sl], ref[:, sl], tokens[:, sl], use_reentrant=False)
+        for sl in position_spans(pol.shape[1], pol.shape[0])
+    ]
+    return torch.cat([lp for lp, _ in parts], 1), torch.cat([kl for _, kl in parts], 1).detach()
+
+
+def _token_chunk(ee_model, pol: Tensor, ref: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    lp = ee_model.readout(pol).float().log_softmax(-1)
+    with torch.no_grad():
+        kl = kl_student_teacher(lp, ee_model.readout(ref).float().log_softmax(-1))
+    return lp.gather(-1, tokens[..., None]).squeeze(-1), kl
 
 
 def _shared_prompt_passes(
@@ -279,37 +312,40 @@ def _shared_prompt_passes(
     exits: Int[Tensor, "b n"],
     distinct,
 ):
-    """Reference and policy log-probs of every completion token, each distinct prompt run once.
+    """Reference and policy final residuals at every completion token, each distinct prompt run once.
 
     The prompt's KV cache rows are copied to its rollouts (`distinct` = ``(first, inverse)``),
     which then run their completions with the prescribed exits. Returns ``(ref, pol,
-    exit_logits)`` at the positions predicting each completion token (``[b, n, vocab]``,
-    ``[b, n, vocab]``, ``[b, n, m]``), the values of one pass over prompt and completion;
+    exit_logits)`` at the positions predicting each completion token (``[b, n, d_model]``,
+    ``[b, n, d_model]``, ``[b, n, m]``), the values of one pass over prompt and completion;
     None if the model's cache cannot copy rows.
     """
     first, inverse = distinct
     p, n = prompts.shape[1], tokens.shape[1]
     head, rest = prompts[first], tokens[:, :-1]  # the last token predicts nothing we score
     head_attn, rest_attn = attn[first, :p], attn[:, :-1]
-    with torch.no_grad(), ee_model.adapters_disabled(), norm_shortcut(ee_model.model):
-        logits, cache = ee_model.model(head, return_type="logits_and_cache", attention_mask=head_attn)
+    with torch.no_grad():
+        cache = DynamicCache()
+        h = ee_model.final_residual(head, head_attn, base=True, past_key_values=cache)[0]
         if not hasattr(cache, "batch_select_indices"):
             return None
-        parts = [logits[:, -1:][inverse]]
+        parts = [h[:, -1:][inverse]]
         if n > 1:
             cache.batch_select_indices(inverse)
-            parts.append(ee_model.model(rest, return_type="logits", attention_mask=rest_attn, past_key_values=cache))
-        ref = torch.cat(parts, 1).float().log_softmax(-1)
+            parts.append(ee_model.final_residual(rest, rest_attn, base=True, past_key_values=cache)[0])
+        ref = torch.cat(parts, 1)
     # the policy: prompt positions never exit; the cache keeps the adapters' gradient
-    logits, z, _, cache = ee_model.run_with_exits(head, head_attn, use_cache=True)
-    logits, z = [logits[:, -1:][inverse]], [z[:, -1:][inverse]]
+    cache = DynamicCache()
+    h, z, _ = ee_model.final_residual(
+        head, head_attn, exit_at=torch.full_like(head, ee_model.n_layers), past_key_values=cache
+    )
+    pol, z = [h[:, -1:][inverse]], [z[:, -1:][inverse]]
     if n > 1:
         cache.batch_select_indices(inverse)
-        more, more_z, _, _ = ee_model.run_with_exits(rest, rest_attn, exit_at=exits[:, : n - 1], past_key_values=cache)
-        logits.append(more)
+        more, more_z, _ = ee_model.final_residual(rest, rest_attn, exit_at=exits[:, : n - 1], past_key_values=cache)
+        pol.append(more)
         z.append(more_z)
-    pol = torch.cat(logits, 1).float().log_softmax(-1)
-    return ref, pol, torch.cat(z, 1)
+    return ref, torch.cat(pol, 1), torch.cat(z, 1)
 
 
 def rl_stats(per_rollout: dict[str, Tensor], k: int) -> dict[str, float]:
@@ -403,6 +439,7 @@ def train_rl(
     patience: int = UNSET,
     min_confidence: float = UNSET,
     max_entropy: float | None = UNSET,
+    activation_checkpointing: bool = False,
     start: str | None = None,
 ) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
@@ -423,6 +460,7 @@ def train_rl(
             evaluations use it too.
         min_confidence: exits sampled under a floor on the lens's confidence, the same way.
         max_entropy: exits sampled under a ceiling on the lens's entropy, the same way.
+        activation_checkpointing: recompute the blocks in the backward (less memory, see `RLConfig`).
         rule: the lens checks as an `ExitRule` instead of the three keywords above (its mode must
             be "sample"; its threshold is not used: held-out thresholded exits use 0.5).
         start: the checkpoint or preset the model was loaded from, recorded in the run's
@@ -459,6 +497,7 @@ def train_rl(
         patience=rule.patience,
         min_confidence=rule.min_confidence,
         max_entropy=rule.max_entropy,
+        activation_checkpointing=activation_checkpointing,
     )
     _check_config(ee_model, cfg)
     task = task_lib.get(task)
@@ -548,7 +587,16 @@ def _rollout_shard(
     )
     completions = [task_lib.cut_at_answer(t) for t in rollout.text]
     task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
-    objective, per = rl_terms(ee_model, rollout, task_r, cfg.k, cfg.lam, cfg.beta, token_term=cfg.temperature > 0)
+    objective, per = rl_terms(
+        ee_model,
+        rollout,
+        task_r,
+        cfg.k,
+        cfg.lam,
+        cfg.beta,
+        token_term=cfg.temperature > 0,
+        checkpoint_blocks=cfg.activation_checkpointing,
+    )
     if bool((per["adv"] != 0).any()):  # a shard of flat groups adds nothing to the gradient
         # x world / all rollouts: gradients are averaged over ranks into the global mean
         (objective * (distributed.world_size() / (cfg.prompts_per_step * cfg.k))).backward()

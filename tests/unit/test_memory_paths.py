@@ -1,0 +1,132 @@
+"""The streamed training losses (issue 29) equal the vocabulary-at-once computation they replaced.
+
+`_old_calibration_sums` and `_old_policy_terms` are the computations before the change, kept here
+as references: every exit layer's and position's log-probs at once (`teacher_forward`,
+`prescribed_forward`), the teacher's log-probs copied per exit sample.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eetools.core.encoding import encode_sequences
+from eetools.core.heads import exit_log_probs
+from eetools.train.calibration import _exitable, calibration_sums, exit_targets, kl_student_teacher
+
+LOSS_ATOL = 1e-5
+GRAD_ATOL = 1e-5
+"""Absolute tolerances of the losses and of every trainable parameter's gradient (float32 rounding)."""
+
+
+def _old_calibration_sums(ee_model, ids, attn, predict, kl_factor, exit_samples, generator):
+    """The loss terms as computed before issue 29 (one padded student pass)."""
+    L, layers = ee_model.n_layers, ee_model.exit_layers
+    with torch.no_grad():
+        teacher = ee_model.teacher_forward(ids, attn)
+        target = exit_targets(teacher.logprobs, teacher.early_logprobs, kl_factor)
+    exitable = _exitable(predict)
+    b, t = ids.shape
+    draws = torch.multinomial(target.reshape(-1, target.shape[-1]).cpu(), exit_samples, True, generator=generator)
+    sampled = torch.tensor([*layers, L])[draws].reshape(b, t, exit_samples).permute(2, 0, 1)
+    sampled = torch.where(exitable.unsqueeze(0), sampled, torch.full_like(sampled, L))
+    rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
+    flat_s = sampled.reshape(exit_samples * b, t)
+    out = ee_model.prescribed_forward(rep(ids), flat_s, attention_mask=rep(attn))
+    kl = kl_student_teacher(out.logprobs, rep(teacher.logprobs))
+    logpi = exit_log_probs(out.exit_logits)
+    kl_sum = (kl * rep(predict).float()).sum()
+    idx = ee_model.exit_index(flat_s)
+    nll_sum = -(logpi.gather(-1, idx.unsqueeze(-1)).squeeze(-1) * rep(exitable).float()).sum()
+    return kl_sum, nll_sum, target
+
+
+def _grads(ee_model, loss):
+    params = ee_model.trainable_parameters()
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def _lively(ee_model):
+    """Heads at bias 0 (exits drawn everywhere) and LoRA adapters with non-zero B (a gradient through the base)."""
+    from eetools.core.adapters import adapter_parameters, add_lora
+
+    add_lora(ee_model, r=2, alpha=4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for h in ee_model.heads:
+            h.net[-1].bias.fill_(0.0)
+        for p in adapter_parameters(ee_model):
+            p.normal_(0, 0.05)
+    for p in ee_model.trainable_parameters():
+        p.requires_grad_(True)
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blocks):
+    _lively(tiny_ee)
+    ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
+    kl0, nll0, target0 = _old_calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0))
+    g0 = _grads(tiny_ee, kl0 + nll0)
+    kl1, nll1, sums = calibration_sums(
+        tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0), checkpoint_blocks=checkpoint_blocks
+    )
+    g1 = _grads(tiny_ee, kl1 + nll1)
+    e = _exitable(predict).float().unsqueeze(-1)
+    torch.testing.assert_close(sums["target"], (target0 * e).sum((0, 1)), rtol=0, atol=LOSS_ATOL)
+    torch.testing.assert_close(kl1, kl0, rtol=0, atol=LOSS_ATOL)
+    torch.testing.assert_close(nll1, nll0, rtol=0, atol=LOSS_ATOL)
+    assert any(bool(g.abs().sum() > 0) for g in g0[len(tiny_ee.heads) * 2 :])  # the adapters get a gradient
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
+
+
+def _old_rl_objective(ee_model, rollout, task_reward, k, lam, beta):
+    """RL's objective as computed before issue 29: one pass, reference and policy log-probs ``[b, n, vocab]``."""
+    from eetools.train.rl import rloo_advantages
+
+    P, n = rollout.prompt_tokens.shape[1], rollout.tokens.shape[1]
+    seqs = torch.cat([rollout.prompt_tokens, rollout.tokens], 1)
+    attn = torch.cat([rollout.prompt_mask, rollout.mask], 1).long()
+    exits = rollout.prescribed_exit_layers()
+    with torch.no_grad():
+        ref = ee_model.teacher_forward(seqs, attn).logprobs[:, P - 1 : -1]
+    out = ee_model.prescribed_forward(seqs, exits, attention_mask=attn)
+    pol, z = out.logprobs[:, P - 1 : -1], out.exit_logits[:, P - 1 : -1]
+    allowed = None if rollout.exit_allowed is None else rollout.exit_allowed[:, :n]
+    tok_lp = pol.gather(-1, rollout.tokens[..., None]).squeeze(-1)
+    ex_lp = exit_log_probs(z, allowed).gather(-1, ee_model.exit_index(rollout.exit_layers)[..., None]).squeeze(-1)
+    ex_lp = torch.cat([torch.zeros_like(ex_lp[:, :1]), ex_lp[:, 1:]], 1)
+    mask = rollout.mask.float()
+    with torch.no_grad():
+        kl = ((pol.exp() * (pol - ref)).sum(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        adv = rloo_advantages((task_reward - beta * kl - lam * rollout.compute).view(-1, k)).view(-1)
+    return -(adv * ((tok_lp + ex_lp) * mask).sum(1)).sum(), kl
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_streamed_rl_terms_equal_the_old_computation(tiny_ee, checkpoint_blocks):
+    import dataclasses
+
+    from eetools.train.rl import rl_terms
+
+    _lively(tiny_ee)
+    with torch.no_grad():
+        for h in tiny_ee.heads:
+            h.net[-1].bias.fill_(-0.5)
+    r = tiny_ee.generate(["Q: 1+2\n", "Q: 1+2\n", "Q: 12345+678\nab", "Q: 12345+678\nab"], 10, seed=0)
+    mask = r.mask.clone()
+    mask[0, 4:] = False
+    r = dataclasses.replace(r, mask=mask)
+    reward = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    obj0, kl0 = _old_rl_objective(tiny_ee, r, reward, 2, 1.5, 0.25)
+    g0 = _grads(tiny_ee, obj0)
+    obj1, per = rl_terms(tiny_ee, r, reward, 2, 1.5, 0.25, checkpoint_blocks=checkpoint_blocks)
+    g1 = _grads(tiny_ee, obj1)
+    assert float(per["adv"].abs().sum()) > 0
+    torch.testing.assert_close(obj1, obj0, rtol=0, atol=LOSS_ATOL)
+    torch.testing.assert_close(per["kl"], kl0, rtol=0, atol=LOSS_ATOL)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
