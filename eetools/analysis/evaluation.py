@@ -153,16 +153,9 @@ def evaluate(
     judges = [as_judge(j) for j in judges]
     prompts = [e.prompt for e in exs]
     L, layers = ee_model.n_layers, list(ee_model.exit_layers)
-    systems = [("model", rule, False)]
-    if compare:
-        from eetools.core.adapters import lora_layers
-
-        systems.append(("base", rule.heads_only("off"), True))
-        if lora_layers(ee_model):  # the adapted weights at full depth: what the adapters alone cost
-            systems.append(("no_exit", rule.heads_only("off"), False))
-    rows, hist, summary = [], {}, []
+    rows, hist = [], {}
     base_text, done = None, {}  # rollouts per (rule, base): with mode "off", no_exit is the model's own run
-    for name, r, base in systems:
+    for name, r, base in _systems(ee_model, rule, compare):
         if (r, base) not in done:
             done[r, base] = _generate_all(
                 ee_model,
@@ -178,24 +171,55 @@ def evaluate(
             )
         rs = done[r, base]
         texts = [t for r in rs for t in r.text]
-        compute = torch.cat([r.compute for r in rs]).tolist()
         exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
-        counts = np.array([float((exits == l).sum()) for l in [*layers, L]])
-        hist[name] = counts / max(counts.sum(), 1)
-        rows += _rows(name, task, exs, texts, compute, judges)
+        hist[name] = _shares(exits, [*layers, L])
+        rows += _rows(name, task, exs, texts, torch.cat([r.compute for r in rs]).tolist(), judges)
         if base:
             base_text = texts
     if compare and base_text is not None:
-        from eetools.analysis.probes.oracle import oracle_exits  # per-token oracle on the base model's greedy text
-
-        pairs = [(p, task_lib.cut_at_answer(t)) for p, t in zip(prompts, base_text)]
-        odf = oracle_exits(ee_model, pairs, base=True).df
-        counts = np.array([float((odf["oracle_layer"] == l).sum()) for l in [*layers, L]])
-        hist["oracle"] = counts / max(counts.sum(), 1)
-        per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
-        comp = [float(per_seq.get(i, 1.0)) for i in range(len(prompts))]
-        rows += _rows("oracle", task, exs, base_text, comp, judges)
+        hist["oracle"], oracle_rows = _oracle(ee_model, task, exs, base_text, judges)
+        rows += oracle_rows
     per = pd.DataFrame(rows)
+    histogram = pd.DataFrame(hist, index=[*(str(l) for l in layers), "full"])
+    return Evaluation(summary=_summary(per, judges), per_example=per, histogram=histogram, layers=layers, n_layers=L)
+
+
+def _systems(ee_model, rule: ExitRule, compare: bool) -> list[tuple[str, ExitRule, bool]]:
+    """``(name, rule, adapters off)`` of each system `evaluate` runs: the model, and with `compare` the
+    base model and, for a model with LoRA adapters, the model at full depth (what the adapters alone cost)."""
+    from eetools.core.adapters import lora_layers
+
+    systems = [("model", rule, False)]
+    if compare:
+        systems.append(("base", rule.heads_only("off"), True))
+        if lora_layers(ee_model):
+            systems.append(("no_exit", rule.heads_only("off"), False))
+    return systems
+
+
+def _shares(exits, outcomes: list[int]) -> np.ndarray:
+    """Share of the tokens at each outcome (exitable layers, then L); entries not in `outcomes` (-1: padding) ignored."""
+    counts = np.array([float((exits == l).sum()) for l in outcomes])
+    return counts / max(counts.sum(), 1)
+
+
+def _oracle(ee_model, task, exs, base_text: list[str], judges) -> tuple[np.ndarray, list[dict]]:
+    """The oracle-exit bound on the base model's greedy text: its exit histogram and per-example rows."""
+    from eetools.analysis.probes.oracle import oracle_exits  # per-token oracle on the base model's greedy text
+
+    L, layers = ee_model.n_layers, list(ee_model.exit_layers)
+    pairs = [(e.prompt, task_lib.cut_at_answer(t)) for e, t in zip(exs, base_text)]
+    odf = oracle_exits(ee_model, pairs, base=True).df
+    per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
+    comp = [float(per_seq.get(i, 1.0)) for i in range(len(exs))]
+    return _shares(torch.tensor(odf["oracle_layer"].to_numpy()), [*layers, L]), _rows(
+        "oracle", task, exs, base_text, comp, judges
+    )
+
+
+def _summary(per: pd.DataFrame, judges) -> pd.DataFrame:
+    """One row per system: accuracy, mean score, compute, layers saved and each judge's mean coherence."""
+    summary = []
     for name, g in per.groupby("system", sort=False):
         rec = {
             "system": name,
@@ -208,8 +232,7 @@ def evaluate(
         for j in judges:
             rec[f"coherence_{j.name}"] = g[f"coherence_{j.name}"].mean()
         summary.append(rec)
-    histogram = pd.DataFrame(hist, index=[*(str(l) for l in layers), "full"])
-    return Evaluation(summary=pd.DataFrame(summary), per_example=per, histogram=histogram, layers=layers, n_layers=L)
+    return pd.DataFrame(summary)
 
 
 def _rows(system, task, exs, texts, compute, judges):

@@ -101,6 +101,47 @@ def _rollout_classes(rollout, i: int, task: str | None, example, tokenizer) -> p
     return ann
 
 
+def _batch_measures(ee_model, rollout, sl: slice) -> dict[str, Tensor] | None:
+    """For the exited tokens of rows `sl` of `rollout` (None if none exited): their rows, steps, positions and
+    exits, the early and full-depth log-probs, their KL and top-1 agreement, the chosen tokens, and per block
+    the norm and direct logit attribution of what it added in the no-exit run."""
+    L, model, device = ee_model.n_layers, ee_model.model, ee_model.device
+    seqs = rollout.sequences[sl].to(device)
+    attn = rollout.attention_mask[sl].to(device)
+    exits = rollout.exit_layers[sl].cpu()
+    ri, ti = ((exits < L) & rollout.mask[sl].cpu()).nonzero(as_tuple=True)
+    if len(ri) == 0:
+        return None
+    pos = rollout.prompt_tokens.shape[1] + ti - 1
+    ri_d, pos_d = ri.to(device), pos.to(device)
+    early = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers()[sl].to(device), attn)
+    early_lp = early.logprobs[ri_d, pos_d].float()
+    # the model as it is (adapters on) and, as before the shared helper, no norm shortcut
+    with (
+        capturing(ee_model, range(L), where="pre", rows=(ri_d, pos_d), norm_shortcut=False) as pre,
+        capturing(ee_model, range(L), where="post", rows=(ri_d, pos_d), norm_shortcut=False) as post,
+    ):
+        full_logits = model(seqs, attention_mask=attn, return_type="logits")
+    added = [post[j].detach().float() - pre[j].detach().float() for j in range(L)]
+    full_lp = full_logits[ri_d, pos_d].float().log_softmax(-1)
+    chosen = rollout.tokens[sl].to(device)[ri_d, ti.to(device)]
+    final = post[L - 1].detach().float()
+    w_col = model.W_U.detach()[:, chosen].T.float()  # [n, d]
+    return {
+        "ri": ri,
+        "ti": ti,
+        "pos": pos,
+        "exit": exits[ri, ti],
+        "early_lp": early_lp,
+        "full_lp": full_lp,
+        "chosen": chosen,
+        "kl": (full_lp.exp() * (full_lp - early_lp)).sum(-1).clamp(min=0),
+        "agree": full_lp.argmax(-1) == early_lp.argmax(-1),
+        "norms": torch.stack([a.norm(dim=-1) for a in added], 1),
+        "dla": torch.stack([(linearised_final_norm(ee_model, a, final) * w_col).sum(-1) for a in added], 1),
+    }
+
+
 @torch.no_grad()
 def skipped_computation(
     ee_model, rollout, *, examples=None, task: str | None = None, batch_size: int = 8
@@ -130,68 +171,35 @@ def skipped_computation(
     Returns:
         A `SkippedResult`: ``.df`` per exited token, ``.blocks`` per skipped block.
     """
-    L, model = ee_model.n_layers, ee_model.model
-    device = ee_model.device
-    P = rollout.prompt_tokens.shape[1]
-    W_U = model.W_U.detach()
     tok_rows, block_rows = [], []
+    classes: dict[int, pd.DataFrame] = {}
     for b0 in range(0, len(rollout), batch_size):
-        sl = slice(b0, b0 + batch_size)
-        seqs = rollout.sequences[sl].to(device)
-        attn = rollout.attention_mask[sl].to(device)
-        exits = rollout.exit_layers[sl].cpu()
-        exited = (exits < L) & rollout.mask[sl].cpu()
-        ri, ti = exited.nonzero(as_tuple=True)
-        if len(ri) == 0:
+        m = _batch_measures(ee_model, rollout, slice(b0, b0 + batch_size))
+        if m is None:
             continue
-        pos = P + ti - 1
-        ri_d, pos_d = ri.to(device), pos.to(device)
-        early = ee_model.prescribed_forward(seqs, rollout.prescribed_exit_layers()[sl].to(device), attn)
-        early_lp = early.logprobs[ri_d, pos_d].float()
-        # the model as it is (adapters on) and, as before the shared helper, no norm shortcut
-        with (
-            capturing(ee_model, range(L), where="pre", rows=(ri_d, pos_d), norm_shortcut=False) as pre,
-            capturing(ee_model, range(L), where="post", rows=(ri_d, pos_d), norm_shortcut=False) as post,
-        ):
-            full_logits = model(seqs, attention_mask=attn, return_type="logits")
-        store = {f"{k}{j}": r.detach().float() for k, got in (("pre", pre), ("post", post)) for j, r in got.items()}
-        full_lp = full_logits[ri_d, pos_d].float().log_softmax(-1)
-        chosen = rollout.tokens[sl].to(device)[ri_d, ti.to(device)]
-        kl = (full_lp.exp() * (full_lp - early_lp)).sum(-1).clamp(min=0)
-        agree = full_lp.argmax(-1) == early_lp.argmax(-1)
-        final = store[f"post{L - 1}"]
-        w_col = W_U[:, chosen].T.float()  # [n, d]
-        norms = torch.stack([(store[f"post{j}"] - store[f"pre{j}"]).norm(dim=-1) for j in range(L)], 1)
-        dla = torch.stack(
-            [
-                (linearised_final_norm(ee_model, store[f"post{j}"] - store[f"pre{j}"], final) * w_col).sum(-1)
-                for j in range(L)
-            ],
-            1,
-        )
-        classes = {}
-        for k in range(len(ri)):
-            i = b0 + int(ri[k])
+        for k in range(len(m["ri"])):
+            i = b0 + int(m["ri"][k])
             if i not in classes:
                 ex = examples[i] if examples is not None else None
-                classes[i] = _rollout_classes(rollout, i, task or _task_of(rollout.prompts[i], ex), ex, model.tokenizer)
-            t, l = int(ti[k]), int(exits[ri[k], ti[k]])
+                tk = task or _task_of(rollout.prompts[i], ex)
+                classes[i] = _rollout_classes(rollout, i, tk, ex, ee_model.model.tokenizer)
+            t, l = int(m["ti"][k]), int(m["exit"][k])
             ann = classes[i].iloc[t]
-            skipped = range(l, L)
+            c = int(m["chosen"][k])
             tok_rows.append(
                 {
                     "seq": i,
                     "t": t,
-                    "position": int(pos[k]),
+                    "position": int(m["pos"][k]),
                     "token": ann["token"],
                     "token_class": ann["token_class"],
                     "exit_layer": l,
-                    "kl": float(kl[k]),
-                    "top1_agree": bool(agree[k]),
-                    "chosen_logprob_full": float(full_lp[k, chosen[k]]),
-                    "chosen_logprob_early": float(early_lp[k, chosen[k]]),
-                    "skipped_norm": float(norms[k, l:].sum()),
-                    "skipped_dla": float(dla[k, l:].sum()),
+                    "kl": float(m["kl"][k]),
+                    "top1_agree": bool(m["agree"][k]),
+                    "chosen_logprob_full": float(m["full_lp"][k, c]),
+                    "chosen_logprob_early": float(m["early_lp"][k, c]),
+                    "skipped_norm": float(m["norms"][k, l:].sum()),
+                    "skipped_dla": float(m["dla"][k, l:].sum()),
                 }
             )
             block_rows += [
@@ -201,10 +209,10 @@ def skipped_computation(
                     "token_class": ann["token_class"],
                     "exit_layer": l,
                     "block": j,
-                    "norm": float(norms[k, j]),
-                    "dla": float(dla[k, j]),
+                    "norm": float(m["norms"][k, j]),
+                    "dla": float(m["dla"][k, j]),
                 }
-                for j in skipped
+                for j in range(l, ee_model.n_layers)
             ]
     cols = [
         "seq",
