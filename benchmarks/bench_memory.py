@@ -8,13 +8,14 @@ Model: a random Qwen3-0.6B-shaped bridge cut to 8 blocks (d_model 1024, vocabula
   the same sequence;
 - ``rl_mem_vs_sft_{256,1024}``: one RL step (one prompt, 2 rollouts of that many new tokens:
   generation, `rl_terms` and its backward) / one LoRA step on two sequences of the rollouts' shape;
-- ``..._ckpt``: the same with ``activation_checkpointing=True``.
+- each with ``activation_checkpointing`` at its config's default (on for calibration, off for RL);
+  ``--ckpt`` / ``--no-ckpt`` set it for both (``..._ckpt`` / ``..._nockpt`` keys).
 
 Each number is measured in a fresh process: on CPU the peak resident set during the step minus
 the resident set after loading (the peak is reset first through ``/proc/self/clear_refs``, else
 ``ru_maxrss``); on CUDA ``torch.cuda.max_memory_allocated`` above the memory allocated before.
 
-    python benchmarks/bench_memory.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
+    python benchmarks/bench_memory.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16] [--ckpt|--no-ckpt]
 """
 
 from __future__ import annotations
@@ -86,14 +87,15 @@ def _sft_step(rows: int, tokens: int, device: str, dtype: str) -> float:
     return _peak(device) - base
 
 
-def _calib_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
+def _calib_step(tokens: int, device: str, dtype: str, ckpt: bool | None) -> float:
     from bench_skip import qwen3_06b_shaped
 
     import eetools
     from eetools.train.calibration import CalibrationConfig, _trainable_parameters, calibration_sums
 
-    opt = {"checkpoint_blocks": True} if ckpt else {}  # none: the call runs on code from before the option too
     cfg = CalibrationConfig()
+    ckpt = cfg.activation_checkpointing if ckpt is None else ckpt
+    opt = {"checkpoint_blocks": True} if ckpt else {}  # none: the call runs on code from before the option too
     ee = eetools.attach_exit_heads(qwen3_06b_shaped(device, dtype, n_layers=8))
     _trainable_parameters(ee, cfg)
     torch.manual_seed(0)
@@ -103,12 +105,18 @@ def _calib_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     predict[0, PROMPT_TOKENS - 1 : -1] = True
     base = _baseline(device)
     gen = torch.Generator().manual_seed(0)
-    kl, nll, _ = calibration_sums(ee, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen, **opt)
-    (kl / predict.sum() + nll / predict.sum()).backward()
+    n = predict.sum().float()
+    if os.environ.get("BENCH_CALIB_ONE_GRAPH"):  # the path before the per-chunk backward (and code before it)
+        kl, nll, _ = calibration_sums(ee, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen, **opt)
+        (kl / n + nll / n).backward()
+    else:  # as `calibration_step` runs it: each student chunk's backward in turn
+        calibration_sums(
+            ee, ids, attn, predict, cfg.kl_factor, cfg.exit_samples, gen, backward_scale=(1 / n, 1 / n), **opt
+        )
     return _peak(device) - base
 
 
-def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
+def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool | None) -> float:
     from bench_skip import qwen3_06b_shaped
 
     import eetools
@@ -117,7 +125,7 @@ def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     from eetools.train.rl import RLConfig, rl_terms
 
     cfg = RLConfig(k=2)
-    opt = {"checkpoint_blocks": True} if ckpt else {}
+    opt = {"checkpoint_blocks": True} if (cfg.activation_checkpointing if ckpt is None else ckpt) else {}
     ee = eetools.attach_exit_heads(qwen3_06b_shaped(device, dtype, n_layers=8))
     r = CalibrationConfig().lora_r
     add_lora(ee, r=r, alpha=2 * r)
@@ -134,10 +142,11 @@ def _rl_step(tokens: int, device: str, dtype: str, ckpt: bool) -> float:
     return _peak(device) - base
 
 
-def _measure(kind: str, tokens: int, device: str, dtype: str, ckpt: bool = False) -> float:
+def _measure(kind: str, tokens: int, device: str, dtype: str, ckpt: bool | None = None) -> float:
     """Extra MB of one step of `kind`, in a fresh process."""
     cmd = [sys.executable, __file__, "--worker", kind, "--tokens", str(tokens), "--device", device, "--dtype", dtype]
-    out = subprocess.run(cmd + (["--ckpt"] if ckpt else []), capture_output=True, text=True)
+    flag = [] if ckpt is None else ["--ckpt" if ckpt else "--no-ckpt"]
+    out = subprocess.run(cmd + flag, capture_output=True, text=True)
     if out.returncode != 0:
         print(f"{kind} {tokens}: failed (rc {out.returncode}) {out.stderr[-400:]}", file=sys.stderr)
         return float("nan")
@@ -146,8 +155,8 @@ def _measure(kind: str, tokens: int, device: str, dtype: str, ckpt: bool = False
     return mb
 
 
-def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", ckpt: bool = False) -> dict[str, float]:
-    tag = "_ckpt" if ckpt else ""
+def run(quick: bool = False, device: str = "cpu", dtype: str = "float32", ckpt: bool | None = None) -> dict[str, float]:
+    tag = "" if ckpt is None else "_ckpt" if ckpt else "_nockpt"
     out = {}
     for n in (256,) if quick else (256, 1024, 4096):
         out[f"calib_mem_vs_sft_{n}{tag}"] = _measure("calib", n, device, dtype, ckpt) / _measure(
@@ -176,7 +185,12 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing in calibration and RL")
+    ap.add_argument(
+        "--ckpt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="activation checkpointing in calibration and RL (default: each config's default)",
+    )
     ap.add_argument("--worker", default=None)
     ap.add_argument("--tokens", type=int, default=256)
     a = ap.parse_args()

@@ -29,7 +29,7 @@ from typing import ClassVar
 import pandas as pd
 import torch
 from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from eetools import tasks as task_lib
@@ -146,8 +146,8 @@ class CalibrationConfig:
     """Steps between checkpoints (when checkpoint_dir is given)."""
     micro_batches: int = 1
     """Micro-batches per process per step, run one after another with gradients accumulated (less memory). Exit sampling is seeded per micro-batch: processes x micro_batches fixes a run."""
-    activation_checkpointing: bool = False
-    """Recompute the blocks' attention and MLP in the backward instead of keeping their activations (less memory, about a third more compute); the same loss and gradients."""
+    activation_checkpointing: bool = True
+    """Recompute the blocks' attention and MLP in the backward instead of keeping their activations (less memory, about a third more compute of the blocks); the same loss and gradients. On by default: with it a step's extra memory stays near a LoRA fine-tuning step's on the same tokens (docs/speed.md)."""
 
 
 @dataclass
@@ -202,6 +202,7 @@ def calibration_sums(
     generator: torch.Generator,
     chunk_rows: int | None = CHUNK_ROWS,
     checkpoint_blocks: bool = False,
+    backward_scale: tuple | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
@@ -209,14 +210,20 @@ def calibration_sums(
     ``sums["n_exit"]``) gives the loss of the whole batch (see `calibration_step`).
 
     The student runs on the sequences sorted by length, `chunk_rows` at a time, each chunk cut to
-    its own longest sequence (see `_student_terms`); ``chunk_rows=None`` is one padded pass.
+    its own longest sequence (see `_student_chunks`); ``chunk_rows=None`` is one padded pass.
     Vocabulary-sized tensors exist a chunk of `LOGIT_ROWS` positions at a time (`streamed_targets`,
     `_student_kl`), except the teacher's final logits, kept once in the model's dtype and indexed
     by every exit sample. `checkpoint_blocks`: activation checkpointing (`checkpointed_blocks`).
 
+    `backward_scale` ``(a, b)``: run the backward of ``a * kl_sum + b * nll_sum`` here, one student
+    chunk at a time (the sums are additive, so the gradients are those of one backward of the
+    whole), and return the sums detached. Then only one chunk's graph is alive at a time, and a
+    chunk holds at most the batch's own number of rows (one exit sample's worth), so the student's
+    activations are those of one forward of the batch whatever `exit_samples` is.
+
     Returns:
         ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
-        (differentiable), and a dict of detached sums for `calibration_stats`.
+        (differentiable unless `backward_scale`), and a dict of detached sums for `calibration_stats`.
     """
     L, layers = ee_model.n_layers, ee_model.exit_layers
     target, teacher_logits = streamed_targets(ee_model, ids, attn, kl_factor)  # [b,pos,m+1], [b,pos,vocab]
@@ -235,13 +242,24 @@ def calibration_sums(
     rep = lambda x: x.unsqueeze(0).expand(exit_samples, *x.shape).reshape(exit_samples * b, *x.shape[1:])
     flat_s = sampled.reshape(exit_samples * b, t)
     src = torch.arange(exit_samples * b, device=ids.device) % b  # the teacher row of each student row
-    kl, logpi = _student_terms(
-        ee_model, rep(ids), flat_s, rep(attn), teacher_logits, src, chunk_rows, checkpoint_blocks
-    )  # [S*b, pos], [S*b, pos, m+1]
     pm = rep(predict).float()
     em = rep(exitable).float()
-    kl_sum = (kl * pm).sum()
-    nll_sum = -(logpi.gather(-1, ee_model.exit_index(flat_s).unsqueeze(-1)).squeeze(-1) * em).sum()
+    idx = ee_model.exit_index(flat_s)
+    if backward_scale is not None and chunk_rows is not None:
+        chunk_rows = min(chunk_rows, b)
+    kl = torch.zeros(exit_samples * b, t, device=ids.device)
+    logpi = torch.zeros(exit_samples * b, t, len(layers) + 1, device=ids.device)
+    kl_sum = nll_sum = torch.zeros((), device=ids.device)
+    for rows, w, kl_r, logpi_r in _student_chunks(
+        ee_model, rep(ids), flat_s, rep(attn), teacher_logits, src, chunk_rows, checkpoint_blocks
+    ):
+        k_s = (kl_r * pm[rows, :w]).sum()
+        n_s = -(logpi_r.gather(-1, idx[rows, :w].unsqueeze(-1)).squeeze(-1) * em[rows, :w]).sum()
+        if backward_scale is not None:
+            (backward_scale[0] * k_s + backward_scale[1] * n_s).backward()
+            k_s, n_s = k_s.detach(), n_s.detach()
+        kl_sum, nll_sum = kl_sum + k_s, nll_sum + n_s
+        kl[rows, :w], logpi[rows, :w] = kl_r.detach(), logpi_r.detach()
     with torch.no_grad():
         e = exitable.float()
         stu = logpi.exp().reshape(exit_samples, b, t, -1)[0]
@@ -261,7 +279,7 @@ def calibration_sums(
     return kl_sum, nll_sum, sums
 
 
-def _student_terms(
+def _student_chunks(
     ee_model,
     ids: Int[Tensor, "n pos"],
     exits: Int[Tensor, "n pos"],
@@ -273,24 +291,23 @@ def _student_terms(
 ):
     """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
 
+    Yields ``(rows, w, kl [len(rows), w], logpi [len(rows), w, m+1])`` per chunk (differentiable).
     Row `i` is compared with the teacher's row ``src[i]``. Sequences are right-padded, so a chunk
-    is cut to its longest sequence and its results padded back with zeros (positions no loss
-    reads): a batch mixing short and long tasks stops paying for padding, with the one-pass
-    result up to float rounding.
+    is cut to its longest sequence `w` (positions beyond it are padding no loss reads): a batch
+    mixing short and long tasks stops paying for padding, with the one-pass result up to float
+    rounding. The generator runs a chunk's forward only when the previous one is consumed, so a
+    caller that runs each chunk's backward keeps one chunk's graph at a time.
     """
     n, t = ids.shape
     lengths = attn.sum(1)
     order = lengths.argsort(descending=True, stable=True)
-    kls, logpis = [], []
     for rows in order.split(chunk_rows or n):
         w = max(int(lengths[rows].max()), 1)
         resid, z, _ = ee_model.final_residual(
             ids[rows, :w], attention_mask=attn[rows, :w], exit_at=exits[rows, :w], checkpoint_blocks=checkpoint_blocks
         )
-        kls.append(nn.functional.pad(_student_kl(ee_model, resid, teacher_logits, src[rows]), (0, t - w)))
-        logpis.append(nn.functional.pad(exit_log_probs(z), (0, 0, 0, t - w)))
-    inverse = order.argsort()
-    return torch.cat(kls)[inverse], torch.cat(logpis)[inverse]
+        yield rows, w, _student_kl(ee_model, resid, teacher_logits, src[rows]), exit_log_probs(z)
+        del resid, z
 
 
 def _student_kl(ee_model, resid: Float[Tensor, "n w d_model"], teacher_logits: Tensor, src: Tensor) -> Tensor:
@@ -478,7 +495,9 @@ def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tup
     total: dict[str, Tensor] = {}
     for g, (ids, attn, predict) in shards:
         gen = torch.Generator().manual_seed(distributed.shard_seed(cfg.seed * 7_919 + step, g))
-        kl_sum, nll_sum, sums = calibration_sums(
+        # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
+        scale = distributed.world_size() / counts.clamp(min=1)
+        _, _, sums = calibration_sums(
             ee_model,
             ids,
             attn,
@@ -487,9 +506,8 @@ def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tup
             cfg.exit_samples,
             gen,
             checkpoint_blocks=cfg.activation_checkpointing,
+            backward_scale=(scale[0], scale[1]),
         )
-        # x world: gradients are averaged over ranks, and the mean of the ranks' shares must be the global loss
-        (distributed.world_size() * (kl_sum / counts[0].clamp(min=1) + nll_sum / counts[1].clamp(min=1))).backward()
         total = {k: total[k] + v for k, v in sums.items()} if total else sums
     stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)
     return {"step": step + 1, **stats}, True

@@ -65,15 +65,24 @@ def _lively(ee_model):
 
 
 @pytest.mark.parametrize("checkpoint_blocks", [False, True])
-def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blocks):
+@pytest.mark.parametrize("backward_inside", [False, True])
+def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blocks, backward_inside):
+    """Also with `backward_scale`: each student chunk's backward run inside, as `calibration_step` does."""
     _lively(tiny_ee)
     ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
     kl0, nll0, target0 = _old_calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0))
-    g0 = _grads(tiny_ee, kl0 + nll0)
-    kl1, nll1, sums = calibration_sums(
-        tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0), checkpoint_blocks=checkpoint_blocks
-    )
-    g1 = _grads(tiny_ee, kl1 + nll1)
+    g0 = _grads(tiny_ee, 0.5 * kl0 + 2 * nll0)
+    gen = torch.Generator().manual_seed(0)
+    kw = dict(checkpoint_blocks=checkpoint_blocks)
+    if backward_inside:
+        for p in tiny_ee.trainable_parameters():
+            p.grad = None
+        kl1, nll1, sums = calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, gen, backward_scale=(0.5, 2.0), **kw)
+        assert not kl1.requires_grad and not nll1.requires_grad
+        g1 = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tiny_ee.trainable_parameters()]
+    else:
+        kl1, nll1, sums = calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, gen, **kw)
+        g1 = _grads(tiny_ee, 0.5 * kl1 + 2 * nll1)
     e = _exitable(predict).float().unsqueeze(-1)
     torch.testing.assert_close(sums["target"], (target0 * e).sum((0, 1)), rtol=0, atol=LOSS_ATOL)
     torch.testing.assert_close(kl1, kl0, rtol=0, atol=LOSS_ATOL)
