@@ -148,25 +148,13 @@ def run_calibrate(
     task_lib.get(task)  # an unknown task fails here, before the model loads
     out = check_writable(out)
     ee = _fresh_ee(model, layers, head, device, dtype, seed=cfg.seed)  # heads, like adapters, from the seed
-    kw = {
-        k: v
-        for k, v in asdict(cfg).items()
-        if k not in ("kl_factor", "exit_samples", "steps", "batch_size", "lr", "lora", "seed")
-    }
     res = calibrate(
         ee,
         task,
-        kl_factor=cfg.kl_factor,
-        exit_samples=cfg.exit_samples,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        lora=cfg.lora,
-        seed=cfg.seed,
         checkpoint_dir=out / "checkpoint",
         progress=progress,
         start=_origin(model if model is not None else "tiny-reasoner"),
-        **kw,
+        **asdict(cfg),
     )
     if not distributed.is_main():  # under torchrun rank 0 writes the results
         return out / "model"
