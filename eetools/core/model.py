@@ -212,6 +212,10 @@ class EarlyExitModel(nn.Module):
             )
         return exit_layers.long()
 
+    def _here(self, t: Tensor | None) -> Tensor | None:
+        """`t` on the model's device (a no-op when it is there): public forwards accept tensors on any device."""
+        return None if t is None else t.to(self.device)
+
     # ------------------------------------------------------------------ core
     def run_with_exits(
         self,
@@ -231,6 +235,7 @@ class EarlyExitModel(nn.Module):
         exited there are skipped). Pass a `state` whose hooks are already attached (see
         `ExitState`) to run many forwards under one hook context, as generation does.
         """
+        tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         b, t = tokens.shape
         exit_at = (
             torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device)
@@ -257,6 +262,7 @@ class EarlyExitModel(nn.Module):
     @torch.no_grad()
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
         """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
+        tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         # adapters off and the norm shortcut, for the forward and the readouts alike
         with capturing(self, self.exit_layers, base=True, norm_shortcut=True) as store:
@@ -286,6 +292,7 @@ class EarlyExitModel(nn.Module):
         `checkpointed_blocks` (ignored with a cache).
         """
         L = self.n_layers
+        tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         state, hooks = None, []
         if exit_at is not None:
             state = ExitState(self)
@@ -325,6 +332,7 @@ class EarlyExitModel(nn.Module):
         """
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, pos], got shape {tuple(tokens.shape)}")
+        tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         exit_layers = self._check_exit_layers(exit_layers.to(tokens.device), tokens.shape)
         logits, z, exit_at, _ = self.run_with_exits(tokens, attention_mask, exit_at=exit_layers)
         return PrescribedOutput(logprobs=logits.float().log_softmax(-1), exit_logits=z, exit_layers=exit_at)

@@ -175,6 +175,8 @@ def test_cached_generation_equals_uncached_and_rescoring_reproduces_logprobs(tin
     # re-score in prescribed mode
     out = tiny_ee.prescribed_forward(a.sequences, a.prescribed_exit_layers(), attention_mask=a.attention_mask)
     P = a.prompt_tokens.shape[1]
+    # the rollout's tensors may sit elsewhere (CPU) than the model's outputs (--device cuda)
+    out = type(out)(*(t.to(a.tokens.device) for t in (out.logprobs, out.exit_logits, out.exit_layers)))
     tok_lp = out.logprobs[:, P - 1 : -1].gather(-1, a.tokens[..., None]).squeeze(-1)
     torch.testing.assert_close(tok_lp * a.mask, a.token_logprobs, atol=CACHE_TOL, rtol=0)
     ex_lp = out.exit_logprobs()[:, P - 1 : -1].gather(-1, tiny_ee.exit_index(a.exit_layers)[..., None]).squeeze(-1)
