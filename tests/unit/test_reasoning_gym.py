@@ -265,3 +265,16 @@ def test_cli_calibrates_on_a_gym_task(bpe_folder, tmp_path, capsys):
     assert main(["calibrate", "--model", str(bpe_folder), "--task", "gym:legs", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown reasoning-gym dataset 'legs'" in err[0], err
+
+
+def test_evaluate_runs_on_a_gym_task_through_the_bridges_template(bpe_folder):
+    import eetools
+
+    bridge = eetools.load_model(bpe_folder)
+    assert "<|im_start|>assistant\n" in tasks.get("gym:aiw", tokenizer=bridge).test_split()[0].prompt
+    torch.manual_seed(0)
+    ee = eetools.attach_exit_heads(bridge, layers=[1, 2, 3])
+    ev = eetools.evaluate(ee, "gym:aiw", n=3, max_new_tokens=4, progress=False)
+    assert set(ev.summary["system"]) == {"model", "base", "oracle"}
+    assert ev.summary["accuracy"].between(0, 1).all() and ev.summary["compute"].between(0, 1).all()
+    assert ev.summary["coherence_reasoning"].isna().all()  # no step checker: NaN, not a score of 0
