@@ -150,6 +150,19 @@ def test_bad_names_and_configs_are_one_line_errors():
     assert all(len(e.meta["entry"]["metadata"]["animals"]) == 1 for e in small.sample(5, seed=0))
 
 
+def test_datasets_generate_and_score_without_the_network(monkeypatch):
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reasoning-gym tried to open a network connection")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in DATASETS:
+        task = tasks.from_reasoning_gym(name, seed=5, size=3)
+        assert all(task.score(e, e.reasoning) == 1.0 for e in task.test_split() + task.sample(3, seed=0))
+
+
 def test_missing_install_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "reasoning_gym", None)  # `import reasoning_gym` now fails
     with pytest.raises(ImportError, match=r"pip install 'eetools\[gym\]'"):
