@@ -122,6 +122,11 @@ def load_config_file(path: str | None) -> dict:
     return data
 
 
+TASK_HELP = (
+    "task: addition, tom, a reasoning-gym dataset gym:NAME (e.g. gym:leg_counting; needs "
+    "pip install 'eetools[gym]'), or a mixture joined by + (addition+tom)"
+)
+
 # limits of the options that are not config-dataclass fields (`eetools.core.options.check_value`)
 ARG_LIMITS = {
     "n": ">= 1",
@@ -313,7 +318,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)"
     )
-    p.add_argument("--task", default="addition", help="task name (addition, tom)")
+    p.add_argument("--task", default="addition", help=TASK_HELP)
     p.add_argument("--layers", type=int, nargs="+", default=None, help="exitable layers (default: every layer 1..L-1)")
     p.add_argument(
         "--head",
@@ -331,13 +336,13 @@ def make_parser() -> argparse.ArgumentParser:
         default="tiny-reasoner/calibrated",
         help="exit-model checkpoint folder or preset to start from (default: tiny-reasoner/calibrated)",
     )
-    p.add_argument("--task", default="addition", help="task name")
+    p.add_argument("--task", default="addition", help=TASK_HELP)
     add_config_args(p, RLConfig)
 
     p = sub.add_parser("evaluate", help="accuracy, compute and coherence against the base model and the oracle")
     _common(p, "runs/evaluate")
     p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
-    p.add_argument("--task", default="addition", help="task name")
+    p.add_argument("--task", default="addition", help=TASK_HELP)
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
     p.add_argument("--mode", default="sample", choices=["sample", "threshold", "off"], help="exit mode")
     p.add_argument(
@@ -353,7 +358,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tradeoff", help="accuracy against layers saved over exit thresholds, with base and oracle")
     _common(p, "runs/tradeoff")
     p.add_argument("--exit-model", default="tiny-reasoner/rl", help="exit-model checkpoint folder or preset")
-    p.add_argument("--task", default="addition", help="task name")
+    p.add_argument("--task", default="addition", help=TASK_HELP)
     p.add_argument("--n", type=int, default=100, help="held-out examples (default: 100)")
     p.add_argument(
         "--thresholds",

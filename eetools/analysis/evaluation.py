@@ -145,7 +145,7 @@ def evaluate(
     )
     _check_counts(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
     check_value("temperature", temperature, float, ">= 0: 0 means greedy tokens")
-    task = task_lib.get(task)
+    task = task_lib.get(task, tokenizer=ee_model)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = list(examples) if examples is not None else task.test_split()[:n]
     if not exs:
@@ -208,7 +208,7 @@ def _oracle(ee_model, task, exs, base_text: list[str], judges) -> tuple[np.ndarr
     from eetools.analysis.probes.oracle import oracle_exits  # per-token oracle on the base model's greedy text
 
     L, layers = ee_model.n_layers, list(ee_model.exit_layers)
-    pairs = [(e.prompt, task_lib.cut_at_answer(t)) for e, t in zip(exs, base_text)]
+    pairs = [(e.prompt, task.cut(e, t)) for e, t in zip(exs, base_text)]
     odf = oracle_exits(ee_model, pairs, base=True).df
     per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
     comp = [float(per_seq.get(i, 1.0)) for i in range(len(exs))]
@@ -236,7 +236,7 @@ def _summary(per: pd.DataFrame, judges) -> pd.DataFrame:
 
 
 def _rows(system, task, exs, texts, compute, judges):
-    cut = [task_lib.cut_at_answer(t) for t in texts]
+    cut = [task.cut(e, t) for e, t in zip(exs, texts)]
     scores = [task.score(e, c) for e, c in zip(exs, cut)]
     coh = {j.name: score_all(j, exs, cut) for j in judges}
     return [
@@ -266,7 +266,7 @@ def greedy_accuracy(
     from eetools.core.model import attach_exit_heads
 
     _check_counts(n=n, batch_size=batch_size, max_new_tokens=max_new_tokens)
-    task = task_lib.get(task)
+    task = task_lib.get(task, tokenizer=model)
     max_new_tokens = max_new_tokens or task.max_new_tokens
     exs = task.test_split()[:n] if n is not None else task.test_split()
     ee = attach_exit_heads(model)
@@ -282,7 +282,7 @@ def greedy_accuracy(
         progress=progress,
     )
     texts = [t for r in rs for t in r.text]
-    return sum(task.score(e, task_lib.cut_at_answer(t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)
+    return sum(task.score(e, task.cut(e, t)) == 1.0 for e, t in zip(exs, texts)) / len(exs)
 
 
 @dataclass

@@ -69,7 +69,7 @@ def exit_distribution_vs_target(
                 "these heads carry no calibration record (not calibrated, or saved before eetools kept "
                 "one); pass kl_factor=, the k they were calibrated with"
             )
-    exs = list(examples) if examples is not None else task_lib.get(task).test_split()[:n]
+    exs = list(examples) if examples is not None else task_lib.get(task, tokenizer=ee_model).test_split()[:n]
     student, target, count = 0.0, 0.0, 0.0
     L = ee_model.n_layers
     for i in range(0, len(exs), batch_size):

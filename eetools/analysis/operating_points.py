@@ -169,7 +169,7 @@ def tradeoff(
     rules = [("sample", rule.replace(mode="sample"))] if sample else []
     rules += [("threshold", rule.replace(mode="threshold", threshold=t)) for t in thresholds]
     rules += [("confidence", ExitRule(mode="threshold", threshold=t)) for t in confidence]
-    task = task_lib.get(task)  # resolved once for every evaluation
+    task = task_lib.get(task, tokenizer=ee_model)  # resolved once for every evaluation
     examples = task.validation_split(n) if split == "validation" else None
     # the baseline: the same bridge (adapters included) seen through parameter-free heads
     baseline = attach_exit_heads(ee_model.model, ee_model.exit_layers, head="confidence") if confidence else None

@@ -42,3 +42,34 @@ def build_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
         padding_side="left",
     )
     return fast
+
+
+def chat_prompt(tokenizer, user: str, *, system: str | None = None, prepend_bos: bool = True) -> str:
+    """`user` (and `system`) as the text a chat model expects before its reply; `user` alone, ending with a
+    newline, when `tokenizer` is None or has no chat template (a base model such as the tiny reasoner).
+
+    Encoding a prompt prepends ``<bos>`` when the model does (`prepend_bos`, the bridge's
+    ``cfg.default_prepend_bos``), so a template that writes ``<bos>`` itself has it dropped here:
+    the model sees it once.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer, or None.
+        user: the user's message.
+        system: an optional system message (templates without a system role get it above the user's).
+        prepend_bos: whether the encoding of the prompt adds ``<bos>`` itself.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        text = user if system is None else f"{system}\n\n{user}"
+        return text if text.endswith("\n") else text + "\n"
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + [{"role": "user", "content": user}]
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template without a system role (it raises on one): the system text leads the user's
+        if system is None:
+            raise
+        merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
+        text = tokenizer.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+    bos = getattr(tokenizer, "bos_token", None)
+    if prepend_bos and bos and text.startswith(bos):
+        text = text[len(bos) :]
+    return text

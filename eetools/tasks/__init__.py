@@ -11,6 +11,9 @@ from __future__ import annotations
 
 from eetools.tasks.addition import AdditionTask
 from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_jsonl, save_jsonl
+from eetools.tasks.gym import PREFIX as GYM_PREFIX
+from eetools.tasks.gym import ReasoningGymTask, from_reasoning_gym
+from eetools.tasks.protocols import PROTOCOLS, AnswerProtocol, get_protocol
 from eetools.tasks.tom import TomTask
 
 _REGISTRY = {"addition": AdditionTask, "tom": TomTask}
@@ -19,30 +22,43 @@ NAMES = tuple(_REGISTRY)
 _VARIANTS = {"tom-false-belief": lambda: TomTask(false_belief=0.5)}
 
 
-def get(name: str | Task) -> Task:
-    """The task registered under `name` ("addition", "tom", or a mixture "addition+tom"); a Task passes through."""
+def get(name: str | Task, tokenizer=None) -> Task:
+    """The task registered under `name` ("addition", "tom", a reasoning-gym dataset "gym:leg_counting", or a
+    mixture "addition+tom"); a Task passes through.
+
+    `tokenizer` (a tokenizer, bridge or `EarlyExitModel`) is the one whose chat template the prompts of
+    ``gym:`` tasks go through (their defaults otherwise: `from_reasoning_gym`); the shipped tasks ignore it.
+    """
     if isinstance(name, Task):
         return name
     if isinstance(name, str) and "+" in name:
-        return MixtureTask([get(part) for part in name.split("+")])
+        return MixtureTask([get(part, tokenizer) for part in name.split("+")])
+    if isinstance(name, str) and name.startswith(GYM_PREFIX):
+        return from_reasoning_gym(name[len(GYM_PREFIX) :], tokenizer=tokenizer)
     if name in _VARIANTS:
         return _VARIANTS[name]()
     if name not in _REGISTRY:
         raise ValueError(
-            f"unknown task {name!r}; available: {', '.join(NAMES)} (training variants: {', '.join(_VARIANTS)})"
+            f"unknown task {name!r}; available: {', '.join(NAMES)}, gym:<reasoning-gym dataset> "
+            f"(training variants: {', '.join(_VARIANTS)})"
         )
     return _REGISTRY[name]()
 
 
 __all__ = [
     "AdditionTask",
+    "AnswerProtocol",
     "Example",
     "MixtureTask",
     "NAMES",
+    "PROTOCOLS",
+    "ReasoningGymTask",
     "Task",
     "TomTask",
     "cut_at_answer",
+    "from_reasoning_gym",
     "get",
+    "get_protocol",
     "load_jsonl",
     "save_jsonl",
 ]

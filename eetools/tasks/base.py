@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ANSWER_PREFIX = "A: "
+from eetools.tasks.protocols import AnswerLine, AnswerProtocol
+
+ANSWER_PREFIX = AnswerLine.prefix
 # the seed of `Task.validation_split`: a named stream, apart from the integer seeds training uses
 VALIDATION_SEED = "validation"
 
@@ -60,12 +62,15 @@ class Task:
 
     Attributes:
         name: registry name.
+        protocol: how completions state their answer (`extract_answer` and `cut` go through it);
+            the shipped tasks write an ``"A: "`` line.
         malformed_score: score of a correct answer in a malformed completion.
         max_new_tokens: tokens that fit the longest written reasoning of the task (with its
             answer and EOS); generation for this task uses it when not told otherwise.
     """
 
     name: str = ""
+    protocol: AnswerProtocol = AnswerLine()
     malformed_score: float = -1.0
     max_new_tokens: int = 128
 
@@ -100,16 +105,14 @@ class Task:
         except Exception:
             return 0.0
 
-    @staticmethod
-    def extract_answer(completion: str) -> str | None:
-        """The answer of the last ``A: ...`` line, or None if there is none."""
-        if not isinstance(completion, str):
-            return None
-        found = None
-        for line in completion.split("\n"):
-            if line.startswith(ANSWER_PREFIX):
-                found = line[len(ANSWER_PREFIX) :].strip()
-        return found
+    def extract_answer(self, completion: str) -> str | None:
+        """The answer the completion states under the task's protocol (its last one), or None if there is none."""
+        return self.protocol.extract(completion)
+
+    def cut(self, example: Example, completion: str) -> str:
+        """`completion` up to and including its first answer (what the verifier reads; RL and evaluation
+        score this). `example` picks the part of a mixture; a plain task reads only its protocol."""
+        return self.protocol.cut(completion)
 
     def score(self, example: Example, completion: str) -> float:
         """Verifier: 1.0 correct and well-formed, `malformed_score` correct but malformed, else 0.0.
@@ -152,13 +155,9 @@ class Task:
 
 
 def cut_at_answer(completion: str) -> str:
-    """The completion up to and including its first answer line (what the verifier reads)."""
-    idx = completion.find("\n" + ANSWER_PREFIX)
-    start = 0 if completion.startswith(ANSWER_PREFIX) else (idx + 1 if idx >= 0 else -1)
-    if start < 0:
-        return completion
-    end = completion.find("\n", start)
-    return completion if end < 0 else completion[: end + 1]
+    """The completion up to and including its first ``A: ...`` line: the cut of the shipped tasks'
+    protocol. For any task, `Task.cut(example, completion)` cuts under the task's own protocol."""
+    return AnswerLine().cut(completion)
 
 
 def save_jsonl(examples: Iterable[Example], path: str | Path) -> None:
@@ -205,6 +204,9 @@ class MixtureTask(Task):
 
     def steps(self, example: Example, completion: str) -> list[bool]:
         return self._part(example).steps(example, completion)
+
+    def cut(self, example: Example, completion: str) -> str:
+        return self._part(example).cut(example, completion)
 
     def test_split(self) -> list[Example]:
         splits = [p.test_split() for p in self.parts.values()]

@@ -440,7 +440,9 @@ def calibrate(
         **options,
     )
     source = (
-        task_lib.get(task_or_dataset) if isinstance(task_or_dataset, (str, task_lib.Task)) else list(task_or_dataset)
+        task_lib.get(task_or_dataset, tokenizer=ee_model)
+        if isinstance(task_or_dataset, (str, task_lib.Task))
+        else list(task_or_dataset)
     )
     data = source.name if isinstance(source, task_lib.Task) else None  # a dataset: not checked
     _check_args(cfg, source)

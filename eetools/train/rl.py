@@ -500,7 +500,7 @@ def train_rl(
         activation_checkpointing=activation_checkpointing,
     )
     _check_config(ee_model, cfg)
-    task = task_lib.get(task)
+    task = task_lib.get(task, tokenizer=ee_model)
     distributed.setup(ee_model.device)
     distributed.check_divisible(cfg.prompts_per_step, cfg.micro_batches, name="prompts_per_step")
     params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
@@ -585,7 +585,7 @@ def _rollout_shard(
         skip="compute",
         seed=distributed.shard_seed(cfg.seed * 7_919 + step, g),
     )
-    completions = [task_lib.cut_at_answer(t) for t in rollout.text]
+    completions = [task.cut(e, t) for e, t in zip(group, rollout.text)]
     task_r = torch.tensor(_task_rewards(task, reward_fn, group, completions, step, first=g * len(group)))
     objective, per = rl_terms(
         ee_model,
@@ -634,7 +634,7 @@ def _evaluate(ee_model, task, cfg: RLConfig, step: int) -> dict:
             seed=cfg.seed + 12_345,
             skip="compute",
         )
-        comp = [task_lib.cut_at_answer(t) for t in r.text]
+        comp = [task.cut(e, t) for e, t in zip(exs, r.text)]
         out[f"{mode}_accuracy"] = sum(task.score(e, c) == 1.0 for e, c in zip(exs, comp)) / len(exs)
         out[f"{mode}_compute"] = r.batch_compute
         out[f"{mode}_coherence"] = sum(task.coherence(e, c) for e, c in zip(exs, comp)) / len(exs)

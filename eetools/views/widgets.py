@@ -112,7 +112,7 @@ class Explorer:
     """The interactive explorer. Build with `explore(ee_model)`; display it in Jupyter."""
 
     def __init__(self, ee_model, task: str = "addition", n_examples: int = 20, max_new_tokens: int | None = None):
-        self.ee_model, self.task = ee_model, task_lib.get(task)
+        self.ee_model, self.task = ee_model, task_lib.get(task, tokenizer=ee_model)
         self.examples = self.task.test_split()[:n_examples]
         self.max_new_tokens = max_new_tokens or self.task.max_new_tokens
         self.rollout = None

@@ -1,0 +1,228 @@
+"""reasoning-gym datasets as eetools Tasks: procedural prompts, the dataset's own verifier, any answer protocol.
+
+reasoning-gym (``pip install 'eetools[gym]'``) generates its ~100 datasets procedurally from a seed
+(leg counting and Alice-in-Wonderland among them, the tasks the paper's authors used), so nothing
+is downloaded. `from_reasoning_gym` wraps one as a `Task` that calibration, RL and evaluation take
+like the shipped ones:
+
+>>> task = from_reasoning_gym("leg_counting", seed=0, size=100, protocol="tags")  # doctest: +SKIP
+>>> ex = task.sample(1, seed=0)[0]  # doctest: +SKIP
+>>> task.score(ex, "4 legs each, so <answer>" + ex.answer + "</answer>")  # doctest: +SKIP
+1.0
+
+Splits come from distinct seed streams of one base `seed`: ``sample(n, seed)`` (training draws
+with integer seeds), ``validation_split`` (a named stream, leaving out the test split's prompts) and
+``test_split`` (`size` examples of another named stream). The reference `Example.reasoning` is the
+answer alone under the protocol (reasoning-gym writes no chain of thought), so calibrate such a task
+on teacher generations (``continuations="greedy"``) rather than on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import random
+from typing import Any
+
+from eetools.tasks.base import Example, Task
+from eetools.tasks.protocols import AnswerProtocol, get_protocol
+
+PREFIX = "gym:"
+"""Task names of the form ``gym:<dataset>`` (``eetools rl --task gym:leg_counting``) resolve here."""
+_INSTALL = "reasoning-gym is not installed; install it with: pip install 'eetools[gym]'"
+
+
+def _reasoning_gym():
+    """The `reasoning_gym` module, imported on first use (it takes seconds and is an optional extra)."""
+    try:
+        import reasoning_gym
+    except ImportError as err:
+        raise ImportError(_INSTALL) from err
+    return reasoning_gym
+
+
+def dataset_names() -> list[str]:
+    """Names of every reasoning-gym dataset (``leg_counting``, ``aiw``, ``basic_arithmetic``...)."""
+    _reasoning_gym()
+    from reasoning_gym.factory import DATASETS
+
+    return sorted(DATASETS)
+
+
+def _stream_seed(*parts: object) -> int:
+    """A 32-bit seed for a named stream. reasoning-gym draws item ``i`` from ``Random(seed + i)``, so nearby
+    integer seeds would share items; hashing spreads the streams of the splits and steps apart."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "big")
+
+
+def _unwrap(tokenizer) -> tuple[Any, bool]:
+    """The HF tokenizer and the prepend-BOS setting behind a tokenizer, a bridge or an `EarlyExitModel`."""
+    model = getattr(tokenizer, "model", None)
+    if model is not None and hasattr(model, "cfg") and hasattr(model, "tokenizer"):  # an EarlyExitModel
+        tokenizer = model
+    if hasattr(tokenizer, "cfg") and hasattr(tokenizer, "tokenizer"):  # a bridge
+        return tokenizer.tokenizer, bool(tokenizer.cfg.default_prepend_bos)
+    return tokenizer, True
+
+
+class ReasoningGymTask(Task):
+    """One reasoning-gym dataset as a `Task`; build it with `from_reasoning_gym`.
+
+    Attributes:
+        dataset: the reasoning-gym dataset name.
+        config: the dataset's config fields given (the rest keep reasoning-gym's defaults).
+        seed: base seed of every split.
+        size: examples in the test split.
+    """
+
+    malformed_score = 0.0  # the protocol is the only format: an answer it cannot read scores 0
+
+    def __init__(
+        self,
+        dataset: str,
+        *,
+        seed: int = 0,
+        size: int = 500,
+        protocol: str | AnswerProtocol = "tags",
+        tokenizer=None,
+        system: str | None = None,
+        max_new_tokens: int = 512,
+        **config: Any,
+    ):
+        rg = _reasoning_gym()
+        from reasoning_gym.factory import DATASETS
+
+        if not isinstance(dataset, str) or dataset not in DATASETS:
+            raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; available: {', '.join(dataset_names())}")
+        for what, value, low in (("seed", seed, 0), ("size", size, 1), ("max_new_tokens", max_new_tokens, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+        fields = {f.name for f in dataclasses.fields(DATASETS[dataset][1])} - {"seed", "size"}
+        unknown = sorted(set(config) - fields)
+        if unknown:
+            raise ValueError(
+                f"unknown config {', '.join(unknown)} for reasoning-gym dataset {dataset!r}; "
+                f"its config fields: {', '.join(sorted(fields))}"
+            )
+        self.dataset, self.config, self.seed, self.size = dataset, dict(config), seed, size
+        self.protocol = get_protocol(protocol)
+        self.system = system
+        self.max_new_tokens = max_new_tokens
+        self.name = PREFIX + dataset
+        self._tokenizer, self._prepend_bos = _unwrap(tokenizer)
+        self._verifier = self._create(rg, seed=0, size=1)  # checks the config; its score_answer is the verifier
+        self._test: list[Example] | None = None
+
+    def _create(self, rg, *, seed: int, size: int):
+        try:
+            return rg.create_dataset(self.dataset, seed=seed, size=size, **self.config)
+        except (AssertionError, TypeError, ValueError) as err:
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(f"bad config {self.config} for reasoning-gym dataset {self.dataset!r}: {msg}") from None
+
+    def __repr__(self) -> str:
+        config = "".join(f", {k}={v!r}" for k, v in self.config.items())
+        return f"from_reasoning_gym({self.dataset!r}, seed={self.seed}, size={self.size}, protocol={self.protocol.name!r}{config})"
+
+    def prompt(self, question: str) -> str:
+        """The question and the protocol's instruction, through the tokenizer's chat template when it has one."""
+        from eetools.io.tokenizer import chat_prompt
+
+        user = f"{question.strip()}\n\n{self.protocol.instruction}"
+        return chat_prompt(self._tokenizer, user, system=self.system, prepend_bos=self._prepend_bos)
+
+    def sample(self, n: int, seed: int | str) -> list[Example]:
+        """`n` examples of the stream `seed` (under the task's base seed); a longer `n` extends the list."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be an integer >= 0, got {n!r}")
+        if n == 0:
+            return []
+        ds = self._create(_reasoning_gym(), seed=_stream_seed(self.name, self.seed, seed), size=n)
+        return [self._example(ds[i]) for i in range(n)]
+
+    def _example(self, entry: dict) -> Example:
+        answer = "" if entry.get("answer") is None else str(entry["answer"])
+        return Example(
+            task=self.name,
+            prompt=self.prompt(entry["question"]),
+            reasoning=self.protocol.format(answer),
+            answer=answer,
+            meta={"entry": entry},
+        )
+
+    def _make(self, rng: random.Random) -> Example:  # pragma: no cover - sample is overridden
+        return self.sample(1, seed=rng.randrange(2**32))[0]
+
+    def score(self, example: Example, completion: str) -> float:
+        """The dataset's own ``score_answer`` on the answer the protocol reads (0 when there is none);
+        some datasets give partial credit in (0, 1). Never raises."""
+        try:
+            answer = self.protocol.extract(completion)
+            if answer is None:
+                return 0.0
+            entry = example.meta.get("entry") or {"question": "", "answer": example.answer, "metadata": {}}
+            s = float(self._verifier.score_answer(answer, entry))
+            return s if math.isfinite(s) else 0.0
+        except Exception:  # a verifier must never take a training run down
+            return 0.0
+
+    def is_well_formed(self, completion: str) -> bool:
+        """Whether the protocol finds an answer in `completion`."""
+        return self.protocol.extract(completion) is not None
+
+    def steps(self, example: Example, completion: str) -> list[bool]:
+        """reasoning-gym checks answers, not reasoning steps: there are none to check."""
+        return []
+
+    def coherence(self, example: Example, completion: str) -> float:
+        """NaN: reasoning-gym has no checker of written reasoning steps (not 0, which would read as "all wrong")."""
+        return float("nan")
+
+    def test_split(self) -> list[Example]:
+        """`size` examples of the task's ``test`` stream, made on first use (nothing is read from disk)."""
+        if self._test is None:
+            self._test = self.sample(self.size, seed="test")
+        return list(self._test)
+
+
+def from_reasoning_gym(
+    name: str,
+    *,
+    seed: int = 0,
+    size: int = 500,
+    protocol: str | AnswerProtocol = "tags",
+    tokenizer=None,
+    system: str | None = None,
+    max_new_tokens: int = 512,
+    **config: Any,
+) -> ReasoningGymTask:
+    """A reasoning-gym dataset as an eetools `Task`.
+
+    Args:
+        name: the dataset (``"leg_counting"``, ``"aiw"``, ``"basic_arithmetic"``...; `dataset_names()` lists them).
+        seed: base seed of the train, validation and test streams.
+        size: examples in the test split.
+        protocol: how completions state the answer: ``"tags"`` (``<answer>42</answer>``, reasoning-gym's
+            convention), ``"boxed"``, ``"last-line"``, ``"answer-line"`` (``A: 42``, the shipped tasks'),
+            or an `AnswerProtocol`. Prompts end with its instruction; the verifier reads through it.
+        tokenizer: a tokenizer, bridge or `EarlyExitModel` whose chat template the prompts go through;
+            None (or no template) gives the plain question and instruction.
+        system: a system message for the chat template.
+        max_new_tokens: generation length for the task when not told otherwise.
+        **config: the dataset's config fields (e.g. ``min_animals=2`` for leg_counting).
+
+    Raises:
+        ValueError: an unknown dataset, config field or protocol, or a config the dataset rejects.
+        ImportError: reasoning-gym is not installed (``pip install 'eetools[gym]'``).
+    """
+    return ReasoningGymTask(
+        name,
+        seed=seed,
+        size=size,
+        protocol=protocol,
+        tokenizer=tokenizer,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        **config,
+    )
