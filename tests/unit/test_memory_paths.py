@@ -12,7 +12,15 @@ import torch
 
 from eetools.core.encoding import encode_sequences
 from eetools.core.heads import exit_log_probs
-from eetools.train.calibration import _exitable, calibration_sums, exit_targets, kl_student_teacher
+from eetools.train import calibration
+from eetools.train.calibration import (
+    ONE_PASS_ELEMENTS,
+    _exitable,
+    calibration_sums,
+    exit_targets,
+    kl_student_teacher,
+    one_pass_size,
+)
 
 LOSS_ATOL = 1e-5
 GRAD_ATOL = 1e-5
@@ -64,16 +72,23 @@ def _lively(ee_model):
         p.requires_grad_(True)
 
 
+@pytest.mark.parametrize("one_pass_elements", [0, ONE_PASS_ELEMENTS], ids=["streamed", "one_pass"])
 @pytest.mark.parametrize("checkpoint_blocks", [False, True])
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blocks, backward_inside):
-    """Also with `backward_scale`: each student chunk's backward run inside, as `calibration_step` does."""
+def test_streamed_calibration_equals_the_old_computation(
+    tiny_ee, checkpoint_blocks, backward_inside, one_pass_elements
+):
+    """Also with `backward_scale`: each student chunk's backward run inside, as `calibration_step` does.
+
+    Both paths of `calibration_sums`: streamed (``one_pass_elements=0``) and, the tiny model's
+    step being far below the default budget, one pass.
+    """
     _lively(tiny_ee)
     ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
     kl0, nll0, target0 = _old_calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0))
     g0 = _grads(tiny_ee, 0.5 * kl0 + 2 * nll0)
     gen = torch.Generator().manual_seed(0)
-    kw = dict(checkpoint_blocks=checkpoint_blocks)
+    kw = dict(checkpoint_blocks=checkpoint_blocks, one_pass_elements=one_pass_elements)
     if backward_inside:
         for p in tiny_ee.trainable_parameters():
             p.grad = None
@@ -90,6 +105,56 @@ def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blo
     assert any(bool(g.abs().sum() > 0) for g in g0[len(tiny_ee.heads) * 2 :])  # the adapters get a gradient
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
+
+
+def _shape(vocab, d_model, n_layers, exit_layers):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(d_vocab=vocab, d_model=d_model)
+    return SimpleNamespace(model=SimpleNamespace(cfg=cfg), n_layers=n_layers, exit_layers=list(exit_layers))
+
+
+def test_one_pass_is_taken_only_for_small_vocabulary_sized_tensors():
+    """The one-pass path's element count, and where the default budget puts real shapes."""
+    tiny = _shape(79, 128, 8, range(1, 8))  # the shipped reasoner
+    assert one_pass_size(tiny, 8, 68, 4) == 8 * 68 * (8 * 79 + 4 * (79 + 8 * 128)) <= ONE_PASS_ELEMENTS
+    assert one_pass_size(tiny, 8, 400, 4) <= ONE_PASS_ELEMENTS  # a batch of long ToM traces
+    qwen06 = _shape(151_936, 1024, 8, range(1, 8))  # bench_memory's 0.6B shape
+    qwen4b = _shape(151_936, 2560, 36, range(4, 36, 4))
+    for shape in (qwen06, qwen4b):
+        assert one_pass_size(shape, 1, 8, 4) <= ONE_PASS_ELEMENTS  # a few tokens: small either way
+        assert one_pass_size(shape, 1, 32, 4) > ONE_PASS_ELEMENTS
+        assert one_pass_size(shape, 1, 256, 1) > ONE_PASS_ELEMENTS  # one exit sample of a short trace streams
+
+
+@pytest.mark.parametrize("one_pass_elements,passes,spans", [(0, 1 + 3, True), (ONE_PASS_ELEMENTS, 1 + 1, False)])
+def test_calibration_sums_takes_the_path_its_budget_names(tiny_ee, monkeypatch, one_pass_elements, passes, spans):
+    """Streamed: one student pass per exit sample, the KL checkpointed per span; one pass: the 6 rows together."""
+    _lively(tiny_ee)
+    ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
+    calls = {"forward": 0, "checkpoint": 0}
+    forward, ckpt = tiny_ee.final_residual, calibration.checkpoint
+
+    def count(name, f):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(tiny_ee, "final_residual", count("forward", forward))
+    monkeypatch.setattr(calibration, "checkpoint", count("checkpoint", ckpt))
+    gen = torch.Generator().manual_seed(0)
+    calibration_sums(
+        tiny_ee, ids, attn, predict, 4.0, 3, gen, backward_scale=(1.0, 1.0), one_pass_elements=one_pass_elements
+    )
+    assert calls["forward"] == passes  # the teacher's, then the student's
+    assert (calls["checkpoint"] > 0) == spans
+    size = one_pass_size(tiny_ee, *ids.shape, 3)
+    assert 0 < size <= ONE_PASS_ELEMENTS
+    calls["forward"] = 0
+    calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, gen, backward_scale=(1.0, 1.0), one_pass_elements=size - 1)
+    assert calls["forward"] == 1 + 3  # one element over the budget streams
 
 
 def _old_rl_objective(ee_model, rollout, task_reward, k, lam, beta):
