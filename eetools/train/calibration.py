@@ -46,8 +46,8 @@ residuals out (final norm, unembedding, log-softmax) this many at a time and red
 per position at once, so no tensor of every position's vocabulary is kept."""
 
 
-ONE_PASS_ELEMENTS = 2**25
-"""Default `CalibrationConfig.one_pass_elements` (about 33.5 M; 128 MiB per float32 copy)."""
+ONE_PASS_ELEMENTS = 2**24
+"""Default `CalibrationConfig.one_pass_elements` (16.8 M: 64 MiB per float32 copy)."""
 
 
 def position_spans(n_pos: int, n_rows: int, per_span: int | None = LOGIT_ROWS) -> list[slice]:
@@ -57,20 +57,18 @@ def position_spans(n_pos: int, n_rows: int, per_span: int | None = LOGIT_ROWS) -
 
 
 def one_pass_size(ee_model, rows: int, positions: int, exit_samples: int) -> int:
-    """Elements of the largest tensors a calibration step of ``rows x positions`` holds in one pass.
+    """Vocabulary entries a calibration step of ``rows x positions`` reads out when it reads every position at once.
 
-    ``rows * positions * ((m+1) * vocab + exit_samples * (vocab + n_layers * d_model))``: the
-    teacher's log-probs at every exitable layer and at the end, and, per exit sample, the student's
-    log-probs and one ``d_model``-wide activation per block (the least a block keeps for its
-    backward; the real count is a small multiple of it). `calibration_sums` runs the step in one
-    pass when this is at most its `one_pass_elements`: the shipped tiny reasoner (vocabulary 79,
-    d_model 128, 8 blocks) at 8 sequences x 68 tokens is 2.7 M; a Qwen3-0.6B shape (vocabulary
-    151,936) is 1.9 M per token, so 18 tokens of one sequence already exceed the default 2**25.
+    ``rows * positions * vocab * ((m+1) + exit_samples)``: the teacher's log-probs at the `m`
+    exitable layers and at the end, and the student's for every exit sample (all of them alive
+    when the caller runs one backward; one sample's rows at a time with `backward_scale`).
+    `calibration_sums` reads positions out at once when this is at most its `one_pass_elements`;
+    the student's block activations do not depend on that choice. The shipped tiny reasoner
+    (vocabulary 79, 7 exitable layers) at 8 sequences x 68 tokens: 0.5 M; a Qwen3 vocabulary
+    (151,936) with 7 exitable layers: 1.8 M per token of one sequence, so 10 tokens exceed 2**24.
     """
-    cfg = ee_model.model.cfg
-    vocab, width = int(cfg.d_vocab), ee_model.n_layers * int(cfg.d_model)
-    per_position = (len(ee_model.exit_layers) + 1) * vocab + exit_samples * (vocab + width)
-    return rows * positions * per_position
+    vocab = int(ee_model.model.cfg.d_vocab)
+    return rows * positions * vocab * (len(ee_model.exit_layers) + 1 + exit_samples)
 
 
 def exit_targets(
@@ -174,7 +172,7 @@ class CalibrationConfig:
     activation_checkpointing: bool = False
     """Recompute the blocks' attention and MLP in the backward instead of keeping their activations (less memory, about a third more compute of the blocks); the same loss and gradients. Turn it on for hub models and long traces: with it a step's extra memory stays near a LoRA fine-tuning step's on the same tokens (1.10x at 256 tokens, 1.56x without; docs/speed.md). Off by default: the tiny reasoner does not need it, and it costs time."""
     one_pass_elements: int = ONE_PASS_ELEMENTS
-    """Largest micro-batch run in one pass, in elements of its biggest tensors (`one_pass_size`: teacher and student log-probs, one activation per block, for every exit sample). Up to it, the exit samples run together in chunks of 16 rows and every position is read out at once (faster on small models such as the tiny reasoner); above it, one exit sample's rows at a time with the losses streamed over positions (memory like fine-tuning's). The same loss and gradients up to float rounding; 0 always streams."""
+    """Largest micro-batch whose log-probs are read out for every position at once, in vocabulary entries (`one_pass_size`: rows x positions x vocabulary x (exit layers + 1 + exit_samples)). Up to it, the teacher's and student's log-probs are computed in one pass and kept for the backward (fewer, larger operations: faster on small vocabularies such as the tiny reasoner's); above it they are streamed over chunks of positions and the student's recomputed in the backward (memory like fine-tuning's). The same loss and gradients up to float rounding; 0 always streams."""
 
 
 @dataclass
@@ -249,11 +247,12 @@ def calibration_sums(
     chunk holds at most the batch's own number of rows (one exit sample's worth), so the student's
     activations are those of one forward of the batch whatever `exit_samples` is.
 
-    `one_pass_elements`: when `one_pass_size` of the batch is at most this, the step runs in one
-    pass instead: the student's chunks take `chunk_rows` rows across exit samples, and the teacher's
-    and student's log-probs are read out for every position at once, without recomputation in the
-    backward (fewer, larger operations: faster where the vocabulary is small). Both paths compute
-    the same sums (equal up to float rounding; tests/unit/test_memory_paths.py).
+    `one_pass_elements`: when `one_pass_size` of the batch is at most this, the teacher's and the
+    student's log-probs are read out for all positions at once and the student's kept for the
+    backward, instead of `LOGIT_ROWS` rows x positions at a time and recomputed (fewer, larger
+    operations: faster where the vocabulary is small). The student's chunks of rows, and so its
+    block activations, are the same either way; so are the sums, up to float rounding
+    (tests/unit/test_memory_paths.py).
 
     Returns:
         ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
@@ -261,8 +260,7 @@ def calibration_sums(
     """
     L, layers = ee_model.n_layers, ee_model.exit_layers
     b, t = ids.shape
-    one_pass = one_pass_size(ee_model, b, t, exit_samples) <= one_pass_elements
-    per_span = None if one_pass else LOGIT_ROWS
+    per_span = None if one_pass_size(ee_model, b, t, exit_samples) <= one_pass_elements else LOGIT_ROWS
     target, teacher_logits = streamed_targets(ee_model, ids, attn, kl_factor, per_span)  # [b,pos,m+1], [b,pos,vocab]
     exitable = _exitable(predict)
     flat = target.reshape(-1, target.shape[-1]).cpu()
@@ -281,7 +279,7 @@ def calibration_sums(
     pm = rep(predict).float()
     em = rep(exitable).float()
     idx = ee_model.exit_index(flat_s)
-    if backward_scale is not None and chunk_rows is not None and not one_pass:
+    if backward_scale is not None and chunk_rows is not None:
         chunk_rows = min(chunk_rows, b)
     kl = torch.zeros(exit_samples * b, t, device=ids.device)
     logpi = torch.zeros(exit_samples * b, t, len(layers) + 1, device=ids.device)

@@ -107,33 +107,38 @@ def test_streamed_calibration_equals_the_old_computation(
         torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
 
 
-def _shape(vocab, d_model, n_layers, exit_layers):
+def _shape(vocab, exit_layers):
     from types import SimpleNamespace
 
-    cfg = SimpleNamespace(d_vocab=vocab, d_model=d_model)
-    return SimpleNamespace(model=SimpleNamespace(cfg=cfg), n_layers=n_layers, exit_layers=list(exit_layers))
+    return SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(d_vocab=vocab)), exit_layers=list(exit_layers))
 
 
 def test_one_pass_is_taken_only_for_small_vocabulary_sized_tensors():
-    """The one-pass path's element count, and where the default budget puts real shapes."""
-    tiny = _shape(79, 128, 8, range(1, 8))  # the shipped reasoner
-    assert one_pass_size(tiny, 8, 68, 4) == 8 * 68 * (8 * 79 + 4 * (79 + 8 * 128)) <= ONE_PASS_ELEMENTS
-    assert one_pass_size(tiny, 8, 400, 4) <= ONE_PASS_ELEMENTS  # a batch of long ToM traces
-    qwen06 = _shape(151_936, 1024, 8, range(1, 8))  # bench_memory's 0.6B shape
-    qwen4b = _shape(151_936, 2560, 36, range(4, 36, 4))
+    """The one-pass readout's element count, and where the default budget puts real shapes."""
+    tiny = _shape(79, range(1, 8))  # the shipped reasoner
+    assert one_pass_size(tiny, 8, 68, 4) == 8 * 68 * 79 * (7 + 1 + 4) <= ONE_PASS_ELEMENTS
+    assert one_pass_size(tiny, 8, 409, 4) <= ONE_PASS_ELEMENTS  # a batch with long ToM traces
+    assert one_pass_size(tiny, 16, 512, 8) <= ONE_PASS_ELEMENTS  # 16 sequences of 512 tokens, 8 exit samples
+    qwen06 = _shape(151_936, range(1, 8))  # bench_memory's 0.6B shape, 8 blocks
+    qwen4b = _shape(151_936, range(4, 36, 4))  # Qwen3-4B, 36 blocks, about 8 exitable layers
     for shape in (qwen06, qwen4b):
         assert one_pass_size(shape, 1, 8, 4) <= ONE_PASS_ELEMENTS  # a few tokens: small either way
-        assert one_pass_size(shape, 1, 32, 4) > ONE_PASS_ELEMENTS
+        assert one_pass_size(shape, 1, 16, 4) > ONE_PASS_ELEMENTS
         assert one_pass_size(shape, 1, 256, 1) > ONE_PASS_ELEMENTS  # one exit sample of a short trace streams
 
 
-@pytest.mark.parametrize("one_pass_elements,passes,spans", [(0, 1 + 3, True), (ONE_PASS_ELEMENTS, 1 + 1, False)])
-def test_calibration_sums_takes_the_path_its_budget_names(tiny_ee, monkeypatch, one_pass_elements, passes, spans):
-    """Streamed: one student pass per exit sample, the KL checkpointed per span; one pass: the 6 rows together."""
+@pytest.mark.parametrize("margin,streamed", [(-1, True), (0, False), (None, True)])
+def test_calibration_sums_takes_the_path_its_budget_names(tiny_ee, monkeypatch, margin, streamed):
+    """Streamed: readouts per span of positions, the student's under checkpoint; one pass: every position at once.
+
+    `margin`: the budget relative to this batch's `one_pass_size` (None: budget 0).
+    """
     _lively(tiny_ee)
     ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
-    calls = {"forward": 0, "checkpoint": 0}
-    forward, ckpt = tiny_ee.final_residual, calibration.checkpoint
+    size = one_pass_size(tiny_ee, *ids.shape, 3)
+    assert size == 2 * ids.shape[1] * tiny_ee.model.cfg.d_vocab * (len(tiny_ee.exit_layers) + 1 + 3)
+    assert size <= ONE_PASS_ELEMENTS  # the tiny model's default: one pass
+    calls = {"forward": 0, "readout": 0, "checkpoint": 0}
 
     def count(name, f):
         def wrapped(*a, **k):
@@ -142,19 +147,27 @@ def test_calibration_sums_takes_the_path_its_budget_names(tiny_ee, monkeypatch, 
 
         return wrapped
 
-    monkeypatch.setattr(tiny_ee, "final_residual", count("forward", forward))
-    monkeypatch.setattr(calibration, "checkpoint", count("checkpoint", ckpt))
-    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(tiny_ee, "final_residual", count("forward", tiny_ee.final_residual))
+    monkeypatch.setattr(tiny_ee, "readout", count("readout", tiny_ee.readout))
+    monkeypatch.setattr(calibration, "checkpoint", count("checkpoint", calibration.checkpoint))
+    budget = 0 if margin is None else size + margin
     calibration_sums(
-        tiny_ee, ids, attn, predict, 4.0, 3, gen, backward_scale=(1.0, 1.0), one_pass_elements=one_pass_elements
+        tiny_ee,
+        ids,
+        attn,
+        predict,
+        4.0,
+        3,
+        torch.Generator().manual_seed(0),
+        backward_scale=(1, 1),
+        one_pass_elements=budget,
     )
-    assert calls["forward"] == passes  # the teacher's, then the student's
-    assert (calls["checkpoint"] > 0) == spans
-    size = one_pass_size(tiny_ee, *ids.shape, 3)
-    assert 0 < size <= ONE_PASS_ELEMENTS
-    calls["forward"] = 0
-    calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, gen, backward_scale=(1.0, 1.0), one_pass_elements=size - 1)
-    assert calls["forward"] == 1 + 3  # one element over the budget streams
+    assert calls["forward"] == 1 + 3  # the teacher's, then one student pass per exit sample either way
+    one_pass_readouts = 1 + len(tiny_ee.exit_layers) + 3  # teacher: final and each exit layer; student: each pass
+    if streamed:
+        assert calls["checkpoint"] > 0 and calls["readout"] > one_pass_readouts
+    else:
+        assert calls["checkpoint"] == 0 and calls["readout"] == one_pass_readouts
 
 
 def _old_rl_objective(ee_model, rollout, task_reward, k, lam, beta):
