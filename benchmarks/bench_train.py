@@ -1,6 +1,10 @@
 """Calibration and RL step time and peak memory on the shipped model, in one run.
 
 - ``calib_step_s``: seconds per calibration step (batch 8, 4 exit samples, LoRA on), addition;
+- ``calib_streamed_vs_onepass``: time of one calibration step's forward and backward (the batch of
+  ``calib_step_s``) streamed (``one_pass_elements=0``: one exit sample at a time, losses over
+  position chunks, as for hub models) / in one pass (the default on this model), alternated in one
+  process; ``calib_streamed_vs_onepass_mixture`` the same on an addition+tom batch (long traces);
 - ``rl_step_s``: seconds per RL step (8 prompts x K=8 rollouts, 80 new tokens), addition,
   from the calibrated preset (target <= 3 s on CPU);
 - ``rl_step_mixture_s``: the same on the addition+tom mixture (long ToM reasoning), as ``reproduce`` runs it;
@@ -20,6 +24,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 import sys
@@ -28,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import compare, main  # noqa: E402
+from _timing import compare, main, paired_ratio, timings  # noqa: E402
 
 
 def _peak_mb(device: str) -> float:
@@ -50,6 +55,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     t = time.perf_counter()
     calibrate(ee, "addition", steps=steps, seed=1, progress=False)
     calib = (time.perf_counter() - t) / steps
+    paths = _calibration_paths(ee, quick)
     ee = eetools.load_exit_model("tiny-reasoner/calibrated", model=eetools.load_model(device=device, dtype=dtype))
     train_rl(ee, "addition", steps=1, eval_every=0, progress=False, temperature=0)
     t = time.perf_counter()
@@ -60,11 +66,30 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
     mixture = (time.perf_counter() - t) / (1 if quick else 2)
     return {
         "calib_step_s": calib,
+        **paths,
         "rl_step_s": rl,
         "rl_step_mixture_s": mixture,
         **_mixture_ratios(ee, quick),
         "peak_mem_mb": _peak_mb(device),
     }
+
+
+def _calibration_paths(ee, quick: bool) -> dict:
+    """A calibration step streamed / in one pass, alternated (paired ratios: load drift cancels)."""
+    from eetools import tasks
+    from eetools.train.calibration import CalibrationConfig, calibration_step
+
+    out = {}
+    for key, task in (("calib_streamed_vs_onepass", "addition"), ("calib_streamed_vs_onepass_mixture", "addition+tom")):
+        source = tasks.get(task)
+        fns = {
+            "streamed": functools.partial(calibration_step, ee, source, CalibrationConfig(one_pass_elements=0), 0),
+            "one_pass": functools.partial(calibration_step, ee, source, CalibrationConfig(), 0),
+        }
+        out[key] = paired_ratio(timings(fns, repeats=3 if quick else 7), "streamed", "one_pass")
+    for p in ee.trainable_parameters():
+        p.grad = None
+    return out
 
 
 def _mixture_ratios(ee, quick: bool) -> dict:

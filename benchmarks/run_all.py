@@ -19,6 +19,8 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
   rl_terms_chunked_vs_one_pass, rl_terms_shared_vs_chunked, decode_compact_vs_full,
   decode_distinct_prefill_vs_every_row: what length-sorted chunks, running each prompt once for
   its k rollouts, and dropping finished rows save on a mixture batch (< 1: faster);
+  calib_streamed_vs_onepass(_mixture): a calibration step streamed (as for hub models) / in one
+  pass (the default on the shipped model), addition and addition+tom batches (> 1: one pass faster);
 - calib_mem_vs_sft_{256,1024,4096}, rl_mem_vs_sft_{256,1024}: extra peak memory of a calibration
   step and an RL step / a LoRA fine-tuning step on the same tokens, each in a fresh process
   (bench_memory; target <= 1.5).

@@ -46,10 +46,29 @@ residuals out (final norm, unembedding, log-softmax) this many at a time and red
 per position at once, so no tensor of every position's vocabulary is kept."""
 
 
-def position_spans(n_pos: int, n_rows: int) -> list[slice]:
-    """Slices of ``range(n_pos)`` holding about `LOGIT_ROWS` rows x positions each."""
-    step = max(1, LOGIT_ROWS // max(n_rows, 1))
-    return [slice(s, min(s + step, n_pos)) for s in range(0, n_pos, step)]
+ONE_PASS_ELEMENTS = 2**24
+"""Default `CalibrationConfig.one_pass_elements` (16.8 M: 64 MiB per float32 copy)."""
+
+
+def position_spans(n_pos: int, n_rows: int, per_span: int | None = LOGIT_ROWS) -> list[slice]:
+    """Slices of ``range(n_pos)`` holding about `per_span` rows x positions each (None: one span)."""
+    step = n_pos if per_span is None else max(1, per_span // max(n_rows, 1))
+    return [slice(s, min(s + step, n_pos)) for s in range(0, n_pos, max(step, 1))]
+
+
+def one_pass_size(ee_model, rows: int, positions: int, exit_samples: int) -> int:
+    """Vocabulary entries a calibration step of ``rows x positions`` reads out when it reads every position at once.
+
+    ``rows * positions * vocab * ((m+1) + exit_samples)``: the teacher's log-probs at the `m`
+    exitable layers and at the end, and the student's for every exit sample (all of them alive
+    when the caller runs one backward; one sample's rows at a time with `backward_scale`).
+    `calibration_sums` reads positions out at once when this is at most its `one_pass_elements`;
+    the student's block activations do not depend on that choice. The shipped tiny reasoner
+    (vocabulary 79, 7 exitable layers) at 8 sequences x 68 tokens: 0.5 M; a Qwen3 vocabulary
+    (151,936) with 7 exitable layers: 1.8 M per token of one sequence, so 10 tokens exceed 2**24.
+    """
+    vocab = int(ee_model.model.cfg.d_vocab)
+    return rows * positions * vocab * (len(ee_model.exit_layers) + 1 + exit_samples)
 
 
 def exit_targets(
@@ -77,19 +96,22 @@ def targets_from_kl(
 
 
 @torch.no_grad()
-def streamed_targets(ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, kl_factor: float):
+def streamed_targets(
+    ee_model, ids: Int[Tensor, "b pos"], attn: Tensor, kl_factor: float, per_span: int | None = LOGIT_ROWS
+):
     """`exit_targets` of the base model (adapters off, no exits) and its final logits, streamed.
 
     One forward keeps the residuals at the exitable layers (``d_model`` wide); each chunk of
-    positions is read out through the final norm and unembedding, log-softmaxed in float32 and
-    reduced to its KL at once. Returns ``(target [b, pos, m+1], logits [b, pos, vocab])``, the
-    logits in the model's dtype (as the model made them).
+    positions (`per_span` rows x positions, `position_spans`; None: all at once) is read out
+    through the final norm and unembedding, log-softmaxed in float32 and reduced to its KL at
+    once. Returns ``(target [b, pos, m+1], logits [b, pos, vocab])``, the logits in the model's
+    dtype (as the model made them).
     """
     layers = ee_model.exit_layers
     final, _, early = ee_model.final_residual(ids, attn, capture=layers, base=True)
     b, t, _ = final.shape
     logits, kl = None, torch.zeros(b, len(layers), t, device=final.device)
-    for sl in position_spans(t, b):
+    for sl in position_spans(t, b, per_span):
         z = ee_model.readout(final[:, sl])
         if logits is None:
             logits = z.new_empty(b, t, z.shape[-1])
@@ -121,6 +143,7 @@ class CalibrationConfig:
         "max_new_tokens": ">= 1",
         "checkpoint_every": ">= 1: steps between checkpoints",
         "micro_batches": ">= 1",
+        "one_pass_elements": ">= 0: 0 always streams",
     }
     kl_factor: float = 64.0
     """k in c* = 2 - 2 sigmoid(k KL): larger k, rarer exits, text closer to the base model (64 keeps the tiny reasoner's accuracy; 1 does not)."""
@@ -148,6 +171,8 @@ class CalibrationConfig:
     """Micro-batches per process per step, run one after another with gradients accumulated (less memory). Exit sampling is seeded per micro-batch: processes x micro_batches fixes a run."""
     activation_checkpointing: bool = False
     """Recompute the blocks' attention and MLP in the backward instead of keeping their activations (less memory, about a third more compute of the blocks); the same loss and gradients. Turn it on for hub models and long traces: with it a step's extra memory stays near a LoRA fine-tuning step's on the same tokens (1.10x at 256 tokens, 1.56x without; docs/speed.md). Off by default: the tiny reasoner does not need it, and it costs time."""
+    one_pass_elements: int = ONE_PASS_ELEMENTS
+    """Largest micro-batch whose log-probs are read out for every position at once, in vocabulary entries (`one_pass_size`: rows x positions x vocabulary x (exit layers + 1 + exit_samples)). Up to it, the teacher's and student's log-probs are computed in one pass and kept for the backward (fewer, larger operations: faster on small vocabularies such as the tiny reasoner's); above it they are streamed over chunks of positions and the student's recomputed in the backward (memory like fine-tuning's). The same loss and gradients up to float rounding; 0 always streams."""
 
 
 @dataclass
@@ -203,6 +228,7 @@ def calibration_sums(
     chunk_rows: int | None = CHUNK_ROWS,
     checkpoint_blocks: bool = False,
     backward_scale: tuple | None = None,
+    one_pass_elements: int = ONE_PASS_ELEMENTS,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """The two loss terms of one batch *summed* over their positions, and the sums behind the statistics.
 
@@ -221,14 +247,22 @@ def calibration_sums(
     chunk holds at most the batch's own number of rows (one exit sample's worth), so the student's
     activations are those of one forward of the batch whatever `exit_samples` is.
 
+    `one_pass_elements`: when `one_pass_size` of the batch is at most this, the teacher's and the
+    student's log-probs are read out for all positions at once and the student's kept for the
+    backward, instead of `LOGIT_ROWS` rows x positions at a time and recomputed (fewer, larger
+    operations: faster where the vocabulary is small). The student's chunks of rows, and so its
+    block activations, are the same either way; so are the sums, up to float rounding
+    (tests/unit/test_memory_paths.py).
+
     Returns:
         ``(kl_sum, nll_sum, sums)``: the summed ``KL(student || teacher)`` and exit NLL
         (differentiable unless `backward_scale`), and a dict of detached sums for `calibration_stats`.
     """
     L, layers = ee_model.n_layers, ee_model.exit_layers
-    target, teacher_logits = streamed_targets(ee_model, ids, attn, kl_factor)  # [b,pos,m+1], [b,pos,vocab]
-    exitable = _exitable(predict)
     b, t = ids.shape
+    per_span = None if one_pass_size(ee_model, b, t, exit_samples) <= one_pass_elements else LOGIT_ROWS
+    target, teacher_logits = streamed_targets(ee_model, ids, attn, kl_factor, per_span)  # [b,pos,m+1], [b,pos,vocab]
+    exitable = _exitable(predict)
     flat = target.reshape(-1, target.shape[-1]).cpu()
     if not bool(torch.isfinite(flat).all()):
         raise FloatingPointError(
@@ -251,7 +285,7 @@ def calibration_sums(
     logpi = torch.zeros(exit_samples * b, t, len(layers) + 1, device=ids.device)
     kl_sum = nll_sum = torch.zeros((), device=ids.device)
     for rows, w, kl_r, logpi_r in _student_chunks(
-        ee_model, rep(ids), flat_s, rep(attn), teacher_logits, src, chunk_rows, checkpoint_blocks
+        ee_model, rep(ids), flat_s, rep(attn), teacher_logits, src, chunk_rows, checkpoint_blocks, per_span
     ):
         k_s = (kl_r * pm[rows, :w]).sum()
         n_s = -(logpi_r.gather(-1, idx[rows, :w].unsqueeze(-1)).squeeze(-1) * em[rows, :w]).sum()
@@ -288,6 +322,7 @@ def _student_chunks(
     src: Int[Tensor, " n"],
     chunk_rows: int | None,
     checkpoint_blocks: bool = False,
+    per_span: int | None = LOGIT_ROWS,
 ):
     """Student ``KL(student || teacher)`` per position and exit log-probs, run in length-sorted chunks.
 
@@ -306,19 +341,28 @@ def _student_chunks(
         resid, z, _ = ee_model.final_residual(
             ids[rows, :w], attention_mask=attn[rows, :w], exit_at=exits[rows, :w], checkpoint_blocks=checkpoint_blocks
         )
-        yield rows, w, _student_kl(ee_model, resid, teacher_logits, src[rows]), exit_log_probs(z)
+        yield rows, w, _student_kl(ee_model, resid, teacher_logits, src[rows], per_span), exit_log_probs(z)
         del resid, z
 
 
-def _student_kl(ee_model, resid: Float[Tensor, "n w d_model"], teacher_logits: Tensor, src: Tensor) -> Tensor:
-    """``KL(student || teacher)`` per position ``[n, w]``, `LOGIT_ROWS` positions at a time.
+def _student_kl(
+    ee_model,
+    resid: Float[Tensor, "n w d_model"],
+    teacher_logits: Tensor,
+    src: Tensor,
+    per_span: int | None = LOGIT_ROWS,
+) -> Tensor:
+    """``KL(student || teacher)`` per position ``[n, w]``, `per_span` rows x positions at a time.
 
     Each chunk runs under `torch.utils.checkpoint`: the backward recomputes its readout and
     log-softmax instead of keeping ``[n, w, vocab]`` float32 tensors for every position.
+    ``per_span=None`` (a step small enough for one pass): every position at once, kept for the backward.
     """
+    if per_span is None:
+        return _kl_chunk(ee_model, resid, teacher_logits, src, slice(0, resid.shape[1]))
     parts = [
         checkpoint(_kl_chunk, ee_model, resid[:, sl], teacher_logits, src, sl, use_reentrant=False)
-        for sl in position_spans(resid.shape[1], resid.shape[0])
+        for sl in position_spans(resid.shape[1], resid.shape[0], per_span)
     ]
     return torch.cat(parts, 1)
 
@@ -479,10 +523,12 @@ def _trainable_parameters(ee_model, cfg: CalibrationConfig) -> list:
 
     if cfg.lora and not lora_layers(ee_model):
         add_lora(ee_model, r=cfg.lora_r, alpha=2 * cfg.lora_r, seed=cfg.seed)
+    params = ee_model.trainable_parameters()
+    keep = {id(p) for p in params}  # listed once: each listing walks every module of the bridge
     for p in ee_model.model.parameters():
-        if p.requires_grad and not any(p is q for q in ee_model.trainable_parameters()):
+        if p.requires_grad and id(p) not in keep:
             p.requires_grad_(False)
-    return ee_model.trainable_parameters()
+    return params
 
 
 def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tuple[dict, bool]:
@@ -509,6 +555,7 @@ def calibration_step(ee_model, source, cfg: CalibrationConfig, step: int) -> tup
             gen,
             checkpoint_blocks=cfg.activation_checkpointing,
             backward_scale=(scale[0], scale[1]),
+            one_pass_elements=cfg.one_pass_elements,
         )
         total = {k: total[k] + v for k, v in sums.items()} if total else sums
     stats = calibration_stats(_reduce_sums(total), ee_model.exit_layers, ee_model.n_layers, cfg.exit_samples)

@@ -32,8 +32,8 @@ from eetools.io.exit_checkpoint import save_exit_model
 from eetools.train import distributed
 
 # fields that may change between a run and its resumption (micro_batches: only processes x micro_batches matters;
-# activation_checkpointing: memory only, the same loss and gradients)
-RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches", "activation_checkpointing")
+# activation_checkpointing, one_pass_elements: memory and speed only, the same loss and gradients)
+RESUMABLE_CHANGES = ("steps", "checkpoint_every", "micro_batches", "activation_checkpointing", "one_pass_elements")
 
 
 @dataclass

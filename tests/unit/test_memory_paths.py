@@ -12,7 +12,15 @@ import torch
 
 from eetools.core.encoding import encode_sequences
 from eetools.core.heads import exit_log_probs
-from eetools.train.calibration import _exitable, calibration_sums, exit_targets, kl_student_teacher
+from eetools.train import calibration
+from eetools.train.calibration import (
+    ONE_PASS_ELEMENTS,
+    _exitable,
+    calibration_sums,
+    exit_targets,
+    kl_student_teacher,
+    one_pass_size,
+)
 
 LOSS_ATOL = 1e-5
 GRAD_ATOL = 1e-5
@@ -64,16 +72,23 @@ def _lively(ee_model):
         p.requires_grad_(True)
 
 
+@pytest.mark.parametrize("one_pass_elements", [0, ONE_PASS_ELEMENTS], ids=["streamed", "one_pass"])
 @pytest.mark.parametrize("checkpoint_blocks", [False, True])
 @pytest.mark.parametrize("backward_inside", [False, True])
-def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blocks, backward_inside):
-    """Also with `backward_scale`: each student chunk's backward run inside, as `calibration_step` does."""
+def test_streamed_calibration_equals_the_old_computation(
+    tiny_ee, checkpoint_blocks, backward_inside, one_pass_elements
+):
+    """Also with `backward_scale`: each student chunk's backward run inside, as `calibration_step` does.
+
+    Both paths of `calibration_sums`: streamed (``one_pass_elements=0``) and, the tiny model's
+    step being far below the default budget, one pass.
+    """
     _lively(tiny_ee)
     ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
     kl0, nll0, target0 = _old_calibration_sums(tiny_ee, ids, attn, predict, 4.0, 3, torch.Generator().manual_seed(0))
     g0 = _grads(tiny_ee, 0.5 * kl0 + 2 * nll0)
     gen = torch.Generator().manual_seed(0)
-    kw = dict(checkpoint_blocks=checkpoint_blocks)
+    kw = dict(checkpoint_blocks=checkpoint_blocks, one_pass_elements=one_pass_elements)
     if backward_inside:
         for p in tiny_ee.trainable_parameters():
             p.grad = None
@@ -90,6 +105,69 @@ def test_streamed_calibration_equals_the_old_computation(tiny_ee, checkpoint_blo
     assert any(bool(g.abs().sum() > 0) for g in g0[len(tiny_ee.heads) * 2 :])  # the adapters get a gradient
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
+
+
+def _shape(vocab, exit_layers):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(d_vocab=vocab)), exit_layers=list(exit_layers))
+
+
+def test_one_pass_is_taken_only_for_small_vocabulary_sized_tensors():
+    """The one-pass readout's element count, and where the default budget puts real shapes."""
+    tiny = _shape(79, range(1, 8))  # the shipped reasoner
+    assert one_pass_size(tiny, 8, 68, 4) == 8 * 68 * 79 * (7 + 1 + 4) <= ONE_PASS_ELEMENTS
+    assert one_pass_size(tiny, 8, 409, 4) <= ONE_PASS_ELEMENTS  # a batch with long ToM traces
+    assert one_pass_size(tiny, 16, 512, 8) <= ONE_PASS_ELEMENTS  # 16 sequences of 512 tokens, 8 exit samples
+    qwen06 = _shape(151_936, range(1, 8))  # bench_memory's 0.6B shape, 8 blocks
+    qwen4b = _shape(151_936, range(4, 36, 4))  # Qwen3-4B, 36 blocks, about 8 exitable layers
+    for shape in (qwen06, qwen4b):
+        assert one_pass_size(shape, 1, 8, 4) <= ONE_PASS_ELEMENTS  # a few tokens: small either way
+        assert one_pass_size(shape, 1, 16, 4) > ONE_PASS_ELEMENTS
+        assert one_pass_size(shape, 1, 256, 1) > ONE_PASS_ELEMENTS  # one exit sample of a short trace streams
+
+
+@pytest.mark.parametrize("margin,streamed", [(-1, True), (0, False), (None, True)])
+def test_calibration_sums_takes_the_path_its_budget_names(tiny_ee, monkeypatch, margin, streamed):
+    """Streamed: readouts per span of positions, the student's under checkpoint; one pass: every position at once.
+
+    `margin`: the budget relative to this batch's `one_pass_size` (None: budget 0).
+    """
+    _lively(tiny_ee)
+    ids, attn, predict = encode_sequences(tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n"], ["3", "1+8=9\n4+7=11\nA: 13023"])
+    size = one_pass_size(tiny_ee, *ids.shape, 3)
+    assert size == 2 * ids.shape[1] * tiny_ee.model.cfg.d_vocab * (len(tiny_ee.exit_layers) + 1 + 3)
+    assert size <= ONE_PASS_ELEMENTS  # the tiny model's default: one pass
+    calls = {"forward": 0, "readout": 0, "checkpoint": 0}
+
+    def count(name, f):
+        def wrapped(*a, **k):
+            calls[name] += 1
+            return f(*a, **k)
+
+        return wrapped
+
+    monkeypatch.setattr(tiny_ee, "final_residual", count("forward", tiny_ee.final_residual))
+    monkeypatch.setattr(tiny_ee, "readout", count("readout", tiny_ee.readout))
+    monkeypatch.setattr(calibration, "checkpoint", count("checkpoint", calibration.checkpoint))
+    budget = 0 if margin is None else size + margin
+    calibration_sums(
+        tiny_ee,
+        ids,
+        attn,
+        predict,
+        4.0,
+        3,
+        torch.Generator().manual_seed(0),
+        backward_scale=(1, 1),
+        one_pass_elements=budget,
+    )
+    assert calls["forward"] == 1 + 3  # the teacher's, then one student pass per exit sample either way
+    one_pass_readouts = 1 + len(tiny_ee.exit_layers) + 3  # teacher: final and each exit layer; student: each pass
+    if streamed:
+        assert calls["checkpoint"] > 0 and calls["readout"] > one_pass_readouts
+    else:
+        assert calls["checkpoint"] == 0 and calls["readout"] == one_pass_readouts
 
 
 def _old_rl_objective(ee_model, rollout, task_reward, k, lam, beta):

@@ -60,6 +60,7 @@ def nothing_runs(monkeypatch):
         (["rl", "--checkpoint-every", "0"], "checkpoint_every"),
         (["calibrate", "--checkpoint-every", "0"], "checkpoint_every"),
         (["calibrate", "--kl-factor", "nan"], "kl_factor"),
+        (["calibrate", "--one-pass-elements", "-5"], "one_pass_elements"),
         (["calibrate", "--dtype", "nonsense"], "--dtype"),
         (["calibrate", "--device", "tpu"], "--device"),
         (["calibrate", "--task", "nope"], "nope"),
@@ -150,6 +151,8 @@ def test_train_rl_checks_options_before_running(kwargs, error, needle, tiny_ee, 
         ({"lora": "false"}, TypeError, "lora"),
         ({"batch_size": 2.0}, TypeError, "batch_size"),
         ({"micro_batches": 0}, ValueError, "micro_batches"),
+        ({"one_pass_elements": -1}, ValueError, "one_pass_elements"),
+        ({"one_pass_elements": 1e6}, TypeError, "one_pass_elements"),
     ],
 )
 def test_calibrate_checks_options_before_running(kwargs, error, needle, tiny_ee, monkeypatch):
