@@ -57,8 +57,9 @@ def _rollout(
 
 
 def _titles(fragment: str) -> list[str]:
-    """The unescaped hover texts (``title`` attributes) of the token spans."""
-    return [html.unescape(t) for t in re.findall(r'title="([^"]*)"', fragment)]
+    """The hover texts (rich tooltips) of the token spans, as plain text: lines, tags removed, unescaped."""
+    tips = re.findall(r'<span class="ee-tip"[^>]*>(.*?)</span></span>', fragment, flags=re.S)
+    return [html.unescape(re.sub(r"<[^>]+>", " ", t.replace("<br>", "\n"))) for t in tips]
 
 
 SCRIPT = "<script>alert(1)</script>"
