@@ -98,14 +98,14 @@ def exit_diff(
         ring = ";outline:2px solid #1f4e9a" if t == selected else ""
         parts.append(
             f'<span class="ee-col" data-t="{t}" style="display:inline-flex;flex-direction:column;align-items:center;'
-            f'margin:0 1px 6px 0;vertical-align:top{flag}{ring}">{cells[0]}{cells[1]}'
+            f'min-width:1.1em;margin:0 2px 6px 0;vertical-align:top{flag}{ring}">{cells[0]}{cells[1]}'
             f'<span style="font-size:11px">{delta}</span></span>'
         )
     means = [sum(e) / n if n else float("nan") for e, n in zip(exits, ns)]
+    a_name, b_name = (html.escape(x) for x in names)
     summary = (
-        f"{html.escape(names[0])} over {html.escape(names[1])}: {same} of {max(ns)} positions with the same token; "
-        f"there {html.escape(names[1])} exits earlier at {earlier}, later at {later}; mean exit layer "
-        f"{means[0]:.2f} vs {means[1]:.2f} / {L}"
+        f"{same} of {max(ns)} positions have the same token under both; at those {b_name} exits earlier at "
+        f"{earlier}, later at {later}; mean exit layer {means[0]:.2f} ({a_name}) vs {means[1]:.2f} ({b_name}) / {L}"
     )
     rows = f"rows: {html.escape(names[0])}, {html.escape(names[1])}, exit layer difference ({html.escape(names[1])} − {html.escape(names[0])}; "
     key = (

@@ -190,12 +190,18 @@ def compare_lens_grids(grids: Sequence[LensGrid], *, max_tokens: int = 120) -> g
         raise ValueError("compare_lens_grids needs at least one LensGrid")
     titles = [g.name or f"grid {i}" for i, g in enumerate(grids)]
     heights = [len(g.layers) for g in grids]
+    layout = _layout(grids, max_tokens)
+    plot_height = layout["height"] - layout["margin"]["t"] - layout["margin"]["b"]
     fig = make_subplots(
-        rows=len(grids), cols=1, subplot_titles=titles, row_heights=heights, vertical_spacing=0.5 / (2 + sum(heights))
+        rows=len(grids),
+        cols=1,
+        subplot_titles=titles,
+        row_heights=heights,
+        vertical_spacing=min(70 / plot_height, 0.3) if len(grids) > 1 else 0,  # room for ticks and the next title
     )
     for row, g in enumerate(grids, start=1):
         _add_grid(fig, g, row, max_tokens)
-    fig.update_layout(**_layout(grids, max_tokens))
+    fig.update_layout(**layout)
     return fig
 
 
@@ -349,7 +355,7 @@ def _layout(grids: Sequence[LensGrid], max_tokens: int) -> dict:
         template="plotly_white",
         coloraxis=dict(colorscale=_SCALE, cmin=0, cmax=1, colorbar=dict(title="top-1 p", thickness=12)),
         width=max(520, 110 + 46 * n),
-        height=120 + 30 * rows + 50 * len(grids),
+        height=120 + 30 * rows + 70 * len(grids),
         margin=dict(l=70, r=20, t=60, b=40),
         plot_bgcolor="#f3f3f3",
         legend=dict(orientation="h", yanchor="bottom", y=1.02, x=1, xanchor="right"),

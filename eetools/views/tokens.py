@@ -374,7 +374,8 @@ def _add_heatmap(fig: go.Figure, rollout: Rollout, index: int, value: str, col: 
     c: Float[np.ndarray, "n m"] = _as_numpy(rollout.exit_probs[index, :n]).astype(np.float64)
     allowed = _as_numpy(rollout.allowed_exit_probs[index, :n]).astype(np.float64)  # patience vetoes at 0
     z = (c if value == "exit_prob" else stick_breaking(torch.from_numpy(allowed)).numpy()[:, :-1]).T
-    labels = [visible(s, newline="") for s in rollout.str_tokens[index][:n]]
+    # model text made inert for plotly's pseudo-HTML labels
+    labels = [html.escape(visible(s, newline=""), quote=False) for s in rollout.str_tokens[index][:n]]
     exits: Int[np.ndarray, " n"] = _as_numpy(rollout.exit_layers[index, :n])
     row = {l: k for k, l in enumerate(layers)}
     x = list(range(n))

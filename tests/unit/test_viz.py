@@ -243,7 +243,7 @@ def test_exit_diff_aligns_tokens_and_counts_earlier_and_later_exits():
     out = str(exit_diff(a, b, names=("calibrated", "rl")))
     assert "calibrated vs rl" in out
     # positions 0, 1, 3 agree; there rl exits earlier at 1 (3 -> 1) and 3 (L -> 3)
-    assert "3 of 5 positions with the same token" in out and "earlier at 2, later at 0" in out
+    assert "3 of 5 positions have the same token" in out and "rl exits earlier at 2, later at 0" in out
     cols = re.findall(r'<span class="ee-col"[^>]*>', out)
     assert len(cols) == 5 and sum("border-bottom" in c for c in cols) == 2  # z/Q differ; 5th only in rl
     assert ">-2<" in out and ">-1<" in out
