@@ -50,11 +50,14 @@ _MONO = "ui-monospace,SFMono-Regular,Menlo,Consolas,'DejaVu Sans Mono',monospace
 # Colour stops from the shallowest exitable layer (warm, saturated) to full depth (neutral).
 _STOPS = ((0.0, (215, 48, 31)), (0.35, (252, 141, 89)), (0.7, (253, 212, 158)), (1.0, (224, 224, 224)))
 _HEAT_SCALE = "OrRd"
-# Rich tooltips: hidden by an inline style (so a page that strips ``<style>`` still hides them),
-# shown on hover or keyboard focus by this scoped sheet (``!important`` beats the inline style).
+# Rich tooltips: hidden by an inline style and shown on hover or keyboard focus by this scoped sheet
+# (``!important`` beats the inline style). Where a sanitizer strips ``<style>`` (GitHub, an untrusted
+# notebook in JupyterLab) the token's native ``title`` is the fallback; where the sheet is live, a
+# transparent mask with an empty ``title`` covers the token, so the native tooltip does not show too.
 _TIP_CSS = (
     "<style>.eetools-tokens .ee-tok{position:relative;cursor:default}"
     ".eetools-tokens .ee-tok:hover>.ee-tip,.eetools-tokens .ee-tok:focus>.ee-tip{display:block!important}"
+    ".eetools-tokens .ee-mask{display:block!important;position:absolute;left:0;top:0;right:0;bottom:0}"
     ".eetools-tokens .ee-tip{position:absolute;left:0;top:100%;z-index:1000;min-width:14em;background:#fff;"
     "color:#111;border:1px solid #888;border-radius:4px;padding:4px 7px;box-shadow:0 2px 6px rgba(0,0,0,.25);"
     "white-space:pre;font-size:12px;line-height:1.35;font-weight:normal;text-align:left;pointer-events:none;"
@@ -289,25 +292,31 @@ def _token_lines(rollout: Rollout, index: int, t: int, dist_row, col: dict[int, 
     ]
 
 
-def _tip(lines: Sequence[str], readout: Readout | None, exit_layer: int, n_layers: int) -> str:
-    """A rich tooltip: the lines, then the lens's top-k at the exit layer as a small table; all escaped."""
+def _tip(lines: Sequence[str], readout: Readout | None, exit_layer: int, n_layers: int) -> tuple[str, str]:
+    """``(rich tooltip HTML, plain fallback text)``: the lines, then the lens's top-k at the exit layer; all escaped."""
     body = "<br>".join(html.escape(x) for x in lines)
+    plain = list(lines)
     if readout:
         where = f"layer {exit_layer}" if exit_layer < n_layers else f"full depth ({n_layers})"
-        rows = "".join(
-            f"<tr><td>{html.escape(repr(visible(s, newline='')))}</td><td>{fmt_prob(p)}</td></tr>" for s, p in readout
-        )
-        body += f"<br><b>lens top-{len(readout)} at {where}</b><table>{rows}</table>"
-    return f'<span class="ee-tip" style="display:none">{body}</span>'
+        head = f"lens top-{len(readout)} at {where}"
+        cells = [(repr(visible(s, newline="")), fmt_prob(p)) for s, p in readout]
+        rows = "".join(f"<tr><td>{html.escape(s)}</td><td>{p}</td></tr>" for s, p in cells)
+        body += f"<br><b>{head}</b><table>{rows}</table>"
+        plain += [head + ":", *(f"  {s} {p}" for s, p in cells)]
+    return f'<span class="ee-tip" style="display:none">{body}</span>', "\n".join(plain)
 
 
-def token_span(text: str, bg: str, fg: str, tip: str, *, selected: bool = False, t: int | None = None) -> str:
-    """One coloured token with its tooltip (`text` escaped here; `tip` already HTML)."""
+def token_span(
+    text: str, bg: str, fg: str, tip: tuple[str, str], *, selected: bool = False, t: int | None = None
+) -> str:
+    """One coloured token with its tooltip (`text` escaped here; `tip` from `_tip`)."""
+    rich, plain = tip
     ring = ";outline:2px solid #1f4e9a;outline-offset:1px" if selected else ""
     data = "" if t is None else f' data-t="{t}"'
     return (
-        f'<span class="ee-tok" tabindex="0"{data} style="background:{bg};color:{fg};border-radius:2px{ring}">'
-        f"{html.escape(text)}{tip}</span>"
+        f'<span class="ee-tok" tabindex="0"{data} title="{html.escape(plain)}" '
+        f'style="background:{bg};color:{fg};border-radius:2px{ring}">{html.escape(text)}'
+        f'<span class="ee-mask" title="" style="display:none"></span>{rich}</span>'
     )
 
 

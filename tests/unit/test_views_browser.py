@@ -47,8 +47,15 @@ window.addEventListener('load', () => {
   const figs = [...document.querySelectorAll('.plotly-graph-div')].map(d => d.querySelectorAll('.main-svg').length);
   const svgText = [...document.querySelectorAll('svg text')].map(t => t.textContent);
   const tipText = toks.length ? toks[1].querySelector('.ee-tip').textContent : '';
+  // with the sheet live, the point on a token is its mask (empty title: no native tooltip on top of the rich one)
+  const masked = toks.map(t => { const r = t.getBoundingClientRect();
+    return document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2)?.className === 'ee-mask'; });
+  document.querySelectorAll('style').forEach(s => s.remove());  // as a sanitizer would
+  const unmasked = toks.map(t => { const r = t.getBoundingClientRect();
+    const el = document.elementFromPoint(r.left + r.width / 2, r.top + r.height / 2);
+    return el === t && getComputedStyle(t.querySelector('.ee-tip')).display === 'none' && t.title.length > 0; });
   document.getElementById('ee-result').textContent = JSON.stringify({
-    before, after, figs, svgText, tipText, n: toks.length,
+    before, after, figs, svgText, tipText, masked, unmasked, n: toks.length,
     scripts: document.querySelectorAll('.eetools-tokens script, .ee-tip script, svg script').length,
     bold: document.querySelectorAll('svg text b, svg text tspan[style*="bold"]').length,
   });
@@ -109,6 +116,8 @@ def test_token_views_show_rich_tooltips_and_keep_model_text_inert(tmp_path):
     assert set(out["before"]) == {"none"}  # every tooltip hidden until hovered or focused
     assert out["after"][1] == "block" and out["after"].count("block") == 1
     assert SCRIPT in out["tipText"] and "lens top-2 at layer 2" in out["tipText"] and "<i>y</i>" in out["tipText"]
+    # the first view's tokens (in the viewport): masked with the sheet; without it, the native title shows instead
+    assert all(out["masked"][:3]) and all(out["unmasked"][:3]), (out["masked"][:3], out["unmasked"][:3])
 
 
 def test_plotly_views_render_with_titles_and_literal_model_text(tmp_path):
@@ -156,4 +165,4 @@ def test_the_explorer_static_view_renders(tmp_path, tiny_ee):
     out = _render(page, tmp_path)
     n = sum(int(r.mask[0].sum()) for r in ex.rollouts.values())
     assert out["n"] == 2 * n  # each model's colouring, then the diff's two rows
-    assert out["after"][1] == "block" and "lens top-5" in out["tipText"]
+    assert "lens top-5" in out["tipText"] and out["scripts"] == 0

@@ -209,8 +209,11 @@ def test_tooltips_are_rich_hidden_without_css_and_show_topk_readouts_escaped():
     r = _rollout([["a", "b"]], [[L, 2]])
     tops = [[("x", 0.5), (SCRIPT, 0.25)], [("\n", 0.75)]]
     out = str(viz.color_tokens(r, readouts=tops, selected=1))
-    assert "title=" not in out  # no native title tooltips
     assert out.count('class="ee-tip" style="display:none"') == 2  # hidden even if the <style> is stripped
+    # the native title is only the fallback where <style> is stripped: a mask with an empty title covers it otherwise
+    assert out.count('<span class="ee-mask" title="" style="display:none"></span>') == 2
+    titles = [html.unescape(t) for t in re.findall(r'class="ee-tok"[^>]* title="([^"]*)"', out)]
+    assert len(titles) == 2 and "lens top-2 at full depth (4):\n  'x' 0.500" in titles[0]
     hover = _titles(out)
     assert (
         "lens top-2 at full depth (4)" in hover[0]
