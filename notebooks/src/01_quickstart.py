@@ -63,14 +63,38 @@ print(
     round(float(r.layers_saved[0]), 2),
 )
 
+# %% [markdown]
+# Hover a token (or focus it with Tab) for its exit layer, the heads' probability of that exit and the logit lens's top 5 at
+# that layer: what the token was predicted from.
+
 # %%
-ee.views.color_tokens(r)
+ee.views.color_tokens(r, title="calibrated", readouts=ee.views.exit_readouts(calibrated, r))
 
 # %% [markdown]
 # The same rollout as a heatmap: the heads' conditional exit probability at every exitable layer, with the chosen exit marked.
 
 # %%
 ee.views.exit_heatmap(r)
+
+# %% [markdown]
+# ## The logit lens, layer by layer
+# Each layer read out through the final norm and unembedding: one column per generated token, one row per layer, each cell
+# the lens's top-1 token coloured by its probability (top 5 on hover). The rollout is replayed with its own exits, so a
+# red square marks where each token exited and the cells above it are blank: its residual was frozen there. Below, the
+# same prompt under the RL model (`tiny-reasoner/rl-lam6`), which stops earlier. `ee.views.lens_grid_text(model, text)`
+# draws the same grid for any teacher-forced text.
+
+# %%
+rl = ee.load_exit_model("tiny-reasoner/rl-lam6")
+r_rl = rl.generate(example.prompt, 80, temperature=0, seed=0)
+grids = [ee.views.lens_grid(calibrated, r, name="calibrated"), ee.views.lens_grid(rl, r_rl, name="rl-lam6")]
+ee.views.compare_lens_grids(grids, max_tokens=40)
+
+# %% [markdown]
+# The two models' exits token by token (the difference is rl-lam6's exit layer minus the calibrated one's):
+
+# %%
+ee.views.exit_diff(r, r_rl, names=("calibrated", "rl-lam6"))
 
 # %% [markdown]
 # Several prompts of both tasks at once (batched, KV-cached generation):
@@ -96,7 +120,9 @@ print("max log-prob difference < 1e-4:", bool((fast.token_logprobs - rs.token_lo
 
 # %% [markdown]
 # ## The explorer
-# `ee.views.explore(model)` opens an ipywidgets UI (pick a prompt, mode, temperature, threshold, seed; click through tokens). Here its static form, which also works without a widget frontend:
+# `ee.views.explore(model)` opens an ipywidgets UI (pick a prompt, mode, temperature, threshold, seed; click a token for
+# its details); `ee.views.explore({"calibrated": calibrated, "rl": rl})` compares two models on the same prompts. Here its
+# static form, which also works without a widget frontend:
 
 # %%
 explorer = ee.views.explore(calibrated, static=True, max_new_tokens=80)

@@ -57,8 +57,10 @@ def _rollout(
 
 
 def _titles(fragment: str) -> list[str]:
-    """The unescaped hover texts (``title`` attributes) of the token spans."""
-    return [html.unescape(t) for t in re.findall(r'title="([^"]*)"', fragment)]
+    """The hover texts (rich tooltips) of the token spans, as plain text: lines, tags removed, unescaped."""
+    tips = re.findall(r'<span class="ee-tip"[^>]*>(.*?)</span></span>', fragment, flags=re.S)
+    text = [re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", t.replace("<br>", "\n")).replace("\n", "\0")) for t in tips]
+    return [html.unescape(t).replace("\0", "\n").replace(" \n ", "\n").strip() for t in text]
 
 
 SCRIPT = "<script>alert(1)</script>"
@@ -201,3 +203,57 @@ def test_viz_imports_no_model_code():
     names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert not any(m.startswith(("transformer_lens", "eetools.core.model", "transformers")) for m in names)
+
+
+def test_tooltips_are_rich_hidden_without_css_and_show_topk_readouts_escaped():
+    r = _rollout([["a", "b"]], [[L, 2]])
+    tops = [[("x", 0.5), (SCRIPT, 0.25)], [("\n", 0.75)]]
+    out = str(viz.color_tokens(r, readouts=tops, selected=1))
+    assert out.count('class="ee-tip" style="display:none"') == 2  # hidden even if the <style> is stripped
+    # the native title is only the fallback where <style> is stripped: a mask with an empty title covers it otherwise
+    assert out.count('<span class="ee-mask" title="" style="display:none"></span>') == 2
+    titles = [html.unescape(t) for t in re.findall(r'class="ee-tok"[^>]* title="([^"]*)"', out)]
+    assert len(titles) == 2 and "lens top-2 at full depth (4):\n  'x' 0.500" in titles[0]
+    hover = _titles(out)
+    assert (
+        "lens top-2 at full depth (4)" in hover[0]
+        and "'x' 0.500" in hover[0]
+        and "'<script>alert(1)</script>' 0.250" in hover[0]
+    )
+    assert "lens top-1 at layer 2" in hover[1] and "'↵' 0.750" in hover[1]
+    assert "<script" not in out and "&lt;script&gt;" in out
+    assert out.count("outline:2px solid") == 1 and 'data-t="1"' in out
+    with pytest.raises(ValueError, match="one per token"):
+        viz.color_tokens(r, readouts=tops[:1])
+
+
+def test_panels_are_labelled_by_name():
+    r = _rollout([["a", "b"], ["c"]], [[L, 1], [2]])
+    fig = viz.exit_heatmap([r, r], 0, names=["calibrated", "rl"])
+    assert [a.text for a in fig.layout.annotations] == ["calibrated", "rl"]
+    assert fig.data[0].name == "calibrated"
+    out = str(viz.color_tokens_many(r, names=["calibrated", "rl"]))
+    assert "calibrated" in out and "sequence 0" not in out
+    with pytest.raises(ValueError, match="one name per panel"):
+        viz.exit_heatmap([r, r], 0, names=["only one"])
+
+
+def test_exit_diff_aligns_tokens_and_counts_earlier_and_later_exits():
+    from eetools.views.compare import exit_diff
+
+    a = _rollout([["x", "y", "z", "w"]], [[L, 3, 2, L]])
+    b = _rollout([["x", "y", "Q", "w", SCRIPT]], [[L, 1, 1, 3, 2]])
+    out = str(exit_diff(a, b, names=("calibrated", "rl")))
+    assert "calibrated vs rl" in out
+    # positions 0, 1, 3 agree; there rl exits earlier at 1 (3 -> 1) and 3 (L -> 3)
+    assert "3 of 5 positions have the same token" in out and "rl exits earlier at 2, later at 0" in out
+    cols = re.findall(r'<span class="ee-col"[^>]*>', out)
+    assert len(cols) == 5 and sum("border-bottom" in c for c in cols) == 2  # z/Q differ; 5th only in rl
+    assert ">-2<" in out and ">-1<" in out
+    assert "<script" not in out and "&lt;script&gt;" in out
+    with pytest.raises(ValueError, match="two names"):
+        exit_diff(a, b, names=("x",))
+    c = _rollout([["x"]])
+    c.prompts = ["other"]
+    with pytest.raises(ValueError, match="different prompts"):
+        exit_diff(a, c)
