@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from eetools.tasks.addition import AdditionTask
 from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_jsonl, save_jsonl
+from eetools.tasks.steps import StepsTask
 from eetools.tasks.tom import TomTask
 
-_REGISTRY = {"addition": AdditionTask, "tom": TomTask}
+_REGISTRY = {"addition": AdditionTask, "tom": TomTask, "steps": StepsTask}
 NAMES = tuple(_REGISTRY)
 # training variants: same format and verifier, another question mix (not evaluated on their own)
-_VARIANTS = {"tom-false-belief": lambda: TomTask(false_belief=0.5)}
+_VARIANTS = {
+    "tom-false-belief": lambda: TomTask(false_belief=0.5),
+    # one style of the steps task throughout (for measuring accuracy per style)
+    "steps-full": lambda: StepsTask(style="full"),
+    "steps-terse": lambda: StepsTask(style="terse"),
+}
 
 
 def get(name: str | Task) -> Task:
@@ -39,6 +45,7 @@ __all__ = [
     "Example",
     "MixtureTask",
     "NAMES",
+    "StepsTask",
     "Task",
     "TomTask",
     "cut_at_answer",
