@@ -302,8 +302,9 @@ class ExternalisationResult:
             for m in measures:
                 if m in d:
                     x = d[m].to_numpy(float)
-                    row[m] = float(np.nanmean(x))
-                    row[f"{m}_se"] = float(np.nanstd(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+                    x = x[np.isfinite(x)]  # e.g. no answer line anywhere: no answer depth
+                    row[m] = float(x.mean()) if len(x) else float("nan")
+                    row[f"{m}_se"] = float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
             rows.append(row)
         return pd.DataFrame(rows)
 
