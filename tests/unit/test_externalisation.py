@@ -30,7 +30,7 @@ def test_answer_depth_reads_the_answer_digits_rows_only():
     comps = ["1+2+0=3\nA: 3\n", "A: 12\n", "no answer"]
     rows = []
     for seq, text in enumerate(comps):
-        for i, ch in enumerate(text + "#"):  # + EOS
+        for ch in text + "#":  # + EOS
             rows.append({"seq": seq, "oracle_layer": 7 if ch.isdigit() else 1})
     df = pd.DataFrame(rows)
     # answer digit rows get 7; for "A: 12" both digits: 7; the line "1+2+0=3" digits are not the answer
@@ -85,8 +85,14 @@ def test_experiment_resumes_and_refuses_bad_settings(tiny_ee, tmp_path):
 
     save_exit_model(tiny_ee, tmp_path / "start")
     cfg = ExternalisationConfig(
-        exit_model=str(tmp_path / "start"), seeds=[0, 1], steps=1, measure_every=1, prompts_per_step=1, k=2,
-        n_eval=2, n_probe=12,
+        exit_model=str(tmp_path / "start"),
+        seeds=[0, 1],
+        steps=1,
+        measure_every=1,
+        prompts_per_step=1,
+        k=2,
+        n_eval=2,
+        n_probe=12,
     )
     res = run_externalisation(cfg, tmp_path / "out", progress=False)
     h = res.history
