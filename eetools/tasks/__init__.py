@@ -14,11 +14,14 @@ from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_j
 from eetools.tasks.steps import StepsTask
 from eetools.tasks.tom import TomTask
 
-_REGISTRY = {"addition": AdditionTask, "tom": TomTask, "steps": StepsTask}
+_REGISTRY = {"addition": AdditionTask, "tom": TomTask}
 NAMES = tuple(_REGISTRY)
-# training variants: same format and verifier, another question mix (not evaluated on their own)
+# also resolvable by name, not in NAMES: training variants (same format and verifier, another question mix)
 _VARIANTS = {
     "tom-false-belief": lambda: TomTask(false_belief=0.5),
+    # the externalisation task (column lines optional; docs/method.md section 12): kept out of NAMES,
+    # which `reproduce` evaluates and `freeze` writes test splits for (its split is drawn, not shipped)
+    "steps": StepsTask,
     # one style of the steps task throughout (for measuring accuracy per style)
     "steps-full": lambda: StepsTask(style="full"),
     "steps-terse": lambda: StepsTask(style="terse"),
@@ -26,7 +29,7 @@ _VARIANTS = {
 
 
 def get(name: str | Task) -> Task:
-    """The task registered under `name` ("addition", "tom", or a mixture "addition+tom"); a Task passes through."""
+    """The task registered under `name` ("addition", "tom", "steps", or a mixture "addition+tom"); a Task passes through."""
     if isinstance(name, Task):
         return name
     if isinstance(name, str) and "+" in name:
@@ -34,9 +37,7 @@ def get(name: str | Task) -> Task:
     if name in _VARIANTS:
         return _VARIANTS[name]()
     if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown task {name!r}; available: {', '.join(NAMES)} (training variants: {', '.join(_VARIANTS)})"
-        )
+        raise ValueError(f"unknown task {name!r}; available: {', '.join(NAMES)} (also: {', '.join(_VARIANTS)})")
     return _REGISTRY[name]()
 
 
