@@ -32,8 +32,8 @@ from __future__ import annotations
 import random
 import re
 
-from eetools.tasks.addition import column_steps
 from eetools.tasks.base import ANSWER_PREFIX, Example, Task
+from eetools.tasks.columns import column_steps
 
 STYLES = ("full", "partial", "terse")
 PROMPT_PREFIX = "S: "
