@@ -41,9 +41,14 @@ from eetools.tasks.steps import StepsTask
 
 # condition -> RL settings; the experiment runs each with the same seeds and steps
 CONDITIONS: dict[str, dict] = {
-    "task only (lam 0)": {"lam": 0.0, "exit_cost": "mean"},
-    "exit RL, mean cost": {"lam": 1.5, "exit_cost": "mean"},
-    "exit RL, total cost": {"lam": 1.5, "exit_cost": "total"},
+    "lam0": {"lam": 0.0, "exit_cost": "mean"},
+    "mean-cost": {"lam": 1.5, "exit_cost": "mean"},
+    "total-cost": {"lam": 1.5, "exit_cost": "total"},
+}
+LABELS = {
+    "lam0": "task reward only (lam 0)",
+    "mean-cost": "exit RL, mean cost",
+    "total-cost": "exit RL, total cost",
 }
 # the measures of `measure`, in the order the summary lists them
 MEASURES = (
@@ -411,7 +416,7 @@ class ExternalisationResult:
                         y=mean,
                         mode="lines+markers",
                         line={"color": c, "width": 3},
-                        name=cond,
+                        name=LABELS.get(cond, cond),
                         legendgroup=cond,
                         showlegend=j == 1,
                     ),

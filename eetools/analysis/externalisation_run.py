@@ -39,14 +39,17 @@ class ExternalisationConfig:
         "lr": "> 0",
         "n_eval": ">= 1",
         "n_probe": ">= 10",
+        "conditions": tuple(CONDITIONS),
     }
     exit_model: str = DEFAULT_MODEL
     """Calibrated exit model every run starts from (preset or folder)."""
     quick: bool = False
     """A smoke version (under 5 minutes on 2 cores): 2 steps, 2 rollouts of 2 prompts, small measures."""
+    conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
+    """Conditions to run (all three by default; one per process splits the experiment, see `load_externalisation`)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     """RL seeds, the same for every condition."""
-    steps: int = 12
+    steps: int = 8
     """RL steps per run."""
     measure_every: int = 4
     """Steps between measures (and checkpoints)."""
@@ -58,11 +61,11 @@ class ExternalisationConfig:
     """Exit-cost weight of the two exit-RL conditions (the lam-0 condition is the task-reward-only baseline)."""
     beta: float = 0.25
     """KL weight in every condition."""
-    lr: float = 1e-3
-    """RL learning rate."""
-    n_eval: int = 48
+    lr: float = 2e-3
+    """RL learning rate (twice `eetools rl`'s default: the runs are short)."""
+    n_eval: int = 40
     """Held-out sums generated greedily per measure."""
-    n_probe: int = 160
+    n_probe: int = 120
     """Held-out prompts the probes are fitted and tested on per measure."""
 
     def effective(self) -> ExternalisationConfig:
@@ -72,6 +75,7 @@ class ExternalisationConfig:
         return ExternalisationConfig(
             exit_model=self.exit_model,
             quick=True,
+            conditions=self.conditions,
             seeds=self.seeds[:3],
             steps=2,
             measure_every=2,
@@ -90,8 +94,12 @@ def _slug(condition: str) -> str:
 
 
 def _conditions(cfg: ExternalisationConfig) -> dict[str, dict]:
-    """`CONDITIONS` with the exit-RL conditions' lam set to `cfg.lam`."""
-    return {name: {**c, "lam": 0.0 if c["lam"] == 0 else cfg.lam} for name, c in CONDITIONS.items()}
+    """The chosen `CONDITIONS`, the exit-RL conditions' lam set to `cfg.lam`."""
+    return {
+        name: {**c, "lam": 0.0 if c["lam"] == 0 else cfg.lam}
+        for name, c in CONDITIONS.items()
+        if name in cfg.conditions
+    }
 
 
 def run_externalisation(cfg: ExternalisationConfig, out: str | Path, *, progress: bool = True) -> ExternalisationResult:
@@ -178,12 +186,28 @@ def run_externalisation(cfg: ExternalisationConfig, out: str | Path, *, progress
     return result
 
 
-def load_externalisation(folder: str | Path) -> ExternalisationResult:
-    """The result of a finished (or partial) run from its folder, or from shipped CSVs
-    (``history.csv``, optional ``rl_history.csv``)."""
-    folder = Path(folder)
-    path = folder / "history.csv" if folder.is_dir() else folder
-    if not path.exists():
-        raise FileNotFoundError(f"no externalisation history at {path}; run `eetools externalisation --out DIR` first")
-    rl = path.parent / "rl_history.csv"
-    return ExternalisationResult(history=pd.read_csv(path), rl_history=pd.read_csv(rl) if rl.exists() else None)
+def load_externalisation(*folders: str | Path, rl_history: str | Path | None = None) -> ExternalisationResult:
+    """The result of finished (or partial) runs, from their output folders or ``history.csv`` files.
+
+    Several folders (e.g. one process per condition) are concatenated. A folder's ``rl_history.csv`` is
+    read beside its history; `rl_history` names one explicitly (the shipped CSVs).
+    """
+    hists, rls = [], []
+    for folder in folders:
+        folder = Path(folder)
+        path = folder / "history.csv" if folder.is_dir() else folder
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no externalisation history at {path}; run `eetools externalisation --out DIR` first"
+            )
+        hists.append(pd.read_csv(path))
+        rl = path.parent / "rl_history.csv"
+        if rl_history is None and folder.is_dir() and rl.exists():
+            rls.append(pd.read_csv(rl))
+    if not hists:
+        raise ValueError("give at least one output folder or history.csv")
+    if rl_history is not None:
+        rls = [pd.read_csv(rl_history)]
+    return ExternalisationResult(
+        history=pd.concat(hists, ignore_index=True), rl_history=pd.concat(rls, ignore_index=True) if rls else None
+    )

@@ -42,7 +42,7 @@ def test_answer_depth_reads_the_answer_digits_rows_only():
 
 def _history():
     rows = []
-    for cond, base in (("task only (lam 0)", 0.2), ("exit RL, mean cost", 0.5)):
+    for cond, base in (("lam0", 0.2), ("mean-cost", 0.5)):
         for seed in range(3):
             for step in (0, 4):
                 rows.append({"condition": cond, "seed": seed, "step": step, "verbosity": base + step * 0.01 * seed})
@@ -53,18 +53,18 @@ def test_summary_and_contrasts_by_hand():
     res = ExternalisationResult(_history())
     s = res.summary(["verbosity"]).set_index("condition")
     x = np.array([0.2, 0.24, 0.28])
-    assert s.loc["task only (lam 0)", "verbosity"] == pytest.approx(x.mean())
-    assert s.loc["task only (lam 0)", "verbosity_se"] == pytest.approx(x.std(ddof=1) / np.sqrt(3))
-    assert s.loc["task only (lam 0)", "seeds"] == 3 and s.loc["task only (lam 0)", "step"] == 4
+    assert s.loc["lam0", "verbosity"] == pytest.approx(x.mean())
+    assert s.loc["lam0", "verbosity_se"] == pytest.approx(x.std(ddof=1) / np.sqrt(3))
+    assert s.loc["lam0", "seeds"] == 3 and s.loc["lam0", "step"] == 4
     c = res.contrasts(measures=["verbosity"]).iloc[0]
     assert c["diff"] == pytest.approx(0.3) and c["lo"] < 0.3 < c["hi"]
-    assert c["reference"] == "task only (lam 0)"
+    assert c["reference"] == "lam0"
 
 
 def test_figure_has_runs_bands_and_means_per_condition():
     fig = ExternalisationResult(_history()).figure(["verbosity"])
     means = [t for t in fig.data if t.mode == "lines+markers"]
-    assert [t.name for t in means] == ["task only (lam 0)", "exit RL, mean cost"]
+    assert [t.name for t in means] == ["task reward only (lam 0)", "exit RL, mean cost"]
     assert len([t for t in fig.data if t.mode == "lines"]) == 6  # one light line per run
     with pytest.raises(ValueError, match="lacks columns"):
         ExternalisationResult(pd.DataFrame({"step": [0]}))
