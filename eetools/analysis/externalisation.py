@@ -236,13 +236,14 @@ def style_accuracy(model, task: StepsTask | str = "steps", *, n: int = 200, batc
         texts = []
         for b0 in range(0, len(exs), batch_size):
             chunk = exs[b0 : b0 + batch_size]
-            r = ee.generate(
-                [e.prompt + start(e) for e in chunk],
-                task.max_new_tokens,
-                rule=ExitRule(mode="off"),
-                temperature=0.0,
-                seed=0,
-            )
+            with ee.adapters_disabled():  # the base model
+                r = ee.generate(
+                    [e.prompt + start(e) for e in chunk],
+                    task.max_new_tokens,
+                    rule=ExitRule(mode="off"),
+                    temperature=0.0,
+                    seed=0,
+                )
             texts += [start(e) + t for e, t in zip(chunk, r.text)]
         comps = [task_lib.cut_at_answer(t) for t in texts]
         for e, c in zip(exs, comps):

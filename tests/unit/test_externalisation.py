@@ -10,6 +10,7 @@ from eetools.analysis.externalisation import (
     answer_depth,
     measure,
     probe_accuracy,
+    style_accuracy,
 )
 from eetools.tasks.steps import StepsTask
 
@@ -77,6 +78,9 @@ def test_measure_on_a_tiny_model_gives_every_measure_in_range(tiny_ee):
     assert row["blocks_per_answer"] >= 0 and row["n_eval"] == 4
     with pytest.raises(ValueError, match="steps task"):
         measure(tiny_ee, "addition")
+    acc = style_accuracy(tiny_ee, StepsTask(2, 2), n=3)
+    assert set(acc["style"]) == {"terse", "written", "free"} and set(acc["digits"]) == {"2", "all"}
+    assert (acc.loc[acc["style"] == "terse", "terse"] == 1.0).all()  # forced terse: no column line
 
 
 def test_experiment_resumes_and_refuses_bad_settings(tiny_ee, tmp_path):
