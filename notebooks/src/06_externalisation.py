@@ -55,11 +55,14 @@ live.summary(["accuracy", "verbosity", "probe_carry", "answer_oracle_layer"])
 
 # %% [markdown]
 # ## The shipped experiment
-# `eetools externalisation --out runs/externalisation` (see docs/experiments.md, 2026-12-04 (13)); its
-# histories are in `data/results/externalisation_history.csv`.
+# `eetools externalisation --seeds 0 1 2 3 4 --out runs/externalisation` (8 RL steps per run, measured every 4;
+# see docs/experiments.md, 2026-12-04 (13)); its histories are in `data/results/externalisation_*.csv`.
 
 # %%
-shipped = load_externalisation(data_dir() / "results" / "externalisation_history.csv")
+results = data_dir() / "results"
+shipped = load_externalisation(
+    results / "externalisation_history.csv", rl_history=results / "externalisation_rl_history.csv"
+)
 shipped.summary(["accuracy", "layers_saved", "blocks_per_answer", "verbosity", "probe_carry", "answer_oracle_layer"]).round(3)
 
 # %% [markdown]
@@ -73,3 +76,9 @@ shipped.contrasts(measures=["verbosity", "terse_share", "probe_carry", "probe_di
 
 # %%
 shipped.figure()
+
+# %% [markdown]
+# The sampled rollouts' view, every RL step: completion length (tokens, a verbosity proxy) and task accuracy.
+
+# %%
+shipped.rl_history.groupby(["condition", "step"])[["length", "accuracy", "exitcost"]].mean().unstack(0).round(3)
