@@ -18,7 +18,7 @@ from eetools.analysis.externalisation_run import ExternalisationConfig, load_ext
 from eetools.io.paths import data_dir
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
 
 # %% [markdown]
@@ -28,7 +28,9 @@ pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders
 task = ee.tasks.get("steps")
 for style in ("full", "partial", "terse"):
     ex = task.make(472, 38, style, written=1)
-    print(f"{style:8s} {ex.reasoning!r}  score {task.score(ex, ex.reasoning)}  verbosity {task.verbosity(ex, ex.reasoning):.2f}")
+    print(
+        f"{style:8s} {ex.reasoning!r}  score {task.score(ex, ex.reasoning)}  verbosity {task.verbosity(ex, ex.reasoning):.2f}"
+    )
 X.StepsTask.intermediates(ex)
 
 # %% [markdown]
@@ -39,18 +41,18 @@ X.StepsTask.intermediates(ex)
 # %%
 # NBVAL_IGNORE_OUTPUT
 mixed = ee.load_exit_model("tiny-reasoner-mixed/calibrated")
-X.style_accuracy(mixed, task, n=60)
+X.style_accuracy(mixed, task, n=40)
 
 # %% [markdown]
 # ## A short live run
-# `--quick`: 2 RL steps per run, 3 conditions x 3 seeds, small measures (a smoke test; the measured answer is
-# the shipped run below). The same command without `--quick` is the full experiment.
+# `--quick` (2 RL steps per run, small measures), here one seed per condition: a smoke test; the measured
+# answer is the shipped run below. `eetools externalisation --out DIR` without `--quick` is the full experiment.
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 import tempfile
 
-live = run_externalisation(ExternalisationConfig(quick=True), tempfile.mkdtemp(), progress=False)
+live = run_externalisation(ExternalisationConfig(quick=True, seeds=[0]), tempfile.mkdtemp(), progress=False)
 live.summary(["accuracy", "verbosity", "probe_carry", "answer_oracle_layer"])
 
 # %% [markdown]
@@ -63,13 +65,17 @@ results = data_dir() / "results"
 shipped = load_externalisation(
     results / "externalisation_history.csv", rl_history=results / "externalisation_rl_history.csv"
 )
-shipped.summary(["accuracy", "layers_saved", "blocks_per_answer", "verbosity", "probe_carry", "answer_oracle_layer"]).round(3)
+shipped.summary(
+    ["accuracy", "layers_saved", "blocks_per_answer", "verbosity", "probe_carry", "answer_oracle_layer"]
+).round(3)
 
 # %% [markdown]
 # Differences from lam 0 at the last step, with 95 % intervals over seeds (Welch):
 
 # %%
-shipped.contrasts(measures=["verbosity", "terse_share", "probe_carry", "probe_digit", "answer_oracle_layer", "accuracy"]).round(3)
+shipped.contrasts(
+    measures=["verbosity", "terse_share", "probe_carry", "probe_digit", "answer_oracle_layer", "accuracy"]
+).round(3)
 
 # %% [markdown]
 # Verbosity and hidden computation over RL steps: each run light, each condition's mean bold with +-1 SE.
