@@ -114,7 +114,18 @@ def test_short_run_updates_heads_and_logs_history(tiny_ee):
     res = train_rl(tiny_ee, "addition", steps=3, reward_fn=lambda e, c: float(len(c) % 3), **FAST)
     h = res.history
     assert len(h) == 3
-    for col in ("reward", "task", "kl", "exitcost", "accuracy", "compute", "layers_saved", "coherence", "adv_std"):
+    for col in (
+        "reward",
+        "task",
+        "kl",
+        "exitcost",
+        "accuracy",
+        "compute",
+        "layers_saved",
+        "coherence",
+        "adv_std",
+        "length",
+    ):
         assert col in h.columns and h[col].notna().all()
     assert (h["kl"] >= -1e-6).all()
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(tiny_ee)))
