@@ -106,3 +106,14 @@ def test_experiment_resumes_and_refuses_bad_settings(tiny_ee, tmp_path):
     pd.testing.assert_frame_equal(again.history, pd.read_csv(tmp_path / "out" / "history.csv"))
     with pytest.raises(ValueError, match="multiple of measure_every"):
         run_externalisation(ExternalisationConfig(steps=3, measure_every=2), tmp_path / "x", progress=False)
+
+
+def test_cli_refuses_bad_externalisation_settings_with_status_2(tmp_path, capsys):
+    from eetools.cli import main
+
+    assert main(["externalisation", "--steps", "3", "--measure-every", "2", "--out", str(tmp_path / "a")]) == 2
+    assert "multiple of measure_every" in capsys.readouterr().err
+    assert main(["externalisation", "--conditions", "lam1", "--out", str(tmp_path / "b")]) == 2
+    assert "conditions" in capsys.readouterr().err
+    assert main(["rl", "--exit-cost", "sum", "--out", str(tmp_path / "c")]) == 2
+    assert "exit_cost" in capsys.readouterr().err.replace("-", "_")
