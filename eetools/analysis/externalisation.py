@@ -130,18 +130,24 @@ def probe_accuracy(
 def answer_depth(oracle_df: pd.DataFrame, completions: Sequence[str], n_layers: int) -> np.ndarray:
     """Mean oracle layer of each completion's answer digits (NaN where there is no answer line).
 
-    `oracle_df` is `OracleResult.df` for ``(prompt, completion)`` pairs; its rows of sequence
-    ``i`` are the predictions of the completion's tokens in order (one character per token).
+    `oracle_df` is `OracleResult.df` for ``(prompt, completion)`` pairs: per sequence ``seq``, one row
+    per predicted token in order, its text in ``token`` (the EOS row last). A token belongs to the
+    answer when its characters lie within the answer line after ``"A: "``.
     """
     out = np.full(len(completions), np.nan)
     for i, (_, rows) in enumerate(oracle_df.groupby("seq", sort=True)):
         text = completions[i]
-        start = text.find("A: ") if text.startswith("A: ") else text.find("\nA: ") + 1
-        if start <= 0 and not text.startswith("A: "):
+        start = 0 if text.startswith("A: ") else text.find("\nA: ") + 1
+        if start == 0 and not text.startswith("A: "):
             continue
+        start += 3
         end = text.find("\n", start)
         end = len(text) if end < 0 else end
-        layers = rows["oracle_layer"].to_numpy()[start + 3 : end]
+        pieces = rows["token"].astype(str).tolist()
+        ends = np.cumsum([len(p) for p in pieces])
+        begins = ends - np.array([len(p) for p in pieces])
+        inside = (begins >= start) & (ends <= end) & (ends > begins)
+        layers = rows["oracle_layer"].to_numpy()[inside]
         if len(layers):
             out[i] = float(layers.mean())
     return out

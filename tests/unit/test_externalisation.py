@@ -31,14 +31,17 @@ def test_answer_depth_reads_the_answer_digits_rows_only():
     comps = ["1+2+0=3\nA: 3\n", "A: 12\n", "no answer"]
     rows = []
     for seq, text in enumerate(comps):
-        for ch in text + "#":  # + EOS
-            rows.append({"seq": seq, "oracle_layer": 7 if ch.isdigit() else 1})
+        for ch in [*text, "<eos>"]:
+            rows.append({"seq": seq, "token": ch, "oracle_layer": 7 if ch.isdigit() else 1})
     df = pd.DataFrame(rows)
     # answer digit rows get 7; for "A: 12" both digits: 7; the line "1+2+0=3" digits are not the answer
     depth = answer_depth(df, comps, 8)
     assert depth[0] == 7 and depth[1] == 7 and np.isnan(depth[2])
     df.loc[(df["seq"] == 1) & (df.index == df[df["seq"] == 1].index[4]), "oracle_layer"] = 3  # "2" of "12"
     assert answer_depth(df, comps, 8)[1] == 5
+    # multi-character tokens (another tokenizer): "12" as one token, "A: " as one
+    merged = pd.DataFrame({"seq": [0, 0, 0, 0], "token": ["A: ", "12", "\n", "<eos>"], "oracle_layer": [1, 6, 2, 1]})
+    assert answer_depth(merged, ["A: 12\n"], 8)[0] == 6
 
 
 def _history():
