@@ -146,6 +146,7 @@ def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPar
 
 def _config_class(command: str):
     """The config dataclass behind a subcommand's options (None for commands without one)."""
+    from eetools.analysis.externalisation_run import ExternalisationConfig
     from eetools.pipeline import ReproduceConfig
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
@@ -156,6 +157,7 @@ def _config_class(command: str):
         "calibrate": CalibrationConfig,
         "rl": RLConfig,
         "reproduce": ReproduceConfig,
+        "externalisation": ExternalisationConfig,
     }.get(command)
 
 
@@ -301,6 +303,7 @@ def _exit_rule(args, **settings):
 
 
 def make_parser() -> argparse.ArgumentParser:
+    from eetools.analysis.externalisation_run import ExternalisationConfig
     from eetools.pipeline import ReproduceConfig
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
@@ -413,6 +416,13 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reproduce", help="calibration, RL across seeds, evaluation, every paper figure and report.html")
     _common(p, "runs/reproduce")
     add_config_args(p, ReproduceConfig)
+
+    p = sub.add_parser(
+        "externalisation",
+        help="does early-exit RL move reasoning into the tokens? RL x 3 conditions x seeds on the steps task, measured",
+    )
+    _common(p, "runs/externalisation")
+    add_config_args(p, ExternalisationConfig)
     return parser
 
 
@@ -607,6 +617,15 @@ def _reproduce(args, file_cfg, out, progress, say) -> None:
     say(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
 
 
+def _externalisation(args, file_cfg, out, progress, say) -> None:
+    from eetools.analysis.externalisation_run import ExternalisationConfig, run_externalisation
+
+    cfg = build_config(ExternalisationConfig, args, file_cfg, "externalisation")
+    res = run_externalisation(cfg, out, progress=progress)
+    say(res.summary().to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    say(out)
+
+
 # what each subcommand runs, after the shared checks of `_run`
 _COMMANDS = {
     "pretrain": _pretrain,
@@ -618,6 +637,7 @@ _COMMANDS = {
     "report": _report,
     "ship": _ship,
     "reproduce": _reproduce,
+    "externalisation": _externalisation,
 }
 
 

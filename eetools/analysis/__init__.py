@@ -1,5 +1,6 @@
-"""Measuring exit models: evaluation, operating points, judges, probes, the paper's figures.
+"""Measuring exit models: evaluation, operating points, judges, probes, the paper's figures, externalisation.
 
+(`eetools.analysis.externalisation`: the steps-task experiment, imported on its own.)
 Results are dataclasses holding DataFrames, each with a ``.figure()`` drawn by `eetools.views`.
 """
 

@@ -27,6 +27,8 @@ PRESETS = {
     "tiny-reasoner/rl": "tiny-reasoner-rl",
     "tiny-reasoner/rl-slow-adapters": "tiny-reasoner-rl-slow-adapters",
     "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6",
+    # continued on the steps task's mixture of styles (column lines written or not), then calibrated
+    "tiny-reasoner-mixed/calibrated": "tiny-reasoner-mixed-calibrated",
 }
 
 

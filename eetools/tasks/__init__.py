@@ -14,17 +14,26 @@ from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_j
 from eetools.tasks.gym import PREFIX as GYM_PREFIX
 from eetools.tasks.gym import ReasoningGymTask, from_reasoning_gym
 from eetools.tasks.protocols import PROTOCOLS, AnswerProtocol, get_protocol
+from eetools.tasks.steps import StepsTask
 from eetools.tasks.tom import TomTask
 
 _REGISTRY = {"addition": AdditionTask, "tom": TomTask}
 NAMES = tuple(_REGISTRY)
-# training variants: same format and verifier, another question mix (not evaluated on their own)
-_VARIANTS = {"tom-false-belief": lambda: TomTask(false_belief=0.5)}
+# also resolvable by name, not in NAMES: training variants (same format and verifier, another question mix)
+_VARIANTS = {
+    "tom-false-belief": lambda: TomTask(false_belief=0.5),
+    # the externalisation task (column lines optional; docs/method.md section 12): kept out of NAMES,
+    # which `reproduce` evaluates and `freeze` writes test splits for (its split is drawn, not shipped)
+    "steps": StepsTask,
+    # one style of the steps task throughout (for measuring accuracy per style)
+    "steps-full": lambda: StepsTask(style="full"),
+    "steps-terse": lambda: StepsTask(style="terse"),
+}
 
 
 def get(name: str | Task, tokenizer=None) -> Task:
-    """The task registered under `name` ("addition", "tom", a reasoning-gym dataset "gym:leg_counting", or a
-    mixture "addition+tom"); a Task passes through.
+    """The task registered under `name` ("addition", "tom", "steps", a reasoning-gym dataset "gym:leg_counting",
+    or a mixture "addition+tom"); a Task passes through.
 
     `tokenizer` (a tokenizer, bridge or `EarlyExitModel`) is the one whose chat template the prompts of
     ``gym:`` tasks go through (their defaults otherwise: `from_reasoning_gym`); the shipped tasks ignore it.
@@ -40,7 +49,7 @@ def get(name: str | Task, tokenizer=None) -> Task:
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown task {name!r}; available: {', '.join(NAMES)}, gym:<reasoning-gym dataset> "
-            f"(training variants: {', '.join(_VARIANTS)})"
+            f"(also: {', '.join(_VARIANTS)})"
         )
     return _REGISTRY[name]()
 
@@ -53,6 +62,7 @@ __all__ = [
     "NAMES",
     "PROTOCOLS",
     "ReasoningGymTask",
+    "StepsTask",
     "Task",
     "TomTask",
     "cut_at_answer",

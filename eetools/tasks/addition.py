@@ -20,21 +20,12 @@ import random
 import re
 
 from eetools.tasks.base import ANSWER_PREFIX, Example, Task
+from eetools.tasks.columns import column_steps
+
+__all__ = ["AdditionTask", "column_steps"]
 
 _STEP = re.compile(r"^(\d)\+(\d)\+([01])=(\d{1,2})$")
 _WELL_FORMED = re.compile(r"^(\d\+\d\+[01]=\d{1,2}\n)+A: \d+\n?$")
-
-
-def column_steps(a: int, b: int) -> list[tuple[int, int, int, int]]:
-    """(digit of a, digit of b, carry in, column sum) per column, units first."""
-    n = max(len(str(a)), len(str(b)))
-    da, db = str(a).zfill(n)[::-1], str(b).zfill(n)[::-1]
-    carry, out = 0, []
-    for x, y in zip(da, db):
-        s = int(x) + int(y) + carry
-        out.append((int(x), int(y), carry, s))
-        carry = s // 10
-    return out
 
 
 class AdditionTask(Task):

@@ -3,7 +3,8 @@
 For each prompt, `k` rollouts are sampled with exits (mode "sample"). Rollout `i` earns
 ``R_i = task_i - beta * KL_i - lam * exitcost_i``: the verifier's score, the mean
 per-token ``KL(policy || reference)`` (reference = base model, no exits, adapters off),
-and the mean normalised blocks used. The leave-one-out advantage is
+and the exit cost: by default the mean normalised blocks used per token, or with
+``exit_cost="total"`` the blocks used by the whole completion (`exit_costs`). The leave-one-out advantage is
 ``A_i = R_i - mean_{j != i} R_j`` and the loss
 ``-mean_i A_i * sum_t [log pi(y_t) + log pi(exit_t)]``: the policy samples both tokens and
 exits. Trainable: exit heads and LoRA adapters (the heads alone with
@@ -49,6 +50,28 @@ from eetools.train.calibration import kl_student_teacher, position_spans
 from eetools.train.loop import TrainLoop
 from eetools.train.state import exit_run_files
 
+EXIT_COSTS = ("mean", "total")
+
+
+def exit_costs(rollout, kind: str = "mean", cap: int | None = None) -> Float[Tensor, " batch"]:
+    """The exit cost of each rollout: "mean" or "total" normalised blocks used (see `RLConfig.exit_cost`).
+
+    ``used_t = exit_layer_t / L`` for each generated token ``t`` (EOS included, padding not).
+    "mean" is ``sum_t used_t / n_tokens`` (`Rollout.compute`); "total" is ``sum_t used_t / cap``
+    with `cap` the generation cap (default: the rollout's width), so both lie in [0, 1] and a
+    full-depth completion of `cap` tokens costs 1 either way. Under "mean" a completion can lower
+    its cost by adding cheap tokens; under "total" every token it adds costs more.
+    """
+    if kind not in EXIT_COSTS:
+        raise ValueError(f"exit cost must be one of {', '.join(EXIT_COSTS)}, got {kind!r}")
+    used = ((rollout.exit_layers.float() / rollout.n_layers) * rollout.mask).sum(1)
+    if kind == "mean":
+        return used / rollout.mask.sum(1).clamp(min=1)  # = rollout.compute
+    cap = int(rollout.mask.shape[1]) if cap is None else int(cap)
+    if cap < 1:
+        raise ValueError(f"the generation cap of a total exit cost must be >= 1, got {cap}")
+    return used / cap
+
 
 class RewardError(RuntimeError):
     """The reward function failed or returned a non-finite value."""
@@ -76,6 +99,7 @@ class RLConfig:
         "min_confidence": ">= 0 and < 1",
         "max_entropy": ">= 0",
         "micro_batches": ">= 1",
+        "exit_cost": EXIT_COSTS,
     }
     lam: float = 1.5
     """Weight of the exit cost (mean blocks used / L) in the reward."""
@@ -113,6 +137,8 @@ class RLConfig:
     """Ceiling on the logit lens's entropy (nats) for a sampled exit (`generate`'s `max_entropy`), a mask like `patience`. None: no ceiling."""
     micro_batches: int = 1
     """Micro-batches per process per step (prompts with their k rollouts), run one after another with gradients accumulated (less memory). Rollouts are seeded per micro-batch: processes x micro_batches fixes a run."""
+    exit_cost: str = "mean"
+    """What the exit cost in the reward measures: "mean" (the paper's: blocks used / L averaged over the completion's tokens, which can fall just by adding easy tokens) or "total" (blocks used / L summed over the completion, divided by the generation cap so it stays in [0, 1]: writing more tokens costs more)."""
     activation_checkpointing: bool = False
     """Recompute the blocks' attention and MLP in the loss's backward instead of keeping their activations (less memory, more compute; each rollout's prompt is then run, not shared); the same loss and gradients."""
 
@@ -177,6 +203,8 @@ def rl_terms(
     chunk_rows: int | None = CHUNK_ROWS,
     share_prompts: bool = True,
     checkpoint_blocks: bool = False,
+    exit_cost: str = "mean",
+    cap: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The RLOO objective of a rollout batch ordered as groups of `k`, *summed* over rollouts.
 
@@ -195,6 +223,7 @@ def rl_terms(
     to float rounding. Vocabulary-sized tensors exist `LOGIT_ROWS` positions at a time
     (`_token_terms`). `checkpoint_blocks`: activation checkpointing of the blocks
     (`checkpointed_blocks`); it runs every rollout's prompt (a KV cache cannot be recomputed).
+    `exit_cost` and `cap`: the exit cost's kind and generation cap (`exit_costs`).
     """
     device = ee_model.device
     share_prompts = share_prompts and not checkpoint_blocks
@@ -212,7 +241,7 @@ def rl_terms(
     inverse = order.argsort().to(device)
     summed, kl = torch.cat(summed)[inverse], torch.cat(kls)[inverse]
     with torch.no_grad():
-        cost = rollout.compute.to(device)
+        cost = exit_costs(rollout, exit_cost, cap).to(device)
         task_reward = task_reward.to(device)
         reward = task_reward - beta * kl - lam * cost
         adv = rloo_advantages(reward.view(-1, k)).view(-1)
@@ -402,6 +431,7 @@ def _history_row(ee_model, step: int, cols: dict[str, Tensor], k: int) -> dict:
         "compute": float(cols["used"].sum() / cols["n_tokens"].sum().clamp(min=1)),
     }
     row["layers_saved"] = 1 - row["compute"]
+    row["length"] = float(cols["n_tokens"].mean())  # generated tokens per rollout (EOS included)
     row["coherence"] = float(cols["coherence"].mean())
     hist = cols["exits"].sum(0)
     for l, f in zip([*ee_model.exit_layers, "full"], (hist / hist.sum().clamp(min=1)).tolist()):
@@ -441,6 +471,7 @@ def train_rl(
     max_entropy: float | None = UNSET,
     activation_checkpointing: bool = False,
     start: str | None = None,
+    exit_cost: str = "mean",
 ) -> RLResult:
     """RL-train exits with RLOO. See the module docstring for the reward and the loss.
 
@@ -461,6 +492,7 @@ def train_rl(
         min_confidence: exits sampled under a floor on the lens's confidence, the same way.
         max_entropy: exits sampled under a ceiling on the lens's entropy, the same way.
         activation_checkpointing: recompute the blocks in the backward (less memory, see `RLConfig`).
+        exit_cost: "mean" (default) or "total" blocks used in the reward (see `RLConfig.exit_cost`).
         rule: the lens checks as an `ExitRule` instead of the three keywords above (its mode must
             be "sample"; its threshold is not used: held-out thresholded exits use 0.5).
         start: the checkpoint or preset the model was loaded from, recorded in the run's
@@ -498,6 +530,7 @@ def train_rl(
         min_confidence=rule.min_confidence,
         max_entropy=rule.max_entropy,
         activation_checkpointing=activation_checkpointing,
+        exit_cost=exit_cost,
     )
     _check_config(ee_model, cfg)
     task = task_lib.get(task, tokenizer=ee_model)
@@ -596,6 +629,8 @@ def _rollout_shard(
         cfg.beta,
         token_term=cfg.temperature > 0,
         checkpoint_blocks=cfg.activation_checkpointing,
+        exit_cost=cfg.exit_cost,
+        cap=cfg.max_new_tokens or task.max_new_tokens,
     )
     if bool((per["adv"] != 0).any()):  # a shard of flat groups adds nothing to the gradient
         # x world / all rollouts: gradients are averaged over ranks into the global mean

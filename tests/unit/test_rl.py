@@ -114,7 +114,18 @@ def test_short_run_updates_heads_and_logs_history(tiny_ee):
     res = train_rl(tiny_ee, "addition", steps=3, reward_fn=lambda e, c: float(len(c) % 3), **FAST)
     h = res.history
     assert len(h) == 3
-    for col in ("reward", "task", "kl", "exitcost", "accuracy", "compute", "layers_saved", "coherence", "adv_std"):
+    for col in (
+        "reward",
+        "task",
+        "kl",
+        "exitcost",
+        "accuracy",
+        "compute",
+        "layers_saved",
+        "coherence",
+        "adv_std",
+        "length",
+    ):
         assert col in h.columns and h[col].notna().all()
     assert (h["kl"] >= -1e-6).all()
     assert any(not torch.equal(a, b) for a, b in zip(before, _params(tiny_ee)))
@@ -251,3 +262,37 @@ def test_rl_with_adapters_leaves_the_base_weights_exact(tiny_ee):
     for n, p in tiny_ee.model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n]), f"base weight {n} changed"
+
+
+def test_total_exit_cost_charges_every_token_where_the_mean_rewards_cheap_ones():
+    """Hand-made rollouts of an 8-block model, cap 10: a short deep answer and the same answer after
+    four cheap (layer-2) tokens. The mean cost falls with the cheap tokens, the total cost rises."""
+    from types import SimpleNamespace
+
+    from eetools.train.rl import exit_costs
+
+    exit_layers = torch.tensor([[8, 8, 0, 0, 0, 0], [2, 2, 2, 2, 8, 8]])
+    mask = torch.tensor([[True, True, False, False, False, False], [True] * 6])
+    r = SimpleNamespace(exit_layers=exit_layers, mask=mask, n_layers=8)
+    torch.testing.assert_close(exit_costs(r, "mean"), torch.tensor([1.0, (4 * 0.25 + 2) / 6]))
+    torch.testing.assert_close(exit_costs(r, "total", cap=10), torch.tensor([2 / 10, 3 / 10]))
+    torch.testing.assert_close(exit_costs(r, "total"), torch.tensor([2 / 6, 3 / 6]))  # cap: the rollout's width
+    mean, total = exit_costs(r, "mean"), exit_costs(r, "total", cap=10)
+    assert mean[1] < mean[0] and total[1] > total[0]
+    with pytest.raises(ValueError, match="exit cost must be one of"):
+        exit_costs(r, "sum")
+
+
+def test_exit_cost_option_is_checked_and_reaches_the_reward(tiny_ee):
+    from eetools.core.options import validate_config
+    from eetools.train.rl import RLConfig
+
+    with pytest.raises(ValueError, match="exit_cost must be one of 'mean', 'total'"):
+        validate_config(RLConfig(exit_cost="sum"))
+    costs = {}
+    for kind in ("mean", "total"):
+        res = train_rl(tiny_ee, "addition", steps=1, lam=1.0, beta=0.0, seed=3, exit_cost=kind, **FAST)
+        costs[kind] = res.history["exitcost"].iloc[0]
+        assert res.config.exit_cost == kind
+    # FAST caps generation at 6 tokens: total = mean * n_tokens / 6 <= mean, equal only for full-length rollouts
+    assert costs["total"] <= costs["mean"] + 1e-9
