@@ -4,7 +4,9 @@ Views take plain data (a `Rollout`, a history DataFrame, arrays) and import only
 `io` and `tasks`; analysis results draw themselves with these (their ``.figure()``).
 """
 
+from eetools.views.export import ExportUnavailable, save
 from eetools.views.figures import calibration_figure, rl_dynamics_figure
+from eetools.views.notebook import setup_notebook
 from eetools.views.tokens import (
     TokenView,
     color_tokens,
@@ -17,6 +19,7 @@ from eetools.views.widgets import Explorer, TokenDetails, explore, token_details
 
 __all__ = [
     "Explorer",
+    "ExportUnavailable",
     "TokenDetails",
     "TokenView",
     "calibration_figure",
@@ -26,6 +29,8 @@ __all__ = [
     "exit_histogram_figure",
     "explore",
     "rl_dynamics_figure",
+    "save",
+    "setup_notebook",
     "token_details",
     "visible",
 ]
