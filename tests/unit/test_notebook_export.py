@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 import pytest
 
+from eetools.views.browser import dump_dom, find_chromium
 from eetools.views.notebook import RENDERER, setup_notebook
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
@@ -72,3 +73,22 @@ def test_committed_notebook_exports_its_figures_to_html(path):
     # every figure's div is in the page with the script that draws it
     for div_id in re.findall(r'Plotly\.newPlot\(\s*"([^"]+)"', html):
         assert f'id="{div_id}"' in html, f"{path.name}: figure {div_id} has no div"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_chromium() is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_exported_notebook_draws_every_figure_in_chromium(path, tmp_path):
+    """Offline (nbconvert's CDN scripts do not load here), each figure becomes one drawn plotly SVG container."""
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(path, as_version=4)
+    n = sum(PLOTLY_JSON in o.get("data", {}) for o in _outputs(nb))
+    if not n:
+        pytest.skip(f"{path.name} has no plotly figure")
+    page = tmp_path / "nb.html"
+    page.write_text(HTMLExporter().from_notebook_node(nb)[0], encoding="utf-8")
+    dom, err = dump_dom(page)
+    drawn = len(re.findall(r'<div class="[^"<>]*\bsvg-container\b', dom))
+    assert drawn == n, f"{path.name}: drew {drawn} of {n} figures"
+    assert "Uncaught" not in err, f"{path.name}: JavaScript error: {err[-400:]}"
