@@ -23,7 +23,7 @@ h1{font-size:1.6em}h2{font-size:1.2em;margin-top:2em;border-bottom:1px solid #ee
 .banner{background:#fff3cd;border:2px solid #e0a800;border-radius:6px;padding:12px 16px;margin:1em 0;color:#5c4400}
 .banner strong{display:block;font-size:1.1em;margin-bottom:4px}
 .figure{width:100%;overflow:hidden}
-.tbl{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+.tbl{border-collapse:collapse;min-width:50%;max-width:100%;font-variant-numeric:tabular-nums}
 .tbl th{background:#f4f4f6;text-align:right;vertical-align:bottom;font-weight:600;padding:6px 10px;
   white-space:normal;border-bottom:2px solid #ccc}
 .tbl td{padding:4px 10px;border-bottom:1px solid #e4e4e4;text-align:right}
@@ -81,17 +81,14 @@ def styled_figure(fig, *, height: int | None = None):
 
 
 def _table(df: pd.DataFrame, labels: Mapping[str, str] | None) -> str:
-    head = "".join(
-        f'<th class="{"text" if df[c].dtype == object else "num"}">{html.escape(readable_header(c, labels))}</th>'
-        for c in df.columns
-    )
+    kind = {c: "num" if pd.api.types.is_numeric_dtype(df[c]) else "text" for c in df.columns}
+    head = "".join(f'<th class="{kind[c]}">{html.escape(readable_header(c, labels))}</th>' for c in df.columns)
     rows = []
     for rec in df.itertuples(index=False):
         cells = []
         for c, v in zip(df.columns, rec):
             text = f"{v:.3f}" if isinstance(v, float) else str(v)
-            cls = "text" if df[c].dtype == object else "num"
-            cells.append(f'<td class="{cls}">{html.escape(text)}</td>')
+            cells.append(f'<td class="{kind[c]}">{html.escape(text)}</td>')
         rows.append("<tr>" + "".join(cells) + "</tr>")
     return f'<table class="tbl"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 

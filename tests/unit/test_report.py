@@ -128,3 +128,8 @@ def test_report_help_says_it_needs_a_reproduce_folder(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "output folder of `eetools reproduce`" in text and "evaluation.csv" in text
+
+
+def test_text_columns_align_left_and_numbers_right(tmp_path):
+    html = pipeline.write_report(_reproduce_folder(tmp_path, quick=False)).read_text()
+    assert '<td class="text">calibrated</td>' in html and '<td class="num">0.125</td>' in html
