@@ -44,11 +44,12 @@ def _offline_renderer():
     return OfflineNotebookRenderer(config={"displaylogo": False})
 
 
-def setup_notebook() -> str:
-    """Make plotly figures in this kernel store their JSON plus an offline HTML fallback; returns the renderer string.
+def setup_notebook() -> None:
+    """Make plotly figures in this kernel store their JSON plus an offline HTML fallback.
 
     Sets ``plotly.io.renderers.default`` to ``"plotly_mimetype+eetools_offline"``. Calling it again
-    changes nothing (plotly.js is not embedded a second time).
+    changes nothing (plotly.js is not embedded a second time). Returns None, so a notebook cell
+    ending with it shows no output.
     """
     import plotly.io as pio
 
@@ -57,4 +58,3 @@ def setup_notebook() -> str:
     wanted = f"plotly_mimetype+{RENDERER}"
     if pio.renderers.default != wanted:
         pio.renderers.default = wanted
-    return wanted

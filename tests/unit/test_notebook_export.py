@@ -31,7 +31,7 @@ def restore_renderer():
 
 
 def test_setup_notebook_stores_json_and_offline_html(restore_renderer):
-    assert setup_notebook() == f"plotly_mimetype+{RENDERER}" == pio.renderers.default
+    assert setup_notebook() is None and pio.renderers.default == f"plotly_mimetype+{RENDERER}"
     bundle = pio.renderers._build_mime_bundle(go.Figure(go.Bar(y=[1, 2])).to_dict())
     assert PLOTLY_JSON in bundle, "JupyterLab's JSON is kept"
     html = bundle["text/html"]
