@@ -407,7 +407,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", nargs="+", default=["addition", "tom"], help="tasks (default: addition tom)")
     p.add_argument("--n", type=int, default=None, help="examples per task (default: the whole split)")
 
-    p = sub.add_parser("report", help="build report.html from a reproduce output folder")
+    p = sub.add_parser(
+        "report",
+        help="build report.html from a reproduce output folder",
+        description="Rebuild report.html inside the output folder of `eetools reproduce` (give it with --out; "
+        "default runs/reproduce). The folder must hold what reproduce wrote: evaluation.csv, fig2_left.json, "
+        "fig3.json and calibrated/fig4.json (summary.json adds run times and marks --quick runs). "
+        "Run `eetools reproduce --out DIR` first; it writes the report itself.",
+    )
     _common(p, "runs/reproduce")
 
     p = sub.add_parser("ship", help="copy a reproduction's exit models and results into data/ (the shipped presets)")

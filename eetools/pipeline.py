@@ -481,10 +481,48 @@ def write_report(out: Path) -> Path:
                 (f"Operating points: accuracy vs layers saved, {label}", pio.read_json(out / f"tradeoff_{label}.json"))
             )
     summ = out / "summary.json"
-    if summ.exists():
-        t = json.loads(summ.read_text())["timings"]
-        sections.append(("Run time", ", ".join(f"{k} {v:.0f}" for k, v in t.items())))
-    return build_report(sections, out / "report.html", title="eetools: reproduction of Pavlova et al. (2026)")
+    summary = json.loads(summ.read_text()) if summ.exists() else {}
+    if summary.get("timings"):
+        sections.append(("Run time", run_time_table(summary["timings"])))
+    title, banner = "eetools: reproduction of Pavlova et al. (2026)", None
+    if summary.get("config", {}).get("quick"):
+        title, banner = quick_banner(summary["config"])
+    return build_report(sections, out / "report.html", title=title, banner=banner, labels=TABLE_LABELS)
+
+
+# table headers of the report, by column of evaluation.csv and the run-time table
+TABLE_LABELS = {
+    "n": "examples",
+    "mean_score": "mean score",
+    "compute": "compute (blocks used / L)",
+    "layers_saved": "layers saved",
+    "coherence_reasoning": "coherence of the reasoning",
+}
+
+
+def run_time_table(timings: dict) -> pd.DataFrame:
+    """``summary.json``'s timings (``{"calibration_s": 725.3, ...}``) as stage / duration rows ("12 min 5 s")."""
+    from eetools.views.report import format_duration
+
+    return pd.DataFrame(
+        {
+            "stage": [k.removesuffix("_s").replace("_", " ") for k in timings],
+            "duration": [format_duration(v) for v in timings.values()],
+        }
+    )
+
+
+def quick_banner(config: dict) -> tuple[str, tuple[str, str]]:
+    """Title and banner of a ``--quick`` run's report: a smoke test of the pipeline, not a reproduction."""
+    return (
+        "eetools: quick smoke run of the reproduction (not results)",
+        (
+            "Quick run (--quick): these numbers are not a reproduction of Pavlova et al.",
+            f"It calibrated for {config.get('calib_steps')} steps, ran {config.get('n_seeds')} RL runs of "
+            f"{config.get('rl_steps')} steps and evaluated {config.get('eval_n')} examples per task, to check "
+            "that every stage runs. Run `eetools reproduce` without --quick for the paper's figures.",
+        ),
+    )
 
 
 # what `ship` copies from a reproduction's output folder into data/results

@@ -16,11 +16,13 @@ and compares the cells marked ``# NBVAL_CHECK_OUTPUT``.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).parent
+ROOT = HERE.parent
 SRC = HERE / "src"
 
 CELL_MARKER = "# %%"
@@ -135,8 +137,19 @@ def build(execute: bool = True, only: list[str] | None = None) -> None:
                     str(path),
                 ],
                 check=True,
+                env=_kernel_env(),
             )
         print("built", path)
+
+
+def _kernel_env() -> dict[str, str]:
+    """The environment with this checkout first on ``PYTHONPATH``, so the kernel imports its ``eetools``.
+
+    (An editable install elsewhere, e.g. of another worktree, would otherwise win.)
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT.resolve()), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def main(argv: list[str] | None = None) -> None:

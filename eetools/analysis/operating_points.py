@@ -82,7 +82,9 @@ class Tradeoff:
                     y=100 * g["accuracy"],
                     name=system,
                     text=text,
-                    textposition="top center",
+                    # the confidence baseline's labels below its points, the threshold curve's above:
+                    # the two curves often pass through the same corner
+                    textposition="bottom center" if system == "confidence" else "top center",
                     customdata=g[["coherence"]],
                     hovertemplate="%{x:.1f} % saved, %{y:.1f} % correct, coherence %{customdata[0]:.3f}",
                     **styles.get(system, {}),

@@ -7,8 +7,10 @@ The few views that read a model (`lens_grid`, `exit_readouts`, the explorer) com
 """
 
 from eetools.views.compare import exit_diff
+from eetools.views.export import ExportUnavailable, save
 from eetools.views.figures import calibration_figure, rl_dynamics_figure
 from eetools.views.lens_grid import LensGrid, compare_lens_grids, exit_readouts, lens_grid, lens_grid_text
+from eetools.views.notebook import setup_notebook
 from eetools.views.tokens import (
     TokenView,
     color_tokens,
@@ -22,6 +24,7 @@ from eetools.views.widgets import Explorer, TokenDetails, explore, token_details
 
 __all__ = [
     "Explorer",
+    "ExportUnavailable",
     "LensGrid",
     "TokenDetails",
     "TokenView",
@@ -38,6 +41,8 @@ __all__ = [
     "lens_grid",
     "lens_grid_text",
     "rl_dynamics_figure",
+    "save",
+    "setup_notebook",
     "token_details",
     "visible",
 ]

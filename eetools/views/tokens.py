@@ -47,8 +47,19 @@ __all__ = [
 Readout = Sequence[tuple[str, float]]
 
 _MONO = "ui-monospace,SFMono-Regular,Menlo,Consolas,'DejaVu Sans Mono',monospace"
-# Colour stops from the shallowest exitable layer (warm, saturated) to full depth (neutral).
-_STOPS = ((0.0, (215, 48, 31)), (0.35, (252, 141, 89)), (0.7, (253, 212, 158)), (1.0, (224, 224, 224)))
+# Colour stops from the shallowest exitable layer (red) through the hues to the deepest (purple);
+# full depth is a neutral grey off the scale. Every other exitable layer is darkened by _BAND so that
+# adjacent layers stay distinguishable even with dozens of them (CIE76 distance >= 10, tested).
+_STOPS = (
+    (0.0, (215, 48, 39)),
+    (0.2, (244, 109, 67)),
+    (0.4, (240, 200, 60)),
+    (0.6, (102, 189, 99)),
+    (0.8, (67, 147, 195)),
+    (1.0, (118, 42, 131)),
+)
+_FULL = (224, 224, 224)
+_BAND = 0.2
 _HEAT_SCALE = "OrRd"
 # Rich tooltips: hidden by an inline style and shown on hover or keyboard focus by this scoped sheet
 # (``!important`` beats the inline style). Where a sanitizer strips ``<style>`` (GitHub, an untrusted
@@ -243,14 +254,20 @@ def _as_numpy(x) -> np.ndarray:
 
 
 def _color(layer: int, layers: Sequence[int], n_layers: int) -> tuple[str, str]:
-    """Background and text colour of a token predicted at `layer` (shallow = warm, full = neutral)."""
-    lo = layers[0] if layers else 0
-    t = 1.0 if n_layers <= lo else min(max((layer - lo) / (n_layers - lo), 0.0), 1.0)
-    for (t0, c0), (t1, c1) in zip(_STOPS, _STOPS[1:]):
-        if t <= t1:
-            w = (t - t0) / (t1 - t0)
-            rgb = [round(a + w * (b - a)) for a, b in zip(c0, c1)]
-            break
+    """Background and text colour of a token predicted at `layer` (shallow = red ... deep = purple, full = grey)."""
+    layers = sorted(layers)
+    if layer >= n_layers or not layers:
+        rgb = list(_FULL)
+    else:
+        rank = float(np.interp(layer, layers, np.arange(len(layers))))
+        t = rank / (len(layers) - 1) if len(layers) > 1 else 0.0
+        for (t0, c0), (t1, c1) in zip(_STOPS, _STOPS[1:]):
+            if t <= t1:
+                w = (t - t0) / (t1 - t0)
+                rgb = [a + w * (b - a) for a, b in zip(c0, c1)]
+                break
+        dark = _BAND if round(rank) % 2 else 0.0
+        rgb = [round(v * (1 - dark)) for v in rgb]
     luminance = (0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]) / 255
     return "#{:02x}{:02x}{:02x}".format(*rgb), ("#fff" if luminance < 0.55 else "#111")
 

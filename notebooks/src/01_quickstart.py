@@ -12,14 +12,13 @@
 # ```
 
 # %%
-import plotly.io as pio
 import torch
 
 import eetools as ee
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
-pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
+ee.views.setup_notebook()  # figures as JSON (JupyterLab) + offline HTML (exported HTML, nbviewer)
 
 # %% [markdown]
 # The default model is the **tiny reasoner** shipped in `data/models/tiny-reasoner`: an 8-block Qwen3 trained by `eetools pretrain` on two reasoning tasks, loaded offline as a `TransformerBridge`.

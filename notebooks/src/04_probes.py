@@ -6,14 +6,13 @@
 # reasoning into the written tokens (less *hidden planning*).
 
 # %%
-import plotly.io as pio
 import torch
 
 import eetools as ee
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
-pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
+ee.views.setup_notebook()  # figures as JSON (JupyterLab) + offline HTML (exported HTML, nbviewer)
 
 # %%
 from eetools.analysis import probes

@@ -12,14 +12,13 @@
 # the same pipeline on it.
 
 # %%
-import plotly.io as pio
 import torch
 
 import eetools as ee
 
 torch.manual_seed(0)
 torch.set_num_threads(2)
-pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
+ee.views.setup_notebook()  # figures as JSON (JupyterLab) + offline HTML (exported HTML, nbviewer)
 
 # %%
 import tempfile

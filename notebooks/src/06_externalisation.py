@@ -9,7 +9,6 @@
 # compute of the answer as its cost -- and measure verbosity and hidden computation.
 
 # %%
-import plotly.io as pio
 import torch
 
 import eetools as ee
@@ -19,7 +18,7 @@ from eetools.io.paths import data_dir
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
-pio.renderers.default = "plotly_mimetype"  # figures as JSON: JupyterLab renders them, no network
+ee.views.setup_notebook()  # figures as JSON (JupyterLab) + offline HTML (exported HTML, nbviewer)
 
 # %% [markdown]
 # ## The task: three styles, one verifier

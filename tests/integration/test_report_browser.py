@@ -1,5 +1,8 @@
 """`eetools reproduce --quick` builds a report that a real browser renders (integration tier)."""
 
+import html
+import json
+import re
 import shutil
 import subprocess
 
@@ -10,6 +13,32 @@ from eetools.io.models import shipped_model_dir
 pytestmark = pytest.mark.integration
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Run in the page once plotly drew: what sticks out of the page or of its figure, and what covers what.
+LAYOUT_CHECK = """<script>
+addEventListener('load', () => setTimeout(() => {
+  const page = document.documentElement, W = page.clientWidth, bad = [];
+  const inside = (r, b) => r.left >= b.left - 1 && r.right <= b.right + 1 && r.top >= b.top - 1 && r.bottom <= b.bottom + 1;
+  const cover = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  const name = el => (el.textContent || el.className || el.tagName).toString().slice(0, 60);
+  if (page.scrollWidth > W + 1) bad.push('the page scrolls sideways: ' + page.scrollWidth + ' > ' + W);
+  document.querySelectorAll('h1, h2, p, table, .banner, .eetools-tokens').forEach(el => {
+    if (el.getBoundingClientRect().right > W + 1) bad.push('wider than the page: ' + name(el));
+  });
+  const column = document.querySelector('h1').getBoundingClientRect().width;
+  document.querySelectorAll('.js-plotly-plot').forEach(gd => {
+    const box = gd.getBoundingClientRect();
+    if (box.width < 0.95 * column) bad.push(gd.id + ' is ' + Math.round(box.width) + ' px of ' + Math.round(column));
+    const texts = [...gd.querySelectorAll('text.gtitle, text.annotation-text, text[class$="title"], text.legendtext')];
+    texts.forEach(t => { const r = t.getBoundingClientRect(); if (r.width && !inside(r, box)) bad.push(gd.id + ' clips ' + name(t)); });
+    gd.querySelectorAll('text.gtitle').forEach(t => gd.querySelectorAll('text.annotation-text').forEach(a => {
+      if (cover(t.getBoundingClientRect(), a.getBoundingClientRect())) bad.push(gd.id + ' title covers ' + name(a));
+    }));
+  });
+  const banner = document.querySelector('.banner');
+  document.body.setAttribute('data-layout', JSON.stringify({bad, banner: banner ? banner.getBoundingClientRect().height : 0}));
+}, 1000));
+</script>"""
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +112,20 @@ def test_report_renders_in_headless_chromium(quick_report, tmp_path):
         timeout=120,
     )
     assert shot.exists() and shot.stat().st_size > 10_000, "no screenshot"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+@pytest.mark.parametrize("width", [1200, 800])
+def test_quick_report_warns_and_nothing_overflows(quick_report, tmp_path, width):
+    """The --quick banner shows; no text leaves the page or its figure; titles cover no subplot title; figures fill the column."""
+    from eetools.views.browser import dump_dom
+
+    page = tmp_path / "report.html"
+    page.write_text((quick_report / "report.html").read_text().replace("</body>", LAYOUT_CHECK + "</body>"))
+    dom, err = dump_dom(page, width=width, height=900)
+    m = re.search(r"data-layout=\"([^\"]*)\"", dom)
+    assert m, f"the layout check did not run: {err[-300:]}"
+    layout = json.loads(html.unescape(m.group(1)))
+    assert layout["banner"] > 20, "no visible --quick banner"
+    assert "quick smoke run" in dom and "not a reproduction" in dom
+    assert not layout["bad"], "\n".join(layout["bad"])

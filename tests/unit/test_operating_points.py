@@ -94,5 +94,6 @@ def test_the_confidence_baseline_is_evaluated_on_the_same_weights(tiny_ee):
     fig = res.figure()
     assert [t.name for t in fig.data] == ["base", "threshold", "confidence", "oracle"]
     assert list(fig.data[2].text) == ["t=1e-06", "t=1"]
+    assert (fig.data[1].textposition, fig.data[2].textposition) == ("top center", "bottom center"), "labels collide"
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         tradeoff(tiny_ee, "addition", thresholds=[0.5], confidence=[0.0], n=2, progress=False)
