@@ -28,6 +28,11 @@ _VARIANTS = {
     # one style of the steps task throughout (for measuring accuracy per style)
     "steps-full": lambda: StepsTask(style="full"),
     "steps-terse": lambda: StepsTask(style="terse"),
+    # the small regime (1-2 digit operands), terse half the time or more: silent sums a tiny model can learn,
+    # so that the terse style is about as accurate as the written one (docs/experiments.md 2026-12-04 (13))
+    "steps-small": lambda: StepsTask(1, 2, p_terse_easy=0.7, p_terse_hard=0.5),
+    "steps-small-full": lambda: StepsTask(1, 2, style="full"),
+    "steps-small-terse": lambda: StepsTask(1, 2, style="terse"),
 }
 
 
