@@ -2,7 +2,8 @@
 
 ``eetools externalisation --out DIR [--quick]`` runs it (see `run_externalisation`): from one
 calibrated exit model (default: the shipped mixed-style tiny reasoner), for every condition of
-`eetools.analysis.externalisation.CONDITIONS` and every seed, RL on the steps task
+`eetools.analysis.externalisation.CONDITIONS` and every seed, RL on a steps-task variant (`task`, by default
+``steps-small``, the regime where the shipped model's terse style is as accurate as its written one)
 (`eetools.train.rl.train_rl`) in segments of `measure_every` steps, each followed by
 `eetools.analysis.externalisation.measure`. Every segment ends in a checkpoint and a row of
 ``history.csv``, so an interrupted run resumes where it stopped.
@@ -24,7 +25,7 @@ from eetools.tasks import get as get_task
 from eetools.tasks.steps import StepsTask
 
 DEFAULT_MODEL = "tiny-reasoner-mixed/calibrated"
-DEFAULT_TASK = "steps"
+DEFAULT_TASK = "steps-small"  # the regime of the shipped model: terse as accurate as written
 
 
 @dataclass
