@@ -61,8 +61,8 @@ live.summary(["accuracy", "verbosity", "probe_carry", "answer_oracle_layer"])
 # ## The shipped experiment
 # `eetools externalisation --task steps-small --seeds 0 1 2 3 4 --steps 32 --measure-every 8 --out runs/ext`
 # (one process per condition with `--conditions`; see docs/experiments.md, 2026-12-04 (13)); its histories are
-# in `data/results/externalisation_*.csv`. The paper's mean exit cost saves more layers than lam 0 but leaves
-# verbosity and the probes where they were; the total-cost control removes every written line.
+# in `data/results/externalisation_*.csv`. At lam 1.5 the paper's mean exit cost saves more layers than lam 0
+# but leaves verbosity and the probes where they were; the total-cost control removes every written line.
 
 # %%
 results = data_dir() / "results"
@@ -92,3 +92,18 @@ shipped.figure()
 
 # %%
 shipped.rl_history.groupby(["condition", "step"])[["length", "accuracy", "exitcost"]].mean().unstack(0).round(3)
+
+# %% [markdown]
+# ## A heavier exit cost: lam 6
+# The same experiment with `--conditions mean-cost --lam 6` (5 seeds, beside the lam-0 runs above;
+# `data/results/externalisation_lam6_*.csv`): verbosity rises (3 of 5 seeds write every line by step 24),
+# the prompt-end probes do not move.
+
+# %%
+lam6 = load_externalisation(
+    results / "externalisation_lam6_history.csv", rl_history=results / "externalisation_lam6_rl_history.csv"
+)
+lam6.contrasts(measures=["verbosity", "terse_share", "layers_saved", "probe_carry", "accuracy"]).round(3)
+
+# %%
+lam6.figure()
