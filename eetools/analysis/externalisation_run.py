@@ -2,7 +2,8 @@
 
 ``eetools externalisation --out DIR [--quick]`` runs it (see `run_externalisation`): from one
 calibrated exit model (default: the shipped mixed-style tiny reasoner), for every condition of
-`eetools.analysis.externalisation.CONDITIONS` and every seed, RL on the steps task
+`eetools.analysis.externalisation.CONDITIONS` and every seed, RL on a steps-task variant (`task`, by default
+``steps-small``, the regime where the shipped model's terse style is as accurate as its written one)
 (`eetools.train.rl.train_rl`) in segments of `measure_every` steps, each followed by
 `eetools.analysis.externalisation.measure`. Every segment ends in a checkpoint and a row of
 ``history.csv``, so an interrupted run resumes where it stopped.
@@ -20,8 +21,11 @@ import pandas as pd
 from eetools.analysis.externalisation import CONDITIONS, ExternalisationResult, measure
 from eetools.core.options import validate_config
 from eetools.io.paths import check_writable
+from eetools.tasks import get as get_task
+from eetools.tasks.steps import StepsTask
 
 DEFAULT_MODEL = "tiny-reasoner-mixed/calibrated"
+DEFAULT_TASK = "steps-small"  # the regime of the shipped model: terse as accurate as written
 
 
 @dataclass
@@ -43,6 +47,8 @@ class ExternalisationConfig:
     }
     exit_model: str = DEFAULT_MODEL
     """Calibrated exit model every run starts from (preset or folder)."""
+    task: str = DEFAULT_TASK
+    """Steps-task variant the runs train and are measured on (``steps``, ``steps-small``...; see `eetools.tasks.get`)."""
     quick: bool = False
     """A smoke version (under 5 minutes on 2 cores): 2 steps, 2 rollouts of 2 prompts, small measures."""
     conditions: list[str] = field(default_factory=lambda: list(CONDITIONS))
@@ -74,6 +80,7 @@ class ExternalisationConfig:
             return self
         return ExternalisationConfig(
             exit_model=self.exit_model,
+            task=self.task,
             quick=True,
             conditions=self.conditions,
             seeds=self.seeds[:3],
@@ -120,6 +127,8 @@ def run_externalisation(cfg: ExternalisationConfig, out: str | Path, *, progress
         raise ValueError(f"steps ({cfg.steps}) must be a multiple of measure_every ({cfg.measure_every})")
     out = check_writable(out)
     eff = cfg.effective()
+    if not isinstance(get_task(eff.task), StepsTask):  # a bad task fails here, before any folder is written
+        raise ValueError(f"task must be a steps-task variant (steps, steps-small...), got {eff.task!r}")
     load_exit_model(eff.exit_model)  # a missing model fails here, before any folder is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({"asked": asdict(cfg), "ran": asdict(eff)}, indent=2) + "\n")
@@ -127,7 +136,7 @@ def run_externalisation(cfg: ExternalisationConfig, out: str | Path, *, progress
     history = pd.read_csv(hist_path) if hist_path.exists() else pd.DataFrame()
     done = set() if history.empty else set(zip(history["condition"], history["seed"], history["step"]))
     conds = _conditions(eff)
-    measure_kw = {"n_eval": eff.n_eval, "n_probe": eff.n_probe}
+    measure_kw = {"task": eff.task, "n_eval": eff.n_eval, "n_probe": eff.n_probe}
     targets = list(range(eff.measure_every, eff.steps + 1, eff.measure_every))
     bar = tqdm(total=len(conds) * len(eff.seeds) * (len(targets) + 1), desc="externalisation", disable=not progress)
     start_row = None
@@ -155,7 +164,7 @@ def run_externalisation(cfg: ExternalisationConfig, out: str | Path, *, progress
                 bar.set_postfix_str(f"{name}, seed {seed}, step {target}")
                 res = train_rl(
                     ee,
-                    "steps",
+                    eff.task,
                     steps=target,
                     checkpoint_dir=run_dir / "checkpoint",
                     checkpoint_every=eff.measure_every,

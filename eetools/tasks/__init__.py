@@ -28,6 +28,14 @@ _VARIANTS = {
     # one style of the steps task throughout (for measuring accuracy per style)
     "steps-full": lambda: StepsTask(style="full"),
     "steps-terse": lambda: StepsTask(style="terse"),
+    # the small regime (1-2 digit operands), terse half the time or more: silent sums a tiny model can learn,
+    # so that the terse style is about as accurate as the written one (docs/experiments.md 2026-12-04 (13))
+    "steps-small": lambda: StepsTask(1, 2, p_terse_easy=0.7, p_terse_hard=0.5),
+    # the same sums with a clear preference (terse for 80 % of carry-free sums, 20 % of the others): the last
+    # stage of tiny-reasoner-mixed, so that its greedy choice differs per sum
+    "steps-small-choice": lambda: StepsTask(1, 2, p_terse_easy=0.8, p_terse_hard=0.2),
+    "steps-small-full": lambda: StepsTask(1, 2, style="full"),
+    "steps-small-terse": lambda: StepsTask(1, 2, style="terse"),
 }
 
 

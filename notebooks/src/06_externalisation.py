@@ -4,6 +4,8 @@
 # The method's premise is that a model rewarded for exiting early must write its reasoning down instead of
 # computing it silently. To test it the model needs a choice: the **steps** task is addition whose column
 # lines are optional (written in full, in part, or the answer alone), and the verifier reads only the answer.
+# We use its small regime, ``steps-small`` (1-2 digit operands), where the model's silent answers are as
+# accurate as its written ones, so task reward alone does not favour writing.
 # We start from the shipped mixed-style tiny reasoner (calibrated), run RL under three conditions -- task
 # reward only (lam 0), early-exit RL with the paper's mean exit cost, and early-exit RL with the *total*
 # compute of the answer as its cost -- and measure verbosity and hidden computation.
@@ -24,9 +26,9 @@ ee.views.setup_notebook()  # figures as JSON (JupyterLab) + offline HTML (export
 # ## The task: three styles, one verifier
 
 # %%
-task = ee.tasks.get("steps")
+task = ee.tasks.get("steps-small")
 for style in ("full", "partial", "terse"):
-    ex = task.make(472, 38, style, written=1)
+    ex = task.make(47, 38, style, written=1)
     print(
         f"{style:8s} {ex.reasoning!r}  score {task.score(ex, ex.reasoning)}  verbosity {task.verbosity(ex, ex.reasoning):.2f}"
     )
@@ -56,8 +58,10 @@ live.summary(["accuracy", "verbosity", "probe_carry", "answer_oracle_layer"])
 
 # %% [markdown]
 # ## The shipped experiment
-# `eetools externalisation --seeds 0 1 2 3 4 --out runs/externalisation` (8 RL steps per run, measured every 4;
-# see docs/experiments.md, 2026-12-04 (13)); its histories are in `data/results/externalisation_*.csv`.
+# `eetools externalisation --task steps-small --seeds 0 1 2 3 4 --steps 32 --measure-every 8 --out runs/ext`
+# (one process per condition with `--conditions`; see docs/experiments.md, 2026-12-04 (13)); its histories are
+# in `data/results/externalisation_*.csv`. At lam 1.5 the paper's mean exit cost saves more layers than lam 0
+# but leaves verbosity and the probes where they were; the total-cost control removes every written line.
 
 # %%
 results = data_dir() / "results"
@@ -87,3 +91,18 @@ shipped.figure()
 
 # %%
 shipped.rl_history.groupby(["condition", "step"])[["length", "accuracy", "exitcost"]].mean().unstack(0).round(3)
+
+# %% [markdown]
+# ## A heavier exit cost: lam 6
+# The same experiment with `--conditions mean-cost --lam 6` (5 seeds, beside the lam-0 runs above;
+# `data/results/externalisation_lam6_*.csv`): verbosity rises (3 of 5 seeds write every line by step 24),
+# the prompt-end probes do not move.
+
+# %%
+lam6 = load_externalisation(
+    results / "externalisation_lam6_history.csv", rl_history=results / "externalisation_lam6_rl_history.csv"
+)
+lam6.contrasts(measures=["verbosity", "terse_share", "layers_saved", "probe_carry", "accuracy"]).round(3)
+
+# %%
+lam6.figure()

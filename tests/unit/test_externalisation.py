@@ -116,6 +116,8 @@ def test_cli_refuses_bad_externalisation_settings_with_status_2(tmp_path, capsys
 
     assert main(["externalisation", "--steps", "3", "--measure-every", "2", "--out", str(tmp_path / "a")]) == 2
     assert "multiple of measure_every" in capsys.readouterr().err
+    assert main(["externalisation", "--task", "addition", "--out", str(tmp_path / "t")]) == 2
+    assert "steps-task variant" in capsys.readouterr().err and not (tmp_path / "t").exists()
     assert main(["externalisation", "--conditions", "lam1", "--out", str(tmp_path / "b")]) == 2
     assert "conditions" in capsys.readouterr().err
     assert main(["rl", "--exit-cost", "sum", "--out", str(tmp_path / "c")]) == 2

@@ -70,6 +70,20 @@ def test_variants_and_test_split():
     assert isinstance(tasks.get("addition+steps"), tasks.MixtureTask)
 
 
+def test_small_regime_variants_draw_one_and_two_digit_operands():
+    """ "steps-small" (the regime whose terse style a tiny model learns): 1-2 digit operands, terse >= half."""
+    xs = tasks.get("steps-small").sample(400, 0)
+    sizes = {len(str(e.meta[k])) for e in xs for k in ("a", "b")}
+    assert sizes == {1, 2}
+    assert 0.5 <= sum(e.meta["style"] == "terse" for e in xs) / len(xs) <= 0.7
+    choice = tasks.get("steps-small-choice").sample(400, 0)
+    assert 0.3 <= sum(e.meta["style"] == "terse" for e in choice) / len(choice) <= 0.6
+    assert {e.meta["style"] for e in tasks.get("steps-small-terse").sample(20, 0)} == {"terse"}
+    assert {e.meta["style"] for e in tasks.get("steps-small-full").sample(20, 0)} == {"full"}
+    split = tasks.get("steps-small").test_split()
+    assert max(max(e.meta["a"], e.meta["b"]) for e in split) < 100 and split != tasks.get("steps").test_split()
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
