@@ -9,6 +9,7 @@ import subprocess
 import pytest
 
 from eetools.io.models import shipped_model_dir
+from eetools.views import browser
 
 pytestmark = pytest.mark.integration
 
@@ -85,14 +86,7 @@ def test_quick_reproduce_writes_every_figure(quick_report):
 def test_report_renders_in_headless_chromium(quick_report, tmp_path):
     cmd = [
         CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *browser.FLAGS,  # the flags the library's own rendering uses (eetools.views.browser)
         f"--user-data-dir={tmp_path / 'profile'}",
         "--virtual-time-budget=10000",
         "--dump-dom",
