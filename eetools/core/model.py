@@ -235,7 +235,8 @@ class EarlyExitModel(nn.Module):
         exited there are skipped). Pass a `state` whose hooks are already attached (see
         `ExitState`) to run many forwards under one hook context, as generation does.
         """
-        tokens, attention_mask = self._here(tokens), self._here(attention_mask)
+        if state is None:  # a caller's tensors, on any device (generation passes its own, already there)
+            tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         b, t = tokens.shape
         exit_at = (
             torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device)
