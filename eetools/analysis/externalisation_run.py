@@ -12,7 +12,7 @@ calibrated exit model (default: the shipped mixed-style tiny reasoner), for ever
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -78,21 +78,9 @@ class ExternalisationConfig:
         """The settings actually run (`quick` shrinks them)."""
         if not self.quick:
             return self
-        return ExternalisationConfig(
-            exit_model=self.exit_model,
-            task=self.task,
-            quick=True,
-            conditions=self.conditions,
-            seeds=self.seeds[:3],
-            steps=2,
-            measure_every=2,
-            prompts_per_step=2,
-            k=2,
-            lam=self.lam,
-            beta=self.beta,
-            lr=self.lr,
-            n_eval=12,
-            n_probe=40,
+        # the same settings, smaller: every field not named here is kept
+        return replace(
+            self, seeds=self.seeds[:3], steps=2, measure_every=2, prompts_per_step=2, k=2, n_eval=12, n_probe=40
         )
 
 
