@@ -128,7 +128,7 @@ def generate(
             stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
-            if bool(dec.done.all()):
+            if dec.finished:
                 break
     return dec.rollout(prompts)
 
@@ -157,6 +157,7 @@ class _Decoder:
         self.eos = tok.eos_token_id
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else (self.eos or 0)
         self.done = torch.zeros(self.b, dtype=torch.bool, device=self.device)
+        self.finished = False  # every row has emitted EOS (known from the step's one count of finished rows)
         self.seq, self.mask, self.step_input = ids, pmask, ids
         # without padding the mask says nothing the causal mask does not; passing None spares the
         # bridge re-deriving position ids from it at every step
@@ -186,8 +187,13 @@ class _Decoder:
     def step(self, step: int, state) -> None:
         """Decode one token for every running row: exits decided layer by layer, then the token drawn."""
         b, rows = self.b, self.rows
-        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu").to(self.device)  # fixed draw order,
-        u_tok = torch.rand(b, generator=self.gen, device="cpu").to(self.device)  # whatever rows are still running
+        u_exit = torch.rand(b, max(self.m, 1), generator=self.gen, device="cpu")  # fixed draw order,
+        u_tok = torch.rand(b, generator=self.gen, device="cpu")  # whatever rows are still running
+        if self.device.type != "cpu":  # one copy; from pinned memory the host does not wait for it
+            both = torch.cat([u_exit, u_tok[:, None]], 1)
+            both = both.pin_memory() if self.device.type == "cuda" else both
+            both = both.to(self.device, non_blocking=True)
+            u_exit, u_tok = both[:, :-1], both[:, -1]
         running = rows.numel() < b
         if running:
             u_exit, u_tok = u_exit[rows], u_tok[rows]
@@ -276,16 +282,19 @@ class _Decoder:
 
     def _advance(self, tok: Tensor, done: Tensor, running: bool) -> None:
         """Mark rows that emitted EOS, feed the tokens to the next step, and drop finished rows from the batch."""
+        n_done = 0
         if self.eos is not None:
             done = done | (tok == self.eos)
             self.done = self.done.index_copy(0, self.rows, done) if running else done
+            n_done = int(done.sum())  # the step's one device sync besides the exit decisions
+            self.finished = n_done == len(done)
         self.step_input = tok[:, None]
         self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         if not self.use_cache:  # the uncached reference re-runs the whole prefix
             self.seq = torch.cat([self.seq, self.step_input], dim=1)
             self.exit_hist = torch.cat([self.exit_hist, torch.full_like(self.exit_hist[:, :1], self.L)], dim=1)
         elif self.compact:
-            self._drop_finished(done)
+            self._drop_finished(done, n_done)
 
     def _prefill_distinct(self, state) -> tuple[Tensor, Tensor, Tensor]:
         """Step 0 on each distinct prompt once; logits, exit logits, exits and cache copied back to every row."""
@@ -300,9 +309,8 @@ class _Decoder:
         self.cache = cache
         return logits[inverse], z[inverse], exit_at[inverse]
 
-    def _drop_finished(self, done: Tensor) -> None:
-        """Drop finished rows from the running batch and the KV cache once they are an eighth of it."""
-        n_done = int(done.sum())
+    def _drop_finished(self, done: Tensor, n_done: int) -> None:
+        """Drop finished rows (`n_done` of them) from the running batch and the KV cache once they are an eighth of it."""
         if n_done == 0 or n_done == len(done) or n_done * 8 < len(done):
             return
         if not hasattr(self.cache, "batch_select_indices"):  # a cache type we cannot slice: keep every row

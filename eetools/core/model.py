@@ -238,16 +238,17 @@ class EarlyExitModel(nn.Module):
         if state is None:  # a caller's tensors, on any device (generation passes its own, already there)
             tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         b, t = tokens.shape
+        fresh = exit_at is None  # no position exited: the state need not ask the device
         exit_at = (
             torch.full((b, t), self.n_layers, dtype=torch.long, device=tokens.device)
-            if exit_at is None
+            if fresh
             else exit_at.clone().to(tokens.device)
         )
         ctx = contextlib.nullcontext()
         if state is None:
             state = ExitState(self)
             ctx = self.model.hooks(fwd_hooks=state.hooks())
-        state.reset(exit_at, decide)
+        state.reset(exit_at, decide, fresh=fresh)
         kwargs = {}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask

@@ -39,12 +39,17 @@ class ExitState:
         self.ee = ee_model
         self.reset(None, None)
 
-    def reset(self, exit_at: Tensor | None, decide: Decider | None) -> None:
+    def reset(self, exit_at: Tensor | None, decide: Decider | None, *, fresh: bool = False) -> None:
+        """Start a forward with exits `exit_at` ``[batch, pos]`` (L: none) and `decide` (None: exits prescribed).
+
+        `fresh`: the caller built `exit_at` with no exit at all, so it is not read on the device
+        (one sync less per decode step).
+        """
         self.exit_at, self.decide = exit_at, decide
         self.frozen: Tensor | None = None
         self.logits: list[Tensor] = []
         # nothing to freeze until some position exits: the freeze hooks then cost nothing
-        self.any_exit = exit_at is not None and bool((exit_at < self.ee.n_layers).any())
+        self.any_exit = exit_at is not None and not fresh and bool((exit_at < self.ee.n_layers).any())
         self._running: dict[int, tuple[Tensor, int, int]] = {}
         # rows of the last position not exited yet, while deciding: a Python count kept from the
         # one device sync each decision needs anyway, so once every row has exited the later
@@ -53,20 +58,38 @@ class ExitState:
             self.undecided = 0
         else:  # without any exit yet, every row; else count (some last positions may arrive exited)
             self.undecided = int((exit_at[:, -1] == self.ee.n_layers).sum()) if self.any_exit else len(exit_at)
+        # a decode step whose rows all arrive undecided: the rows running at a block are exactly the
+        # undecided ones, so `running` knows their number without asking the device
+        self._counted = decide is not None and not self.any_exit and exit_at.shape[1] == 1
+        self._rows: tuple[int, Tensor] | None = None  # (running count, their indices) last found
 
-    def running(self, layer: int) -> tuple[Tensor, int, int] | None:
+    def running(self, layer: int) -> tuple[Tensor | None, int, int] | None:
         """``(rows, n, batch)``: indices of the rows still running at block `layer`, their number, the batch size.
 
         Only in a one-position forward: None if it covers several positions (a prefill, where a
-        row is not one token) or if no row exited. Computed once per block and forward (one
-        device sync): decisions at later layers cannot exit at or before `layer`. Used by
-        `eetools.core.fast.skipping`.
+        row is not one token) or if no row exited. ``rows`` is None when ``n`` is 0 or the batch
+        (nobody needs the indices then). Called only while block `layer` runs (by its freeze hook
+        and by `eetools.core.fast.skipping`), after every decision at layers ``<= layer``.
+
+        Device syncs: at a decode step the count comes from the decisions' own sync (`undecided`),
+        so finding the rows needs one more sync only where some but not all rows exited, and only
+        when that changed since the last block: at most once per exitable layer, never at batch
+        1. Elsewhere (prescribed exits) once per block and forward.
         """
         if self.exit_at is None or not self.any_exit or self.exit_at.shape[1] != 1:
             return None
+        batch = len(self.exit_at)
+        if self._counted:
+            n = self.undecided
+            if n in (0, batch):
+                return None, n, batch
+            if self._rows is None or self._rows[0] != n:  # rows only ever leave: the same count, the same rows
+                self._rows = (n, self.exit_at[:, -1].eq(self.ee.n_layers).nonzero().squeeze(1))
+            return self._rows[1], n, batch
         if layer not in self._running:
             rows = (self.exit_at[:, -1] > layer).nonzero().squeeze(1)  # indices: cheaper to gather than a mask
-            self._running[layer] = (rows, int(rows.numel()), len(self.exit_at))
+            n = int(rows.numel())
+            self._running[layer] = (None if n in (0, batch) else rows, n, batch)
         return self._running[layer]
 
     def hooks(self) -> list:

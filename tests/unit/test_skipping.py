@@ -214,3 +214,68 @@ def test_adapters_are_found_again_once_added_to_a_bridge_already_searched(tiny_e
     with other.adapters_disabled():
         assert all(m.disable_adapters for m in lora_layers(tiny_ee))
     assert not any(m.disable_adapters for m in lora_layers(tiny_ee))
+
+
+def test_a_block_every_row_has_exited_computes_only_keys_and_values(tiny_ee, arch, monkeypatch):
+    """At batch 1, once the token exited, a later block runs only its key and value projections
+    (`_KVOnly`), and the keys it caches are the ones later tokens that run deeper read: the rollout
+    equals the masked reference's while exits land at every layer."""
+    from eetools.core.fast import skipping
+
+    bridge_block = tiny_ee.model.blocks[3]
+    if type(bridge_block.attn.original_component).__name__ not in skipping.KV_ONLY:
+        assert arch == "gpt2", f"{arch}'s decoder layers should compute keys and values alone"
+        pytest.skip("GPT-2 blocks keep the per-component skipping")
+    calls = {"q": 0, "k": 0, "mlp": 0}
+    block = bridge_block.original_component
+    hf = {"q": bridge_block.attn.q.original_component, "k": bridge_block.attn.k.original_component}
+    for name, module in (("q", hf["q"]), ("k", hf["k"]), ("mlp", bridge_block.mlp.original_component)):
+        module.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls[name] + 1))
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])  # exits at layers 1, 2, 3 and none, token by token
+    masked = tiny_ee.generate(["Q: 5+6\n"], 40, seed=2)
+    for k in calls:
+        calls[k] = 0
+    skipped = tiny_ee.generate(["Q: 5+6\n"], 40, seed=2, skip="compute")
+    _assert_same(masked, skipped)
+    ex = skipped.exit_layers[0, skipped.mask[0]].tolist()
+    exited = sum(e <= 3 for e in ex[1:])  # tokens that exited before block 3 (the first token never exits)
+    # the keys block 3 cached for an exited token were read by a later token that ran through block 3
+    assert any(a <= 3 < b for a, b in zip(ex[1:], ex[2:])), ex
+    assert exited >= 5 and calls["k"] == len(ex)  # every step caches block 3's keys
+    assert calls["q"] == calls["mlp"] == len(ex) - exited, "an exited token ran block 3's query or MLP"
+    assert "forward" not in block.__dict__, "the decoder layer's forward was not restored"
+
+
+def test_batch_one_decode_syncs_only_for_exit_decisions_and_once_per_token(tiny_ee):
+    """At batch 1 the host asks the device once per exitable layer the token reaches undecided (it must
+    know whether to run the next block) and once per token (has it ended?): never per block."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Syncs(TorchDispatchMode):  # eetools's ops that copy a device value to the host
+        def __init__(self):
+            super().__init__()
+            self.n = {"_local_scalar_dense": 0, "nonzero": 0}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in self.n:  # the HF forward's own checks (GPT-2 looks for padding in its input) are not ours
+                code = [
+                    f.filename
+                    for f in traceback.extract_stack()
+                    if "site-packages" in f.filename or "eetools" in f.filename
+                ]
+                self.n[name] += "eetools" in code[-1]
+            return func(*args, **(kwargs or {}))
+
+    _eager_heads(tiny_ee, [-1.0, -0.5, 0.0])
+    for skip in ("compute", "mask"):
+        with Syncs() as syncs:
+            r = tiny_ee.generate(["Q: 5+6\n"], 30, seed=2, skip=skip)
+        layers = tiny_ee.exit_layers
+        ex = r.exit_layers[0, r.mask[0]].tolist()
+        reached = sum(layers.index(e) + 1 if e in layers else len(layers) for e in ex[1:])  # decisions made
+        assert any(e in layers for e in ex) and syncs.n["nonzero"] == 0, (skip, syncs.n)
+        # + 1: whether the prompt is padded, once per call
+        assert syncs.n["_local_scalar_dense"] <= reached + len(ex) + 1, (skip, syncs.n, reached, len(ex))
