@@ -129,7 +129,6 @@ class PeakMemory(TorchDispatchMode):
         self.fake = fake_mode
         self.live = self.peak = 0
         self.shadow = WeakIdKeyDictionary()  # fake tensor -> a real tensor of the same values
-        self.stale: set[int] = set()  # real storages written by an operation whose values are unknown
         self.guesses: collections.Counter = collections.Counter()  # (call site, guess) -> times
 
     def reset_peak(self) -> int:
@@ -140,7 +139,7 @@ class PeakMemory(TorchDispatchMode):
     # -- shadows ---------------------------------------------------------------------------------
     def _real(self, t: torch.Tensor) -> torch.Tensor | None:
         r = self.shadow.get(t) if isinstance(t, FakeTensor) else t
-        if r is None or r.untyped_storage().data_ptr() in self.stale:
+        if r is None or getattr(r.untyped_storage(), "_ee_stale", False):
             return None
         return r
 
@@ -251,7 +250,7 @@ class PeakMemory(TorchDispatchMode):
                 if arg.alias_info is not None and arg.alias_info.is_write and isinstance(a, torch.Tensor):
                     r = self.shadow.get(a) if isinstance(a, FakeTensor) else a
                     if r is not None:
-                        self.stale.add(r.untyped_storage().data_ptr())
+                        r.untyped_storage()._ee_stale = True  # written by an operation of unknown values
         self._count(leaves, inputs)
         return out
 
@@ -492,7 +491,7 @@ def main(argv=None) -> dict[str, float]:
         ap.error(f"--rows and --rl must be >= 1 and --tokens >= {len(PROMPT) + 2}")
     res = estimate(a.shape, a.dtype, tuple(a.tokens), a.rows, tuple(a.rl), tuple(a.rl_micro_batches), a.ckpt)
     for key, v in res.items():
-        print(f"{key:36s} {v:8.2f}")
+        print(f"{key:36s} {v:8.3f}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
