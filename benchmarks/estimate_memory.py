@@ -30,7 +30,7 @@ bytes are the same, and the bridge runs its eager attention on both devices.
   the larger of the two.
 
     python benchmarks/estimate_memory.py [--shape 0.6b|1.7b|4b|8b] [--dtype bfloat16] [--tokens 1024 2048 4096]
-        [--rows 8] [--rl 8 8 1024] [--rl-micro-batches 1 2 4] [--no-ckpt] [--json F]
+        [--rows 1] [--rl 8 8 1024] [--rl-micro-batches 1 2 4] [--no-ckpt] [--json F]
 """
 
 from __future__ import annotations
