@@ -23,8 +23,8 @@ bytes are the same, and the bridge runs its eager attention on both devices.
   `exit_samples` 4, default exit layers, LoRA of calibration's rank, activation checkpointing on
   (`--no-ckpt` turns it off), as `benchmarks/bench_gpu_scale.py` runs it.
 - ``rl PxKxN``: `rl_terms` and its backward, as `rl_step` runs them, on P prompts x K rollouts of N
-  new tokens every one of which runs to the cap (the worst case), exits sampled from the heads'
-  layers. The rollouts are built directly (a decode of 64 x 1,024 tokens under fake tensors would
+  new tokens every one of which runs to the cap (the worst case), each token's exit drawn
+  uniformly from the exit layers and no exit. The rollouts are built directly (a decode of 64 x 1,024 tokens under fake tensors would
   only add the KV cache, computed exactly instead): ``decode`` = K and V of every block for every
   rollout's prompt and new tokens. The cache is freed before the loss runs, so the step's peak is
   the larger of the two.
