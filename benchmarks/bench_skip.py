@@ -15,7 +15,9 @@ runs it: skipping, and the HF modules called without the bridge's wrappers (`eet
 components and only the skipping differs from the masked path; ``skip_vs_plain_{rate}`` =
 time per token with no exits (``mode="off"``) / with skipping; ``layers_saved_{rate}``: what
 the run saved (the first generated token never exits); the ``tiny_`` variants are the same
-on the shipped model. ``qwen3_sample_vs_generate_b1``: exit sampling tokens/s over
+on the shipped model. ``kv_only_speedup_{rate}`` = the fast path with exited blocks skipped component by component
+(`_RowSkip` only) / with a block every row has exited computing its keys and values alone
+(`_KVOnly`, the default). ``qwen3_sample_vs_generate_b1``: exit sampling tokens/s over
 ``bridge.generate`` tokens/s on the Qwen3-0.6B-shaped model, batch 1, heads set to draw exits
 saving ``qwen3_sample_layers_saved`` of the blocks (see `sampling_vs_generate`; the shipped
 model's figure is bench_exits' ``sample_vs_generate_b1``).
@@ -25,6 +27,7 @@ model's figure is bench_exits' ``sample_vs_generate_b1``).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -92,6 +95,20 @@ def exit_model_at(bridge, rate: int):
     return ee
 
 
+@contextlib.contextmanager
+def _kv_only(on: bool):
+    """With `on` False, blocks every row has exited skip per component (`_RowSkip`), not as a whole (`_KVOnly`)."""
+    from eetools.core.fast import skipping
+
+    support = skipping.kv_only_support
+    if not on:
+        skipping.kv_only_support = lambda layer: False
+    try:
+        yield
+    finally:
+        skipping.kv_only_support = support
+
+
 def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
     """Seconds per generated token for skip / mask / off at each rate, and their ratios."""
     prompt = "Q: 48213+9175\n"
@@ -99,12 +116,12 @@ def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
     for rate in RATES:
         ee = exit_model_at(bridge, rate)
 
-        def run(bypass: bool = True, **kw):
+        def run(bypass: bool = True, kv_only: bool = True, **kw):
             # a hook that changes nothing keeps the decode on the bridge's components (`eetools.core.fast.bypass`)
             noop = [] if bypass else [("blocks.0.hook_resid_pre", lambda resid, hook: None)]
 
             def call():
-                with ee.model.hooks(fwd_hooks=noop):
+                with ee.model.hooks(fwd_hooks=noop), _kv_only(kv_only):
                     return ee.generate(prompt, new_tokens, temperature=0, seed=0, **kw)
 
             return call
@@ -117,11 +134,12 @@ def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
             "off": float(ee.generate(prompt, new_tokens, temperature=0, mode="off").mask.sum()),
         }
         n["mask"] = n["compute"]  # same tokens as with skipping (tested)
-        n["compute_bridge"] = n["compute"]
+        n["compute_bridge"] = n["compute_components"] = n["compute"]
         t = compare(
             {
                 "compute": run(skip="compute"),
                 "compute_bridge": run(False, skip="compute"),
+                "compute_components": run(kv_only=False, skip="compute"),
                 "mask": run(skip="mask"),
                 "off": run(mode="off"),
             },
@@ -131,6 +149,7 @@ def measure(bridge, new_tokens: int, repeats: int, prefix: str = "") -> dict:
         out[f"{prefix}skip_speedup_{rate}"] = per["mask"] / per["compute"]
         out[f"{prefix}skip_only_speedup_{rate}"] = per["mask"] / per["compute_bridge"]
         out[f"{prefix}skip_vs_plain_{rate}"] = per["off"] / per["compute"]
+        out[f"{prefix}kv_only_speedup_{rate}"] = per["compute_components"] / per["compute"]
         out[f"{prefix}layers_saved_{rate}"] = float(saved)
     return out
 

@@ -84,17 +84,24 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(bridge, enabled: bool = True):
-    """Activation checkpointing: inside, each block's attention and MLP keep only their inputs for
-    the backward, which recomputes them (less memory, about one more forward of compute).
+def checkpointed_blocks(bridge, enabled: bool = True, heads: Sequence[nn.Module] = ()):
+    """Activation checkpointing: inside, each block's norms, attention and MLP keep only their inputs
+    for the backward, which recomputes them (less memory, about one more forward of compute).
 
-    The residual-stream hooks (exit heads, freezes) sit between these modules, so they are not
-    run again. Not for forwards that extend a KV cache (the recomputation would extend it twice).
+    The norms count: an RMS norm keeps float32 copies of its input for its backward (a Qwen3 block's
+    two norms held ~10 of the ~14 residual-sized tensors a checkpointed block kept per token when
+    only attention and MLP were checkpointed). The residual-stream hooks (exit heads, freezes) sit
+    between these modules, so they are not run again. `heads` (the exit heads) are checkpointed
+    too: each keeps float32 copies of its input, its norm and its hidden layer (about eight
+    residual-sized bfloat16 tensors per token and exitable layer), more than two blocks keep.
+    Not for forwards that extend a KV cache (the recomputation would extend it twice).
     """
     if not enabled or not torch.is_grad_enabled():
         yield
         return
-    mods = [m for block in bridge.blocks for m in (block.attn, block.mlp)]
+    parts = ("ln1", "attn", "ln2", "mlp")
+    mods = [m for block in bridge.blocks for m in (getattr(block, p, None) for p in parts) if isinstance(m, nn.Module)]
+    mods += list(heads)
     saved = [m.__dict__.get("forward") for m in mods]
     for m in mods:  # in the instance's own dict: the bridge's components forward setattr to what they wrap
         m.__dict__["forward"] = functools.partial(_checkpointed, m.forward)
@@ -312,7 +319,7 @@ class EarlyExitModel(nn.Module):
         with (
             capturing(self, capture, base=base, norm_shortcut=True) as store,
             self.model.hooks(fwd_hooks=[*hooks, (resid_post(L - 1), stop)]),
-            checkpointed_blocks(self.model, checkpoint_blocks and past_key_values is None),
+            checkpointed_blocks(self.model, checkpoint_blocks and past_key_values is None, heads=self.heads),
         ):
             try:
                 self.model(tokens, return_type="logits", **kwargs)

@@ -217,3 +217,31 @@ def test_streamed_rl_terms_equal_the_old_computation(tiny_ee, checkpoint_blocks)
     torch.testing.assert_close(per["kl"], kl0, rtol=0, atol=LOSS_ATOL)
     for a, b in zip(g1, g0):
         torch.testing.assert_close(a, b, rtol=0, atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("checkpoint_blocks", [False, True])
+def test_checkpointed_policy_pass_keeps_a_few_residuals_per_block_and_token(tiny_ee, checkpoint_blocks):
+    """With activation checkpointing, what the policy pass keeps for its backward grows like the blocks'
+    inputs (norms, attention, MLP and exit heads recompute theirs): about 4 residual-sized tensors per
+    block and token; without it, several times that (the heads alone keep float32 copies of their input,
+    norm and hidden layer at every exitable layer)."""
+    _lively(tiny_ee)
+    ids = torch.randint(4, tiny_ee.model.cfg.d_vocab, (2, 24))
+    exits = torch.full_like(ids, tiny_ee.n_layers)
+    exits[:, 12:] = tiny_ee.exit_layers[1]
+    params = {p.untyped_storage().data_ptr() for p in tiny_ee.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:  # a parameter is there anyway: only what the pass adds counts
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        resid, z, _ = tiny_ee.final_residual(ids, exit_at=exits, checkpoint_blocks=checkpoint_blocks)
+    (resid.float().pow(2).mean() + z.float().mean()).backward()  # the graph is a real one
+    residual = ids.numel() * tiny_ee.model.cfg.d_model * resid.element_size()
+    per_block = sum(saved.values()) / residual / tiny_ee.n_layers
+    # checkpointed: the inputs of the two norms, attention and MLP (4; Qwen3 shares one) and a few small tensors
+    assert (per_block < 4.5) == checkpoint_blocks, per_block
