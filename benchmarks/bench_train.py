@@ -118,7 +118,7 @@ def _mixture_ratios(ee, quick: bool) -> dict:
         def f():
             keep, rows = generation._Decoder._drop_finished, generation.distinct_rows
             if not compact:  # every row kept to the end: the decoder's behaviour before rows could leave
-                generation._Decoder._drop_finished = lambda self, done: None
+                generation._Decoder._drop_finished = lambda self, done, n_done: None
             if not distinct:  # every row prefilled, duplicates included
                 generation.distinct_rows = lambda r: None
             try:
