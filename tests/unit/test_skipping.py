@@ -279,3 +279,56 @@ def test_batch_one_decode_syncs_only_for_exit_decisions_and_once_per_token(tiny_
         assert any(e in layers for e in ex) and syncs.n["nonzero"] == 0, (skip, syncs.n)
         # + 1: whether the prompt is padded, once per call
         assert syncs.n["_local_scalar_dense"] <= reached + len(ex) + 1, (skip, syncs.n, reached, len(ex))
+
+
+@pytest.mark.parametrize("arch_name", ["llama", "qwen2", "mistral"])
+def test_keys_and_values_only_blocks_match_masking_on_the_other_listed_architectures(tmp_path, arch_name, monkeypatch):
+    """`KV_ONLY` names Llama, Qwen2 and Mistral layers too: on a tiny random model of each, the short path
+    is taken and the rollout equals the masked reference while exits land at every layer."""
+    import transformers
+
+    import eetools
+    from eetools.core.fast import skipping
+    from eetools.io.tokenizer import build_tokenizer
+
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[arch_name]
+    tok = build_tokenizer()
+    cfg = getattr(transformers, f"{prefix}Config")(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg)
+    with torch.no_grad():  # spread the weights, as the shared tiny models do
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.mul_(4.0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    bridge = eetools.load_model(str(tmp_path))
+    bridge.cfg.default_prepend_bos = True
+    torch.manual_seed(0)
+    ee = eetools.attach_exit_heads(bridge, layers=[1, 2, 3])
+    _eager_heads(ee, [-1.0, -0.5, 0.0])
+    short = []
+    inner = skipping._KVOnly.__call__
+
+    def counted(self, h, *a, **k):
+        short.append(not a and k.get("past_key_values") is not None and h.shape[1] == 1 and self.exited())
+        return inner(self, h, *a, **k)
+
+    monkeypatch.setattr(skipping._KVOnly, "__call__", counted)
+    masked = ee.generate(["Q: 5+6\n"], 30, seed=2)
+    skipped = ee.generate(["Q: 5+6\n"], 30, seed=2, skip="compute")
+    _assert_same(masked, skipped)
+    ex = masked.exit_layers[0, masked.mask[0]].tolist()
+    assert len(set(ex)) >= 3 and sum(short) > 5, (ex, sum(short))
