@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import tempfile
 import time
@@ -37,37 +36,24 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import _sync  # noqa: E402
+from estimate_memory import _text, qwen3_config  # noqa: E402
 
 SHAPES = {
-    # name: (layers, d_model, d_mlp, heads, kv heads, head dim), and the sizes of each measurement
-    "4b": dict(layers=36, d=2560, mlp=9728, heads=32, kv=8, head_dim=128, calib=(8, 4096), rl=(8, 8, 1024), new=64),
-    "test": dict(layers=4, d=64, mlp=128, heads=4, kv=2, head_dim=16, calib=(2, 48), rl=(2, 2, 8), new=4),
+    # the sizes of each measurement; the model's shape is estimate_memory's of the same name
+    "4b": dict(calib=(8, 4096), rl=(8, 8, 1024), new=64),
+    "test": dict(calib=(2, 48), rl=(2, 2, 8), new=4),
 }
 RATES = (0, 25, 50, 75)
 
 
 def build(shape: str, device: str, dtype: str):
     """A random bridge of `shape` and its HF model; no weights downloaded or written."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     import eetools
     from eetools.io.tokenizer import build_tokenizer
 
-    s, tok = SHAPES[shape], build_tokenizer()
-    cfg = Qwen3Config(
-        vocab_size=151_936,
-        hidden_size=s["d"],
-        intermediate_size=s["mlp"],
-        num_hidden_layers=s["layers"],
-        num_attention_heads=s["heads"],
-        num_key_value_heads=s["kv"],
-        head_dim=s["head_dim"],
-        max_position_embeddings=8192 + 512,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg, tok = qwen3_config(shape), build_tokenizer()
     torch.manual_seed(0)
     with torch.device(device):  # initialised where it runs: a 4B model's init on the CPU takes minutes
         hf = Qwen3ForCausalLM(cfg).to(dtype=getattr(torch, dtype)).eval()
@@ -77,12 +63,6 @@ def build(shape: str, device: str, dtype: str):
     bridge = eetools.load_model(folder, device=device, dtype=dtype, hf_model=hf)
     bridge.cfg.default_prepend_bos = True
     return bridge, hf
-
-
-def _text(n: int, seed: int) -> str:
-    """`n` characters the char-level tokenizer maps to `n` tokens."""
-    rng = random.Random(seed)
-    return "".join(rng.choice("0123456789+= abcdefghij\n") for _ in range(n))
 
 
 def _start(device: str) -> float:

@@ -28,16 +28,21 @@ def device(request):
     return d
 
 
+ROTARY = {"qwen3": "Qwen3", "llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}
+"""Architectures `_build` makes with RMSNorm, rotary embeddings and grouped-query attention (transformers' prefix)."""
+
+
 def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
-    from transformers import GPT2Config, GPT2LMHeadModel, Qwen3Config, Qwen3ForCausalLM
+    import transformers
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     from eetools.io.tokenizer import build_tokenizer
 
     tok = build_tokenizer()
     torch.manual_seed(seed)
     ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    if arch == "qwen3":  # RMSNorm, rotary, grouped-query attention
-        cfg = Qwen3Config(
+    if arch in ROTARY:
+        cfg = getattr(transformers, f"{ROTARY[arch]}Config")(
             vocab_size=len(tok),
             hidden_size=64,
             intermediate_size=128,
@@ -49,7 +54,7 @@ def _build(folder, arch: str, n_layers: int = 4, seed: int = 0):
             tie_word_embeddings=True,
             **ids,
         )
-        model = Qwen3ForCausalLM(cfg)
+        model = getattr(transformers, f"{ROTARY[arch]}ForCausalLM")(cfg)
     else:  # LayerNorm, learned positions
         cfg = GPT2Config(vocab_size=len(tok), n_embd=64, n_layer=n_layers, n_head=4, n_positions=256, **ids)
         model = GPT2LMHeadModel(cfg)

@@ -282,39 +282,15 @@ def test_batch_one_decode_syncs_only_for_exit_decisions_and_once_per_token(tiny_
 
 
 @pytest.mark.parametrize("arch_name", ["llama", "qwen2", "mistral"])
-def test_keys_and_values_only_blocks_match_masking_on_the_other_listed_architectures(tmp_path, arch_name, monkeypatch):
+def test_keys_and_values_only_blocks_match_masking_on_the_other_listed_architectures(
+    tmp_path, build_tiny, arch_name, monkeypatch
+):
     """`KV_ONLY` names Llama, Qwen2 and Mistral layers too: on a tiny random model of each, the short path
     is taken and the rollout equals the masked reference while exits land at every layer."""
-    import transformers
-
     import eetools
     from eetools.core.fast import skipping
-    from eetools.io.tokenizer import build_tokenizer
 
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[arch_name]
-    tok = build_tokenizer()
-    cfg = getattr(transformers, f"{prefix}Config")(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(0)
-    model = getattr(transformers, f"{prefix}ForCausalLM")(cfg)
-    with torch.no_grad():  # spread the weights, as the shared tiny models do
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.mul_(4.0)
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    bridge = eetools.load_model(str(tmp_path))
+    bridge = eetools.load_model(str(build_tiny(tmp_path, arch_name)))
     bridge.cfg.default_prepend_bos = True
     torch.manual_seed(0)
     ee = eetools.attach_exit_heads(bridge, layers=[1, 2, 3])
