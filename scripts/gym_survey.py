@@ -54,7 +54,8 @@ GRID = [
     ("coin_flip", "1-3", dict(min_trials=1, max_trials=3), 48),
     ("aiw", "default", dict(), 64),
 ]
-# variant -> (protocol whose instruction the prompt carries, system message, worked examples)
+# variant -> (protocol whose instruction the prompt carries, system message, worked examples); the text is
+# scored under every protocol (a preset reads with one: instruction= keeps the variant's prompt)
 VARIANTS = {
     "tags": ("tags", None, 0),
     "final": ("final-answer", None, 0),

@@ -26,7 +26,7 @@ import random
 from typing import Any
 
 from eetools.tasks.base import Example, Task
-from eetools.tasks.protocols import AnswerProtocol, get_protocol
+from eetools.tasks.protocols import AnswerProtocol, FinalAnswer, get_protocol
 
 PREFIX = "gym:"
 """Task names of the form ``gym:<dataset>`` (``eetools rl --task gym:leg_counting``) resolve here."""
@@ -88,6 +88,7 @@ class ReasoningGymTask(Task):
         tokenizer=None,
         system: str | None = None,
         shots: int = 0,
+        instruction: str | None = None,
         max_new_tokens: int = 512,
         **config: Any,
     ):
@@ -115,6 +116,7 @@ class ReasoningGymTask(Task):
         self.protocol = get_protocol(protocol)
         self.system = system
         self.shots = shots
+        self.instruction = self.protocol.instruction if instruction is None else instruction
         self.max_new_tokens = max_new_tokens
         self.name = PREFIX + dataset
         self._tokenizer, self._prepend_bos = _unwrap(tokenizer)
@@ -149,9 +151,9 @@ class ReasoningGymTask(Task):
         from eetools.io.tokenizer import chat_prompt
 
         if self._shots:
-            user = f"{self.protocol.instruction}\n\n{self._shots}Question: {question.strip()}"
+            user = f"{self.instruction}\n\n{self._shots}Question: {question.strip()}"
         else:
-            user = f"{question.strip()}\n\n{self.protocol.instruction}"
+            user = f"{question.strip()}\n\n{self.instruction}"
         return chat_prompt(self._tokenizer, user, system=self.system, prepend_bos=self._prepend_bos)
 
     def sample(self, n: int, seed: int | str) -> list[Example]:
@@ -211,30 +213,32 @@ class ReasoningGymTask(Task):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # measured on SmolLM2-135M-Instruct, greedy, n = 200 (docs/experiments.md 2026-12-06, scripts/gym_survey.py)
-    "basic_arithmetic/add2": dict(
+    "basic_arithmetic/add1": dict(
         dataset="basic_arithmetic",
-        protocol="final-answer",
-        shots=3,
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
         max_new_tokens=32,
         config=dict(
             min_terms=2,
             max_terms=2,
-            min_digits=2,
-            max_digits=2,
+            min_digits=1,
+            max_digits=1,
             operators=("+",),
             allow_parentheses=False,
             allow_negation=False,
         ),
     ),
-    "chain_sum/3x1": dict(
+    "chain_sum/2x1": dict(
         dataset="chain_sum",
-        protocol="final-answer",
-        shots=3,
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
         max_new_tokens=32,
-        config=dict(min_terms=3, max_terms=3, min_digits=1, max_digits=1, allow_negation=False),
+        config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=False),
     ),
 }
-"""Named tasks a small chat model can do (``gym:<dataset>/<label>``, e.g. ``--task gym:chain_sum/3x1``): a dataset,
+"""Named tasks a small chat model can do (``gym:<dataset>/<label>``, e.g. ``--task gym:chain_sum/2x1``): a dataset,
 its config, the answer protocol, worked examples and a generation cap, with its test split the survey's."""
 
 
@@ -247,6 +251,7 @@ def from_reasoning_gym(
     tokenizer=None,
     system: str | None = None,
     shots: int | None = None,
+    instruction: str | None = None,
     max_new_tokens: int | None = None,
     **config: Any,
 ) -> ReasoningGymTask:
@@ -254,7 +259,7 @@ def from_reasoning_gym(
 
     Args:
         name: the dataset (``"leg_counting"``, ``"aiw"``, ``"basic_arithmetic"``...; `dataset_names()` lists them),
-            or a preset (``"chain_sum/3x1"``): its protocol, shots, cap and config are the defaults, and
+            or a preset (``"chain_sum/2x1"``): its protocol, shots, cap and config are the defaults, and
             arguments given here override them (config fields update the preset's).
         seed: base seed of the train, validation and test streams.
         size: examples in the test split.
@@ -267,6 +272,8 @@ def from_reasoning_gym(
         system: a system message for the chat template.
         shots: worked examples (question and answer under the protocol, from a stream of their own) the
             prompt shows before the question: a small chat model copies their short answer format (default 0).
+        instruction: the sentence the prompt asks for the answer with (default: the protocol's); e.g. ask
+            for "The answer is <answer>." and read the last number, which also takes "3 + 5 = 8".
         max_new_tokens: generation length for the task when not told otherwise (default 512).
         **config: the dataset's config fields (e.g. ``min_animals=2`` for leg_counting).
 
@@ -285,6 +292,7 @@ def from_reasoning_gym(
         tokenizer=tokenizer,
         system=system,
         shots=shots if shots is not None else preset.get("shots", 0),
+        instruction=instruction if instruction is not None else preset.get("instruction"),
         max_new_tokens=max_new_tokens if max_new_tokens is not None else preset.get("max_new_tokens", 512),
         **{**preset.get("config", {}), **config},
     )

@@ -94,6 +94,8 @@ def test_shots_show_worked_examples_before_the_question():
     assert task.score(e, "The answer is " + e.answer + ".") == 1.0
     plain = tasks.from_reasoning_gym("chain_sum", protocol="final-answer", size=3)
     assert [x.answer for x in plain.test_split()] == [x.answer for x in task.test_split()]  # same questions
+    asked = tasks.from_reasoning_gym("chain_sum", protocol="last-number", instruction="Say it.", size=3)
+    assert asked.test_split()[0].prompt.endswith("Say it.\n") and asked.protocol.name == "last-number"
     with pytest.raises(ValueError, match="shots must be an integer >= 0"):
         tasks.from_reasoning_gym("chain_sum", shots=-1)
 
@@ -108,7 +110,11 @@ def test_presets_resolve_by_name_with_the_datasets_test_split():
         e = task.sample(1, seed=0)[0]
         assert e.task == "gym:" + name and task.score(e, task.protocol.format(e.answer)) == 1.0
         same = tasks.from_reasoning_gym(
-            spec["dataset"], protocol=spec["protocol"], shots=spec["shots"], **spec["config"]
+            spec["dataset"],
+            protocol=spec["protocol"],
+            shots=spec["shots"],
+            instruction=spec.get("instruction"),
+            **spec["config"],
         )
         assert [x.prompt for x in same.test_split()[:5]] == [x.prompt for x in task.test_split()[:5]]
     assert tasks.from_reasoning_gym(name, protocol="tags").protocol.name == "tags"  # arguments override
