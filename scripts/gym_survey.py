@@ -8,7 +8,8 @@ in the CSV are skipped, so an interrupted run resumes.
 
     python scripts/gym_survey.py --model /work/smollm2-hf --n 30                 # the screen
     python scripts/gym_survey.py --model /work/smollm2-hf --n 200 --only basic_arithmetic/add1 \\
-        --variants fewshot3 --out data/results/gym_survey_n200.csv               # a candidate at n = 200
+        --variants final --out data/results/gym_survey_n200.csv                  # a candidate at n = 200
+    python scripts/gym_survey.py --table data/results/gym_survey*.csv            # the markdown table
 """
 
 from __future__ import annotations
@@ -85,6 +86,27 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def table(paths: list[str]) -> str:
+    """A markdown table of survey CSVs: one row per (dataset, config, variant, n), each protocol's accuracy,
+    and the best protocol with its 95 % interval."""
+    rows: dict[tuple, dict[str, dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for r in csv.DictReader(f):
+                rows.setdefault((r["dataset"], r["config"], r["variant"], int(r["n"])), {})[r["protocol"]] = r
+    protos = ["tags", "final-answer", "last-number", "last-line", "boxed", "answer-line"]
+    out = [
+        "| dataset | config | variant | n | " + " | ".join(protos) + " | best (95 % CI) |",
+        "|" + "---|" * (len(protos) + 5),
+    ]
+    for (dataset, config, variant, n), by in rows.items():
+        best = max(by.values(), key=lambda r: float(r["accuracy"]))
+        accs = " | ".join(f"{float(by[p]['accuracy']):.0%}" if p in by else "" for p in protos)
+        ci = f"{best['protocol']} {float(best['accuracy']):.1%} [{float(best['ci_low']):.1%}, {float(best['ci_high']):.1%}]"
+        out.append(f"| {dataset} | {config} | {variant} | {n} | {accs} | {ci} |")
+    return "\n".join(out)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="/work/smollm2-hf", help="an HF folder, a .gguf file or a preset")
@@ -94,7 +116,11 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="", help="comma-separated dataset or dataset/config labels (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (the cores are shared)")
     ap.add_argument("--out", default="data/results/gym_survey.csv")
+    ap.add_argument("--table", nargs="+", metavar="CSV", help="print the markdown table of these CSVs and stop")
     args = ap.parse_args(argv)
+    if args.table:
+        print(table(args.table))
+        return
     variants = args.variants.split(",")
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
