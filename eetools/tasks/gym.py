@@ -26,7 +26,7 @@ import random
 from typing import Any
 
 from eetools.tasks.base import Example, Task
-from eetools.tasks.protocols import AnswerProtocol, get_protocol
+from eetools.tasks.protocols import AnswerProtocol, FinalAnswer, get_protocol
 
 PREFIX = "gym:"
 """Task names of the form ``gym:<dataset>`` (``eetools rl --task gym:leg_counting``) resolve here."""
@@ -87,6 +87,8 @@ class ReasoningGymTask(Task):
         protocol: str | AnswerProtocol = "tags",
         tokenizer=None,
         system: str | None = None,
+        shots: int = 0,
+        instruction: str | None = None,
         max_new_tokens: int = 512,
         **config: Any,
     ):
@@ -95,7 +97,12 @@ class ReasoningGymTask(Task):
 
         if not isinstance(dataset, str) or dataset not in DATASETS:
             raise ValueError(f"unknown reasoning-gym dataset {dataset!r}; available: {', '.join(dataset_names())}")
-        for what, value, low in (("seed", seed, 0), ("size", size, 1), ("max_new_tokens", max_new_tokens, 1)):
+        for what, value, low in (
+            ("seed", seed, 0),
+            ("size", size, 1),
+            ("shots", shots, 0),
+            ("max_new_tokens", max_new_tokens, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
         fields = {f.name for f in dataclasses.fields(DATASETS[dataset][1])} - {"seed", "size"}
@@ -108,11 +115,20 @@ class ReasoningGymTask(Task):
         self.dataset, self.config, self.seed, self.size = dataset, dict(config), seed, size
         self.protocol = get_protocol(protocol)
         self.system = system
+        self.shots = shots
+        self.instruction = self.protocol.instruction if instruction is None else instruction
         self.max_new_tokens = max_new_tokens
         self.name = PREFIX + dataset
         self._tokenizer, self._prepend_bos = _unwrap(tokenizer)
         self._verifier = self._create(rg, seed=0, size=1)  # checks the config; its score_answer is the verifier
         self._test: list[Example] | None = None
+        self._shots = ""
+        if shots:  # worked examples from a stream of their own, answered under the protocol
+            ds = self._create(rg, seed=_stream_seed(PREFIX + dataset, seed, "shots"), size=shots)
+            self._shots = "".join(
+                f"Question: {ds[i]['question'].strip()}\nAnswer: {self.protocol.format(str(ds[i]['answer'])).strip()}\n\n"
+                for i in range(shots)
+            )
 
     def _create(self, rg, *, seed: int, size: int):
         try:
@@ -123,13 +139,21 @@ class ReasoningGymTask(Task):
 
     def __repr__(self) -> str:
         config = "".join(f", {k}={v!r}" for k, v in self.config.items())
-        return f"from_reasoning_gym({self.dataset!r}, seed={self.seed}, size={self.size}, protocol={self.protocol.name!r}{config})"
+        shots = f", shots={self.shots}" if self.shots else ""
+        return (
+            f"from_reasoning_gym({self.dataset!r}, seed={self.seed}, size={self.size}, "
+            f"protocol={self.protocol.name!r}{shots}{config})"
+        )
 
     def prompt(self, question: str) -> str:
-        """The question and the protocol's instruction, through the tokenizer's chat template when it has one."""
+        """The question and the protocol's instruction (after `shots` worked examples, when asked for), through
+        the tokenizer's chat template when it has one."""
         from eetools.io.tokenizer import chat_prompt
 
-        user = f"{question.strip()}\n\n{self.protocol.instruction}"
+        if self._shots:
+            user = f"{self.instruction}\n\n{self._shots}Question: {question.strip()}"
+        else:
+            user = f"{question.strip()}\n\n{self.instruction}"
         return chat_prompt(self._tokenizer, user, system=self.system, prepend_bos=self._prepend_bos)
 
     def sample(self, n: int, seed: int | str) -> list[Example]:
@@ -138,7 +162,8 @@ class ReasoningGymTask(Task):
             raise ValueError(f"n must be an integer >= 0, got {n!r}")
         if n == 0:
             return []
-        ds = self._create(_reasoning_gym(), seed=_stream_seed(self.name, self.seed, seed), size=n)
+        # streams are the dataset's (a preset's test split is the one its dataset and config give)
+        ds = self._create(_reasoning_gym(), seed=_stream_seed(PREFIX + self.dataset, self.seed, seed), size=n)
         return [self._example(ds[i]) for i in range(n)]
 
     def _example(self, entry: dict) -> Example:
@@ -186,43 +211,91 @@ class ReasoningGymTask(Task):
         return list(self._test)
 
 
+PRESETS: dict[str, dict[str, Any]] = {
+    # measured on SmolLM2-135M-Instruct, greedy, n = 200 (docs/experiments.md 2026-12-06, scripts/gym_survey.py)
+    "basic_arithmetic/add1": dict(
+        dataset="basic_arithmetic",
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
+        max_new_tokens=32,
+        config=dict(
+            min_terms=2,
+            max_terms=2,
+            min_digits=1,
+            max_digits=1,
+            operators=("+",),
+            allow_parentheses=False,
+            allow_negation=False,
+        ),
+    ),
+    "chain_sum/2x1": dict(
+        dataset="chain_sum",
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
+        max_new_tokens=32,
+        config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=False),
+    ),
+}
+"""Named tasks a small chat model can do (``gym:<dataset>/<label>``, e.g. ``--task gym:chain_sum/2x1``): a dataset,
+its config, the answer protocol, worked examples and a generation cap, with its test split the survey's."""
+
+
 def from_reasoning_gym(
     name: str,
     *,
     seed: int = 0,
     size: int = 500,
-    protocol: str | AnswerProtocol = "tags",
+    protocol: str | AnswerProtocol | None = None,
     tokenizer=None,
     system: str | None = None,
-    max_new_tokens: int = 512,
+    shots: int | None = None,
+    instruction: str | None = None,
+    max_new_tokens: int | None = None,
     **config: Any,
 ) -> ReasoningGymTask:
-    """A reasoning-gym dataset as an eetools `Task`.
+    """A reasoning-gym dataset, or one of the `PRESETS`, as an eetools `Task`.
 
     Args:
-        name: the dataset (``"leg_counting"``, ``"aiw"``, ``"basic_arithmetic"``...; `dataset_names()` lists them).
+        name: the dataset (``"leg_counting"``, ``"aiw"``, ``"basic_arithmetic"``...; `dataset_names()` lists them),
+            or a preset (``"chain_sum/2x1"``): its protocol, shots, cap and config are the defaults, and
+            arguments given here override them (config fields update the preset's).
         seed: base seed of the train, validation and test streams.
         size: examples in the test split.
         protocol: how completions state the answer: ``"tags"`` (``<answer>42</answer>``, reasoning-gym's
-            convention), ``"boxed"``, ``"last-line"``, ``"answer-line"`` (``A: 42``, the shipped tasks'),
-            or an `AnswerProtocol`. Prompts end with its instruction; the verifier reads through it.
+            convention, the default), ``"boxed"``, ``"last-line"``, ``"answer-line"`` (``A: 42``, the shipped
+            tasks'), ``"last-number"``, ``"final-answer"`` (``The answer is 42.``), or an `AnswerProtocol`.
+            Prompts end with its instruction; the verifier reads through it.
         tokenizer: a tokenizer, bridge or `EarlyExitModel` whose chat template the prompts go through;
             None (or no template) gives the plain question and instruction.
         system: a system message for the chat template.
-        max_new_tokens: generation length for the task when not told otherwise.
+        shots: worked examples (question and answer under the protocol, from a stream of their own) the
+            prompt shows before the question: a small chat model copies their short answer format (default 0).
+        instruction: the sentence the prompt asks for the answer with (default: the protocol's); e.g. ask
+            for "The answer is <answer>." and read the last number, which also takes "3 + 5 = 8".
+        max_new_tokens: generation length for the task when not told otherwise (default 512).
         **config: the dataset's config fields (e.g. ``min_animals=2`` for leg_counting).
 
     Raises:
         ValueError: an unknown dataset, config field or protocol, or a config the dataset rejects.
         ImportError: reasoning-gym is not installed (``pip install 'eetools[gym]'``).
     """
-    return ReasoningGymTask(
-        name,
+    preset = PRESETS.get(name, {}) if isinstance(name, str) else {}
+    if isinstance(name, str) and "/" in name and not preset:
+        raise ValueError(f"unknown reasoning-gym preset {name!r}; presets: {', '.join(PRESETS)}")
+    task = ReasoningGymTask(
+        preset.get("dataset", name),
         seed=seed,
         size=size,
-        protocol=protocol,
+        protocol=protocol if protocol is not None else preset.get("protocol", "tags"),
         tokenizer=tokenizer,
         system=system,
-        max_new_tokens=max_new_tokens,
-        **config,
+        shots=shots if shots is not None else preset.get("shots", 0),
+        instruction=instruction if instruction is not None else preset.get("instruction"),
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else preset.get("max_new_tokens", 512),
+        **{**preset.get("config", {}), **config},
     )
+    if preset:
+        task.name = PREFIX + name
+    return task

@@ -150,8 +150,64 @@ class LastLine(AnswerProtocol):
         return text
 
 
-PROTOCOLS: dict[str, type[AnswerProtocol]] = {p.name: p for p in (AnswerLine, AnswerTags, Boxed, LastLine)}
-"""Every protocol by name: ``answer-line`` (``A: 42``), ``tags``, ``boxed``, ``last-line``."""
+class LastNumber(AnswerProtocol):
+    """The last number the text writes (``-3``, ``1,024``, ``2.5``), as reasoning-gym's numeric scorers read a
+    free answer: a small chat model that answers in prose ("4 + 4 = 8 legs.") is read without tags.
+    Thousands separators are dropped and a trailing decimal point is not part of the number. Nothing marks
+    where the answer ends, so `cut` keeps the whole text: the completion must end at the model's EOS."""
+
+    name = "last-number"
+    instruction = "End with the final answer as a number."
+    _PATTERN = re.compile(r"(?<![\w.])-?\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])|(?<![\w.])-?\d+(?:\.\d+)?")
+
+    def format(self, answer: str) -> str:
+        return f"{answer}\n"
+
+    def extract(self, text: str) -> str | None:
+        if not isinstance(text, str):
+            return None
+        found = self._PATTERN.findall(text)
+        return found[-1].replace(",", "") if found else None
+
+    def cut(self, text: str) -> str:
+        return text
+
+
+class FinalAnswer(AnswerProtocol):
+    """A final-answer phrase: ``The answer is X``, ``Final answer: X`` or ``Answer: X`` (any case; the last one
+    counts). The answer runs to the end of its line without a closing full stop; an equation written there
+    (``The answer is 3 + 2 = 5.``) gives its last side. `cut` ends after the first phrase's line."""
+
+    name = "final-answer"
+    instruction = "End with 'The answer is <answer>.'"
+    _PATTERN = re.compile(r"(?:\b(?:final\s+)?answer\s+is|\b(?:final\s+)?answer\s*:)[ \t]*(.*)", re.IGNORECASE)
+
+    def format(self, answer: str) -> str:
+        return f"The answer is {answer}.\n"
+
+    def _answer(self, m: re.Match) -> str | None:
+        value = m.group(1).split("=")[-1].strip().rstrip(".").strip().strip("*").strip()
+        return value or None
+
+    def extract(self, text: str) -> str | None:
+        if not isinstance(text, str):
+            return None
+        found = [a for m in self._PATTERN.finditer(text) if (a := self._answer(m)) is not None]
+        return found[-1] if found else None
+
+    def cut(self, text: str) -> str:
+        for m in self._PATTERN.finditer(text):
+            if self._answer(m) is not None:
+                end = text.find("\n", m.end(1))
+                return text if end < 0 else text[: end + 1]
+        return text
+
+
+PROTOCOLS: dict[str, type[AnswerProtocol]] = {
+    p.name: p for p in (AnswerLine, AnswerTags, Boxed, LastLine, LastNumber, FinalAnswer)
+}
+"""Every protocol by name: ``answer-line`` (``A: 42``), ``tags``, ``boxed``, ``last-line``, ``last-number``,
+``final-answer`` (``The answer is 42.``)."""
 
 
 def get_protocol(protocol: str | AnswerProtocol) -> AnswerProtocol:

@@ -64,6 +64,64 @@ def test_last_line_protocol():
     assert p.extract(p.format("12")) == "12"
 
 
+def test_last_number_protocol_reads_prose_answers():
+    p = get_protocol("last-number")
+    assert p.extract("4 + 4 = 8 legs.") == "8" and p.extract("so x is -3") == "-3"
+    assert p.extract("The answer is 1,024.") == "1024" and p.extract("pi is about 3.14") == "3.14"
+    assert p.extract("v2 has 2.5 and 7.") == "7"  # a digit inside a word is no number; the full stop ends it
+    assert p.extract("no digits") is None and p.extract(None) is None and p.extract("") is None
+    assert p.cut("8 legs\nthen 9") == "8 legs\nthen 9"  # nothing marks the end: the whole completion
+    assert p.extract(p.format("-12")) == "-12"
+
+
+def test_final_answer_protocol_reads_the_phrase():
+    p = get_protocol("final-answer")
+    assert p.extract("3 + 2 = 5\nThe answer is 5.") == "5"
+    assert p.extract("The final answer is -4 + 9 = 5.") == "5"  # an equation gives its last side
+    assert p.extract("Final answer: **7**") == "7" and p.extract("answer: 5\nThe answer is 6.") == "6"
+    assert p.extract("The answer is\n") is None and p.extract("5") is None and p.extract(None) is None
+    assert p.cut("The answer is 5.\nQuestion: 1+1\nThe answer is 2.") == "The answer is 5.\n"
+    assert p.cut("no phrase") == "no phrase"
+    assert p.extract(p.format("0.75")) == "0.75"
+
+
+def test_shots_show_worked_examples_before_the_question():
+    task = tasks.from_reasoning_gym("chain_sum", protocol="final-answer", shots=2, size=3)
+    e = task.test_split()[0]
+    assert e.prompt.startswith(task.protocol.instruction + "\n\nQuestion: ")
+    assert e.prompt.count("Question: ") == 3 and e.prompt.count("Answer: The answer is ") == 2
+    assert e.prompt.rstrip().endswith(e.meta["entry"]["question"].strip())
+    assert task.score(e, "The answer is " + e.answer + ".") == 1.0
+    plain = tasks.from_reasoning_gym("chain_sum", protocol="final-answer", size=3)
+    assert [x.answer for x in plain.test_split()] == [x.answer for x in task.test_split()]  # same questions
+    asked = tasks.from_reasoning_gym("chain_sum", protocol="last-number", instruction="Say it.", size=3)
+    assert asked.test_split()[0].prompt.endswith("Say it.\n") and asked.protocol.name == "last-number"
+    with pytest.raises(ValueError, match="shots must be an integer >= 0"):
+        tasks.from_reasoning_gym("chain_sum", shots=-1)
+
+
+def test_presets_resolve_by_name_with_the_datasets_test_split():
+    from eetools.tasks.gym import PRESETS
+
+    for name, spec in PRESETS.items():
+        task = tasks.get("gym:" + name)
+        assert task.name == "gym:" + name and task.protocol.name == spec["protocol"]
+        assert task.max_new_tokens == spec["max_new_tokens"] and task.shots == spec["shots"]
+        e = task.sample(1, seed=0)[0]
+        assert e.task == "gym:" + name and task.score(e, task.protocol.format(e.answer)) == 1.0
+        same = tasks.from_reasoning_gym(
+            spec["dataset"],
+            protocol=spec["protocol"],
+            shots=spec["shots"],
+            instruction=spec.get("instruction"),
+            **spec["config"],
+        )
+        assert [x.prompt for x in same.test_split()[:5]] == [x.prompt for x in task.test_split()[:5]]
+    assert tasks.from_reasoning_gym(name, protocol="tags").protocol.name == "tags"  # arguments override
+    with pytest.raises(ValueError, match="unknown reasoning-gym preset 'chain_sum/huge'; presets: "):
+        tasks.get("gym:chain_sum/huge")
+
+
 def test_unknown_protocol_is_one_line_listing_them():
     with pytest.raises(ValueError, match="unknown answer protocol 'xml'; available: answer-line, tags") as e:
         get_protocol("xml")
@@ -97,7 +155,7 @@ def test_gold_answers_score_one_and_wrong_ones_zero(name, protocol):
         assert task.score(e, task.protocol.format(_wrong(e.answer))) == 0.0, (e.answer, _wrong(e.answer))
         assert task.score(e, task.protocol.format("banana")) == 0.0
         assert task.score(e, None) == 0.0 and task.score(e, "") == 0.0
-        if protocol != "last-line":  # the bare answer is no answer under a marked protocol
+        if protocol not in ("last-line", "last-number"):  # the bare answer is no answer under a marked protocol
             assert task.score(e, e.answer) == 0.0 and not task.is_well_formed(e.answer)
             assert task.score(e, task.cut(e, e.reasoning + "\nthen more")) == 1.0  # cut at the answer
 
