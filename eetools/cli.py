@@ -305,6 +305,7 @@ def _exit_rule(args, **settings):
 def make_parser() -> argparse.ArgumentParser:
     from eetools.analysis.externalisation_run import ExternalisationConfig
     from eetools.pipeline import ReproduceConfig
+    from eetools.real_pipeline import RealReproduceConfig
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
     from eetools.train.rl import RLConfig
@@ -420,9 +421,16 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ship", help="copy a reproduction's exit models and results into data/ (the shipped presets)")
     _common(p, "runs/reproduce")
 
-    p = sub.add_parser("reproduce", help="calibration, RL across seeds, evaluation, every paper figure and report.html")
+    p = sub.add_parser(
+        "reproduce",
+        help="calibration, RL across seeds, evaluation, every paper figure and report.html",
+        description="The paper's pipeline on the tiny reasoner; with --model (e.g. smollm2-135m) on a real model "
+        "(eetools.real_pipeline: self-distillation on its own greedy answers, a lambda = 0 RL control). "
+        "Run it again to resume.",
+    )
     _common(p, "runs/reproduce")
     add_config_args(p, ReproduceConfig)
+    add_config_args(p, RealReproduceConfig, skip={f.name for f in dataclasses.fields(ReproduceConfig)})
 
     p = sub.add_parser(
         "externalisation",
@@ -618,8 +626,22 @@ def _ship(args, file_cfg, out, progress, say) -> None:
 
 
 def _reproduce(args, file_cfg, out, progress, say) -> None:
-    from eetools import pipeline
+    from eetools import pipeline, real_pipeline
 
+    tiny = {f.name for f in dataclasses.fields(pipeline.ReproduceConfig)}
+    real = {f.name for f in dataclasses.fields(real_pipeline.RealReproduceConfig)}
+    wrong = sorted((tiny - real) if args.model else (real - tiny - {"model"}))
+    given = [n for n in wrong if getattr(args, n, None) is not None]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(
+            f"{flags}: only for the {'tiny reasoner (without --model)' if args.model else 'real-model pipeline'}; "
+            f"{'drop it' if len(given) == 1 else 'drop them'} or {'drop --model' if args.model else 'add --model NAME'}"
+        )
+    if args.model:
+        cfg = build_config(real_pipeline.RealReproduceConfig, args, file_cfg, "reproduce")
+        say(real_pipeline.reproduce_real(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
+        return
     cfg = build_config(pipeline.ReproduceConfig, args, file_cfg, "reproduce")
     say(pipeline.reproduce(cfg, out, device=args.device, dtype=args.dtype, progress=progress))
 

@@ -558,7 +558,12 @@ def _ship_sources(out: Path) -> dict[str, Path]:
     hint = f"run `eetools reproduce --out {out}` to the end first (nothing in data/ was changed)"
     if not (out / "summary.json").is_file():
         raise FileNotFoundError(f"cannot ship {out}: it has no summary.json; {hint}")
-    seed = load_json(out / "summary.json").get("config", {}).get("seed", 0)
+    config = load_json(out / "summary.json").get("config", {})
+    if "other_tasks" in config:  # a run of `eetools reproduce --model NAME` (eetools.real_pipeline)
+        from eetools.real_pipeline import ship_sources
+
+        return ship_sources(out, config, hint)
+    seed = config.get("seed", 0)
     models = {
         "models/tiny-reasoner-calibrated": out / "calibrated" / "model",
         "models/tiny-reasoner-rl": out / "rl" / f"lam1.5_beta0.25_seed{seed}" / "model",

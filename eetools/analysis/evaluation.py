@@ -173,7 +173,8 @@ def evaluate(
         texts = [t for r in rs for t in r.text]
         exits = torch.cat([torch.where(r.mask, r.exit_layers, -1).flatten() for r in rs])
         hist[name] = _shares(exits, [*layers, L])
-        rows += _rows(name, task, exs, texts, torch.cat([r.compute for r in rs]).tolist(), judges)
+        lengths = torch.cat([r.mask.sum(1) for r in rs]).tolist()
+        rows += _rows(name, task, exs, texts, torch.cat([r.compute for r in rs]).tolist(), judges, lengths)
         if base:
             base_text = texts
     if compare and base_text is not None:
@@ -228,6 +229,7 @@ def _summary(per: pd.DataFrame, judges) -> pd.DataFrame:
             "mean_score": g["score"].mean(),
             "compute": g["compute"].mean(),
             "layers_saved": 1 - g["compute"].mean(),
+            "length": g["length"].mean(),  # generated tokens per completion (NaN for the oracle: not decoded)
         }
         for j in judges:
             rec[f"coherence_{j.name}"] = g[f"coherence_{j.name}"].mean()
@@ -235,8 +237,10 @@ def _summary(per: pd.DataFrame, judges) -> pd.DataFrame:
     return pd.DataFrame(summary)
 
 
-def _rows(system, task, exs, texts, compute, judges):
+def _rows(system, task, exs, texts, compute, judges, lengths=None):
+    """Per-example rows; `lengths` are the generated tokens per completion (EOS included; None: not decoded)."""
     cut = [task.cut(e, t) for e, t in zip(exs, texts)]
+    lengths = lengths if lengths is not None else [float("nan")] * len(exs)
     scores = [task.score(e, c) for e, c in zip(exs, cut)]
     coh = {j.name: score_all(j, exs, cut) for j in judges}
     return [
@@ -246,10 +250,11 @@ def _rows(system, task, exs, texts, compute, judges):
             "score": s,
             "correct": s == 1.0,
             "compute": c,
+            "length": n,
             "completion": t,
             **{f"coherence_{k}": v[i] for k, v in coh.items()},
         }
-        for i, (s, c, t) in enumerate(zip(scores, compute, cut))
+        for i, (s, c, t, n) in enumerate(zip(scores, compute, cut, lengths))
     ]
 
 

@@ -29,6 +29,9 @@ PRESETS = {
     "tiny-reasoner/rl-lam6": "tiny-reasoner-rl-lam6",
     # continued on the steps task's mixture of styles (column lines written or not), then calibrated
     "tiny-reasoner-mixed/calibrated": "tiny-reasoner-mixed-calibrated",
+    # SmolLM2-135M-Instruct (the GGUF preset "smollm2-135m"): `eetools reproduce --model smollm2-135m`, then `ship`
+    "smollm2-135m/calibrated": "smollm2-135m-calibrated",
+    "smollm2-135m/rl": "smollm2-135m-rl",
 }
 
 

@@ -237,6 +237,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_new_tokens=32,
         config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=False),
     ),
+    "basic_arithmetic/addsub1": dict(
+        dataset="basic_arithmetic",
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
+        max_new_tokens=32,
+        config=dict(
+            min_terms=2,
+            max_terms=2,
+            min_digits=1,
+            max_digits=1,
+            operators=("+", "-"),
+            allow_parentheses=False,
+            allow_negation=False,
+        ),
+    ),
+    # the survey's "gcd/2x<=20": the greatest common divisor of two numbers from 1 to 20
+    "gcd/2x20": dict(
+        dataset="gcd",
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
+        max_new_tokens=32,
+        config=dict(min_numbers=2, max_numbers=2, min_value=1, max_value=20),
+    ),
 }
 """Named tasks a small chat model can do (``gym:<dataset>/<label>``, e.g. ``--task gym:chain_sum/2x1``): a dataset,
 its config, the answer protocol, worked examples and a generation cap, with its test split the survey's."""
