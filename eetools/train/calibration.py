@@ -157,7 +157,7 @@ class CalibrationConfig:
     lr: float = 3e-3
     """AdamW learning rate (exit heads, and adapters unless `adapter_lr` is set)."""
     adapter_lr: float = 0.0
-    """AdamW learning rate of the LoRA adapters; 0: the same as `lr`. A real model's text drifts under adapters trained at the heads' rate (SmolLM2-135M: one-digit addition 75 % -> 19 % after 3 steps at 3e-3); its pipeline uses 3e-5."""
+    """AdamW learning rate of the LoRA adapters; 0: the same as `lr`. A real model's text drifts under adapters trained at the heads' rate (SmolLM2-135M: one-digit addition from 0.75 to 0.19 accuracy after 3 steps at 3e-3); its pipeline uses 3e-5."""
     lora: bool = True
     """Train LoRA adapters on the base weights too (base weights stay frozen)."""
     lora_r: int = 4

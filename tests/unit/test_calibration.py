@@ -224,3 +224,16 @@ def test_calibration_record_is_saved_with_the_heads_and_drives_fig4(tiny_ee, tmp
     loaded = load_exit_model(tmp_path / "m", model=tiny_ee.model)
     assert loaded.calibration == tiny_ee.calibration
     assert exit_distribution_vs_target(loaded, examples=exs).kl_factor == 8.0
+
+
+def test_adapter_lr_trains_adapters_at_their_own_rate(tiny_ee):
+    """A real model's text drifts under adapters trained at the heads' rate; `adapter_lr` slows only them."""
+    from eetools.core.adapters import adapter_parameters
+
+    heads0 = [p.detach().clone() for p in tiny_ee.heads.parameters()]
+    calibrate(tiny_ee, "addition", steps=2, batch_size=2, lr=1e-2, adapter_lr=1e-9, seed=0, progress=False)
+    moved = max((p - q).abs().max().item() for p, q in zip(tiny_ee.heads.parameters(), heads0))
+    lora_b = [p for n, p in tiny_ee.model.named_parameters() if "lora_B" in n]
+    assert lora_b and moved > 1e-3  # the heads learn at lr
+    assert max(p.abs().max().item() for p in lora_b) < 1e-7  # the adapters (B starts at 0) at adapter_lr
+    assert adapter_parameters(tiny_ee)
