@@ -79,6 +79,8 @@ def check_value(name: str, value, hint, limit: str | tuple | None = None) -> Non
         return
     if not _is(value, hint):
         raise TypeError(f"{name} must be {_wanted(hint, limit)}, got {value!r} ({type(value).__name__})")
+    if hint is int and not -(2**63) <= value < 2**63:  # torch and numpy take 64-bit integers
+        raise ValueError(f"{name} must be {_wanted(hint, limit)} below 2**63, got {value}")
     if hint is float and not math.isfinite(value):
         raise ValueError(f"{name} must be {_wanted(hint, limit)}, got {value}")
     if limit is not None and not _meets(value, limit):

@@ -140,6 +140,12 @@ def resolve_checkpoint(path_or_preset) -> Path:
             raise CheckpointError(f"preset {key!r} is not shipped (expected {p})")
         return p
     p = Path(path_or_preset)
+    if p.is_dir() and not (p / "exit_config.json").is_file():
+        what = "a base model, not an exit model" if (p / "config.json").is_file() else "not an exit-model checkpoint"
+        raise CheckpointError(
+            f"{p} is {what} (no exit_config.json); give a folder written by save_exit_model or a preset: "
+            f"{', '.join(PRESETS)}"
+        )
     if not p.is_dir():
         raise CheckpointError(f"{p} is not an exit-model checkpoint folder (nor a preset: {', '.join(PRESETS)})")
     return p

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -181,6 +182,25 @@ def _load_init(model, folder: Path, grow: bool = False) -> None:
     model.tie_weights()
 
 
+def check_shape(cfg: PretrainConfig, tokenizer=None) -> None:
+    """Refuse, before training, a model shape attention cannot use or a context the tasks' sequences overflow."""
+    if cfg.d_model % cfg.n_heads:
+        raise ValueError(f"d_model ({cfg.d_model}) must be a multiple of n_heads ({cfg.n_heads}): heads split d_model")
+    if cfg.n_heads % cfg.n_kv_heads:
+        raise ValueError(
+            f"n_heads ({cfg.n_heads}) must be a multiple of n_kv_heads ({cfg.n_kv_heads}): each key/value head "
+            f"serves n_heads / n_kv_heads query heads; e.g. --n-kv-heads 1"
+        )
+    tokenizer = tokenizer or build_tokenizer()
+    for name in cfg.tasks:
+        longest = max(len(tokenizer(e.text).input_ids) + 2 for e in task_lib.get(name).sample(64, seed="n_ctx"))
+        if longest > cfg.n_ctx:
+            raise ValueError(
+                f"n_ctx {cfg.n_ctx} is shorter than {name}'s sequences (up to about {longest} tokens); "
+                f"use --n-ctx {2 ** math.ceil(math.log2(longest))} or more"
+            )
+
+
 def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dtype: str | None = None) -> Path:
     """Train (or resume) and save the model; returns the HF-format model folder.
 
@@ -192,6 +212,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, device: str = "cpu", dt
     validate_config(cfg)
     for name in cfg.tasks:
         task_lib.get(name)  # an unknown task fails here, not at its first batch
+    check_shape(cfg)
     if dtype not in (None, "float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     torch.set_num_threads(cfg.threads)

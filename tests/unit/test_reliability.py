@@ -5,6 +5,7 @@ code they touch, in test_exit_checkpoint.py and test_loop.py.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -186,3 +187,32 @@ def test_a_command_that_fails_validation_leaves_no_out_folder(tmp_path, capsys):
     out.mkdir(parents=True)  # a folder that was there before is left alone
     assert main(["evaluate", "--exit-model", str(tmp_path / "nowhere"), "--out", str(out), "--no-progress"]) == 2
     assert out.is_dir()
+
+
+# issue 41, item 3: four findings of the hostile sweep of 2026-12-06, each refused up front in one line
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--n-heads", "3", "--n-kv-heads", "2", "--d-model", "96"], r"n_heads \(3\) must be a multiple of n_kv_heads"),
+        (["--n-ctx", "4"], r"n_ctx 4 is shorter than addition's sequences .* use --n-ctx 128 or more"),
+        (["--seed", "99999999999999999999999"], r"seed must be an integer below 2\*\*63"),
+    ],
+)
+def test_pretrain_refuses_a_shape_or_number_it_cannot_use_before_training(options, message, tmp_path, capsys):
+    from eetools.cli import main
+
+    assert main(["pretrain", "--steps", "1", "--out", str(tmp_path / "p"), *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
+    assert not (tmp_path / "p" / "checkpoint").exists()  # nothing started
+
+
+def test_a_base_model_given_where_an_exit_model_is_wanted_names_the_presets(capsys):
+    from eetools.cli import main
+    from eetools.io.models import shipped_model_dir
+
+    assert main(["rl", "--from", str(shipped_model_dir()), "--steps", "1", "--out", "/tmp/unused"]) == 2
+    err = capsys.readouterr().err
+    assert "is a base model, not an exit model" in err and "tiny-reasoner/calibrated" in err
