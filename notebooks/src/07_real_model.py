@@ -109,7 +109,7 @@ sk.figure()
 # %%
 base_answers = cal.generate(prompts, 32, mode="off", temperature=0)
 orc = oracle_exits(cal, list(zip(prompts, base_answers.text)), base=True)
-print(f"oracle bound: {orc.layers_saved():.1%} of layers; calibrated model on the same prompts: {1 - r_cal.compute.mean():.1%}")
+print(f"oracle bound: {orc.layers_saved:.1%} of layers; calibrated model on the same prompts: {1 - r_cal.compute.mean():.1%}")
 orc.summary()
 
 # %% [markdown]
