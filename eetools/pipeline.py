@@ -463,7 +463,8 @@ def write_report(out: Path) -> Path:
         def _repr_html_(self):
             return self.text
 
-    table = pd.read_csv(out / "evaluation.csv")
+    # completion length stays in evaluation.csv; the report's table keeps to what fits a narrow window
+    table = pd.read_csv(out / "evaluation.csv").drop(columns=["length"], errors="ignore")
     sections = [
         ("Results: base, calibrated and RL-trained models, per task", table),
         ("Fig. 2 (left): RL dynamics", pio.read_json(out / "fig2_left.json")),
