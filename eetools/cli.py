@@ -619,9 +619,12 @@ def _report(args, file_cfg, out, progress, say) -> None:
 
 
 def _ship(args, file_cfg, out, progress, say) -> None:
-    from eetools import pipeline
+    from eetools import pipeline, real_pipeline
+    from eetools.io.checkpoints import load_json
 
-    for path in pipeline.ship(out):
+    summary = out / "summary.json"
+    real = summary.is_file() and "other_tasks" in load_json(summary).get("config", {})
+    for path in (real_pipeline.ship if real else pipeline.ship)(out):
         say(path)
 
 

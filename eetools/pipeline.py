@@ -560,10 +560,8 @@ def _ship_sources(out: Path) -> dict[str, Path]:
     if not (out / "summary.json").is_file():
         raise FileNotFoundError(f"cannot ship {out}: it has no summary.json; {hint}")
     config = load_json(out / "summary.json").get("config", {})
-    if "other_tasks" in config:  # a run of `eetools reproduce --model NAME` (eetools.real_pipeline)
-        from eetools.real_pipeline import ship_sources
-
-        return ship_sources(out, config, hint)
+    if "other_tasks" in config:
+        raise ValueError(f"{out} is a real-model run: ship it with eetools.real_pipeline.ship (`eetools ship` does)")
     seed = config.get("seed", 0)
     models = {
         "models/tiny-reasoner-calibrated": out / "calibrated" / "model",

@@ -313,3 +313,16 @@ def ship_sources(out: Path, config: dict, hint: str) -> dict[str, Path]:
         (dst / "recipe.json").write_text(json.dumps(recipe, indent=2))
         sources[rel] = dst
     return {**sources, **{f"results/{name}/{Path(n).name}": out / n for n in results}}
+
+
+def ship(out: Path, data: Path | None = None) -> list[Path]:
+    """`eetools.pipeline.ship` for a real-model run: its models (with recipes) and results into ``data/``."""
+    from eetools.io.checkpoints import load_json
+    from eetools.io.paths import data_dir
+    from eetools.pipeline import _replace_all
+
+    out, data = Path(out), Path(data) if data else data_dir()
+    hint = f"run `eetools reproduce --model NAME --out {out}` to the end first (nothing in data/ was changed)"
+    if not (out / "summary.json").is_file():
+        raise FileNotFoundError(f"cannot ship {out}: it has no summary.json; {hint}")
+    return _replace_all(data, ship_sources(out, load_json(out / "summary.json")["config"], hint))

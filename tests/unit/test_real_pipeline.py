@@ -30,7 +30,7 @@ def test_rl_contrast_pairs_the_same_examples():
 
 def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path):
     import eetools as ee
-    from eetools import pipeline
+    from eetools import real_pipeline
 
     cfg = RealReproduceConfig(
         model=str(tiny_folders["qwen3"]),
@@ -60,7 +60,7 @@ def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path
     assert (out / "evaluation.csv").stat().st_mtime_ns == stamp
 
     data = tmp_path / "data"
-    pipeline.ship(out, data=data)
+    real_pipeline.ship(out, data=data)
     name = tiny_folders["qwen3"].name
     recipe = json.loads((data / "models" / f"{name}-rl" / "recipe.json").read_text())
     assert recipe["made_by"].startswith("eetools reproduce --model") and recipe["config"]["lams"] == [0.0, 1.5]
