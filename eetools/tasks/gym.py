@@ -211,57 +211,27 @@ class ReasoningGymTask(Task):
         return list(self._test)
 
 
+def _asked(dataset: str, **config: Any) -> dict[str, Any]:
+    """A preset that asks for "The answer is N" with no worked examples and reads the last number."""
+    return dict(
+        dataset=dataset,
+        protocol="last-number",
+        instruction=FinalAnswer.instruction,
+        shots=0,
+        max_new_tokens=32,
+        config=config,
+    )
+
+
+_ONE_DIGIT = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+_PLAIN = dict(allow_parentheses=False, allow_negation=False)
 PRESETS: dict[str, dict[str, Any]] = {
-    # measured on SmolLM2-135M-Instruct, greedy, n = 200 (docs/experiments.md 2026-12-06, scripts/gym_survey.py)
-    "basic_arithmetic/add1": dict(
-        dataset="basic_arithmetic",
-        protocol="last-number",
-        instruction=FinalAnswer.instruction,
-        shots=0,
-        max_new_tokens=32,
-        config=dict(
-            min_terms=2,
-            max_terms=2,
-            min_digits=1,
-            max_digits=1,
-            operators=("+",),
-            allow_parentheses=False,
-            allow_negation=False,
-        ),
-    ),
-    "chain_sum/2x1": dict(
-        dataset="chain_sum",
-        protocol="last-number",
-        instruction=FinalAnswer.instruction,
-        shots=0,
-        max_new_tokens=32,
-        config=dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1, allow_negation=False),
-    ),
-    "basic_arithmetic/addsub1": dict(
-        dataset="basic_arithmetic",
-        protocol="last-number",
-        instruction=FinalAnswer.instruction,
-        shots=0,
-        max_new_tokens=32,
-        config=dict(
-            min_terms=2,
-            max_terms=2,
-            min_digits=1,
-            max_digits=1,
-            operators=("+", "-"),
-            allow_parentheses=False,
-            allow_negation=False,
-        ),
-    ),
+    # measured on SmolLM2-135M-Instruct, greedy, n = 200 (docs/experiments.md 2026-12-07, scripts/gym_survey.py)
+    "basic_arithmetic/add1": _asked("basic_arithmetic", **_ONE_DIGIT, operators=("+",), **_PLAIN),
+    "chain_sum/2x1": _asked("chain_sum", **_ONE_DIGIT, allow_negation=False),
+    "basic_arithmetic/addsub1": _asked("basic_arithmetic", **_ONE_DIGIT, operators=("+", "-"), **_PLAIN),
     # the survey's "gcd/2x<=20": the greatest common divisor of two numbers from 1 to 20
-    "gcd/2x20": dict(
-        dataset="gcd",
-        protocol="last-number",
-        instruction=FinalAnswer.instruction,
-        shots=0,
-        max_new_tokens=32,
-        config=dict(min_numbers=2, max_numbers=2, min_value=1, max_value=20),
-    ),
+    "gcd/2x20": _asked("gcd", min_numbers=2, max_numbers=2, min_value=1, max_value=20),
 }
 """Named tasks a small chat model can do (``gym:<dataset>/<label>``, e.g. ``--task gym:chain_sum/2x1``): a dataset,
 its config, the answer protocol, worked examples and a generation cap, with its test split the survey's."""
