@@ -74,7 +74,9 @@ prompts = [e.prompt for e in examples]
 r_cal = cal.generate(prompts, 32, temperature=0, seed=0)
 r_rl = rl.generate(prompts, 32, temperature=0, seed=0)
 for e, a, b in zip(examples, r_cal.text, r_rl.text):
-    print(f"{e.answer:>3}  calibrated {task.score(e, a):.0f} {a.strip()[:50]!r}\n     rl         {task.score(e, b):.0f} {b.strip()[:50]!r}")
+    print(
+        f"{e.answer:>3}  calibrated {task.score(e, a):.0f} {a.strip()[:50]!r}\n     rl         {task.score(e, b):.0f} {b.strip()[:50]!r}"
+    )
 
 # %%
 ee.views.color_tokens_many(r_cal, names=[f"calibrated: {e.answer}" for e in examples])
@@ -87,6 +89,13 @@ ee.views.exit_heatmap([r_cal, r_rl], [0, 0], names=["calibrated", "rl"])
 
 # %%
 print(f"mean compute (fraction of depth): calibrated {r_cal.compute.mean():.3f}, rl {r_rl.compute.mean():.3f}")
+
+# %% [markdown]
+# The lens grid of the RL model's first answer: where does the answer digit settle, and which tokens
+# (the template words of "The answer is N") does it let exit early?
+
+# %%
+ee.views.lens_grid(rl, r_rl, 0, layers=list(range(12, 31, 2)), name="rl").figure()
 
 # %% [markdown]
 # ## Probes at the exit points
@@ -109,7 +118,9 @@ sk.figure()
 # %%
 base_answers = cal.generate(prompts, 32, mode="off", temperature=0)
 orc = oracle_exits(cal, list(zip(prompts, base_answers.text)), base=True)
-print(f"oracle bound: {orc.layers_saved:.1%} of layers; calibrated model on the same prompts: {1 - r_cal.compute.mean():.1%}")
+print(
+    f"oracle bound: {orc.layers_saved:.1%} of layers; calibrated model on the same prompts: {1 - r_cal.compute.mean():.1%}"
+)
 orc.summary()
 
 # %% [markdown]

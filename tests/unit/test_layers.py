@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[2] / "eetools"
 LAYERS = ["core", "io", "tasks", "train", "views", "analysis", "pipeline", "real_pipeline", "cli"]
 # real_pipeline: the paper's pipeline on a real model, built on the tiny pipeline's pieces
 FORBIDDEN = {("views", "train")}  # also below views, but a view draws data, it never trains
-MAX_LEVELS = 9  # import hops on the longest chain (the flat layout of 2026-12-04 had 13; 9 since the real_pipeline layer)
+# import hops on the longest chain (the flat layout of 2026-12-04 had 13; 9 since the real_pipeline layer)
+MAX_LEVELS = 9
 
 
 def module_name(path: Path) -> str:
