@@ -77,7 +77,9 @@ class RealReproduceConfig:
     """Length cap of the model's greedy answers (calibration) and of RL rollouts."""
     n_seeds: int = 3
     lams: list[float] = field(default_factory=lambda: [0.0, 1.5])
-    """RL exit-reward weights; 0 is the control (the same RL without the reward for exiting)."""
+    """RL exit-reward weights; the smallest (0) is the control (the same RL without the reward for exiting)."""
+    ship_lam: float | None = None
+    """The lambda of the shipped RL model and of the headline contrast (default: the largest of `lams`)."""
     rl_steps: int = 12
     rl_k: int = 4
     rl_prompts: int = 2
@@ -123,6 +125,8 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
     validate_config(cfg)
     for name in [cfg.task, *cfg.other_tasks]:
         task_lib.get(name)  # an unknown task fails before the model loads
+    if cfg.ship_lam is not None and cfg.ship_lam not in cfg.lams:
+        raise ValueError(f"ship_lam {cfg.ship_lam:g} is not one of lams {cfg.lams}: add it to --lams or leave it out")
     calib_task = "+".join(dict.fromkeys([cfg.task, *cfg.other_tasks]))
     cfg = _quick(cfg)
     out = check_writable(out)
@@ -208,19 +212,25 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
         fig.write_json(out / f"fig2_left_lam{lam:g}.json")
     lap("rl_s")
     # 4. evaluation on held-out examples: base, calibrated, oracle bound, and RL with and without the exit reward
-    rl_dir = lambda lam: out / "rl" / f"lam{lam}_beta0.25_seed{cfg.seed}" / "model"  # noqa: E731
+    rl_dir = lambda lam, s=cfg.seed: out / "rl" / f"lam{lam}_beta0.25_seed{s}" / "model"  # noqa: E731
     if not _done(out, "evaluation.csv", "per_example.csv"):
         parts, per = [], []
         for name in dict.fromkeys([cfg.task, *cfg.other_tasks]):  # base, calibrated and the oracle bound
             ev = evaluate(calibrated(), name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
             parts.append(ev.summary.assign(system=ev.summary.system.replace({"model": "calibrated"}), task=name))
             per.append(ev.per_example.assign(system=ev.per_example.system.replace({"model": "calibrated"}), task=name))
-        for lam in cfg.lams:
-            e = evaluate(
-                load_exit_model(rl_dir(lam), model=fresh()), cfg.task, n=cfg.eval_n, seed=cfg.seed, compare=False
-            )
-            parts.append(e.summary.assign(system=f"rl_lam{lam:g}", task=cfg.task))
-            per.append(e.per_example.assign(system=f"rl_lam{lam:g}", task=cfg.task))
+        for lam in cfg.lams:  # every seed's RL model, on the same examples with the same exit-sampling seed
+            for s in seeds:
+                e = evaluate(
+                    load_exit_model(rl_dir(lam, s), model=fresh()),
+                    cfg.task,
+                    n=cfg.eval_n,
+                    seed=cfg.seed,
+                    compare=False,
+                    progress=progress,
+                )
+                parts.append(e.summary.assign(system=f"rl_lam{lam:g}", task=cfg.task, seed=s))
+                per.append(e.per_example.assign(system=f"rl_lam{lam:g}", task=cfg.task, seed=s))
         pd.concat(parts, ignore_index=True).to_csv(out / "evaluation.csv", index=False)
         pd.concat(per, ignore_index=True).to_csv(out / "per_example.csv", index=False)
     # 5. Fig. 2 right: one held-out prompt's tokens coloured by exit layer, calibrated and after RL
@@ -231,23 +241,42 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
         (out / f"fig2_right_{name}.html").write_text(str(color_tokens(r, title=name)))
     lap("eval_s")
     timings["total_s"] = time.time() - t0
+    per_example = pd.read_csv(out / "per_example.csv")
     summary = {
         "config": asdict(cfg),
         "timings": timings,
         "fig4_tv": float((cal_dir / "fig4_tv.txt").read_text()),
         "evaluation": pd.read_csv(out / "evaluation.csv").to_dict(orient="records"),
-        "rl_vs_control": rl_contrast(pd.read_csv(out / "per_example.csv"), cfg.lams),
+        "rl_vs_control": rl_contrast(per_example, [min(cfg.lams), _ship_lam(asdict(cfg))], seed=cfg.seed),
+        "rl_vs_control_by_lam": {
+            f"lam{lam:g}": {
+                f"seed{cfg.seed}": rl_contrast(per_example, [min(cfg.lams), lam], seed=cfg.seed),
+                "mean_of_seeds": rl_contrast(per_example, [min(cfg.lams), lam]),
+            }
+            for lam in cfg.lams
+            if lam != min(cfg.lams)
+        },
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return out / "summary.json"
 
 
-def rl_contrast(per_example: pd.DataFrame, lams) -> dict:
-    """RL with the exit reward minus the lambda = 0 control on the same held-out examples (paired):
-    layers saved, accuracy and completion length, each a mean difference with a 95 % interval."""
-    lo, hi = f"rl_lam{min(lams):g}", f"rl_lam{max(lams):g}"
-    a = per_example[per_example.system == hi].set_index("example")
-    b = per_example[per_example.system == lo].set_index("example")
+def rl_contrast(per_example: pd.DataFrame, lams, seed: int | None = None) -> dict:
+    """RL with the largest lambda minus the smallest (the control) on the same held-out examples (paired):
+    layers saved, accuracy and completion length, each a mean difference with a 95 % interval.
+
+    `seed`: the RL runs of that seed only (the shipped model against its own control); None: each
+    example's value averaged over every seed first, so the interval is over examples of the method's
+    mean effect, not one run's luck.
+    """
+    if seed is not None and "seed" in per_example.columns:
+        per_example = per_example[per_example.seed.isna() | (per_example.seed == seed)]
+
+    def rows(lam: float) -> pd.DataFrame:
+        g = per_example[per_example.system == f"rl_lam{lam:g}"]
+        return g.groupby("example")[[c for c in ("compute", "correct", "length") if c in g.columns]].mean()
+
+    a, b = rows(max(lams)), rows(min(lams))
     both = a.index.intersection(b.index)
     out = {}
     for col, name in (("compute", "layers_saved"), ("correct", "accuracy"), ("length", "length")):
@@ -279,13 +308,18 @@ SHIPPED = (
 """What `eetools ship` copies from a real-model run into ``data/results/<model>/`` (and each lambda's Fig. 2 left)."""
 
 
+def _ship_lam(config: dict) -> float:
+    lam = config.get("ship_lam")
+    return max(config["lams"]) if lam is None else float(lam)
+
+
 def ship_sources(out: Path, config: dict, hint: str) -> dict[str, Path]:
     """What `eetools.pipeline.ship` copies from a real-model run: the calibrated model and the seed-0 RL model
-    with the largest lambda as ``models/<model>-calibrated`` and ``models/<model>-rl`` (each with a
+    with `ship_lam` (default the largest lambda) as ``models/<model>-calibrated`` and ``models/<model>-rl`` (each with a
     ``recipe.json``: the settings and the command that made it), and the results as ``results/<model>/``."""
     from eetools.io.exit_checkpoint import verify_files
 
-    name, lam = Path(config["model"]).name, max(config["lams"])
+    name, lam = Path(config["model"]).name, _ship_lam(config)
     models = {
         f"models/{name}-calibrated": out / "calibrated" / "model",
         f"models/{name}-rl": out / "rl" / f"lam{lam}_beta0.25_seed{config['seed']}" / "model",

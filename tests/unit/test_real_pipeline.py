@@ -28,6 +28,21 @@ def test_rl_contrast_pairs_the_same_examples():
     assert c["accuracy"]["diff"] == pytest.approx(-0.25) and c["length"]["diff"] == pytest.approx(1.0)
 
 
+def test_rl_contrast_over_seeds_averages_each_example_first_and_one_seed_picks_its_runs():
+    rows = []
+    for seed, (ctrl, rl) in enumerate([((1.0, 1.0), (0.8, 0.9)), ((1.0, 0.9), (0.6, 0.9))]):
+        for lam, computes in ((0, ctrl), (1.5, rl)):
+            for ex, c in enumerate(computes):
+                rows.append({"system": f"rl_lam{lam:g}", "seed": seed, "example": ex, "compute": c, "correct": 1.0})
+    rows.append({"system": "calibrated", "seed": np.nan, "example": 0, "compute": 0.5, "correct": 0.0})
+    per = pd.DataFrame(rows)
+    assert rl_contrast(per, [0.0, 1.5], seed=0)["layers_saved"]["diff"] == pytest.approx((0.2 + 0.1) / 2)
+    assert rl_contrast(per, [0.0, 1.5], seed=1)["layers_saved"]["diff"] == pytest.approx((0.4 + 0.0) / 2)
+    mean = rl_contrast(per, [0.0, 1.5])  # example 0: 1.0 - 0.7 = 0.3; example 1: 0.95 - 0.9 = 0.05
+    assert mean["n"] == 2 and mean["layers_saved"]["diff"] == pytest.approx(0.175)
+    assert mean["accuracy"]["diff"] == 0
+
+
 def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path):
     import eetools as ee
     from eetools import real_pipeline
@@ -50,6 +65,8 @@ def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path
     assert set(ev[ev.system == "calibrated"].task) == {"addition", "steps-small"}  # calibrated on both tasks
     assert set(ev[ev.system.str.startswith("rl")].task) == {"addition"}  # RL on the first
     assert summary["rl_vs_control"]["n"] == 16 and 0 <= summary["fig4_tv"] <= 1
+    assert sorted(ev[ev.system == "rl_lam1.5"].seed) == [0, 1]  # every seed's RL model is evaluated
+    assert set(summary["rl_vs_control_by_lam"]["lam1.5"]) == {"seed0", "mean_of_seeds"}
     history = pd.read_csv(out / "rl_history.csv")
     assert sorted(history.lam.unique()) == [0.0, 1.5] and history.run.nunique() == 4  # 2 seeds x 2 lambdas
     for name in ("fig3.json", "fig2_left_lam0.json", "fig2_left_lam1.5.json", "fig2_right_rl.html"):
