@@ -37,7 +37,7 @@ from eetools.core.encoding import CHUNK_ROWS, encode_sequences
 from eetools.core.heads import exit_log_probs, stick_breaking
 from eetools.core.options import validate_config
 from eetools.train import distributed
-from eetools.train.loop import TrainLoop
+from eetools.train.loop import TrainLoop, param_groups
 from eetools.train.state import exit_run_files
 
 LOGIT_ROWS = 64
@@ -496,7 +496,9 @@ def calibrate(
     distributed.setup(ee_model.device)
     distributed.check_divisible(cfg.batch_size, cfg.micro_batches, name="batch_size")
     params = _trainable_parameters(ee_model, cfg)
-    opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        param_groups(ee_model, params, head_lr=cfg.lr, adapter_lr=cfg.adapter_lr or cfg.lr), lr=cfg.lr, weight_decay=0.0
+    )
     files = exit_run_files(
         checkpoint_dir,
         ee_model,
@@ -517,17 +519,6 @@ def calibrate(
     # provenance, saved with the heads: Fig. 4 and readers need the k the heads were calibrated for
     ee_model.calibration = {"kl_factor": float(cfg.kl_factor), "steps": int(cfg.steps), "data": data}
     return CalibrationResult(ee_model=ee_model, history=pd.DataFrame(history), config=cfg)
-
-
-def _param_groups(ee_model, params: list, cfg: CalibrationConfig) -> list[dict]:
-    """One AdamW group of the trainable `params`, or heads at `lr` and adapters at `adapter_lr`."""
-    if cfg.adapter_lr in (0.0, cfg.lr):
-        return [{"params": params}]
-    heads = {id(p) for p in ee_model.heads.parameters()}
-    return [
-        {"params": [p for p in params if id(p) in heads], "lr": cfg.lr},
-        {"params": [p for p in params if id(p) not in heads], "lr": cfg.adapter_lr},
-    ]
 
 
 def _trainable_parameters(ee_model, cfg: CalibrationConfig) -> list:

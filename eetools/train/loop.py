@@ -32,6 +32,18 @@ if TYPE_CHECKING:  # the loop only calls a RunFiles' methods (importing it would
 StepFn = Callable[[int], "tuple[dict, bool]"]
 
 
+def param_groups(ee_model, params: list, *, head_lr: float, adapter_lr: float) -> list[dict]:
+    """AdamW groups of an exit model's trainable `params`: one group when the exit heads and the adapters
+    share a rate, else the heads at `head_lr` and everything else (the LoRA adapters) at `adapter_lr`."""
+    if head_lr == adapter_lr:
+        return [{"params": params}]
+    heads = {id(p) for p in ee_model.heads.parameters()}
+    return [
+        {"params": [p for p in params if id(p) in heads], "lr": head_lr},
+        {"params": [p for p in params if id(p) not in heads], "lr": adapter_lr},
+    ]
+
+
 def _history(history: list[dict]) -> dict:
     return {"history": history}
 

@@ -47,7 +47,7 @@ from eetools.core.options import validate_config
 from eetools.core.rule import UNSET, ExitRule
 from eetools.train import distributed
 from eetools.train.calibration import kl_student_teacher, position_spans
-from eetools.train.loop import TrainLoop
+from eetools.train.loop import TrainLoop, param_groups
 from eetools.train.state import exit_run_files
 
 EXIT_COSTS = ("mean", "total")
@@ -539,7 +539,9 @@ def train_rl(
     params = ee_model.trainable_parameters() if cfg.train_adapters else list(ee_model.heads.parameters())
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(_param_groups(ee_model, params, cfg), lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        param_groups(ee_model, params, head_lr=cfg.head_lr or cfg.lr, adapter_lr=cfg.lr), lr=cfg.lr, weight_decay=0.0
+    )
     files = exit_run_files(
         checkpoint_dir,
         ee_model,
@@ -638,17 +640,6 @@ def _rollout_shard(
     scores = [task.score(e, c) for e, c in zip(group, completions)]
     coherence = [task.coherence(e, c) for e, c in zip(group, completions)]
     return _rollout_columns(ee_model, rollout, per, scores, coherence)
-
-
-def _param_groups(ee_model, params: list, cfg: RLConfig) -> list[dict]:
-    """One AdamW group of the trainable `params`, or heads at `head_lr` and adapters at `lr`."""
-    if cfg.head_lr in (0.0, cfg.lr):
-        return [{"params": params}]
-    heads = {id(p) for p in ee_model.heads.parameters()}
-    return [
-        {"params": [p for p in params if id(p) in heads], "lr": cfg.head_lr},
-        {"params": [p for p in params if id(p) not in heads], "lr": cfg.lr},
-    ]
 
 
 def _evaluate_on_main(ee_model, task, cfg: RLConfig, step: int) -> dict:
