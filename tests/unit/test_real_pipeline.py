@@ -57,6 +57,8 @@ def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path
         max_new_tokens=6,
         rl_k=2,
         rl_prompts=1,
+        lams=[0.0, 1.5],
+        ship_lam=None,  # the largest
     )
     out = tmp_path / "run"
     summary = json.loads(reproduce_real(cfg, out, progress=False).read_text())
