@@ -1,0 +1,116 @@
+"""The readout family (eetools.core.lenses): LogitLens, TunedLens, and exits read out through them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eetools.core.lens import capture_residuals, lens_logits
+from eetools.core.lenses import LogitLens, TunedLens
+
+
+def _tokens(ee):
+    return ee.model.to_tokens(["Q: 12+34\n", "Q: 5+6\nA"], prepend_bos=True, padding_side="left")
+
+
+def _perturbed(ee, scale: float = 0.3) -> TunedLens:
+    """A tuned lens at the exitable layers with random (non-identity) translators."""
+    lens = TunedLens(int(ee.model.cfg.d_model), ee.exit_layers)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in lens.translators.values():
+            t.weight.copy_(scale * torch.randn(t.weight.shape, generator=g) / t.weight.shape[0] ** 0.5)
+            t.bias.copy_(scale * torch.randn(t.bias.shape, generator=g))
+    return lens
+
+
+@torch.no_grad()
+def test_a_tuned_lens_at_identity_equals_the_logit_lens_exactly(tiny_ee):
+    toks = _tokens(tiny_ee)
+    store = capture_residuals(tiny_ee, toks, tiny_ee.exit_layers)
+    logit, tuned = LogitLens(), TunedLens(int(tiny_ee.model.cfg.d_model), tiny_ee.exit_layers)
+    for l in tiny_ee.exit_layers:
+        want = lens_logits(tiny_ee.model, store[l])
+        assert torch.equal(logit.logits(tiny_ee.model, store[l], l), want)
+        assert torch.equal(tuned.logits(tiny_ee.model, store[l], l), want)
+    exits = torch.full_like(toks, tiny_ee.n_layers)
+    exits[:, -3:] = tiny_ee.exit_layers[0]
+    before = tiny_ee.prescribed_forward(toks, exits).logprobs
+    tiny_ee.set_readout(TunedLens(int(tiny_ee.model.cfg.d_model), tiny_ee.exit_layers))
+    assert torch.equal(tiny_ee.prescribed_forward(toks, exits).logprobs, before)
+
+
+@torch.no_grad()
+def test_an_exited_token_reads_out_through_the_tuned_lens_at_its_layer(tiny_ee):
+    toks = _tokens(tiny_ee)
+    lens = tiny_ee.set_readout(_perturbed(tiny_ee))
+    L, (a, b, c) = tiny_ee.n_layers, tiny_ee.exit_layers
+    exits = torch.full_like(toks, L)
+    exits[0, -2], exits[1, -1], exits[1, -3] = a, b, c
+    logits, _, _, _ = tiny_ee.run_with_exits(toks, exit_at=exits)
+    # the frozen residual of each exited position is its residual entering its exit layer under the same exits
+    ref = LogitLens()
+    tiny_ee.set_readout(ref)
+    from eetools.core.lens import capturing
+
+    with capturing(tiny_ee, [a, b, c]) as store:
+        plain, _, _, _ = tiny_ee.run_with_exits(toks, exit_at=exits)
+        store = dict(store)
+    for (row, pos), l in [((0, -2), a), ((1, -1), b), ((1, -3), c)]:
+        want = lens_logits(tiny_ee.model, lens.translate(store[l][row, pos], l))
+        torch.testing.assert_close(logits[row, pos], want)
+        assert not torch.allclose(logits[row, pos], plain[row, pos])  # the translator did change it
+    # positions that did not exit (and every position before the first exit) are untouched
+    keep = exits == L
+    torch.testing.assert_close(logits[keep], plain[keep])
+
+
+@torch.no_grad()
+def test_later_positions_keys_and_values_do_not_depend_on_the_readout(tiny_ee):
+    toks = _tokens(tiny_ee)
+    exits = torch.full_like(toks, tiny_ee.n_layers)
+    exits[:, 3:6] = tiny_ee.exit_layers[0]
+    names = [f"blocks.{j}.attn.hook_{kv}" for j in range(tiny_ee.n_layers) for kv in ("k", "v")]
+    names = [n for n in names if n in tiny_ee.model.hook_dict]
+    assert names, "the bridge names no key/value hooks"
+
+    def keys_values():
+        got = {}
+        hooks = [(n, lambda t, hook, n=n: got.__setitem__(n, t.clone())) for n in names]
+        with tiny_ee.model.hooks(fwd_hooks=hooks):
+            logits, _, _, cache = tiny_ee.run_with_exits(toks, exit_at=exits, use_cache=True)
+        return got, logits
+
+    kv_logit, logits_logit = keys_values()
+    tiny_ee.set_readout(_perturbed(tiny_ee))
+    kv_tuned, logits_tuned = keys_values()
+    for n in names:
+        assert torch.equal(kv_logit[n], kv_tuned[n]), n
+    later = exits == tiny_ee.n_layers
+    torch.testing.assert_close(logits_logit[later], logits_tuned[later])
+    assert not torch.allclose(logits_logit[~later], logits_tuned[~later])
+
+
+@pytest.mark.parametrize("skip", ["mask", "compute"])
+def test_generation_with_a_tuned_readout_matches_its_prescribed_replay(tiny_ee, skip):
+    """Cached decoding under a tuned readout (either skip path) scores its tokens as a prescribed replay does."""
+    with torch.no_grad():
+        for h in tiny_ee.heads:  # heads that exit often
+            h.net[-1].bias.fill_(0.0)
+    tiny_ee.set_readout(_perturbed(tiny_ee))
+    prompts = ["Q: 12+34\n", "Q: 1+2\nab c"]
+    a = tiny_ee.generate(prompts, 12, seed=3, skip=skip)
+    assert (a.exit_layers < tiny_ee.n_layers).any(), "test needs some exits"
+    out = tiny_ee.prescribed_forward(a.sequences, a.prescribed_exit_layers(), attention_mask=a.attention_mask)
+    P = a.prompt_tokens.shape[1]
+    tok_lp = out.logprobs.to(a.tokens.device)[:, P - 1 : -1].gather(-1, a.tokens[..., None]).squeeze(-1)
+    torch.testing.assert_close(tok_lp * a.mask, a.token_logprobs, atol=1e-4, rtol=0)
+
+
+def test_bad_readouts_are_refused_in_one_line(tiny_ee):
+    with pytest.raises(ValueError, match="lacks translators for layers \\[3\\]"):
+        tiny_ee.set_readout(TunedLens(int(tiny_ee.model.cfg.d_model), [1, 2]))
+    with pytest.raises(ValueError, match="readout must be one of"):
+        tiny_ee.set_readout("fancy")
+    with pytest.raises(ValueError, match="not for layer 5"):
+        TunedLens(8, [1, 2]).translate(torch.zeros(8), 5)
