@@ -5,7 +5,10 @@ line, ``prompt`` the chat-formatted prompt text (the model's chat template, gene
 added) and ``answer`` its greedy continuation (up to ``--max-new-tokens``, EOS removed). The two
 files draw prompts from the same datasets with different reasoning-gym seeds (no prompt in both).
 
-    python scripts/smollm2_answers.py --model /work/smollm2-hf --out runs/smollm2-answers
+    python scripts/smollm2_answers.py --out runs/smollm2-answers
+
+``--model`` is a real-model preset (default ``smollm2-135m``, converted once by `eetools.io.gguf`) or an
+HF-format folder.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ def answers(model, tok, questions: list[str], max_new_tokens: int, batch: int) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="/work/smollm2-hf")
+    ap.add_argument("--model", default="smollm2-135m", help="real-model preset or HF folder")
     ap.add_argument("--out", default="runs/smollm2-answers")
     ap.add_argument("--train-per-dataset", type=int, default=20)
     ap.add_argument("--heldout-per-dataset", type=int, default=6)
@@ -71,14 +74,19 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from eetools.io.gguf import PRESETS, preset_folder
+
+    folder = str(preset_folder(args.model)) if args.model in PRESETS else args.model
     torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.model, padding_side="left")
+    tok = AutoTokenizer.from_pretrained(folder, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("heldout", args.heldout_per_dataset, 1), ("train", args.train_per_dataset, 0)):
+        if (out / f"{split}.jsonl").is_file():  # written whole (renamed into place): keep it
+            continue
         qs = prompts(n, seed)
         res = answers(model, tok, [q for _, q in qs], args.max_new_tokens, args.batch)
         with open(out / f"{split}.jsonl.tmp", "w") as f:

@@ -310,7 +310,7 @@ class EarlyExitModel(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
-        """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
+        """Base model (adapters off, no exits): full-depth log-probs and the exit readout at each exitable layer."""
         tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         # adapters off and the norm shortcut, for the forward and the readouts alike

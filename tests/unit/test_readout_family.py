@@ -114,3 +114,48 @@ def test_bad_readouts_are_refused_in_one_line(tiny_ee):
         tiny_ee.set_readout("fancy")
     with pytest.raises(ValueError, match="not for layer 5"):
         TunedLens(8, [1, 2]).translate(torch.zeros(8), 5)
+
+
+@torch.no_grad()
+def test_calibration_targets_read_out_through_the_exit_readout(tiny_ee):
+    from eetools.train.calibration import exit_targets, streamed_targets
+
+    toks = _tokens(tiny_ee)
+    attn = torch.ones_like(toks)
+    logit_targets, _ = streamed_targets(tiny_ee, toks, attn, kl_factor=4.0)
+    tiny_ee.set_readout(_perturbed(tiny_ee))
+    tuned_targets, _ = streamed_targets(tiny_ee, toks, attn, kl_factor=4.0)
+    teacher = tiny_ee.teacher_forward(toks, attn)
+    want = exit_targets(teacher.logprobs, teacher.early_logprobs, 4.0)
+    torch.testing.assert_close(tuned_targets, want, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(tuned_targets, logit_targets, atol=1e-3), "the targets ignored the tuned readout"
+
+
+def test_analyses_read_out_through_the_readout_they_are_given(tiny_ee):
+    """oracle_exits, depth_necessity and lens_topk: the logit lens by default, a given readout, or "exit"."""
+    from eetools.analysis.probes.oracle import depth_necessity, oracle_exits
+    from eetools.core.lens import capturing
+    from eetools.core.readouts import lens_topk
+
+    pairs = [("Q: 12+34\n", "A: 46"), ("Q: 5+6\n", "A: 11 x")]
+    lens = _perturbed(tiny_ee, scale=1.0)
+    default = oracle_exits(tiny_ee, pairs, base=True).df
+    assert oracle_exits(tiny_ee, pairs, base=True, readout=LogitLens()).df.equals(default)
+    tuned = oracle_exits(tiny_ee, pairs, base=True, readout=lens).df
+    tiny_ee.set_readout(lens)
+    assert oracle_exits(tiny_ee, pairs, base=True, readout="exit").df.equals(tuned)
+    assert oracle_exits(tiny_ee, pairs, base=True).df.equals(default)  # the default stays the logit lens
+    assert not tuned["oracle_layer"].equals(default["oracle_layer"]), "the perturbed lens changed no oracle exit"
+    d_logit = depth_necessity(tiny_ee, pairs, base=True).df
+    d_tuned = depth_necessity(tiny_ee, pairs, base=True, readout=lens).df
+    assert (d_logit["kl"] >= 0).all() and not d_logit["kl"].equals(d_tuned["kl"])
+    # lens_topk: each layer's top-1 is the argmax of the readout of the residual entering it
+    ids = tiny_ee.model.to_tokens("Q: 12+34\nA: 46", prepend_bos=True)
+    layers = tiny_ee.exit_layers
+    top = lens_topk(tiny_ee, ids, range(ids.shape[1]), layers, k=1, readout=lens)
+    with torch.no_grad(), capturing(tiny_ee, layers) as store:
+        tiny_ee.model(ids, return_type="logits")
+        store = dict(store)
+    for i, l in enumerate(layers):
+        want = lens.logits(tiny_ee.model, store[l][0], l).argmax(-1).cpu()
+        assert torch.equal(top.ids[i, :, 0], want), l
