@@ -42,27 +42,49 @@ def read_answers(path: Path) -> list[tuple[str, str]]:
     return [(r["prompt"], r["answer"]) for r in rows if r["answer"]]
 
 
-def measure(model, exit_sets: dict, readouts: dict, heldout, batch_size: int) -> tuple[pd.DataFrame, list[dict]]:
-    """Per exit set and readout: the per-layer table and the oracle bound on `heldout`."""
+def measure(model, exit_sets: dict, readouts: dict, heldout, batch_size: int, chunk: int = 16):
+    """Per exit set and readout: the per-layer table and the oracle bound on `heldout`.
+
+    `depth_necessity` and `oracle_exits` keep every token's vocabulary-sized readouts at every
+    exitable layer, so the held-out sequences go through them `chunk` at a time (a few GB at most
+    on SmolLM2) and the per-layer means are weighted by each chunk's tokens.
+    """
     per_layer, bounds = [], []
     for set_name, layers in exit_sets.items():
         em = ee.attach_exit_heads(model, layers=layers, head="linear", seed=0)  # heads unused: oracle and depth only
         for name, r in readouts.items():
-            d = depth_necessity(em, heldout, base=True, batch_size=batch_size, readout=r).df
+            depth, oracle = [], []
+            for c in range(0, len(heldout), chunk):
+                part = heldout[c : c + chunk]
+                depth.append(depth_necessity(em, part, base=True, batch_size=batch_size, readout=r).df)
+                o = oracle_exits(em, part, base=True, batch_size=batch_size, readout=r).df
+                o["seq"] += c
+                oracle.append(o)
+            d = pd.concat(depth)
+            w = d["n_tokens"]
+            d = (
+                d[["agreement", "nll", "kl"]]
+                .mul(w, axis=0)
+                .groupby(d["layer"])
+                .sum()
+                .div(w.groupby(d["layer"]).sum(), axis=0)
+                .reset_index()
+            )
+            d["n_tokens"] = int(w.sum()) // len(layers)
             d.insert(0, "readout", name)
             d.insert(0, "exit_set", set_name)
             per_layer.append(d)
-            o = oracle_exits(em, heldout, base=True, batch_size=batch_size, readout=r)
-            per_seq = 1 - o.df.groupby("seq")["oracle_layer"].mean() / em.n_layers
+            o = pd.concat(oracle, ignore_index=True)
+            saved = 1 - o["oracle_layer"] / em.n_layers
             bounds.append(
                 {
                     "exit_set": set_name,
                     "exit_layers": layers,
                     "readout": name,
-                    "layers_saved_per_token": float(o.layers_saved),
-                    "layers_saved_per_sequence": float(per_seq.mean()),
-                    "n_tokens": len(o.df),
-                    "n_sequences": int(o.df["seq"].nunique()),
+                    "layers_saved_per_token": float(saved.mean()),
+                    "layers_saved_per_sequence": float(saved.groupby(o["seq"]).mean().mean()),
+                    "n_tokens": len(o),
+                    "n_sequences": int(o["seq"].nunique()),
                 }
             )
             print(bounds[-1], flush=True)

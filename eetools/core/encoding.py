@@ -67,8 +67,13 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[str]):
     """Right-padded ``prompt + continuation + <eos>`` ids, attention mask, and a mask of
-    the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on)."""
-    model = ee_model.model
+    the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on).
+
+    `ee_model` is an `EarlyExitModel` or a bare bridge (`eetools.train.tune_readout` takes either)."""
+    from eetools.core.lens import _split
+
+    ee, model = _split(ee_model)
+    device = ee.device if ee is not None else next(model.parameters()).device
     tok = model.tokenizer
     eos = tok.eos_token_id
     rows, starts = [], []
@@ -93,4 +98,4 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
         predict[i, s - 1 : len(r) - 1] = True
-    return ids.to(ee_model.device), attn.to(ee_model.device), predict.to(ee_model.device)
+    return ids.to(device), attn.to(device), predict.to(device)

@@ -50,6 +50,7 @@ class TuneReadoutConfig:
         "weight_decay": ">= 0",
         "checkpoint_every": ">= 1: steps between checkpoints",
         "positions": ("all", "continuation"),
+        "schedule": ("linear", "constant"),
     }
     steps: int = 200
     """Optimizer steps."""
@@ -57,6 +58,8 @@ class TuneReadoutConfig:
     """Sequences per step (taken in order from the data, cycling)."""
     lr: float = 1e-3
     """Adam learning rate of the translators."""
+    schedule: str = "linear"
+    """Learning rate over the steps: "linear" (decays to zero by the last step, as tuned-lens does) or "constant"."""
     weight_decay: float = 0.0
     """AdamW weight decay (towards the logit lens: the translators start at zero)."""
     positions: str = "all"
@@ -211,7 +214,7 @@ def tune_readout(
         checkpoint_dir: where to write checkpoints; an existing one is resumed.
         start: the base model's name or folder, recorded in the checkpoint (another's is refused).
         attach: make the tuned lens `model`'s exit readout (an `EarlyExitModel` only).
-        **options: other `TuneReadoutConfig` fields (weight_decay, positions, seed, checkpoint_every).
+        **options: other `TuneReadoutConfig` fields (schedule, weight_decay, positions, seed, checkpoint_every).
 
     Returns:
         A `TuneReadoutResult`: the lens and the history (``loss``, ``kl_<layer>`` per step).
@@ -236,8 +239,22 @@ def tune_readout(
     device = next(bridge.parameters()).device
     lens = TunedLens(int(bridge.cfg.d_model), layers).to(device)
     opt = torch.optim.AdamW(lens.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = (
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1 - i / max(cfg.steps, 1)))
+        if cfg.schedule == "linear"
+        else None
+    )
     files = readout_run_files(checkpoint_dir, model, lens, cfg, start)
-    loop = TrainLoop(list(lens.parameters()), opt, cfg, files, name="tune-lens", desc="tune lens", progress=progress)
+    loop = TrainLoop(
+        list(lens.parameters()),
+        opt,
+        cfg,
+        files,
+        name="tune-lens",
+        desc="tune lens",
+        progress=progress,
+        scheduler=scheduler,
+    )
     with _frozen(bridge):
         loop.resume()
         history = loop.run(

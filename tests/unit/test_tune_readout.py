@@ -38,15 +38,27 @@ def test_tuning_lowers_the_kl_to_the_final_distribution_and_leaves_the_model_alo
     assert [p.requires_grad for p in tiny_ee.model.parameters()] == grads
 
 
-def test_a_killed_tuning_resumes_to_the_same_lens(tiny_ee, tmp_path):
+def test_a_killed_tuning_resumes_to_the_same_lens(tiny_ee, tmp_path, monkeypatch):
+    import sys
+
+    tr = sys.modules["eetools.train.tune_readout"]  # the package exports the function under the same name
     from eetools.train import tune_readout
 
-    full = tune_readout(tiny_ee, TEXTS, steps=6, batch_size=2, progress=False, attach=False).readout
+    kw = dict(steps=6, batch_size=2, progress=False, attach=False)  # the linear schedule runs over all 6 steps
+    full = tune_readout(tiny_ee, TEXTS, **kw).readout
     ck = tmp_path / "run"
-    tune_readout(
-        tiny_ee, TEXTS, steps=3, batch_size=2, progress=False, checkpoint_dir=ck, checkpoint_every=3, attach=False
-    )
-    resumed = tune_readout(tiny_ee, TEXTS, steps=6, batch_size=2, progress=False, checkpoint_dir=ck, attach=False)
+    step = tr.tune_step
+
+    def killed(model, lens, pairs, cfg, i):
+        if i == 4:
+            raise KeyboardInterrupt  # killed during step 5, after the checkpoint of step 3
+        return step(model, lens, pairs, cfg, i)
+
+    monkeypatch.setattr(tr, "tune_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune_readout(tiny_ee, TEXTS, checkpoint_dir=ck, checkpoint_every=3, **kw)
+    monkeypatch.setattr(tr, "tune_step", step)
+    resumed = tune_readout(tiny_ee, TEXTS, checkpoint_dir=ck, checkpoint_every=3, **kw)
     assert len(resumed.history) == 6
     for k, v in full.state_dict().items():
         torch.testing.assert_close(resumed.readout.state_dict()[k], v)
@@ -117,3 +129,12 @@ def test_cli_tune_lens_from_an_exit_model_saves_it_with_the_lens(tiny_ee, tmp_pa
     assert isinstance(ee.exit_readout, TunedLens) and ee.exit_readout.layers == tiny_ee.exit_layers
     assert main(["tune-lens", "--data", str(data), "--task", "addition", "--out", str(tmp_path / "x")]) == 2
     assert main(["tune-lens", "--task", "addition", "--n-examples", "0", "--out", str(tmp_path / "y")]) == 2
+
+
+def test_a_bare_bridge_tunes_the_layers_it_is_given(tiny_ee):
+    from eetools.train import tune_readout
+
+    res = tune_readout(tiny_ee.model, TEXTS, layers=[1, 3], steps=2, batch_size=2, progress=False)
+    assert res.readout.layers == [1, 3] and len(res.history) == 2
+    with pytest.raises(ValueError, match="needs layers"):
+        tune_readout(tiny_ee.model, TEXTS, steps=1, progress=False)
