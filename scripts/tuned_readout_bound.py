@@ -92,23 +92,37 @@ def measure(model, exit_sets: dict, readouts: dict, heldout, batch_size: int, ch
 
 
 def tiny_heldout(n: int, batch_size: int):
-    """The base tiny reasoner's greedy answers to addition's first `n` test prompts, cut as `evaluate` cuts them."""
+    """The base tiny reasoner, addition, and its greedy answers to the first `n` test prompts (cut as `evaluate` cuts them)."""
     from eetools.core.rule import ExitRule
 
-    em = ee.load_exit_model("tiny-reasoner/rl")
+    model = ee.load_model()  # the base model: no adapters
+    em = ee.attach_exit_heads(model, layers=TINY_SETS["every layer (1..7)"], seed=0)
     task = ee.tasks.get("addition", tokenizer=em)
     exs = task.test_split()[:n]
     texts = []
-    with em.adapters_disabled(), torch.no_grad():
+    with torch.no_grad():
         for i in range(0, len(exs), batch_size):
-            r = em.generate(
-                [e.prompt for e in exs[i : i + batch_size]],
-                task.max_new_tokens,
-                rule=ExitRule(mode="off"),
-                temperature=0.0,
-            )
-            texts += list(r.text)
-    return em, task, [(e.prompt, task.cut(e, t)) for e, t in zip(exs, texts)]
+            prompts = [e.prompt for e in exs[i : i + batch_size]]
+            texts += list(em.generate(prompts, task.max_new_tokens, rule=ExitRule(mode="off"), temperature=0.0).text)
+    return model, task, [(e.prompt, task.cut(e, t)) for e, t in zip(exs, texts)]
+
+
+def tiny_tradeoff(train, steps: int, bs: int, lr: float, thresholds, n: int, out: Path) -> list[dict]:
+    """`tiny-reasoner/rl-lam6` with its rules (patience 1, lens floor 0.9, thresholded exits) read out
+    through the logit lens and through a lens tuned on it (adapters on, as it decodes): accuracy and
+    layers saved per threshold on addition's test split."""
+    rows = []
+    for name in ("logit", "tuned"):
+        em = ee.load_exit_model("tiny-reasoner/rl-lam6")
+        if name == "tuned":
+            tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / "checkpoint-lam6")
+        t = ee.tradeoff(
+            em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
+        )
+        for r in t.df.to_dict("records"):
+            rows.append({"readout": name, **r})
+            print(rows[-1], flush=True)
+    return rows
 
 
 def main() -> None:
@@ -123,6 +137,13 @@ def main() -> None:
     ap.add_argument("--n-train", type=int, default=2000, help="tiny: training examples drawn from the task")
     ap.add_argument("--n-heldout", type=int, default=500, help="tiny: test prompts (the shipped evaluation's 500)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tradeoff",
+        type=float,
+        nargs="*",
+        default=None,
+        help="tiny: also rl-lam6's accuracy / layers saved at these thresholds, logit lens vs a lens tuned on it",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -136,8 +157,7 @@ def main() -> None:
         heldout = read_answers(args.answers / "heldout.jsonl")
         steps, bs = args.steps or 300, args.batch_size or 4
     else:
-        em, task, heldout = tiny_heldout(args.n_heldout, 50)
-        model = em.model
+        model, task, heldout = tiny_heldout(args.n_heldout, 50)
         exit_sets = TINY_SETS
         train = [(e.prompt, e.reasoning) for e in task.sample(args.n_train, seed=1)]
         steps, bs = args.steps or 300, args.batch_size or 16
@@ -181,6 +201,10 @@ def main() -> None:
         "bounds": bounds,
         "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)},
     }
+    if args.which == "tiny" and args.tradeoff:
+        t3 = time.time()
+        summary["tradeoff"] = tiny_tradeoff(train, steps, bs, args.lr, args.tradeoff, args.n_heldout, args.out)
+        summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(per_layer.to_string())
     print(json.dumps(summary, indent=2))
