@@ -159,3 +159,20 @@ def test_analyses_read_out_through_the_readout_they_are_given(tiny_ee):
     for i, l in enumerate(layers):
         want = lens.logits(tiny_ee.model, store[l][0], l).argmax(-1).cpu()
         assert torch.equal(top.ids[i, :, 0], want), l
+
+
+@torch.no_grad()
+def test_the_explorer_reads_exitable_layers_through_the_exit_readout(tiny_ee):
+    from eetools.core.lens import capture_residuals
+    from eetools.views.widgets import token_details
+
+    r = tiny_ee.generate(["Q: 12+34\n"], 6, seed=0, temperature=0)
+    logit = token_details(tiny_ee, r, 0, 2).lens
+    lens = tiny_ee.set_readout(_perturbed(tiny_ee, scale=1.0))
+    tuned = token_details(tiny_ee, r, 0, 2).lens
+    pos = r.prompt_tokens.shape[1] - 1 + 2
+    store = capture_residuals(tiny_ee, r.sequences, tiny_ee.exit_layers, attention_mask=r.attention_mask)
+    for l in tiny_ee.exit_layers:
+        want = lens.logits(tiny_ee.model, store[l][0, pos], l).float().softmax(-1).max()
+        assert tuned.loc[tuned.layer == l, "p_top1"].item() == pytest.approx(float(want), rel=1e-4), l
+    assert not tuned["p_top1"].equals(logit["p_top1"])
