@@ -70,10 +70,11 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
     the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on).
 
     `ee_model` is an `EarlyExitModel` or a bare bridge (`eetools.train.tune_readout` takes either)."""
-    from eetools.core.lens import _split
-
-    ee, model = _split(ee_model)
-    device = ee.device if ee is not None else next(model.parameters()).device
+    d = getattr(ee_model, "__dict__", {})  # an EarlyExitModel holds its bridge as .model (as core.lens._split tells)
+    if "exit_layers" in d and "heads" in d.get("_modules", {}):
+        model, device = d["model"], ee_model.device
+    else:
+        model, device = ee_model, next(ee_model.parameters()).device
     tok = model.tokenizer
     eos = tok.eos_token_id
     rows, starts = [], []
