@@ -130,6 +130,7 @@ TASK_HELP = (
 # limits of the options that are not config-dataclass fields (`eetools.core.options.check_value`)
 ARG_LIMITS = {
     "n": ">= 1",
+    "n_examples": ">= 1",
     "max_drop": ">= 0: the accuracy one may lose, a fraction such as 0.01",
     "thresholds": "> 0 and <= 1: exit thresholds are in (0, 1]",
     "confidence": "> 0 and <= 1: confidence thresholds are in (0, 1]",
@@ -151,11 +152,13 @@ def _config_class(command: str):
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
     from eetools.train.rl import RLConfig
+    from eetools.train.tune_readout import TuneReadoutConfig
 
     return {
         "pretrain": PretrainConfig,
         "calibrate": CalibrationConfig,
         "rl": RLConfig,
+        "tune-lens": TuneReadoutConfig,
         "reproduce": ReproduceConfig,
         "externalisation": ExternalisationConfig,
     }.get(command)
@@ -309,6 +312,7 @@ def make_parser() -> argparse.ArgumentParser:
     from eetools.train.calibration import CalibrationConfig
     from eetools.train.pretrain import PretrainConfig
     from eetools.train.rl import RLConfig
+    from eetools.train.tune_readout import TuneReadoutConfig
 
     parser = argparse.ArgumentParser(prog="eetools", description="Early-exit transformers for externalised reasoning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +346,25 @@ def make_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", default="addition", help=TASK_HELP)
     add_config_args(p, RLConfig)
+
+    p = sub.add_parser(
+        "tune-lens", help="tune a readout (tuned lens) for exits: KL from the final distribution, model frozen"
+    )
+    _common(p, "runs/tune-lens")
+    p.add_argument(
+        "--model", default=None, help="base model: folder, shipped name or hub name (default: tiny reasoner)"
+    )
+    p.add_argument(
+        "--from",
+        dest="start",
+        default=None,
+        help="exit-model checkpoint or preset: tune at its exit layers, save it with the lens",
+    )
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="layers to tune (default: the exit layers)")
+    p.add_argument("--data", default=None, help='JSON-lines text: {"prompt", "answer"} or {"text"} per line')
+    p.add_argument("--task", default=None, help="or a task's examples (prompt and reasoning): " + TASK_HELP)
+    p.add_argument("--n-examples", type=int, default=512, help="examples drawn from --task (default: 512)")
+    add_config_args(p, TuneReadoutConfig)
 
     p = sub.add_parser("evaluate", help="accuracy, compute and coherence against the base model and the oracle")
     _common(p, "runs/evaluate")
@@ -543,6 +566,28 @@ def _calibrate(args, file_cfg, out, progress, say) -> None:
     )
 
 
+def _tune_lens(args, file_cfg, out, progress, say) -> None:
+    from eetools import pipeline
+    from eetools.train.tune_readout import TuneReadoutConfig
+
+    cfg = build_config(TuneReadoutConfig, args, file_cfg, "tune-lens")
+    say(
+        pipeline.run_tune_lens(
+            cfg,
+            out,
+            model=args.model,
+            start=args.start,
+            layers=args.layers,
+            data=args.data,
+            task=args.task,
+            n_examples=args.n_examples,
+            device=args.device,
+            dtype=args.dtype,
+            progress=progress,
+        )
+    )
+
+
 def _rl(args, file_cfg, out, progress, say) -> None:
     from eetools import pipeline
     from eetools.train.rl import RLConfig
@@ -663,6 +708,7 @@ _COMMANDS = {
     "pretrain": _pretrain,
     "calibrate": _calibrate,
     "rl": _rl,
+    "tune-lens": _tune_lens,
     "evaluate": _evaluate,
     "tradeoff": _tradeoff,
     "accuracy": _accuracy,

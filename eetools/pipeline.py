@@ -194,6 +194,82 @@ def run_rl(
     return out / "model"
 
 
+def read_texts(path) -> list:
+    """Training text for `tune_readout` from a JSON-lines file: ``{"prompt", "answer"}`` lines become
+    (prompt, continuation) pairs (``scripts/smollm2_answers.py`` writes these), ``{"text"}`` lines texts."""
+    import json
+
+    out = []
+    with open(path) as f:
+        for i, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} line {i} is not JSON ({e.msg}); give one JSON object per line") from None
+            if isinstance(d, dict) and isinstance(d.get("prompt"), str) and isinstance(d.get("answer"), str):
+                out.append((d["prompt"], d["answer"]))
+            elif isinstance(d, dict) and isinstance(d.get("text"), str):
+                out.append(d["text"])
+            else:
+                raise ValueError(f'{path} line {i} needs "prompt" and "answer" strings, or a "text" string')
+    if not out:
+        raise ValueError(f"{path} holds no lines of text")
+    return out
+
+
+def run_tune_lens(
+    cfg,
+    out: Path,
+    *,
+    model=None,
+    start=None,
+    layers=None,
+    data=None,
+    task=None,
+    n_examples: int = 512,
+    device="cpu",
+    dtype=None,
+    progress=True,
+) -> Path:
+    """Tune a readout (`eetools.train.tune_readout`); save it to ``out/readout`` (and, from an exit model
+    `start`, that exit model with the tuned readout to ``out/model``) and the history beside it."""
+    from eetools.io.exit_checkpoint import save_readout
+    from eetools.io.models import load_exit_model
+    from eetools.train.tune_readout import tune_readout
+
+    validate_config(cfg)
+    if (data is None) == (task is None):
+        raise ValueError("give the training text as one of --data FILE.jsonl or --task NAME")
+    if start is not None and (model is not None or layers is not None):
+        raise ValueError("--from takes its base model and layers from the exit model: leave out --model and --layers")
+    texts = read_texts(data) if data is not None else None
+    if task is not None:
+        task_lib.get(task)  # an unknown task fails here, before the model loads
+    out = check_writable(out)
+    if start is not None:
+        ee = load_exit_model(start, model=_base_for(start, device, dtype))
+    else:
+        ee = _fresh_ee(model, layers, "mlp", device, dtype, seed=cfg.seed)
+    if texts is None:
+        texts = task_lib.get(task, tokenizer=ee).sample(n_examples, seed=cfg.seed)
+    res = tune_readout(
+        ee,
+        texts,
+        checkpoint_dir=out / "checkpoint",
+        progress=progress,
+        start=_origin(start if start is not None else model if model is not None else "tiny-reasoner"),
+        **asdict(cfg),
+    )
+    save_readout(ee, res.readout, out / "readout", tuning=asdict(cfg))
+    res.history.to_csv(out / "tune_history.csv", index=False)
+    if start is not None:
+        save_exit_model(ee, out / "model")
+        return out / "model"
+    return out / "readout"
+
+
 def _origin(name_or_path) -> str:
     """How a run records the model it starts from: a folder as its absolute path, a preset or name as given."""
     key = str(name_or_path)

@@ -205,12 +205,15 @@ def _shares(exits, outcomes: list[int]) -> np.ndarray:
 
 
 def _oracle(ee_model, task, exs, base_text: list[str], judges) -> tuple[np.ndarray, list[dict]]:
-    """The oracle-exit bound on the base model's greedy text: its exit histogram and per-example rows."""
+    """The oracle-exit bound on the base model's greedy text: its exit histogram and per-example rows.
+
+    Read out through the model's own exit readout (the logit lens, or its tuned lens): the bound on
+    what this model's exits could save."""
     from eetools.analysis.probes.oracle import oracle_exits  # per-token oracle on the base model's greedy text
 
     L, layers = ee_model.n_layers, list(ee_model.exit_layers)
     pairs = [(e.prompt, task.cut(e, t)) for e, t in zip(exs, base_text)]
-    odf = oracle_exits(ee_model, pairs, base=True).df
+    odf = oracle_exits(ee_model, pairs, base=True, readout="exit").df
     per_seq = odf.groupby("seq")["oracle_layer"].mean() / L
     comp = [float(per_seq.get(i, 1.0)) for i in range(len(exs))]
     return _shares(torch.tensor(odf["oracle_layer"].to_numpy()), [*layers, L]), _rows(

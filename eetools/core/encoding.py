@@ -67,8 +67,14 @@ def encode_prompts(ee_model, prompts: list[str], max_new_tokens: int):
 
 def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[str]):
     """Right-padded ``prompt + continuation + <eos>`` ids, attention mask, and a mask of
-    the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on)."""
-    model = ee_model.model
+    the positions that predict a continuation token ``[batch, pos]`` (prompt's last position on).
+
+    `ee_model` is an `EarlyExitModel` or a bare bridge (`eetools.train.tune_readout` takes either)."""
+    d = getattr(ee_model, "__dict__", {})  # an EarlyExitModel holds its bridge as .model (as core.lens._split tells)
+    if "exit_layers" in d and "heads" in d.get("_modules", {}):
+        model, device = d["model"], ee_model.device
+    else:
+        model, device = ee_model, next(ee_model.parameters()).device
     tok = model.tokenizer
     eos = tok.eos_token_id
     rows, starts = [], []
@@ -93,4 +99,4 @@ def encode_sequences(ee_model, prompts: Sequence[str], continuations: Sequence[s
         ids[i, : len(r)] = torch.tensor(r)
         attn[i, : len(r)] = 1
         predict[i, s - 1 : len(r) - 1] = True
-    return ids.to(ee_model.device), attn.to(ee_model.device), predict.to(ee_model.device)
+    return ids.to(device), attn.to(device), predict.to(device)

@@ -228,8 +228,8 @@ class _Decoder:
 
         def decide_exit(i: int, z: Tensor, resid: Tensor) -> Tensor:
             fire = self.rule.fires(torch.sigmoid(z.float()), i, u_exit[:, i])
-            if self.ruled:  # the lens checks, on the logit lens at this layer
-                ok = self.rule.allows(self.ee.readout(resid[:, -1]), i, lens)
+            if self.ruled:  # the lens checks, on the exit readout at this layer
+                ok = self.rule.allows(self.ee.readout(resid[:, -1], self.ee.exit_layers[i]), i, lens)
                 held.append(ok)
                 fire = fire & ok
             return fire

@@ -31,6 +31,7 @@ from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names, resid_post
 from eetools.core.lens import capturing, lens_logits
+from eetools.core.lenses import Readout, TunedLens, make_readout
 from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
 from eetools.core.seeding import seeded_init
@@ -117,7 +118,7 @@ def checkpointed_blocks(bridge, enabled: bool = True, heads: Sequence[nn.Module]
 
 @dataclass
 class TeacherOutput:
-    """Full-depth log-probs and the logit lens at each exitable layer (base model, no exits)."""
+    """Full-depth log-probs and the exit readout at each exitable layer (base model, no exits)."""
 
     logprobs: Float[Tensor, "batch pos vocab"]
     early_logprobs: Float[Tensor, "batch n_exit pos vocab"]
@@ -144,11 +145,20 @@ class EarlyExitModel(nn.Module):
         exit_layers: the exitable layers, increasing, within ``1 .. L-1``.
         heads: one head per exitable layer (`eetools.core.heads`: a learned `ExitHead`, or the
             parameter-free `ConfidenceHead` baseline).
+        exit_readout: how an exited token's residual is read out (`eetools.core.lenses`): the
+            `LogitLens` by default, or a `TunedLens`; see `set_readout`.
         calibration: ``{"kl_factor", "steps", "data"}`` of the calibration that trained the heads
             (None for fresh heads); kept through RL and checkpoints.
     """
 
-    def __init__(self, model, layers: Sequence[int] | None = None, head: str = "mlp", seed: int | None = None):
+    def __init__(
+        self,
+        model,
+        layers: Sequence[int] | None = None,
+        head: str = "mlp",
+        seed: int | None = None,
+        readout: str | Readout | None = None,
+    ):
         super().__init__()
         check_hook_names(model)
         object.__setattr__(self, "model", model)  # not a submodule: parameters() = trainable ones
@@ -158,8 +168,13 @@ class EarlyExitModel(nn.Module):
         d_model = int(model.cfg.d_model)
         with seeded_init(seed):
             self.heads = nn.ModuleList(
-                [make_head(head, d_model, self.readout, int(model.cfg.d_vocab)) for _ in self.exit_layers]
+                [
+                    make_head(head, d_model, functools.partial(self.readout, layer=l), int(model.cfg.d_vocab))
+                    for l in self.exit_layers
+                ]
             )
+        self.exit_readout: Readout = make_readout(None)
+        self.set_readout(readout if readout is not None else "logit")
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
@@ -185,9 +200,34 @@ class EarlyExitModel(nn.Module):
             lookup = self._exit_lookup[exit_layers.device] = lookup.to(exit_layers.device)
         return lookup[exit_layers]
 
-    def readout(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... vocab"]:
-        """Logit lens with the final norm: ``unembed(ln_final(resid))`` (`eetools.core.lens.lens_logits`)."""
-        return lens_logits(self.model, resid)
+    def readout(self, resid: Float[Tensor, "... d_model"], layer: int | None = None) -> Float[Tensor, "... vocab"]:
+        """The exit readout of `resid` entering `layer` (None: the final residual, read as it is).
+
+        With the default `LogitLens`, ``unembed(ln_final(resid))`` at every layer
+        (`eetools.core.lens.lens_logits`); with a `TunedLens`, its translator at `layer` first.
+        """
+        r = self.exit_readout
+        if layer is None or r.identity:
+            return lens_logits(self.model, resid)
+        return lens_logits(self.model, r.translate(resid, layer))
+
+    def set_readout(self, readout: str | Readout) -> Readout:
+        """Read exited tokens out through `readout` ("logit", "tuned": an untrained `TunedLens` at the
+        exitable layers, or a `Readout`); returns it, on the model's device.
+
+        Only exited tokens' own predictions change: the residual later tokens attend to stays the frozen one.
+        """
+        r = make_readout(readout, d_model=int(self.model.cfg.d_model), layers=self.exit_layers)
+        if isinstance(r, TunedLens):
+            missing = [l for l in self.exit_layers if l not in r.layers]
+            if missing or r.d_model != int(self.model.cfg.d_model):
+                raise ValueError(
+                    f"this TunedLens (d_model {r.d_model}, layers {r.layers}) cannot read out this model's exits "
+                    f"(d_model {int(self.model.cfg.d_model)}, exit layers {self.exit_layers}): it lacks "
+                    f"translators for layers {missing}; tune one for these exit layers"
+                )
+        self.exit_readout = r.to(self.device)
+        return self.exit_readout
 
     def require_learned_heads(self, what: str) -> None:
         """Refuse to `what` (e.g. "calibrate") a model whose heads have nothing to learn."""
@@ -270,13 +310,13 @@ class EarlyExitModel(nn.Module):
 
     @torch.no_grad()
     def teacher_forward(self, tokens: Int[Tensor, "batch pos"], attention_mask: Tensor | None = None) -> TeacherOutput:
-        """Base model (adapters off, no exits): full-depth log-probs and the logit lens at each exitable layer."""
+        """Base model (adapters off, no exits): full-depth log-probs and the exit readout at each exitable layer."""
         tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         # adapters off and the norm shortcut, for the forward and the readouts alike
         with capturing(self, self.exit_layers, base=True, norm_shortcut=True) as store:
             logits = self.model(tokens, return_type="logits", **kwargs)
-            early = torch.stack([self.readout(store[l]) for l in self.exit_layers], dim=1)
+            early = torch.stack([self.readout(store[l], l) for l in self.exit_layers], dim=1)
         return TeacherOutput(logprobs=logits.float().log_softmax(-1), early_logprobs=early.float().log_softmax(-1))
 
     def final_residual(
@@ -407,7 +447,12 @@ class EarlyExitModel(nn.Module):
 
 
 def attach_exit_heads(
-    model, layers: Sequence[int] | None = None, *, head: str = "mlp", seed: int | None = None
+    model,
+    layers: Sequence[int] | None = None,
+    *,
+    head: str = "mlp",
+    seed: int | None = None,
+    readout: str | Readout | None = None,
 ) -> EarlyExitModel:
     """Attach exit heads to a TransformerLens bridge.
 
@@ -421,6 +466,8 @@ def attach_exit_heads(
             exits where the early readout is confident, to compare learned heads with).
         seed: initialise the heads from this seed (the same heads in every process); None: from
             torch's global generator.
+        readout: the exit readout (`eetools.core.lenses`): None or "logit" (the logit lens),
+            "tuned" (an untrained `TunedLens`, equal to the logit lens until tuned), or a `Readout`.
 
     Example:
         >>> ee_model = eetools.attach_exit_heads(eetools.load_model(), layers=[2, 4, 6])
@@ -429,4 +476,4 @@ def attach_exit_heads(
     """
     if seed is not None:
         check_value("seed", seed, int)
-    return EarlyExitModel(model, layers, head, seed)
+    return EarlyExitModel(model, layers, head, seed, readout)

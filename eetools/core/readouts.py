@@ -1,4 +1,4 @@
-"""Top-k logit-lens readouts of chosen positions at chosen layers: `lens_topk`.
+"""Top-k lens readouts of chosen positions at chosen layers: `lens_topk`.
 
 What a lens grid (`eetools.views.lens_grid`) and the token colouring's hover read: for each layer
 ``l`` and position ``p`` of one sequence, the `k` most probable tokens of ``softmax(unembed(
@@ -20,6 +20,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from eetools.core.lens import _split, capture_residuals, capturing, lens_logits
+from eetools.core.lenses import resolve_readout
 
 __all__ = ["LensTopK", "lens_topk"]
 
@@ -61,8 +62,9 @@ def lens_topk(
     exit_at: Int[Tensor, "1 pos"] | None = None,
     attention_mask: Int[Tensor, "1 pos"] | None = None,
     base: bool = False,
+    readout=None,
 ) -> LensTopK:
-    """Top-`k` logit-lens readouts of `positions` of one sequence at `layers` (see the module doc).
+    """Top-`k` lens readouts of `positions` of one sequence at `layers` (see the module doc).
 
     Args:
         model: an `EarlyExitModel` or a bare bridge (a bridge only without `exit_at`).
@@ -74,6 +76,9 @@ def lens_topk(
         exit_at: prescribed exit layer per position (``L`` = none) for a forward with exits; None: plain forward.
         attention_mask: the sequence's mask (left padding), if any.
         base: adapters off (the base model); needs an `EarlyExitModel`.
+        readout: how each layer is read out (`eetools.core.lenses.resolve_readout`): None/"logit"
+            the logit lens, "exit" the model's exit readout, or a `Readout` (a `TunedLens` needs a
+            translator at every layer read below ``L``; ``L`` is read as it is).
 
     Returns:
         A `LensTopK`. Under exits the stream of a position above its exit layer is the frozen one,
@@ -105,8 +110,13 @@ def lens_topk(
             store = dict(live)
     ids, probs, p_target = [], [], []
     tgt = torch.as_tensor(list(targets), dtype=torch.long, device=device) if targets is not None else None
+    reader = resolve_readout(model, readout)
+    n_layers = int(bridge.cfg.n_layers)
     for l in layers:
-        p = lens_logits(model, store[int(l)], base=base).float().softmax(-1)  # [n, vocab]
+        resid = store[int(l)]
+        if int(l) < n_layers:
+            resid = reader.translate(resid, int(l))
+        p = lens_logits(model, resid, base=base).float().softmax(-1)  # [n, vocab]
         top = p.topk(k, dim=-1)
         ids.append(top.indices.cpu())
         probs.append(top.values.cpu())

@@ -3,7 +3,10 @@
 This is the frozen-residual mechanism: the decision hook on ``blocks.{l}.hook_resid_pre``
 runs the head, optionally decides the last position's exit, and captures the residual of
 positions exiting at `l`; the freeze hook on ``blocks.{j}.hook_resid_post`` writes it back
-at every position whose exit layer is ``<= j``. `EarlyExitModel.run_with_exits` attaches
+at every position whose exit layer is ``<= j``. With a translating exit readout (a `TunedLens`),
+the last block's freeze hook also translates each exited position's stream for its own readout
+(nothing but the final norm reads the stream leaving the last block, so later tokens' keys and
+values still come from the frozen residual). `EarlyExitModel.run_with_exits` attaches
 the hooks; `eetools.core.fast` reads `ExitState.running` to skip exited rows' compute.
 """
 
@@ -139,6 +142,23 @@ class ExitState:
                 return torch.where((self.exit_at <= layer).unsqueeze(-1), self.frozen, resid)
 
             return hook
+
+        readout = ee.exit_readout
+        if not readout.identity:  # the last block's freeze also translates exited tokens for their own readout
+            freeze = on_post
+
+            def on_post(layer: int):  # noqa: F811 (the freeze above, then the translation at the last block)
+                inner = freeze(layer)
+                if layer != L - 1:
+                    return inner
+
+                def hook(resid, hook):
+                    out = inner(resid, hook)
+                    if not self.any_exit:
+                        return out
+                    return readout.translate_exited(resid if out is None else out, self.exit_at)
+
+                return hook
 
         fwd = [(resid_pre(l), on_pre(i, l)) for i, l in enumerate(ee.exit_layers)]
         return fwd + [(resid_post(j), on_post(j)) for j in range(ee.exit_layers[0], L)]

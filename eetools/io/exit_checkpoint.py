@@ -1,11 +1,15 @@
 """Saving and loading exit heads (and LoRA adapters) with a fingerprint of their base model.
 
-A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors``, and
+A checkpoint folder holds ``heads.safetensors``, optionally ``adapters.safetensors`` and
+``readout.safetensors`` (a tuned exit readout, `eetools.core.lenses`; the readout's config is
+recorded either way), and
 ``exit_config.json`` with the exitable layers, head kind, LoRA settings, the calibration's
 settings (KL factor, steps, data), the base model's fingerprint (architecture, sizes, a hash of the unembedding)
 and the sha256 of each weight file. Loading into a model with another fingerprint is refused with an error
 naming both models; a weight file whose sha256 differs from the recorded one (corrupt or changed) is refused
 naming the file (checkpoints written before the hashes were recorded load unchecked).
+A readout on its own (`save_readout`, `eetools tune-lens`) is ``readout.safetensors`` with
+``readout.json``: its config, the base model's fingerprint and how it was tuned.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from pathlib import Path
 
 import torch
 
+from eetools.core.lens import _split
 from eetools.io.checkpoints import CheckpointError, file_sha256, load_json, load_tensors, save_json, save_tensors
 from eetools.io.paths import data_dir
 
 FORMAT = "eetools.exit_model/1"
+READOUT_FORMAT = "eetools.readout/1"
+READOUT_FILE = "readout.safetensors"
 # "rl-slow-adapters": RL as "rl", with the adapters learning at a quarter of the heads' rate (docs/experiments.md, "Slower adapters")
 # "rl-lam6": slower adapters, λ 6, 60 steps (seed 0); with patience 1 and a lens-confidence floor of 0.9 it
 # saves 40 % of addition's layers within a point of the base model (docs/experiments.md, "Moved from README (2026-12-04)")
@@ -118,6 +125,10 @@ def save_exit_model(ee_model, folder) -> None:
         lora = {k: v for k, v in (getattr(ee_model, "lora_config", {}) or {}).items()}
         lora["n_tensors"] = len(adapter_parameters(ee_model))
     files = ["heads.safetensors"] + (["adapters.safetensors"] if lora else [])
+    readout = ee_model.exit_readout
+    if not readout.identity:  # a tuned readout travels with the heads it was calibrated with
+        save_tensors(readout.state_dict(), folder / READOUT_FILE)
+        files.append(READOUT_FILE)
     save_json(
         {
             "format": FORMAT,
@@ -126,6 +137,7 @@ def save_exit_model(ee_model, folder) -> None:
             "base_model": fingerprint(ee_model.model),
             "lora": lora,
             "calibration": ee_model.calibration,
+            "readout": readout.config(),
             "sha256": {name: file_sha256(folder / name) for name in files},  # checked on load
         },
         folder / "exit_config.json",
@@ -189,6 +201,7 @@ def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
             f"{folder} {'has' if cfg.get('lora') else 'has no'} LoRA adapters but the model "
             f"{'has none' if cfg.get('lora') else 'has some'}"
         )
+    _load_exit_readout(ee_model, folder, cfg.get("readout"))
     if cfg.get("lora"):
         state = load_tensors(folder / "adapters.safetensors")
         params = dict((n, p) for n, p in ee_model.model.named_parameters() if "lora_" in n)
@@ -201,6 +214,56 @@ def load_weights_into(ee_model, folder, cfg: dict | None = None) -> None:
                         f"model expects {tuple(p.shape)}"
                     )
                 p.copy_(state[n])
+
+
+def _load_exit_readout(ee_model, folder: Path, config: dict | None) -> None:
+    """Give `ee_model` the exit readout a checkpoint records (the logit lens where it records none)."""
+    from eetools.core.lenses import make_readout
+
+    config = config or {"kind": "logit"}
+    readout = make_readout(config["kind"], d_model=config.get("d_model", 0), layers=config.get("layers", ()))
+    if not readout.identity:
+        _load_strict(readout, load_tensors(folder / READOUT_FILE), folder / READOUT_FILE)
+    ee_model.set_readout(readout)
+
+
+def save_readout(model, readout, folder, *, tuning: dict | None = None) -> None:
+    """Write a readout on its own into `folder`: ``readout.safetensors`` and ``readout.json`` (its
+    config, the base model's fingerprint, how it was tuned, the weights' sha256), each atomically."""
+    _, bridge = _split(model)
+    folder = Path(folder)
+    save_tensors(readout.state_dict(), folder / READOUT_FILE)
+    save_json(
+        {
+            "format": READOUT_FORMAT,
+            "readout": readout.config(),
+            "base_model": fingerprint(bridge),
+            "tuning": tuning,
+            "sha256": {READOUT_FILE: file_sha256(folder / READOUT_FILE)},
+        },
+        folder / "readout.json",
+    )
+
+
+def load_readout(folder, model):
+    """The readout saved in `folder` (by `save_readout`, or inside an exit-model checkpoint), checked
+    against `model`'s fingerprint; raises a `CheckpointError` naming both models if it is another's."""
+    from eetools.core.lenses import make_readout
+
+    _, bridge = _split(model)
+    folder = Path(folder)
+    name = "readout.json" if (folder / "readout.json").is_file() else "exit_config.json"
+    if not (folder / name).is_file():
+        raise CheckpointError(f"{folder} holds no readout (no readout.json, nor an exit model's exit_config.json)")
+    cfg = load_json(folder / name)
+    verify_files(folder, cfg)
+    if cfg.get("base_model") is not None:
+        check_base_model(folder, cfg["base_model"], bridge)
+    config = cfg.get("readout") or {"kind": "logit"}
+    readout = make_readout(config["kind"], d_model=config.get("d_model", 0), layers=config.get("layers", ()))
+    if not readout.identity:
+        _load_strict(readout, load_tensors(folder / READOUT_FILE), folder / READOUT_FILE)
+    return readout
 
 
 def _check_keys(expected: set, found: set, path) -> None:

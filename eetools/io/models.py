@@ -177,7 +177,7 @@ def load_exit_model(path_or_preset, model=None):
         raise CheckpointError(
             f"{folder}/exit_config.json is not an eetools exit-model config (format {cfg.get('format')!r})"
         )
-    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration", "sha256"}
+    unknown = set(cfg) - {"format", "exit_layers", "head", "base_model", "lora", "calibration", "readout", "sha256"}
     if unknown:
         warnings.warn(f"{folder}/exit_config.json has unknown keys {sorted(unknown)}; ignoring them", stacklevel=2)
     want = cfg["base_model"]

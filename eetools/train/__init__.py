@@ -1,6 +1,6 @@
 """Training exit models: calibration by self-distillation, RL with RLOO, pretraining the tiny reasoner.
 
-The three share one loop (`eetools.train.loop.TrainLoop`: resume, guards, gradient averaging,
+`tune_readout` trains a tuned lens as the exit readout. All share one loop (`eetools.train.loop.TrainLoop`: resume, guards, gradient averaging,
 checkpoints, progress) and one checkpoint format (`eetools.train.state.RunFiles`); each
 method module holds its step (batch, loss, backward) and a short driver.
 
@@ -10,6 +10,7 @@ Imports `core`, `io` and `tasks`, never `analysis` or `views` (plot a run's hist
 
 from eetools.train.calibration import CalibrationConfig, CalibrationResult, calibrate
 from eetools.train.rl import RLConfig, RLResult, SweepResult, run_sweep, train_rl
+from eetools.train.tune_readout import TuneReadoutConfig, TuneReadoutResult, tune_readout
 
 __all__ = [
     "CalibrationConfig",
@@ -20,4 +21,7 @@ __all__ = [
     "calibrate",
     "run_sweep",
     "train_rl",
+    "tune_readout",
+    "TuneReadoutConfig",
+    "TuneReadoutResult",
 ]

@@ -104,8 +104,10 @@ def streamed_targets(
     One forward keeps the residuals at the exitable layers (``d_model`` wide); each chunk of
     positions (`per_span` rows x positions, `position_spans`; None: all at once) is read out
     through the final norm and unembedding, log-softmaxed in float32 and reduced to its KL at
-    once. Returns ``(target [b, pos, m+1], logits [b, pos, vocab])``, the logits in the model's
-    dtype (as the model made them).
+    once. The early readouts are the exit readout's (``ee_model.readout(h, l)``: a tuned lens's
+    translator at ``l``, or the logit lens), so the targets say where that readout already
+    matches the final layer. Returns ``(target [b, pos, m+1], logits [b, pos, vocab])``, the
+    logits in the model's dtype (as the model made them).
     """
     layers = ee_model.exit_layers
     final, _, early = ee_model.final_residual(ids, attn, capture=layers, base=True)
@@ -118,7 +120,7 @@ def streamed_targets(
         logits[:, sl] = z
         q = z.float().log_softmax(-1)
         for i, l in enumerate(layers):
-            kl[:, i, sl] = kl_student_teacher(q, ee_model.readout(early[l][:, sl]).float().log_softmax(-1))
+            kl[:, i, sl] = kl_student_teacher(q, ee_model.readout(early[l][:, sl], l).float().log_softmax(-1))
     return targets_from_kl(kl, kl_factor), logits
 
 

@@ -26,6 +26,7 @@ from jaxtyping import Float, Int
 from plotly.subplots import make_subplots
 
 from eetools.core.lens import _split
+from eetools.core.lenses import resolve_readout
 from eetools.core.readouts import lens_topk
 from eetools.core.rollout import Rollout
 from eetools.views.tokens import fmt_prob, visible
@@ -117,6 +118,7 @@ def lens_grid(
     layers: Sequence[int] | None = None,
     exits: bool = True,
     name: str = "",
+    readout=None,
 ) -> LensGrid:
     """The lens grid of sequence `index` of `rollout`, one column per generated token.
 
@@ -130,6 +132,10 @@ def lens_grid(
             distribution its token was drawn from; cells above are frozen); False: the model
             without exits on the same tokens.
         name: a label for the panel (e.g. "calibrated").
+        readout: how cells are read out (`eetools.core.lenses.resolve_readout`): None/"logit" the
+            logit lens, "exit" the model's exit readout (with exits, each token's cell at its exit
+            layer is then what it was drawn from), or a `Readout` such as a `TunedLens` (default
+            rows: its layers and ``L``).
     """
     _, bridge = _split(model)
     L = int(bridge.cfg.n_layers)
@@ -137,7 +143,8 @@ def lens_grid(
         raise ValueError(f"the model has {L} blocks but the rollout was made by a {rollout.n_layers}-block model")
     if not 0 <= index < len(rollout):
         raise IndexError(f"sequence {index} out of range: the rollout has {len(rollout)} sequences")
-    layers = _layers(layers, L)
+    reader = resolve_readout(model, readout)
+    layers = _layers(layers, L, reader)
     n = int(rollout.mask[index].sum())
     p0 = rollout.prompt_tokens.shape[1]
     seq = rollout.sequences[index : index + 1]
@@ -151,6 +158,7 @@ def lens_grid(
         targets=rollout.tokens[index, :n].tolist(),
         exit_at=exit_at,
         attention_mask=rollout.attention_mask[index : index + 1],
+        readout=reader,
     )
     exit_layers = rollout.exit_layers[index, :n].numpy()
     grid = _from_topk(bridge, top, layers, rollout.str_tokens[index][:n], L, exit_layers, name)
@@ -160,22 +168,30 @@ def lens_grid(
 
 
 def lens_grid_text(
-    model, text: str, *, k: int = 5, layers: Sequence[int] | None = None, base: bool = False, name: str = ""
+    model,
+    text: str,
+    *,
+    k: int = 5,
+    layers: Sequence[int] | None = None,
+    base: bool = False,
+    name: str = "",
+    readout=None,
 ) -> LensGrid:
     """The lens grid of teacher-forced `text` (no exits): one column per token after the first.
 
-    `base` turns the LoRA adapters off (an `EarlyExitModel`'s base model).
+    `base` turns the LoRA adapters off (an `EarlyExitModel`'s base model); `readout` as in `lens_grid`.
     """
     _, bridge = _split(model)
     if not isinstance(text, str) or not text:
         raise ValueError("text must be a non-empty string")
     L = int(bridge.cfg.n_layers)
-    layers = _layers(layers, L)
+    reader = resolve_readout(model, readout)
+    layers = _layers(layers, L, reader)
     ids = bridge.to_tokens(text)
     if ids.shape[1] < 2:
         raise ValueError(f"text {text!r} is one token: the grid needs a token to predict after it")
     targets = ids[0, 1:].tolist()
-    top = lens_topk(model, ids, range(ids.shape[1] - 1), layers, k=k, targets=targets, base=base)
+    top = lens_topk(model, ids, range(ids.shape[1] - 1), layers, k=k, targets=targets, base=base, readout=reader)
     return _from_topk(bridge, top, layers, [_decode(bridge, i) for i in targets], L, None, name)
 
 
@@ -205,23 +221,27 @@ def compare_lens_grids(grids: Sequence[LensGrid], *, max_tokens: int = 120) -> g
     return fig
 
 
-def exit_readouts(model, rollout: Rollout, index: int = 0, *, k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per generated token of sequence `index`, the lens's top-k at its exit layer (full depth if none).
+def exit_readouts(
+    model, rollout: Rollout, index: int = 0, *, k: int = 5, readout="exit"
+) -> list[list[tuple[str, float]]]:
+    """Per generated token of sequence `index`, the readout's top-k at its exit layer (full depth if none).
 
-    Replays the rollout with its exits, reading only the exitable layers and ``L``: the readout at
-    a token's exit layer is the distribution it was drawn from. For `color_tokens(readouts=...)`.
+    Replays the rollout with its exits, reading only the exitable layers and ``L``: through the
+    model's exit readout (the default), the readout at a token's exit layer is the distribution it
+    was drawn from. For `color_tokens(readouts=...)`.
     """
     layers = sorted({*rollout.layers, rollout.n_layers})
-    return lens_grid(model, rollout, index, k=k, layers=layers).exit_topk()
+    return lens_grid(model, rollout, index, k=k, layers=layers, readout=readout).exit_topk()
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-def _layers(layers: Sequence[int] | None, L: int) -> list[int]:
-    """The rows: ``1..L`` by default; given ones checked and sorted."""
+def _layers(layers: Sequence[int] | None, L: int, reader=None) -> list[int]:
+    """The rows: ``1..L`` by default (a readout with translators at some layers only: those and ``L``); given ones checked and sorted."""
     if layers is None:
-        return list(range(1, L + 1))
+        own = getattr(reader, "layers", None)
+        return sorted({*own, L}) if own is not None else list(range(1, L + 1))
     out = sorted({int(l) for l in layers})
     if not out or out[0] < 0 or out[-1] > L or any(isinstance(l, bool) for l in layers):
         raise ValueError(f"layers must be a non-empty list within 0..{L} ({L} = the final residual), got {layers!r}")

@@ -34,7 +34,8 @@ class TokenDetails:
         exit_layer: layer it was predicted at (L = full depth).
         exit_distribution: stick-breaking P(exit at each exitable layer, then none) at its position.
         lens: one row per layer 1..L: top-1 readout token, its probability, and the probability
-            of the generated token (logit lens with the final norm, no exits).
+            of the generated token (no exits; each exitable layer read out through the model's exit
+            readout, what an exit there would emit, the other layers through the logit lens).
         full_depth: the top-3 full-depth predictions (the counterfactual had it not exited).
     """
 
@@ -90,7 +91,8 @@ def token_details(ee_model, rollout, index: int, t: int) -> TokenDetails:
     rows = []
     for l in range(1, L + 1):
         if l < L:
-            p = ee_model.readout(store[l]).float().softmax(-1)
+            # the exit readout where a token can exit (a tuned lens translates there), the logit lens elsewhere
+            p = ee_model.readout(store[l], l if l in ee_model.exit_layers else None).float().softmax(-1)
         else:
             p = final
         top = int(p.argmax())

@@ -14,6 +14,7 @@ from torch import Tensor
 from eetools.analysis.probes._common import _as_pairs
 from eetools.analysis.probes.tokens import _task_of, _text_pieces, annotate_tokens
 from eetools.core.lens import capturing
+from eetools.core.lenses import resolve_readout
 
 
 def oracle_from_logprobs(
@@ -39,9 +40,14 @@ def oracle_from_logprobs(
 
 
 @torch.no_grad()
-def _lens_rows(ee_model, examples, batch_size: int, base: bool):
-    """Flattened continuation predictions: (df, final logprobs [n,V], early logprobs [n,m,V], next ids [n])."""
+def _lens_rows(ee_model, examples, batch_size: int, base: bool, readout=None):
+    """Flattened continuation predictions: (df, final logprobs [n,V], early logprobs [n,m,V], next ids [n]).
+
+    The early log-probs are `readout`'s (`resolve_readout`: the logit lens by default).
+    """
     from eetools.core.encoding import encode_sequences
+
+    reader = resolve_readout(ee_model, readout)
 
     pairs = _as_pairs(examples)
     model = ee_model.model
@@ -55,7 +61,7 @@ def _lens_rows(ee_model, examples, batch_size: int, base: bool):
         # as before the shared helper: adapters off only if `base`, the norm shortcut on
         with capturing(ee_model, ee_model.exit_layers, rows=(ri, pi), base=base, norm_shortcut=True) as store:
             logits = model(ids, attention_mask=attn, return_type="logits")
-            early = torch.stack([ee_model.readout(store[l]) for l in ee_model.exit_layers], 1)
+            early = torch.stack([reader.logits(model, store[l], l) for l in ee_model.exit_layers], 1)
         finals.append(logits[ri, pi].float().log_softmax(-1).cpu())
         earlies.append(early.float().log_softmax(-1).cpu())
         nxt = ids[ri, pi + 1]
@@ -127,24 +133,26 @@ class OracleResult:
         return fig
 
 
-def oracle_exits(ee_model, examples, *, base: bool = False, batch_size: int = 16) -> OracleResult:
+def oracle_exits(ee_model, examples, *, base: bool = False, batch_size: int = 16, readout=None) -> OracleResult:
     """Oracle exits (docs/method.md section 8) on teacher-forced prompt + reasoning.
 
     Runs the model with no exits (adapters as in `ee_model`, or off with ``base=True``)
     and, per prediction of a continuation token (and EOS), finds the earliest exitable
-    layer whose logit-lens argmax equals the final argmax: an upper bound on exits that
-    leave greedy output unchanged.
+    layer whose early readout's argmax (the logit lens, or `readout`) equals the final
+    argmax: an upper bound on exits that leave greedy output unchanged, under that readout.
 
     Args:
         ee_model: an `EarlyExitModel`.
         examples: `Example`s or ``(prompt, continuation)`` pairs.
         base: use the base model (adapters off), the teacher of calibration.
         batch_size: sequences per forward pass.
+        readout: the early readout (`eetools.core.lenses.resolve_readout`): None/"logit" the
+            logit lens, "exit" the model's exit readout, or a `Readout` such as a `TunedLens`.
 
     Returns:
         An `OracleResult`; ``.layers_saved`` is the mean ``1 - oracle/L``.
     """
-    df, final, early, _ = _lens_rows(ee_model, examples, batch_size, base)
+    df, final, early, _ = _lens_rows(ee_model, examples, batch_size, base, readout)
     L = ee_model.n_layers
     lens = oracle_from_logprobs(final, early, ee_model.exit_layers, L)
     df["final_argmax"] = final.argmax(-1).numpy()
@@ -160,7 +168,7 @@ class DepthResult:
     Attributes:
         df: one row per exitable layer: ``layer``, ``agreement`` (top-1 agreement with the
             final argmax), ``nll`` (mean NLL of the true next token at that readout),
-            ``final_nll`` (the same at full depth), ``n_tokens``.
+            ``final_nll`` (the same at full depth), ``kl`` (mean ``KL(final || readout)``), ``n_tokens``.
         by_class: the same per (layer, token class of the predicted token).
     """
 
@@ -194,26 +202,29 @@ class DepthResult:
         return fig
 
 
-def depth_necessity(ee_model, examples, *, base: bool = False, batch_size: int = 16) -> DepthResult:
+def depth_necessity(ee_model, examples, *, base: bool = False, batch_size: int = 16, readout=None) -> DepthResult:
     """Agreement and loss when every continuation prediction is read out at one exitable layer.
 
     The model runs at full depth with no exits (adapters as in `ee_model`, or off with
     ``base=True``); at each exitable layer ``l`` the logit lens ``unembed(ln_final(resid_pre_l))``
-    predicts every continuation token (and EOS). A curve of how much depth the task needs.
+    (or `readout`, as in `oracle_exits`) predicts every continuation token (and EOS). A curve of
+    how much depth the task needs.
 
     Args:
         ee_model: an `EarlyExitModel`.
         examples: `Example`s or ``(prompt, continuation)`` pairs.
         base: use the base model (adapters off).
         batch_size: sequences per forward pass.
+        readout: the early readout, as in `oracle_exits`.
 
     Returns:
         A `DepthResult` with one row per exitable layer.
     """
-    df, final, early, nxt = _lens_rows(ee_model, examples, batch_size, base)
+    df, final, early, nxt = _lens_rows(ee_model, examples, batch_size, base, readout)
     agree = early.argmax(-1) == final.argmax(-1).unsqueeze(-1)  # [n, m]
     nll = -early.gather(-1, nxt[:, None, None].expand(-1, early.shape[1], 1)).squeeze(-1)  # [n, m]
     final_nll = -final.gather(-1, nxt[:, None]).squeeze(-1)
+    kl = (final.exp().unsqueeze(1) * (final.unsqueeze(1) - early)).sum(-1)  # KL(final || early) [n, m]
     rows, crow = [], []
     for k, l in enumerate(ee_model.exit_layers):
         rows.append(
@@ -222,6 +233,7 @@ def depth_necessity(ee_model, examples, *, base: bool = False, batch_size: int =
                 "agreement": float(agree[:, k].float().mean()),
                 "nll": float(nll[:, k].mean()),
                 "final_nll": float(final_nll.mean()),
+                "kl": float(kl[:, k].mean()),
                 "n_tokens": len(df),
             }
         )

@@ -1,0 +1,214 @@
+"""Logit lens vs tuned readout, side by side on the same held-out tokens: KL, top-1 agreement, oracle bound.
+
+Tunes a `TunedLens` (`eetools.train.tune_readout`: KL from the final distribution, the model frozen)
+on one model's text and measures both readouts on held-out text the lens never saw, with the
+base model (adapters off) at full depth: per exitable layer the mean ``KL(final || readout)`` and
+the top-1 agreement with the final argmax (`depth_necessity`), and the oracle-exit bound
+(`oracle_exits(..., base=True)`: per token the earliest exitable layer whose readout's argmax is
+the final one). Writes ``<out>/results.json``, ``<out>/per_layer.csv``, the tuned readout
+(``<out>/readout``, `save_readout`) and its training history.
+
+    # SmolLM2-135M-Instruct on its own greedy chat answers (scripts/smollm2_answers.py writes them)
+    python scripts/smollm2_answers.py --out runs/smollm2-answers --heldout-per-dataset 8
+    python scripts/tuned_readout_bound.py smollm2 --answers runs/smollm2-answers --out runs/tuned-readout/smollm2
+
+    # the tiny reasoner: tuned on addition's training examples, measured on the base model's greedy
+    # answers to the test split (the text the 65.8 % oracle bound of docs/experiments.md is measured on)
+    python scripts/tuned_readout_bound.py tiny --out runs/tuned-readout/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+import eetools as ee
+from eetools.analysis.probes.oracle import depth_necessity, oracle_exits
+from eetools.core.lenses import LogitLens
+from eetools.io.exit_checkpoint import save_readout
+from eetools.train import tune_readout
+
+SMOLLM2_SETS = {"every 4th (4..28)": list(range(4, 29, 4)), "shipped (16..28 step 2)": list(range(16, 29, 2))}
+TINY_SETS = {"every layer (1..7)": list(range(1, 8))}
+
+
+def read_answers(path: Path) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(r["prompt"], r["answer"]) for r in rows if r["answer"]]
+
+
+def measure(model, exit_sets: dict, readouts: dict, heldout, batch_size: int, chunk: int = 16):
+    """Per exit set and readout: the per-layer table and the oracle bound on `heldout`.
+
+    `depth_necessity` and `oracle_exits` keep every token's vocabulary-sized readouts at every
+    exitable layer, so the held-out sequences go through them `chunk` at a time (a few GB at most
+    on SmolLM2) and the per-layer means are weighted by each chunk's tokens.
+    """
+    per_layer, bounds = [], []
+    for set_name, layers in exit_sets.items():
+        em = ee.attach_exit_heads(model, layers=layers, head="linear", seed=0)  # heads unused: oracle and depth only
+        for name, r in readouts.items():
+            depth, oracle = [], []
+            for c in range(0, len(heldout), chunk):
+                part = heldout[c : c + chunk]
+                depth.append(depth_necessity(em, part, base=True, batch_size=batch_size, readout=r).df)
+                o = oracle_exits(em, part, base=True, batch_size=batch_size, readout=r).df
+                o["seq"] += c
+                oracle.append(o)
+            d = pd.concat(depth)
+            w = d["n_tokens"]
+            d = (
+                d[["agreement", "nll", "kl"]]
+                .mul(w, axis=0)
+                .groupby(d["layer"])
+                .sum()
+                .div(w.groupby(d["layer"]).sum(), axis=0)
+                .reset_index()
+            )
+            d["n_tokens"] = int(w.sum()) // len(layers)
+            d.insert(0, "readout", name)
+            d.insert(0, "exit_set", set_name)
+            per_layer.append(d)
+            o = pd.concat(oracle, ignore_index=True)
+            saved = 1 - o["oracle_layer"] / em.n_layers
+            bounds.append(
+                {
+                    "exit_set": set_name,
+                    "exit_layers": layers,
+                    "readout": name,
+                    "layers_saved_per_token": float(saved.mean()),
+                    "layers_saved_per_sequence": float(saved.groupby(o["seq"]).mean().mean()),
+                    "n_tokens": len(o),
+                    "n_sequences": int(o["seq"].nunique()),
+                }
+            )
+            print(bounds[-1], flush=True)
+    return pd.concat(per_layer, ignore_index=True), bounds
+
+
+def tiny_heldout(n: int, batch_size: int):
+    """The base tiny reasoner, addition, and its greedy answers to the first `n` test prompts (cut as `evaluate` cuts them)."""
+    from eetools.core.rule import ExitRule
+
+    model = ee.load_model()  # the base model: no adapters
+    em = ee.attach_exit_heads(model, layers=TINY_SETS["every layer (1..7)"], seed=0)
+    task = ee.tasks.get("addition", tokenizer=em)
+    exs = task.test_split()[:n]
+    texts = []
+    with torch.no_grad():
+        for i in range(0, len(exs), batch_size):
+            prompts = [e.prompt for e in exs[i : i + batch_size]]
+            texts += list(em.generate(prompts, task.max_new_tokens, rule=ExitRule(mode="off"), temperature=0.0).text)
+    return model, task, [(e.prompt, task.cut(e, t)) for e, t in zip(exs, texts)]
+
+
+def tiny_tradeoff(train, steps: int, bs: int, lr: float, thresholds, n: int, out: Path) -> list[dict]:
+    """`tiny-reasoner/rl-lam6` with its rules (patience 1, lens floor 0.9, thresholded exits) read out
+    through the logit lens and through a lens tuned on it (adapters on, as it decodes): accuracy and
+    layers saved per threshold on addition's test split."""
+    rows = []
+    for name in ("logit", "tuned"):
+        em = ee.load_exit_model("tiny-reasoner/rl-lam6")
+        if name == "tuned":
+            tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / "checkpoint-lam6")
+        t = ee.tradeoff(
+            em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
+        )
+        for r in t.df.to_dict("records"):
+            rows.append({"readout": name, **r})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("which", choices=["smollm2", "tiny"])
+    ap.add_argument("--answers", type=Path, default=Path("runs/smollm2-answers"), help="smollm2: train/heldout.jsonl")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=None, help="default: smollm2 300, tiny 300")
+    ap.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: smollm2 4, tiny 16)")
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--positions", default="all", choices=["all", "continuation"])
+    ap.add_argument("--n-train", type=int, default=2000, help="tiny: training examples drawn from the task")
+    ap.add_argument("--n-heldout", type=int, default=500, help="tiny: test prompts (the shipped evaluation's 500)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--tradeoff",
+        type=float,
+        nargs="*",
+        default=None,
+        help="tiny: also rl-lam6's accuracy / layers saved at these thresholds, logit lens vs a lens tuned on it",
+    )
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    if args.which == "smollm2":
+        model = ee.load_model("smollm2-135m")
+        exit_sets = SMOLLM2_SETS
+        train = read_answers(args.answers / "train.jsonl")
+        heldout = read_answers(args.answers / "heldout.jsonl")
+        steps, bs = args.steps or 300, args.batch_size or 4
+    else:
+        model, task, heldout = tiny_heldout(args.n_heldout, 50)
+        exit_sets = TINY_SETS
+        train = [(e.prompt, e.reasoning) for e in task.sample(args.n_train, seed=1)]
+        steps, bs = args.steps or 300, args.batch_size or 16
+    layers = sorted({l for s in exit_sets.values() for l in s})
+    t_data = time.time() - t0
+
+    t1 = time.time()
+    res = tune_readout(
+        model,
+        train,
+        layers=layers,
+        steps=steps,
+        batch_size=bs,
+        lr=args.lr,
+        positions=args.positions,
+        checkpoint_dir=args.out / "checkpoint",
+        start=args.which,
+    )
+    t_train = time.time() - t1
+    save_readout(model, res.readout, args.out / "readout", tuning={"steps": steps, "batch_size": bs, "lr": args.lr})
+    res.history.to_csv(args.out / "tune_history.csv", index=False)
+
+    t2 = time.time()
+    per_layer, bounds = measure(model, exit_sets, {"logit": LogitLens(), "tuned": res.readout}, heldout, 8)
+    t_eval = time.time() - t2
+    per_layer.to_csv(args.out / "per_layer.csv", index=False)
+    summary = {
+        "model": args.which,
+        "tuned_layers": layers,
+        "train": {
+            "sequences": len(train),
+            "steps": steps,
+            "batch_size": bs,
+            "lr": args.lr,
+            "positions": args.positions,
+            "tokens_seen": int(res.history["tokens"].sum()),
+            "final_loss": float(res.history["loss"].iloc[-1]),
+            "seconds": round(t_train, 1),
+        },
+        "heldout_sequences": len(heldout),
+        "bounds": bounds,
+        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)},
+    }
+    if args.which == "tiny" and args.tradeoff:
+        t3 = time.time()
+        summary["tradeoff"] = tiny_tradeoff(train, steps, bs, args.lr, args.tradeoff, args.n_heldout, args.out)
+        summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(per_layer.to_string())
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
