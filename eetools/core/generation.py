@@ -14,6 +14,7 @@ Repeated prompts (RL's k rollouts of each) are prefilled once, their KV cache ro
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -26,6 +27,7 @@ from eetools.core.fast.bypass import bridge_bypassed
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
 from eetools.core.heads import exit_log_probs
+from eetools.core.hooks import resid_post
 from eetools.core.options import check_value
 from eetools.core.rollout import Rollout
 from eetools.core.rule import MODES, UNSET, ExitRule, check_min_confidence, check_patience, check_threshold, lens_held  # noqa: F401 (re-exported)
@@ -83,7 +85,9 @@ def generate(
         seed: seed of the explicit generator (None: nondeterministic).
         use_cache: KV-cached decoding (False recomputes the whole prefix: the reference).
         skip: "mask" (every block runs on every token and exited tokens' results are thrown
-            away: exact, the reference) or "compute" (exited tokens only compute their keys and
+            away: exact; with a KV cache it calls the HF modules without the bridge's wrappers
+            where that gives the bridge's results bit for bit, `eetools.core.fast.bypass`; the
+            bridge's own path runs under any hook and with ``use_cache=False``, the reference) or "compute" (exited tokens only compute their keys and
             values in later blocks, see `eetools.core.fast.skipping`, and LoRA adapters are merged into the
             weights for the call; same tokens, exits and log-probs up to float rounding, less
             time). "compute" needs ``use_cache=True``.
@@ -113,24 +117,66 @@ def generate(
     gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
     dec = _Decoder(ee_model, ids, pmask, rule, temperature, use_cache, gen)
     state = ExitState(ee_model)
+    off = rule.mode == "off"
+    # mode "off" never exits: the heads only record their probabilities, nothing is frozen or skipped
+    freezes = {resid_post(j) for j in range(ee_model.n_layers)} if off else set()
+    hooks = [h for h in state.hooks() if h[0] not in freezes]
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
         bypassed = False
-        if skip == "compute":  # LoRA folded into the weights; the HF modules run without the bridge's wrappers
+        if skip == "compute":  # LoRA folded into the weights
             stack.enter_context(adapters_merged(ee_model))
-            if skip_support(ee_model.model) is None:
-                needed = [m for _, m in skipped_components(ee_model)]
-                bypassed = stack.enter_context(bridge_bypassed(ee_model, state, needed))
+        # with a KV cache the HF modules run without the bridge's wrappers wherever that changes nothing
+        # observable (`bridge_bypassed`: where the HF modules are those the bridge's components call,
+        # which leaves GPT-2, whose query the bridge splits from the fused `c_attn`, on the bridge); the
+        # uncached path stays on the bridge's hooks: the reference
+        if use_cache and skip_support(ee_model.model) is None:
+            needed = [m for _, m in skipped_components(ee_model)]
+            bypassed = stack.enter_context(bridge_bypassed(ee_model, state, needed, hooks=hooks))
         if not bypassed:  # the exit hooks on the bridge's hook points
-            stack.enter_context(ee_model.model.hooks(fwd_hooks=state.hooks()))
+            stack.enter_context(ee_model.model.hooks(fwd_hooks=hooks))
         stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
-        if skip == "compute":  # exited rows' later compute skipped
+        if use_cache:  # the prefill unembeds only the last position, as HF `generate` does
+            stack.enter_context(last_logits_only(ee_model.model.original_model))
+        if skip == "compute" and not off:  # exited rows' later compute skipped
             stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if dec.finished:
                 break
     return dec.rollout(prompts)
+
+
+@contextlib.contextmanager
+def last_logits_only(hf_model):
+    """Within this context the HF model's forward computes the logits of the last position only.
+
+    Decoding reads nothing else: at the prefill the other positions' unembeddings (a vocabulary-sized
+    matrix product each) are wasted work, which HF ``generate`` skips the same way (``logits_to_keep=1``).
+    Nothing changes for a model whose forward does not take ``logits_to_keep``.
+    """
+    forward = getattr(hf_model, "forward", None)
+    try:
+        takes = "logits_to_keep" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    if not takes:
+        yield
+        return
+    before = hf_model.__dict__.get("forward")
+
+    def last_only(*args, **kwargs):
+        kwargs.setdefault("logits_to_keep", 1)
+        return forward(*args, **kwargs)
+
+    hf_model.forward = last_only
+    try:
+        yield
+    finally:
+        if before is None:
+            hf_model.__dict__.pop("forward", None)
+        else:
+            hf_model.forward = before
 
 
 def distinct_rows(rows: Tensor) -> tuple[Tensor, Tensor] | None:

@@ -119,3 +119,68 @@ def test_what_blocks_the_bypass_is_said(tiny_ee):
         assert "processed its weights" in bypass.bypass_blocker(bridge)
     finally:
         bridge._weights_processed = False
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(mode="sample"),
+        dict(mode="threshold", threshold=0.4, temperature=0.0),
+        dict(mode="off"),
+        dict(mode="off", skip="compute"),
+        dict(mode="off", temperature=0.0),
+    ],
+    ids=["sample-mask", "threshold-mask", "off", "off-compute", "off-greedy"],
+)
+def test_every_mode_decodes_without_the_bridge_wrappers_and_the_reference_results(tiny_ee, arch, kw):
+    """The masked path and exits off take the bypass too, with the bridge path's rollouts bit for bit."""
+    add_lora(tiny_ee, r=2)
+    with torch.no_grad():
+        for p in adapter_parameters(tiny_ee):
+            p.normal_(0, 0.05)
+    _busy_heads(tiny_ee)
+    kw = {"skip": "mask", **kw}
+
+    def run(noop_hook: bool):
+        calls = []
+        handle = tiny_ee.model.blocks[2].register_forward_hook(lambda *a: calls.append(1))
+        noop = [("blocks.0.hook_resid_pre", lambda resid, hook: None)] if noop_hook else []
+        try:
+            with tiny_ee.model.hooks(fwd_hooks=noop):
+                return tiny_ee.generate(PROMPTS, 12, seed=3, **kw), len(calls)
+        finally:
+            handle.remove()
+
+    before = _tree(tiny_ee.model)
+    fast, fast_calls = run(False)
+    ref, ref_calls = run(True)
+    for f in FIELDS:
+        assert torch.equal(getattr(fast, f), getattr(ref, f)), f"the fast path changed {f} ({kw})"
+    assert ref_calls > 0
+    # GPT-2's fused c_attn: no bypass (the bridge's split query is not the HF computation bit for bit)
+    assert (fast_calls == 0) == (arch == "qwen3"), "only the reference should run the bridge's components"
+    if kw["mode"] == "off":
+        assert (ref.exit_layers[ref.mask] == tiny_ee.n_layers).all()
+        assert (ref.exit_probs[ref.mask] > 0).all(), "exits off still records the heads' probabilities"
+    else:
+        assert (ref.exit_layers[ref.mask] < tiny_ee.n_layers).any(), "the test needs exits"
+    assert _tree(tiny_ee.model) == before and count_hooks(tiny_ee.model) == 0
+
+
+def test_the_prefill_unembeds_only_the_last_position(tiny_ee):
+    """`last_logits_only`: the decode asks the HF model for one position's logits, the uncached reference for all."""
+    hf = tiny_ee.model.original_model
+    seen = []
+    head = tiny_ee.model.unembed.original_component
+    handle = head.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape[1]))
+    try:
+        cached = tiny_ee.generate(PROMPTS[:3], 6, seed=2, mode="off")
+        assert seen and set(seen) == {1}, f"positions unembedded per step: {seen}"
+        seen.clear()
+        uncached = tiny_ee.generate(PROMPTS[:3], 6, seed=2, mode="off", use_cache=False)
+        assert max(seen) > 1
+    finally:
+        handle.remove()
+    assert "forward" not in hf.__dict__, "the HF model's forward was not restored"
+    assert torch.equal(cached.tokens, uncached.tokens)
+    torch.testing.assert_close(cached.token_logprobs, uncached.token_logprobs, atol=1e-4, rtol=0)

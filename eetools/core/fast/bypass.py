@@ -123,7 +123,7 @@ def _layer_hooks(layer: nn.Module, pre: Callable | None, post: Callable | None) 
 
 
 @contextlib.contextmanager
-def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
+def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = (), hooks: list | None = None):
     """Within this context the bridge's forward runs the HF modules directly, with `state`'s exit hooks on them.
 
     Args:
@@ -132,6 +132,8 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
             must not attach them to the bridge as well).
         needed: bridge components whose wrapped modules must be on the HF forward's path
             (those that compute skipping will wrap).
+        hooks: the ``(hook name, fn)`` pairs to attach (default ``state.hooks()``; generation with
+            exits off leaves out the freeze hooks, which would never fire).
 
     Yields True if the bridge is bypassed, False if not (see `bypass_blocker`); then nothing was
     changed and the caller runs the bridge's own path, attaching the hooks itself.
@@ -149,7 +151,7 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = ()):
         if any(id(m) not in on_path for m in [*blocks, *(c.original_component for c in needed)]):
             ok = False
         else:
-            by_name = dict(state.hooks())
+            by_name = dict(state.hooks() if hooks is None else hooks)
             for l, layer in enumerate(blocks):
                 handles += _layer_hooks(layer, by_name.get(resid_pre(l)), by_name.get(resid_post(l)))
             ok = True
