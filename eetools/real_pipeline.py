@@ -126,6 +126,11 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
     validate_config(cfg)
     for name in [cfg.task, *cfg.other_tasks]:
         task_lib.get(name)  # an unknown task fails before the model loads
+    if len(set(cfg.lams)) != len(cfg.lams) or len(cfg.lams) < 2:
+        raise ValueError(
+            f"lams {cfg.lams}: RL needs the control (the smallest, usually 0) and at least one other lambda, each "
+            f"once; e.g. --lams 0 1.5"
+        )
     if cfg.ship_lam is not None and cfg.ship_lam not in cfg.lams:
         raise ValueError(f"ship_lam {cfg.ship_lam:g} is not one of lams {cfg.lams}: add it to --lams or leave it out")
     calib_task = "+".join(dict.fromkeys([cfg.task, *cfg.other_tasks]))

@@ -85,6 +85,13 @@ def _stat(path: Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file (0o644 under the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _converted(folder: Path, gguf: Path) -> bool:
     """Whether `folder` is a finished conversion of `gguf` (rehashing the file only when its stat changed)."""
     marker = folder / MARKER
@@ -93,6 +100,11 @@ def _converted(folder: Path, gguf: Path) -> bool:
     try:
         rec = json.loads(marker.read_text())
     except (OSError, ValueError):
+        return False
+    files = rec.get("files")  # a weight or tokenizer file lost or cut short since: convert again
+    if files is not None and any(
+        not (folder / n).is_file() or (folder / n).stat().st_size != size for n, size in files.items()
+    ):
         return False
     if rec.get("stat") == _stat(gguf):
         return True
@@ -207,7 +219,11 @@ def gguf_to_hf(
         try:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
+            mode = _file_mode()
+            for f in tmp.iterdir():  # safetensors writes 0600: a cache shared by a team must be readable
+                f.chmod(mode)
             record = {
+                "files": {f.name: f.stat().st_size for f in sorted(tmp.iterdir())},
                 "gguf": str(gguf.resolve()),
                 "sha256": sha,
                 "stat": _stat(gguf),

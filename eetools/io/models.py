@@ -21,6 +21,7 @@ from eetools.core.adapters import add_lora, lora_layers, remove_lora
 from eetools.core.model import attach_exit_heads
 from eetools.io.checkpoints import CheckpointError, load_json
 from eetools.io.exit_checkpoint import FORMAT, check_base_model, load_weights_into, resolve_checkpoint
+from eetools.io.exit_checkpoint import PRESETS as EXIT_PRESETS
 from eetools.io.gguf import PRESETS as GGUF_PRESETS
 from eetools.io.gguf import gguf_to_hf, preset_folder
 from eetools.io.paths import data_dir
@@ -47,8 +48,16 @@ def resolve(name_or_path: str | os.PathLike | None) -> tuple[str, bool]:
         )
     if str(name_or_path) in GGUF_PRESETS:  # a real model shipped as GGUF in a wheel: converted once, cached
         return str(preset_folder(str(name_or_path))), True
+    if str(name_or_path) in EXIT_PRESETS:
+        raise ModelNotFoundError(
+            f"{str(name_or_path)!r} is an exit-model preset, not a base model; load it with "
+            f"load_exit_model({str(name_or_path)!r}) (on the command line: --exit-model or --from), or pass its "
+            f"base model {str(name_or_path).split('/')[0]!r}"
+        )
     p = Path(name_or_path)
-    if p.suffix == ".gguf" and p.is_file():
+    if p.suffix == ".gguf" and not p.is_dir():
+        if not p.is_file():
+            raise ModelNotFoundError(f"no GGUF file at {str(p)!r}; pass the path of an existing .gguf file")
         return str(gguf_to_hf(p)), True
     if p.is_dir():
         if not (p / "config.json").exists():
@@ -157,6 +166,8 @@ def base_model_source(want: dict) -> str:
     """What to load for a checkpoint's recorded base model (its fingerprint `want`): the folder it was
     saved from if that still exists, else a shipped model of that name, else the recorded hub name."""
     src = want.get("source") or want["name"]
+    if want["name"] in GGUF_PRESETS:  # through the preset: its cache folder is checked (and rebuilt if broken)
+        return want["name"]
     if not Path(src).is_dir() and (shipped_model_dir(want["name"]).is_dir() or want["name"] in GGUF_PRESETS):
         return want["name"]
     return src

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import re
+
 from eetools.tasks.addition import AdditionTask
 from eetools.tasks.base import Example, MixtureTask, Task, cut_at_answer, load_jsonl, save_jsonl
 from eetools.tasks.gym import PREFIX as GYM_PREFIX
@@ -51,7 +53,14 @@ def get(name: str | Task, tokenizer=None) -> Task:
     if isinstance(name, str) and "+" in name:
         return MixtureTask([get(part, tokenizer) for part in name.split("+")])
     if isinstance(name, str) and name.startswith(GYM_PREFIX):
-        return from_reasoning_gym(name[len(GYM_PREFIX) :], tokenizer=tokenizer)
+        rest = name[len(GYM_PREFIX) :]
+        dataset = re.split(r"[:?=,&]", rest)[0]
+        if dataset != rest:
+            raise ValueError(
+                f"task {name!r}: dataset options cannot be given in a task name; use gym:{dataset}, a preset "
+                f"(gym:basic_arithmetic/add1 ...) or from_reasoning_gym({dataset!r}, option=value) in Python"
+            )
+        return from_reasoning_gym(rest, tokenizer=tokenizer)
     if name in _VARIANTS:
         return _VARIANTS[name]()
     if name not in _REGISTRY:

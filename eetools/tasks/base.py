@@ -74,6 +74,12 @@ class Task:
     malformed_score: float = -1.0
     max_new_tokens: int = 128
 
+    @property
+    def identity(self) -> str:
+        """What decides the task's examples and rewards, recorded by training runs and checked on resume (the
+        name, for tasks without settings; a reasoning-gym task adds its config)."""
+        return self.name
+
     def sample(self, n: int, seed: int | str) -> list[Example]:
         """Draw `n` fresh examples; the same `seed` always gives the same list (a longer one extends it)."""
         if n < 0:
@@ -189,6 +195,10 @@ class MixtureTask(Task):
 
     def _make(self, rng: random.Random) -> Example:  # pragma: no cover - sample is overridden
         return rng.choice(list(self.parts.values()))._make(rng)
+
+    @property
+    def identity(self) -> str:
+        return "+".join(p.identity for p in self.parts.values())
 
     def _part(self, example: Example) -> Task:
         return self.parts[example.task]

@@ -137,6 +137,12 @@ class ReasoningGymTask(Task):
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"bad config {self.config} for reasoning-gym dataset {self.dataset!r}: {msg}") from None
 
+    @property
+    def identity(self) -> str:
+        """What decides the examples and rewards (dataset, config, seed, protocol, shots, instruction, cap): a run
+        that resumes with another identity trains on other data (`eetools.train.state.RunFiles` refuses it)."""
+        return f"{self!r}, instruction={self.instruction!r}, max_new_tokens={self.max_new_tokens}"
+
     def __repr__(self) -> str:
         config = "".join(f", {k}={v!r}" for k, v in self.config.items())
         shots = f", shots={self.shots}" if self.shots else ""

@@ -507,6 +507,7 @@ def calibrate(
         cfg,
         shards=distributed.world_size() * cfg.micro_batches,
         data=data,
+        data_identity=source.identity if isinstance(source, task_lib.Task) else None,
         kind="calibrate",
         start=start,
     )

@@ -548,6 +548,7 @@ def train_rl(
         cfg,
         shards=distributed.world_size() * cfg.micro_batches,
         data=task.name,
+        data_identity=task.identity,
         kind="rl",
         start=start,
     )

@@ -112,6 +112,12 @@ class RunFiles:
                 f"cannot resume from {ckpt}: it trained on {saved['data']!r}, this run trains on "
                 f"{data!r}; use another checkpoint folder"
             )
+        was_id, now_id = saved.get("data_identity"), self.meta.get("data_identity")
+        if was_id is not None and now_id is not None and was_id != now_id:
+            raise ValueError(
+                f"cannot resume from {ckpt}: its task had other settings (saved {was_id}, now {now_id}); resume "
+                f"with the saved ones or use another checkpoint folder"
+            )
         was, shards = saved.get("shards", 1), self.meta.get("shards", 1)
         if was != shards:
             raise ValueError(
@@ -151,11 +157,12 @@ def exit_run_files(
     data: str | None = None,
     kind: str | None = None,
     start: str | None = None,
+    data_identity: str | None = None,
 ) -> RunFiles | None:
     """The `RunFiles` of training an exit model (heads + adapters in ``model/``); None without a folder.
 
-    `kind` ("calibrate", "rl") and `start` (the model the run started from) are recorded and
-    checked on resume (None: not checked)."""
+    `kind` ("calibrate", "rl"), `start` (the model the run started from) and `data_identity` (the task's
+    settings, `Task.identity`) are recorded and checked on resume (None: not checked)."""
     from eetools.io.exit_checkpoint import load_weights_into
 
     if ckpt is None:
@@ -165,7 +172,7 @@ def exit_run_files(
         cfg,
         save_model=lambda folder: save_exit_model(ee_model, folder / "model"),
         load_model=lambda folder: load_weights_into(ee_model, folder / "model"),
-        meta={"shards": shards, "data": data, "kind": kind, "start": start},
+        meta={"shards": shards, "data": data, "data_identity": data_identity, "kind": kind, "start": start},
     )
 
 

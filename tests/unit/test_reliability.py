@@ -4,6 +4,7 @@ Items 10 (weight files' sha256) and 11 (file modes, history column order) are te
 code they touch, in test_exit_checkpoint.py and test_loop.py.
 """
 
+import dataclasses
 import os
 import re
 import shutil
@@ -216,3 +217,48 @@ def test_a_base_model_given_where_an_exit_model_is_wanted_names_the_presets(caps
     assert main(["rl", "--from", str(shipped_model_dir()), "--steps", "1", "--out", "/tmp/unused"]) == 2
     err = capsys.readouterr().err
     assert "is a base model, not an exit model" in err and "tiny-reasoner/calibrated" in err
+
+
+# issue 41, item 4: the hostile sweep of the new surface (the full list: tests/README.md's contract table)
+
+
+def test_resuming_a_gym_run_with_other_task_settings_is_refused(tmp_path):
+    """A run on `from_reasoning_gym("leg_counting", min_animals=2)` resumed with `max_animals=9` (or another seed or
+    protocol) went on silently: both are called "gym:leg_counting"."""
+    pytest.importorskip("reasoning_gym")
+    from eetools.tasks import from_reasoning_gym
+    from eetools.train.calibration import CalibrationConfig
+    from eetools.train.state import exit_run_files
+
+    def files(task):
+        return exit_run_files(tmp_path, None, CalibrationConfig(), data=task.name, data_identity=task.identity)
+
+    a, b = from_reasoning_gym("leg_counting", min_animals=2), from_reasoning_gym("leg_counting", max_animals=9)
+    saved = {"step": 1, "config": dataclasses.asdict(CalibrationConfig()), **files(a).meta}
+    files(a)._check(saved)  # the same settings resume
+    with pytest.raises(ValueError, match=r"its task had other settings \(saved .*min_animals=2.*now .*max_animals=9"):
+        files(b)._check(saved)
+    old = {k: v for k, v in saved.items() if k != "data_identity"}  # checkpoints from before: not checked
+    files(b)._check(old)
+
+
+@pytest.mark.parametrize(
+    "name", ["gym:leg_counting:min_animals=3", "gym:leg_counting?min_animals=3", "gym:leg_counting,min_animals=3"]
+)
+def test_gym_dataset_options_in_a_task_name_say_where_options_go(name):
+    """Options in the name gave "unknown reasoning-gym dataset 'leg_counting:min_animals=3'" and a list of 100 names."""
+    from eetools import tasks
+
+    with pytest.raises(ValueError, match=r"dataset options cannot be given in a task name; use gym:leg_counting"):
+        tasks.get(name)
+
+
+@pytest.mark.parametrize("lams", [[1.5], [0.0, 0.0], [0.0, 1.5, 1.5]])
+def test_real_reproduce_refuses_lams_without_a_control_or_with_repeats(lams, tmp_path):
+    """``--lams 1.5`` ran an hour and reported a contrast of the run with itself; ``--lams 0 0`` trained the same
+    checkpoint folder twice."""
+    from eetools.real_pipeline import RealReproduceConfig, reproduce_real
+
+    with pytest.raises(ValueError, match=r"needs the control .* and at least one other lambda, each once"):
+        reproduce_real(RealReproduceConfig(model="unused", task="addition", other_tasks=[], lams=lams), tmp_path / "o")
+    assert not (tmp_path / "o").exists()
