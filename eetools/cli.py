@@ -494,9 +494,30 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    except OSError as e:  # a full disk, a file-size limit, no permission: name the file and the way out
+        print(f"eetools {args.command}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
     finally:
         if joined_here:
             distributed.teardown()
+
+
+def _os_error_line(e: OSError) -> str:
+    """One line for an `OSError` met while reading or writing: what failed on which file, and what to do."""
+    import errno
+
+    what = e.strerror or type(e).__name__
+    where = f" {e.filename}" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        fix = (
+            "free disk space or raise the file-size limit (ulimit -f), then run the same command again: "
+            "finished stages and checkpoints are kept"
+        )
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "choose a folder you can write to (--out) or fix its permissions"
+    else:
+        fix = "check the path and run the same command again"
+    return f"{what}:{where}; {fix}"
 
 
 def _run(args, parser: argparse.ArgumentParser, argv) -> int:

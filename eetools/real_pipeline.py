@@ -25,6 +25,7 @@ import pandas as pd
 
 from eetools import tasks as task_lib
 from eetools.core.options import validate_config
+from eetools.io.checkpoints import atomic_write
 from eetools.io.paths import check_writable
 
 
@@ -171,7 +172,7 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
     lap("calibration_s")
     # 2. Fig. 3: coherence (the base model's likelihood of the text, normalised to its own) per KL factor
     judge_prompts = [e.prompt for e in task_lib.get(calib_task).sample(8, seed="judge")]
-    if not _done(out, "fig3.csv"):
+    if not _done(out, "fig3.csv", "fig3.json"):
         models = {cfg.calib_kl_factor: calibrated()}
         for k in cfg.kl_factors:
             if k == cfg.calib_kl_factor:
@@ -188,8 +189,8 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
             )
         judge = ReferenceLikelihoodJudge(models[cfg.calib_kl_factor]).fit(judge_prompts, cfg.max_new_tokens)
         fig3 = coherence_by_kl_factor(models, calib_task, n=min(cfg.eval_n, 64), seed=cfg.seed, judge=judge)
-        fig3.df.to_csv(out / "fig3.csv", index=False)
-        fig3.figure().write_json(out / "fig3.json")
+        atomic_write(out / "fig3.json", fig3.figure().write_json)
+        atomic_write(out / "fig3.csv", lambda p: fig3.df.to_csv(p, index=False))
     lap("fig3_s")
     # 3. RL over seeds, with the exit reward (lam > 0) and without it (lam = 0, the control)
     seeds = [cfg.seed + i for i in range(cfg.n_seeds)]
@@ -210,7 +211,7 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
             progress=progress,
             checkpoint_root=out / "rl",
         )
-        sweep.history.to_csv(out / "rl_history.csv", index=False)
+        atomic_write(out / "rl_history.csv", lambda p: sweep.history.to_csv(p, index=False))
     history = pd.read_csv(out / "rl_history.csv")
     for lam, g in history.groupby("lam"):
         fig = rl_dynamics_figure(g, metrics=("accuracy", "compute", "length"))
@@ -237,14 +238,15 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
                 )
                 parts.append(e.summary.assign(system=f"rl_lam{lam:g}", task=cfg.task, seed=s))
                 per.append(e.per_example.assign(system=f"rl_lam{lam:g}", task=cfg.task, seed=s))
-        pd.concat(parts, ignore_index=True).to_csv(out / "evaluation.csv", index=False)
-        pd.concat(per, ignore_index=True).to_csv(out / "per_example.csv", index=False)
+        atomic_write(out / "per_example.csv", lambda p: pd.concat(per, ignore_index=True).to_csv(p, index=False))
+        atomic_write(out / "evaluation.csv", lambda p: pd.concat(parts, ignore_index=True).to_csv(p, index=False))
     # 5. Fig. 2 right: one held-out prompt's tokens coloured by exit layer, calibrated and after RL
     task = task_lib.get(cfg.task)
     prompt = task.test_split()[0].prompt
     for name, path in (("calibrated", cal_dir / "model"), ("rl", rl_dir(_ship_lam(asdict(cfg))))):
         r = load_exit_model(path, model=fresh()).generate(prompt, cfg.max_new_tokens, temperature=0, seed=cfg.seed)
-        (out / f"fig2_right_{name}.html").write_text(str(color_tokens(r, title=name)))
+        html = str(color_tokens(r, title=name))
+        atomic_write(out / f"fig2_right_{name}.html", lambda p, html=html: Path(p).write_text(html))
     lap("eval_s")
     timings["total_s"] = time.time() - t0
     per_example = pd.read_csv(out / "per_example.csv")
@@ -263,7 +265,7 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
             if lam != min(cfg.lams)
         },
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write(out / "summary.json", lambda p: Path(p).write_text(json.dumps(summary, indent=2)))
     return out / "summary.json"
 
 

@@ -34,6 +34,14 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def atomic_write(path: Path | str, write) -> None:
+    """Write `path` through ``write(tmp)`` into a temporary file beside it, then rename it into place.
+
+    A kill, a full disk or a file-size limit mid-write leaves the old file (or none), never half of one: the
+    pipelines write their results this way, so a stage whose files exist is complete."""
+    _atomic_write(Path(path), write)
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -19,10 +19,13 @@ on teacher generations (``continuations="greedy"``) rather than on it.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import hashlib
 import math
 import random
+import types
+import typing
 from typing import Any
 
 from eetools.tasks.base import Example, Task
@@ -112,6 +115,14 @@ class ReasoningGymTask(Task):
                 f"unknown config {', '.join(unknown)} for reasoning-gym dataset {dataset!r}; "
                 f"its config fields: {', '.join(sorted(fields))}"
             )
+        hints = _field_types(DATASETS[dataset][1])
+        for key, value in config.items():
+            wanted = _type_mismatch(value, hints.get(key))
+            if wanted:
+                raise ValueError(
+                    f"config {key}={value!r} for reasoning-gym dataset {dataset!r} must be {wanted}, "
+                    f"got {type(value).__name__}; e.g. {key}={_example_of(wanted)}"
+                )
         self.dataset, self.config, self.seed, self.size = dataset, dict(config), seed, size
         self.protocol = get_protocol(protocol)
         self.system = system
@@ -120,7 +131,8 @@ class ReasoningGymTask(Task):
         self.max_new_tokens = max_new_tokens
         self.name = PREFIX + dataset
         self._tokenizer, self._prepend_bos = _unwrap(tokenizer)
-        self._verifier = self._create(rg, seed=0, size=1)  # checks the config; its score_answer is the verifier
+        # checks the config (drawing one item: some bad values only fail there); its score_answer is the verifier
+        self._verifier = self._create(rg, seed=0, size=1, draw=True)
         self._test: list[Example] | None = None
         self._shots = ""
         if shots:  # worked examples from a stream of their own, answered under the protocol
@@ -130,10 +142,13 @@ class ReasoningGymTask(Task):
                 for i in range(shots)
             )
 
-    def _create(self, rg, *, seed: int, size: int):
+    def _create(self, rg, *, seed: int, size: int, draw: bool = False):
         try:
-            return rg.create_dataset(self.dataset, seed=seed, size=size, **self.config)
-        except (AssertionError, TypeError, ValueError) as err:
+            ds = rg.create_dataset(self.dataset, seed=seed, size=size, **self.config)
+            if draw:
+                ds[0]
+            return ds
+        except (AssertionError, TypeError, ValueError, IndexError, KeyError) as err:
             msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ValueError(f"bad config {self.config} for reasoning-gym dataset {self.dataset!r}: {msg}") from None
 
@@ -215,6 +230,55 @@ class ReasoningGymTask(Task):
         if self._test is None:
             self._test = self.sample(self.size, seed="test")
         return list(self._test)
+
+
+def _field_types(config_class) -> dict[str, Any]:
+    """The annotated types of a reasoning-gym config dataclass's fields ({} where they cannot be resolved)."""
+    try:
+        return typing.get_type_hints(config_class)
+    except Exception:  # a dataset whose annotations do not resolve is not type-checked here
+        return {}
+
+
+def _type_mismatch(value: Any, hint: Any) -> str | None:
+    """What `hint` wants when `value` is not of it (e.g. "an integer"), else None; types it cannot check pass.
+
+    Checked before the dataset is built, so a wrong-typed value is named with its field, not as the comparison
+    that fails deep inside reasoning-gym ("'>' not supported between instances of 'str' and 'int'")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    if origin is typing.Literal:
+        return None if value in args else "one of " + ", ".join(repr(a) for a in args)
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        wants = [_type_mismatch(value, a) for a in args if a is not type(None)]
+        return None if any(w is None for w in wants) else " or ".join(w for w in wants if w)
+    if hint is tuple or origin in (list, tuple, collections.abc.Sequence):
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            return "a list"
+        item = args[0] if args and (origin is not tuple or len(args) == 1 or args[1:] == (...,)) else None
+        wants = [_type_mismatch(v, item) for v in value] if item is not None else []
+        bad = next((w for w in wants if w), None)
+        return f"a list of {bad.removeprefix('a ').removeprefix('an ')}s" if bad else None
+    return None
+
+
+def _example_of(wanted: str) -> str:
+    """A value of the kind `wanted` names, for the error's "e.g."."""
+    for start, example in (("an integer", "3"), ("a number", "0.5"), ("true", "True"), ("a string", "'text'")):
+        if wanted.startswith(start):
+            return example
+    if wanted.startswith("one of "):
+        return wanted.removeprefix("one of ").split(", ")[0]
+    return "[...]"
 
 
 def _asked(dataset: str, **config: Any) -> dict[str, Any]:

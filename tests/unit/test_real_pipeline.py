@@ -77,6 +77,9 @@ def test_a_quick_run_writes_every_stage_resumes_and_ships(tiny_folders, tmp_path
     stamp = (out / "evaluation.csv").stat().st_mtime_ns
     reproduce_real(cfg, out, progress=False)  # every stage is done: nothing is recomputed
     assert (out / "evaluation.csv").stat().st_mtime_ns == stamp
+    (out / "fig3.json").unlink()  # a kill between a stage's files: the stage is not done, and runs again
+    reproduce_real(cfg, out, progress=False)
+    assert (out / "fig3.json").stat().st_size > 0 and (out / "evaluation.csv").stat().st_mtime_ns == stamp
 
     data = tmp_path / "data"
     real_pipeline.ship(out, data=data)

@@ -262,3 +262,41 @@ def test_real_reproduce_refuses_lams_without_a_control_or_with_repeats(lams, tmp
     with pytest.raises(ValueError, match=r"needs the control .* and at least one other lambda, each once"):
         reproduce_real(RealReproduceConfig(model="unused", task="addition", other_tasks=[], lams=lams), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "dataset, config, message",
+    [
+        (
+            "leg_counting",
+            {"min_animals": "two"},
+            "config min_animals='two' for reasoning-gym dataset 'leg_counting' must be an integer, got str",
+        ),
+        ("gcd", {"min_value": 1.5}, "must be an integer, got float"),  # used to pass, then fail at the first sample
+        ("gcd", {"max_value": True}, "must be an integer, got bool"),
+        ("basic_arithmetic", {"operators": "+"}, "must be a list, got str"),
+        ("basic_arithmetic", {"operators": ("+", 1)}, "must be a list of strings"),
+    ],
+)
+def test_a_wrong_typed_gym_config_value_is_named_with_its_field_up_front(dataset, config, message):
+    from eetools.tasks.gym import from_reasoning_gym
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        from_reasoning_gym(dataset, **config)
+    assert from_reasoning_gym("gcd", min_value=2, max_value=30).sample(2, "train")  # right types still work
+
+
+def test_an_os_error_in_a_command_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from eetools import cli
+
+    def full(*a, **k):
+        raise OSError(errno.EFBIG, "File too large", str(tmp_path / "ckpt" / "model.safetensors"))
+
+    monkeypatch.setitem(cli._COMMANDS, "calibrate", full)
+    assert main(["calibrate", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert err.startswith("eetools calibrate: error: File too large: ") and "model.safetensors" in err
+    assert "ulimit -f" in err and "run the same command again" in err
