@@ -262,3 +262,64 @@ def test_real_reproduce_refuses_lams_without_a_control_or_with_repeats(lams, tmp
     with pytest.raises(ValueError, match=r"needs the control .* and at least one other lambda, each once"):
         reproduce_real(RealReproduceConfig(model="unused", task="addition", other_tasks=[], lams=lams), tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+def _plotly_strings(fig) -> list[str]:
+    """Every string in a figure's JSON (titles, trace names, texts, hover texts)."""
+    import json
+
+    found = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+        elif isinstance(o, str):
+            found.append(o)
+
+    walk(json.loads(fig.to_json()))
+    return found
+
+
+def test_names_and_lens_tokens_are_inert_in_plotly_labels():
+    """Plotly reads titles, trace names and hover texts as pseudo-HTML (``<b>``, ``<a href>``): a grid's or
+    panel's name and the explorer's lens top-1 tokens went in raw (sweep part 2), model tokens were escaped."""
+    import numpy as np
+    import pandas as pd
+
+    from eetools import views
+    from eetools.views.widgets import TokenDetails
+    from tests.unit.test_viz import _rollout
+
+    evil = '<a href="javascript:alert(1)"><b>x</b></a>'
+    r = _rollout([[evil, "b"]], [[1, 4]])
+    grid = views.LensGrid(
+        layers=[1, 4],
+        tokens=[evil, "b"],
+        top_tokens=np.array([[[evil], ["c"]], [["d"], [evil]]], dtype=object),
+        top_probs=np.full((2, 2, 1), 0.5),
+        p_token=np.full((2, 2), 0.5),
+        n_layers=4,
+        name=evil,
+    )
+    details = TokenDetails(
+        token=evil,
+        exit_layer=1,
+        exit_distribution=pd.Series([0.5, 0.5], index=["1", "none"]),
+        lens=pd.DataFrame({"layer": [1, 2], "top1": [evil, "c"], "p_top1": [0.5, 0.4], "p_token": [0.1, 0.2]}),
+        full_depth=[(evil, 0.5)],
+    )
+    figs = {
+        "lens grid": grid.figure(),
+        "compared lens grids": views.compare_lens_grids([grid, grid]),
+        "exit heatmap": views.exit_heatmap([r, r], 0, names=[evil, "rl"]),
+        "exit histogram": views.exit_histogram_figure({evil: [0.5, 0.5, 0, 0]}, [1, 2, 3], 4),
+        "token details": details.figure(),
+    }
+    for what, fig in figs.items():
+        raw = [s for s in _plotly_strings(fig) if "<a " in s or "<b>" in s]
+        assert not raw, f"{what}: raw markup {raw[:2]}"
+    assert "&lt;b&gt;" in grid.figure().layout.annotations[0].text
