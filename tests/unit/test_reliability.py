@@ -323,3 +323,23 @@ def test_names_and_lens_tokens_are_inert_in_plotly_labels():
         raw = [s for s in _plotly_strings(fig) if "<a " in s or "<b>" in s]
         assert not raw, f"{what}: raw markup {raw[:2]}"
     assert "&lt;b&gt;" in grid.figure().layout.annotations[0].text
+
+
+def test_saving_a_widget_a_folder_or_to_an_unwritable_place_says_what_to_do(tmp_path):
+    """``save(explore(model), ...)`` said only "cannot export a VBox"; a folder as the path, or a file where a folder
+    should be, gave raw IsADirectoryError / NotADirectoryError naming the temporary file (sweep part 2)."""
+    from eetools import views
+    from tests.unit.test_viz import _rollout
+
+    W = pytest.importorskip("ipywidgets")
+    view = views.color_tokens(_rollout([["a", "b"]], [[1, 4]]))
+    with pytest.raises(ValueError, match=r"ipywidgets VBox .* cannot be saved; .*explore\(model, static=True\)"):
+        views.save(W.VBox(), tmp_path / "explorer.html")
+    (tmp_path / "d.html").mkdir()
+    with pytest.raises(ValueError, match=r"d.html is a folder; give a file path in it, e.g. .*d.html/view.html"):
+        views.save(view, tmp_path / "d.html")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OSError, match=r"cannot write .*f/x.html: a file stands where the path needs a folder"):
+        views.save(view, tmp_path / "f" / "x.html")
+    assert views.save(view, tmp_path / "new" / "deeper" / "v.html").is_file()  # missing folders are made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.html", "f", "new"]  # no temporary file left
