@@ -343,3 +343,30 @@ def test_saving_a_widget_a_folder_or_to_an_unwritable_place_says_what_to_do(tmp_
         views.save(view, tmp_path / "f" / "x.html")
     assert views.save(view, tmp_path / "new" / "deeper" / "v.html").is_file()  # missing folders are made
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.html", "f", "new"]  # no temporary file left
+
+
+def test_a_write_killed_before_its_rename_leaves_no_temporary_file_after_the_next_write(tmp_path):
+    """kill -9 while a run wrote its final ``model/`` left ``.adapters.safetensors.XXXX.tmp`` there for good (a rerun
+    wrote the file again beside it; sweep part 2). A live writer's temporary file is left alone."""
+    from eetools.io.checkpoints import save_json
+
+    target = tmp_path / "model" / "exit_config.json"
+    killed = (
+        "import os, signal, sys, pathlib\n"
+        "from eetools.io import checkpoints\n"
+        "pathlib.Path.write_text = lambda self, text: (open(self, 'w').write(text[:5]), os.kill(os.getpid(), 9))\n"
+        f"checkpoints.save_json({{'a': 1}}, {str(target)!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    assert subprocess.run([sys.executable, "-c", killed], env=env).returncode == -9
+    left = list(target.parent.glob(".exit_config.json.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = target.parent / f".exit_config.json.{sleeper.pid}.abcd.tmp"  # a writer still at work
+        live.write_text("")
+        save_json({"a": 2}, target)
+        assert sorted(p.name for p in target.parent.iterdir()) == [live.name, "exit_config.json"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
