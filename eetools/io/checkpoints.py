@@ -28,6 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or belongs to something else."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint file could not be written (a full disk, a file-size limit, no permission)."""
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask (0o644 under 022)."""
     umask = os.umask(0)
@@ -65,7 +69,14 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, SafetensorError) as e:  # a full disk, `ulimit -f`, ...: the previous file stays
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CheckpointWriteError(
+                f"cannot write {path}: {why}; free disk space or raise the file-size limit (ulimit -f), then rerun: "
+                f"a run resumes from its last complete checkpoint"
+            ) from e
         # after writing: mkstemp makes 0600 files and safetensors' save_file recreates the file 0600;
         # checkpoints are meant to be shared
         os.chmod(tmp, _file_mode())

@@ -370,3 +370,44 @@ def test_a_write_killed_before_its_rename_leaves_no_temporary_file_after_the_nex
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_file_size_limit_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path):
+    """Under ``ulimit -f`` smaller than the optimizer state, ``eetools calibrate``/``pretrain`` ended in a raw
+    ``SafetensorError: ... File too large (os error 27)`` traceback (sweep part 2). Now one line naming the file and
+    the fix; a file written before stays whole; a rerun without the limit runs to the end."""
+    import json
+    import resource
+
+    import torch
+
+    from eetools.io.checkpoints import CheckpointWriteError, load_tensors, save_tensors
+
+    def run(limit=None):
+        argv = ["pretrain", "--out", str(tmp_path / "p"), "--no-progress", "--steps", "2", "--checkpoint-every", "1"]
+        argv += ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "1", "--d-mlp", "64"]
+        argv += ["--batch-sizes", '{"addition": 2, "tom": 2}']
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        cap = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        return subprocess.run(
+            [sys.executable, "-m", "eetools.cli", *argv], env=env, capture_output=True, text=True, preexec_fn=cap
+        )
+
+    limited = run(limit=150_000)  # the weights fit (~100 kB), the optimizer state (~190 kB) does not
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    assert re.search(r"error: cannot write .*state.safetensors: .*File too large.*ulimit -f", limited.stderr)
+    assert run().returncode == 0
+    assert json.loads((tmp_path / "p" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+
+    path = tmp_path / "w.safetensors"
+    save_tensors({"w": torch.ones(4)}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"cannot write .*w.safetensors: .*File too large"):
+            save_tensors({"w": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert load_tensors(path)["w"].tolist() == [1.0] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "w.safetensors"]
