@@ -10,6 +10,7 @@ beside an old optimizer state and step.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import json
 import os
@@ -27,6 +28,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, truncated, corrupt or belongs to something else."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint file could not be written (a full disk, a file-size limit, no permission)."""
+
+
 def _file_mode() -> int:
     """The mode a plain ``open(path, "w")`` would give a new file: 0o666 less the umask (0o644 under 022)."""
     umask = os.umask(0)
@@ -42,12 +47,44 @@ def atomic_write(path: Path | str, write) -> None:
     _atomic_write(Path(path), write)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove the temporary files of `path` left by writers that were killed (their process is gone).
+
+    Outside a staging folder (e.g. a run's final ``model/``) nothing else would ever remove them, and a
+    killed write of a real model's weights leaves a file the size of the weights.
+    """
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 :].split(".", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
 def _atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_stale_temporaries(path)
+    # the writer's pid in the name: a later write removes the file if this process is killed before the rename
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except (OSError, SafetensorError) as e:  # a full disk, `ulimit -f`, ...: the previous file stays
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise CheckpointWriteError(
+                f"cannot write {path}: {why}; free disk space or raise the file-size limit (ulimit -f), then rerun: "
+                f"a run resumes from its last complete checkpoint"
+            ) from e
         # after writing: mkstemp makes 0600 files and safetensors' save_file recreates the file 0600;
         # checkpoints are meant to be shared
         os.chmod(tmp, _file_mode())

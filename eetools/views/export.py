@@ -14,6 +14,7 @@ HTML: an object with ``to_html()`` (`TokenView`) or ``_repr_html_()``.
 
 from __future__ import annotations
 
+import contextlib
 import html as html_lib
 import os
 from pathlib import Path
@@ -48,6 +49,15 @@ def save(view, path: str | Path, *, width: int | None = None, height: int | None
     """
     path = Path(path)
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise ValueError(
+            f"save: {path} is a folder; give a file path in it, e.g. {path / ('view' + (suffix or '.html'))}"
+        )
+    if type(view).__module__.startswith("ipywidgets"):
+        raise ValueError(
+            f"save: a live ipywidgets {type(view).__name__} (e.g. the explorer's UI) cannot be saved; save its static "
+            "view instead: ee.views.save(ee.views.explore(model, static=True), 'explorer.html'), or one of its views"
+        )
     fig = _as_figure(view)
     if fig is None:
         doc = _as_document(view)
@@ -63,9 +73,9 @@ def save(view, path: str | Path, *, width: int | None = None, height: int | None
             )
     elif suffix not in FIGURE_FORMATS:
         raise ValueError(f"save: unknown format {suffix or '(no suffix)'} for {path}; use one of {FIGURE_FORMATS}")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         if fig is None and suffix == ".html":
             tmp.write_text(doc, encoding="utf-8")
         elif fig is None:
@@ -78,8 +88,17 @@ def save(view, path: str | Path, *, width: int | None = None, height: int | None
         else:
             _write_image(fig, tmp, suffix, width, height, scale)
         tmp.replace(path)
+    except OSError as e:  # a read-only place, a file where a folder should be, a full disk
+        why = (
+            "a file stands where the path needs a folder"
+            if isinstance(e, (FileExistsError, NotADirectoryError))
+            else e.strerror or str(e)
+        )
+        where = f" ({e.filename})" if e.filename and Path(e.filename) not in (path, tmp) else ""
+        raise OSError(f"save: cannot write {path}: {why}{where}; choose a writable location") from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # no temporary file where its folder could not be made
+            tmp.unlink(missing_ok=True)
     return path
 
 

@@ -99,7 +99,7 @@ class LensGrid:
 
     def figure(self, *, max_tokens: int = 120) -> go.Figure:
         """The grid as a plotly heatmap (the first `max_tokens` tokens); see the module doc."""
-        fig = make_subplots(rows=1, cols=1, subplot_titles=[self.name] if self.name else None)
+        fig = make_subplots(rows=1, cols=1, subplot_titles=[_esc(self.name)] if self.name else None)
         _add_grid(fig, self, 1, max_tokens)
         fig.update_layout(**_layout([self], max_tokens))
         return fig
@@ -204,7 +204,7 @@ def compare_lens_grids(grids: Sequence[LensGrid], *, max_tokens: int = 120) -> g
     grids = list(grids)
     if not grids:
         raise ValueError("compare_lens_grids needs at least one LensGrid")
-    titles = [g.name or f"grid {i}" for i, g in enumerate(grids)]
+    titles = [_esc(g.name) or f"grid {i}" for i, g in enumerate(grids)]
     heights = [len(g.layers) for g in grids]
     layout = _layout(grids, max_tokens)
     plot_height = layout["height"] - layout["margin"]["t"] - layout["margin"]["b"]
@@ -315,7 +315,7 @@ def _add_grid(fig: go.Figure, g: LensGrid, row: int, max_tokens: int) -> None:
             hovertemplate="%{customdata}<extra></extra>",
             hoverongaps=False,
             coloraxis="coloraxis",
-            name=g.name or "lens",
+            name=_esc(g.name) or "lens",
             xgap=1,
             ygap=1,
         ),

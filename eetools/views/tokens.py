@@ -206,6 +206,7 @@ def exit_heatmap(
         raise ValueError(f"value must be 'exit_prob' or 'exit_dist', got {value!r}")
     pairs = _pairs(rollouts_or_rollout, index)
     titles = _names(names, len(pairs), [f"sequence {i}" for _, i in pairs], "exit_heatmap")
+    titles = [html.escape(t, quote=False) for t in titles]  # names made inert for plotly's pseudo-HTML titles
     fig = make_subplots(rows=1, cols=len(pairs), horizontal_spacing=0.04, subplot_titles=titles)
     for col, (r, i) in enumerate(pairs, start=1):
         _add_heatmap(fig, r, i, value, col, titles[col - 1])
@@ -234,7 +235,7 @@ def exit_histogram_figure(
         y = _as_numpy(values).astype(float).ravel()
         if y.shape[0] != len(labels):
             raise ValueError(f"hist[{name!r}] has {y.shape[0]} entries, expected {len(labels)} (layers + full)")
-        fig.add_trace(go.Bar(name=str(name), x=labels, y=y.tolist()))
+        fig.add_trace(go.Bar(name=html.escape(str(name), quote=False), x=labels, y=y.tolist()))
     fig.update_layout(
         barmode="group",
         title=title,

@@ -51,7 +51,7 @@ class TokenDetails:
                 x=self.lens["layer"],
                 y=self.lens["p_token"],
                 mode="lines+markers",
-                text=self.lens["top1"],
+                text=[html.escape(str(s), quote=False) for s in self.lens["top1"]],  # model text, inert in hover
                 name="P(generated token)",
                 hovertemplate="layer %{x}: P(token) %{y:.3f}, lens top-1 %{text}<extra></extra>",
             )

@@ -300,3 +300,152 @@ def test_an_os_error_in_a_command_is_one_line_naming_the_file_and_the_fix(tmp_pa
     assert err.count("\n") == 0 and "Traceback" not in err
     assert err.startswith("eetools calibrate: error: File too large: ") and "model.safetensors" in err
     assert "ulimit -f" in err and "run the same command again" in err
+
+
+def _plotly_strings(fig) -> list[str]:
+    """Every string in a figure's JSON (titles, trace names, texts, hover texts)."""
+    import json
+
+    found = []
+
+    def walk(o):
+        if isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, list):
+            for v in o:
+                walk(v)
+        elif isinstance(o, str):
+            found.append(o)
+
+    walk(json.loads(fig.to_json()))
+    return found
+
+
+def test_names_and_lens_tokens_are_inert_in_plotly_labels():
+    """Plotly reads titles, trace names and hover texts as pseudo-HTML (``<b>``, ``<a href>``): a grid's or
+    panel's name and the explorer's lens top-1 tokens went in raw (sweep part 2), model tokens were escaped."""
+    import numpy as np
+    import pandas as pd
+
+    from eetools import views
+    from eetools.views.widgets import TokenDetails
+    from tests.unit.test_viz import _rollout
+
+    evil = '<a href="javascript:alert(1)"><b>x</b></a>'
+    r = _rollout([[evil, "b"]], [[1, 4]])
+    grid = views.LensGrid(
+        layers=[1, 4],
+        tokens=[evil, "b"],
+        top_tokens=np.array([[[evil], ["c"]], [["d"], [evil]]], dtype=object),
+        top_probs=np.full((2, 2, 1), 0.5),
+        p_token=np.full((2, 2), 0.5),
+        n_layers=4,
+        name=evil,
+    )
+    details = TokenDetails(
+        token=evil,
+        exit_layer=1,
+        exit_distribution=pd.Series([0.5, 0.5], index=["1", "none"]),
+        lens=pd.DataFrame({"layer": [1, 2], "top1": [evil, "c"], "p_top1": [0.5, 0.4], "p_token": [0.1, 0.2]}),
+        full_depth=[(evil, 0.5)],
+    )
+    figs = {
+        "lens grid": grid.figure(),
+        "compared lens grids": views.compare_lens_grids([grid, grid]),
+        "exit heatmap": views.exit_heatmap([r, r], 0, names=[evil, "rl"]),
+        "exit histogram": views.exit_histogram_figure({evil: [0.5, 0.5, 0, 0]}, [1, 2, 3], 4),
+        "token details": details.figure(),
+    }
+    for what, fig in figs.items():
+        raw = [s for s in _plotly_strings(fig) if "<a " in s or "<b>" in s]
+        assert not raw, f"{what}: raw markup {raw[:2]}"
+    assert "&lt;b&gt;" in grid.figure().layout.annotations[0].text
+
+
+def test_saving_a_widget_a_folder_or_to_an_unwritable_place_says_what_to_do(tmp_path):
+    """``save(explore(model), ...)`` said only "cannot export a VBox"; a folder as the path, or a file where a folder
+    should be, gave raw IsADirectoryError / NotADirectoryError naming the temporary file (sweep part 2)."""
+    from eetools import views
+    from tests.unit.test_viz import _rollout
+
+    W = pytest.importorskip("ipywidgets")
+    view = views.color_tokens(_rollout([["a", "b"]], [[1, 4]]))
+    with pytest.raises(ValueError, match=r"ipywidgets VBox .* cannot be saved; .*explore\(model, static=True\)"):
+        views.save(W.VBox(), tmp_path / "explorer.html")
+    (tmp_path / "d.html").mkdir()
+    with pytest.raises(ValueError, match=r"d.html is a folder; give a file path in it, e.g. .*d.html/view.html"):
+        views.save(view, tmp_path / "d.html")
+    (tmp_path / "f").write_text("")
+    with pytest.raises(OSError, match=r"cannot write .*f/x.html: a file stands where the path needs a folder"):
+        views.save(view, tmp_path / "f" / "x.html")
+    assert views.save(view, tmp_path / "new" / "deeper" / "v.html").is_file()  # missing folders are made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.html", "f", "new"]  # no temporary file left
+
+
+def test_a_write_killed_before_its_rename_leaves_no_temporary_file_after_the_next_write(tmp_path):
+    """kill -9 while a run wrote its final ``model/`` left ``.adapters.safetensors.XXXX.tmp`` there for good (a rerun
+    wrote the file again beside it; sweep part 2). A live writer's temporary file is left alone."""
+    from eetools.io.checkpoints import save_json
+
+    target = tmp_path / "model" / "exit_config.json"
+    killed = (
+        "import os, signal, sys, pathlib\n"
+        "from eetools.io import checkpoints\n"
+        "pathlib.Path.write_text = lambda self, text: (open(self, 'w').write(text[:5]), os.kill(os.getpid(), 9))\n"
+        f"checkpoints.save_json({{'a': 1}}, {str(target)!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    assert subprocess.run([sys.executable, "-c", killed], env=env).returncode == -9
+    left = list(target.parent.glob(".exit_config.json.*.tmp"))
+    assert len(left) == 1 and not target.exists()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        live = target.parent / f".exit_config.json.{sleeper.pid}.abcd.tmp"  # a writer still at work
+        live.write_text("")
+        save_json({"a": 2}, target)
+        assert sorted(p.name for p in target.parent.iterdir()) == [live.name, "exit_config.json"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_a_file_size_limit_while_checkpointing_is_one_line_and_the_run_resumes(tmp_path):
+    """Under ``ulimit -f`` smaller than the optimizer state, ``eetools calibrate``/``pretrain`` ended in a raw
+    ``SafetensorError: ... File too large (os error 27)`` traceback (sweep part 2). Now one line naming the file and
+    the fix; a file written before stays whole; a rerun without the limit runs to the end."""
+    import json
+    import resource
+
+    import torch
+
+    from eetools.io.checkpoints import CheckpointWriteError, load_tensors, save_tensors
+
+    def run(limit=None):
+        argv = ["pretrain", "--out", str(tmp_path / "p"), "--no-progress", "--steps", "2", "--checkpoint-every", "1"]
+        argv += ["--n-layers", "2", "--d-model", "32", "--n-heads", "2", "--n-kv-heads", "1", "--d-mlp", "64"]
+        argv += ["--batch-sizes", '{"addition": 2, "tom": 2}']
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+        cap = None if limit is None else (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        return subprocess.run(
+            [sys.executable, "-m", "eetools.cli", *argv], env=env, capture_output=True, text=True, preexec_fn=cap
+        )
+
+    limited = run(limit=150_000)  # the weights fit (~100 kB), the optimizer state (~190 kB) does not
+    assert limited.returncode == 2, limited.stderr[-2000:]
+    assert "Traceback" not in limited.stderr
+    assert re.search(r"error: cannot write .*state.safetensors: .*File too large.*ulimit -f", limited.stderr)
+    assert run().returncode == 0
+    assert json.loads((tmp_path / "p" / "checkpoint" / "trainer.json").read_text())["step"] == 2
+
+    path = tmp_path / "w.safetensors"
+    save_tensors({"w": torch.ones(4)}, path)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))
+    try:
+        with pytest.raises(CheckpointWriteError, match=r"cannot write .*w.safetensors: .*File too large"):
+            save_tensors({"w": torch.zeros(100_000)}, path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert load_tensors(path)["w"].tolist() == [1.0] * 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "w.safetensors"]
