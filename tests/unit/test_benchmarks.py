@@ -27,3 +27,39 @@ def test_gpu_scale_benchmark_runs_on_its_test_shape(tmp_path):
         assert res[f"decode_b{batch}_off_vs_bridge"] > 0 and res[f"decode_b{batch}_speedup_50"] > 0
     assert res["calib_2x48_s"] > 0 and res["rl_2x2x8_s"] > 0 and res["rl_2x2x8_tokens"] > 0
     assert math.isnan(res["calib_2x48_gib"]), "peak memory is measured on CUDA only"
+
+
+def _bench_real():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_real
+
+    return bench_real
+
+
+def test_real_benchmark_is_skipped_with_a_reason_without_the_model(monkeypatch, capsys):
+    from eetools.io import gguf
+
+    bench_real = _bench_real()
+    preset = gguf.PRESETS[bench_real.PRESET]
+    monkeypatch.setitem(
+        gguf.PRESETS, bench_real.PRESET, gguf.GGUFPreset(preset.name, "no_such_pkg_x", "f.gguf", "pip x")
+    )
+    res = bench_real.run(quick=True)
+    assert set(res) == set(bench_real.KEYS) and all(v is None for v in res.values())
+    assert "not installed" in capsys.readouterr().err
+
+
+def test_real_benchmark_decode_measures_every_key_on_a_tiny_model(tiny_folders):
+    """bench_real's decode part, on a tiny random Qwen3 and its HF model (the real one takes minutes)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import eetools
+
+    bench_real = _bench_real()
+    bridge = eetools.load_model(tiny_folders["qwen3"])
+    bridge.cfg.default_prepend_bos = True
+    hf = AutoModelForCausalLM.from_pretrained(tiny_folders["qwen3"], dtype=torch.float32).eval()
+    res = bench_real.decode(bridge, hf, new=4, repeats=1)
+    assert set(res) == {k for k in bench_real.KEYS if "step" not in k}
+    assert all(v > 0 for v in res.values())
