@@ -653,6 +653,32 @@ def _ship_sources(out: Path) -> dict[str, Path]:
     return {**models, **{f"results/{Path(n).name}": out / n for n in names}}
 
 
+def _recover_interrupted_ships(data: Path) -> None:
+    """Undo what a killed `ship` left in `data`: put back each previous version it had moved out whose target is
+    missing (the kill came between the two moves), then remove its staging folder (full copies of the models).
+
+    Staging folders of a ship still running (its process alive) are left alone."""
+    import os
+    import shutil
+
+    from eetools.io.checkpoints import _pid_alive
+
+    for stage in data.glob(".ship-*"):
+        pid = stage.name.split("-")[1] if stage.name.count("-") >= 2 else ""
+        if pid.isdigit() and int(pid) != os.getpid() and _pid_alive(int(pid)):
+            continue
+        try:
+            targets = json.loads((stage / "targets.json").read_text())
+        except (OSError, ValueError):
+            targets = []
+        for rel in targets:
+            old, dst = stage / "old" / rel, data / rel
+            if old.exists() and not dst.exists():
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(old, dst)
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _replace_all(data: Path, sources: dict[str, Path]) -> list[Path]:
     """Copy every source into a staging folder in `data`, then move each over its target; on a failure the
     targets already replaced are put back, so `data` is as it was."""
@@ -661,9 +687,11 @@ def _replace_all(data: Path, sources: dict[str, Path]) -> list[Path]:
     import tempfile
 
     data.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".ship-", dir=data))
+    _recover_interrupted_ships(data)
+    stage = Path(tempfile.mkdtemp(prefix=f".ship-{os.getpid()}-", dir=data))
     moved: list[tuple[Path, Path | None]] = []  # (target, where its previous version waits)
     try:
+        (stage / "targets.json").write_text(json.dumps(list(sources)))  # what a recovery may put back
         for rel, src in sources.items():
             (stage / "new" / rel).parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if src.is_dir() else shutil.copy2)(src, stage / "new" / rel)

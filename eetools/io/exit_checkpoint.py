@@ -149,7 +149,9 @@ def resolve_checkpoint(path_or_preset) -> Path:
     if key in PRESETS:
         p = data_dir() / "models" / PRESETS[key]
         if not p.is_dir():
-            raise CheckpointError(f"preset {key!r} is not shipped (expected {p})")
+            raise CheckpointError(
+                f"preset {key!r} is not shipped (expected {p}); if an `eetools ship` was interrupted, run it again"
+            )
         return p
     p = Path(path_or_preset)
     if p.is_dir() and not (p / "exit_config.json").is_file():

@@ -449,3 +449,35 @@ def test_a_file_size_limit_while_checkpointing_is_one_line_and_the_run_resumes(t
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert load_tensors(path)["w"].tolist() == [1.0] * 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p", "w.safetensors"]
+
+
+def test_a_ship_killed_between_its_moves_is_undone_by_the_next_ship(tmp_path):
+    """A kill after a preset was moved out and before its new version moved in left the preset missing and a
+    staging folder of full model copies in ``data/`` for good; the next ship puts the old version back first."""
+    import json
+
+    from eetools.pipeline import _replace_all
+
+    data = tmp_path / "data"
+    (data / "models" / "p").mkdir(parents=True)
+    (data / "models" / "p" / "w.txt").write_text("old")
+    stage = data / ".ship-999999999-dead"  # no such process
+    (stage / "old" / "models").mkdir(parents=True)
+    (stage / "new" / "models" / "p").mkdir(parents=True)
+    (stage / "targets.json").write_text(json.dumps(["models/p"]))
+    (data / "models" / "p").rename(stage / "old" / "models" / "p")  # where the kill came
+    src = tmp_path / "q"
+    src.mkdir()
+    (src / "w.txt").write_text("q")
+    _replace_all(data, {"models/q": src})
+    assert (data / "models" / "p" / "w.txt").read_text() == "old"  # put back
+    assert (data / "models" / "q" / "w.txt").read_text() == "q"
+    assert not list(data.glob(".ship-*"))  # no staging folder left
+
+
+def test_a_missing_preset_says_an_interrupted_ship_is_rerun(tmp_path, monkeypatch):
+    from eetools.io import exit_checkpoint
+
+    monkeypatch.setattr(exit_checkpoint, "data_dir", lambda: tmp_path)
+    with pytest.raises(exit_checkpoint.CheckpointError, match="if an `eetools ship` was interrupted, run it again"):
+        exit_checkpoint.resolve_checkpoint(next(iter(exit_checkpoint.PRESETS)))
