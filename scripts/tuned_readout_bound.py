@@ -107,15 +107,24 @@ def tiny_heldout(n: int, batch_size: int):
     return model, task, [(e.prompt, task.cut(e, t)) for e, t in zip(exs, texts)]
 
 
-def tiny_tradeoff(train, steps: int, bs: int, lr: float, thresholds, n: int, out: Path) -> list[dict]:
+def tiny_tradeoff(
+    train, steps: int, bs: int, lr: float, thresholds, n: int, out: Path, recal: int = 0, kl_factor: float = 64.0
+) -> list[dict]:
     """`tiny-reasoner/rl-lam6` with its rules (patience 1, lens floor 0.9, thresholded exits) read out
     through the logit lens and through a lens tuned on it (adapters on, as it decodes): accuracy and
-    layers saved per threshold on addition's test split."""
+    layers saved per threshold on addition's test split. With `recal` > 0 each arm's heads are first
+    calibrated `recal` more steps (k = `kl_factor`) against its own readout (calibration's targets read
+    through the exit readout), so the tuned arm's heads learn where the tuned readout already agrees."""
+    from eetools.train.calibration import calibrate
+
     rows = []
     for name in ("logit", "tuned"):
         em = ee.load_exit_model("tiny-reasoner/rl-lam6")
         if name == "tuned":
             tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / "checkpoint-lam6")
+        if recal:
+            calibrate(em, "addition", kl_factor=kl_factor, steps=recal, seed=0, progress=False)
+            name = f"{name}+cal{recal}"
         t = ee.tradeoff(
             em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
         )
@@ -144,6 +153,10 @@ def main() -> None:
         default=None,
         help="tiny: also rl-lam6's accuracy / layers saved at these thresholds, logit lens vs a lens tuned on it",
     )
+    ap.add_argument(
+        "--recalibrate", type=int, default=0, help="tiny --tradeoff: calibrate each arm's heads this many steps"
+    )
+    ap.add_argument("--kl-factor", type=float, default=64.0, help="KL factor of --recalibrate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -203,7 +216,9 @@ def main() -> None:
     }
     if args.which == "tiny" and args.tradeoff:
         t3 = time.time()
-        summary["tradeoff"] = tiny_tradeoff(train, steps, bs, args.lr, args.tradeoff, args.n_heldout, args.out)
+        summary["tradeoff"] = tiny_tradeoff(
+            train, steps, bs, args.lr, args.tradeoff, args.n_heldout, args.out, args.recalibrate, args.kl_factor
+        )
         summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(per_layer.to_string())

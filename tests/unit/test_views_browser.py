@@ -33,7 +33,7 @@ FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--virtual-time-budget=5000",
+    "--virtual-time-budget=15000",  # virtual: spent only while the page waits
 ]
 
 # after load: every tooltip hidden, then the focused token's shown; no script inside a view; texts of svg labels
@@ -73,8 +73,11 @@ def _render(page: str, tmp_path, shot: str | None = None) -> dict:
     path = tmp_path / "page.html"
     path.write_text(page.replace("</body>", CHECK + "</body>"), encoding="utf-8")
     cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
-    run = subprocess.run([*cmd, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
-    found = re.search(r'<pre id="ee-result">(.*?)</pre>', run.stdout, flags=re.S)
+    for _ in range(2):  # on a loaded machine the page's load can outlast the virtual-time budget: once more
+        run = subprocess.run([*cmd, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+        found = re.search(r'<pre id="ee-result">(.*?)</pre>', run.stdout, flags=re.S)
+        if found and found.group(1):
+            break
     assert found and found.group(1), f"the page's check did not run: {run.stderr[-500:]}"
     if shot:
         png = tmp_path / shot
