@@ -118,16 +118,7 @@ def train_steps(device: str, dtype: str) -> dict:
     ee = eetools.attach_exit_heads(
         eetools.load_model(PRESET, device=device, dtype=dtype), layers=cfg.exit_layers, head=cfg.head, seed=0
     )
-    calib = dict(
-        batch_size=cfg.batch_size,
-        continuations="greedy",
-        max_new_tokens=cfg.max_new_tokens,
-        activation_checkpointing=True,
-        kl_factor=cfg.calib_kl_factor,
-        lr=cfg.calib_lr,
-        adapter_lr=cfg.calib_adapter_lr,
-        progress=False,
-    )
+    calib = dict(cfg.calibration_options(), kl_factor=cfg.calib_kl_factor, progress=False)
     calibrate(ee, TASK, steps=1, seed=0, **calib)
     t0 = time.perf_counter()
     calibrate(ee, TASK, steps=1, seed=1, **calib)

@@ -91,6 +91,18 @@ class RealReproduceConfig:
     """RL's learning rate of the exit heads."""
     eval_n: int = 200
 
+    def calibration_options(self) -> dict:
+        """The `calibrate` options every calibration of this pipeline shares (`benchmarks/bench_real.py` times a
+        step with them): batch, the model's own greedy answers, activation checkpointing, the two rates."""
+        return dict(
+            batch_size=self.batch_size,
+            continuations="greedy",
+            max_new_tokens=self.max_new_tokens,
+            activation_checkpointing=True,
+            lr=self.calib_lr,
+            adapter_lr=self.calib_adapter_lr,
+        )
+
 
 def _quick(cfg: RealReproduceConfig) -> RealReproduceConfig:
     if not cfg.quick:
@@ -144,16 +156,7 @@ def reproduce_real(cfg: RealReproduceConfig, out: Path, *, device="cpu", dtype=N
     def lap(name: str) -> None:
         timings[name] = time.time() - t0 - sum(timings.values())
 
-    calib = dict(
-        batch_size=cfg.batch_size,
-        continuations="greedy",
-        max_new_tokens=cfg.max_new_tokens,
-        activation_checkpointing=True,
-        seed=cfg.seed,
-        checkpoint_every=10,
-        lr=cfg.calib_lr,
-        adapter_lr=cfg.calib_adapter_lr,
-    )
+    calib = dict(cfg.calibration_options(), seed=cfg.seed, checkpoint_every=10)
     # 1. the main calibration on the model's own greedy answers, and Fig. 4
     cal_dir = out / "calibrated"
     if not _done(cal_dir, "model/exit_config.json", "fig4_tv.txt"):
