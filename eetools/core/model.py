@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
-from eetools.core.heads import TRAINABLE_KINDS, exit_log_probs, make_head
+from eetools.core.heads import TRAINABLE_KINDS, VETOED, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names, resid_post
 from eetools.core.lens import capturing, lens_logits
 from eetools.core.lenses import Readout, TunedLens, make_readout
@@ -306,6 +306,8 @@ class EarlyExitModel(nn.Module):
                 logits, cache = self.model(tokens, return_type="logits_and_cache", **kwargs)
             else:
                 logits, cache = self.model(tokens, return_type="logits", **kwargs), None
+        if not state.logits:  # no head ran (generation with `heads=False`): logits that never exit
+            return logits, torch.full((b, t, len(self.exit_layers)), VETOED, device=logits.device), state.exit_at, cache
         return logits, torch.stack(state.logits, dim=-1), state.exit_at, cache
 
     @torch.no_grad()
@@ -406,6 +408,7 @@ class EarlyExitModel(nn.Module):
         seed: int | None = None,
         use_cache: bool = True,
         skip: str = "mask",
+        heads: bool = True,
         progress: bool = False,
     ):
         """Generate with exits; returns a `eetools.Rollout`. See `eetools.core.generation.generate`.
@@ -429,6 +432,7 @@ class EarlyExitModel(nn.Module):
             seed=seed,
             use_cache=use_cache,
             skip=skip,
+            heads=heads,
             progress=progress,
         )
 

@@ -205,7 +205,9 @@ def encode_examples(ee_model, examples: list, cfg: CalibrationConfig, step: int)
         conts = [e.reasoning for e in examples] if cfg.continuations == "reasoning" else None
     if conts is None:
         with ee_model.adapters_disabled():
-            r = ee_model.generate(prompts, cfg.max_new_tokens, mode="off", temperature=0, seed=cfg.seed + step)
+            r = ee_model.generate(
+                prompts, cfg.max_new_tokens, mode="off", temperature=0, seed=cfg.seed + step, heads=False
+            )
         conts = r.text
     return encode_sequences(ee_model, prompts, conts)
 

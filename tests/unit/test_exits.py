@@ -222,6 +222,31 @@ def test_mode_off_never_exits_and_equals_bridge_greedy(tiny_ee):
     assert r.tokens[0].tolist() == ref[0, -n:].tolist() or r.tokens[0].tolist() == ref[0, -12:][:n].tolist()
 
 
+@pytest.mark.parametrize("skip", ["mask", "compute"])
+def test_exits_off_without_heads_runs_no_head_and_gives_the_same_text(tiny_ee, skip):
+    """``heads=False`` (the base model's decode at its own cost): the same tokens and log-probs as exits
+    off with the heads recording, no head runs, and the heads' record is 0; with exits on it is refused."""
+    _eager_heads(tiny_ee, 3.0)
+    prompts = ["Q: 1+2\n", "Q: 35+467\n"]
+    ref = tiny_ee.generate(prompts, 12, mode="off", temperature=0, seed=0, skip=skip)
+    calls = []
+    handles = [h.register_forward_hook(lambda *a: calls.append(1)) for h in tiny_ee.heads]
+    try:
+        bare = tiny_ee.generate(prompts, 12, mode="off", temperature=0, seed=0, skip=skip, heads=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [], "an exit head ran with heads=False"
+    assert bare.tokens.tolist() == ref.tokens.tolist() and bare.text == ref.text
+    assert torch.equal(bare.token_logprobs, ref.token_logprobs)
+    assert (ref.exit_probs[ref.mask] > 0).all() and (bare.exit_probs == 0).all()
+    assert (bare.exit_logprobs == 0).all() and (bare.exit_layers == tiny_ee.n_layers).all()
+    with pytest.raises(ValueError, match="heads=False needs mode='off'"):
+        tiny_ee.generate(prompts, 4, mode="sample", heads=False)
+    with pytest.raises(TypeError, match="heads must be True or False"):
+        tiny_ee.generate(prompts, 4, mode="off", heads="no")
+
+
 def test_threshold_mode_is_deterministic_in_exits(tiny_ee):
     _eager_heads(tiny_ee, 5.0)  # c ~ 0.99 >= 0.5 at the first exitable layer
     r = tiny_ee.generate("Q: 1+2\n", 8, mode="threshold", seed=0)

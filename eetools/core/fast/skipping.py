@@ -135,6 +135,9 @@ class _KVOnly:
         self.inner = layer.forward
         attn = layer.self_attn
         self.head_norm = KV_ONLY[type(attn).__name__]
+        # the keys' rotation as the model's `apply_rotary_pos_emb` computes it, for the keys alone (it
+        # rotates a query too, which nobody reads here): ``k * cos + rotate_half(k) * sin``
+        self.rotate_half = getattr(sys.modules[type(attn).__module__], "rotate_half", None)
         self.rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
 
     def __call__(self, hidden_states, *args, **kwargs):
@@ -150,7 +153,10 @@ class _KVOnly:
         k = k.transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = rope
-        _, k = self.rotary(k, k, cos, sin)  # the keys' half of the layer's own call
+        if self.rotate_half is None:
+            _, k = self.rotary(k, k, cos, sin)  # the keys' half of the layer's own call
+        else:  # the same operations on the keys, the query's half left out
+            k = (k * cos.unsqueeze(1)) + (self.rotate_half(k) * sin.unsqueeze(1))
         cache.update(k, v, attn.layer_idx)
         return hidden_states
 
