@@ -4,11 +4,12 @@ Greedy decoding of 64 new tokens (16 with ``--quick``) from long-answer prompts 
 template (as the pipeline's tasks prompt it: the instruct model then writes past 64 tokens on every row, so
 batch 8 stays batch 8 to the end; as bare text it ends half the rows at once), KV cache, batch 1 and 8:
 
-- ``real_off_vs_hf_b{1,8}``: tokens/s of ``generate(mode="off", heads=False)`` (the base model through
-  eetools: default exit heads attached, not run; the default ``skip``) / tokens/s of HF ``generate`` on the
-  same HF folder, same padded prompt ids (target >= 1.0);
-- ``real_off_heads_vs_hf_b{1,8}``: the same with the heads recording their probabilities (``heads=True``,
-  the default: 7 MLP heads, ~4 % of a token's weights);
+- ``real_off_vs_hf_b{1,8}``: tokens/s of ``generate(mode="off", heads=False, skip="compute")`` (the base
+  model through eetools' fast path: default exit heads attached, not run; HF's fused attention) / tokens/s
+  of HF ``generate`` on the same HF folder, same padded prompt ids (target >= 1.0);
+- ``real_off_heads_vs_hf_b{1,8}``: the same for ``generate(mode="off")`` with its defaults (the heads
+  recording their probabilities, 7 MLP heads ~4 % of a token's weights; ``skip="mask"``, eager attention,
+  bit for bit the bridge's own path);
 - ``real_skip{25,50,75}_b{1,8}``: tokens/s with every generated token exiting where 25 / 50 / 75 %
   of the blocks are skipped (`bench_skip.exit_model_at`, ``skip="compute"``) / tokens/s of the same
   path with exits off (targets: 50 % >= 1.5 at batch 1 and >= 1.4 at batch 8, 75 % >= 2 at batch 1);
@@ -98,7 +99,7 @@ def decode(bridge, hf, new: int, repeats: int) -> dict:
         ids, pmask = encode_prompts(off_model, prompts, new)
         fns = {
             "hf": lambda: hf.generate(ids, attention_mask=pmask, max_new_tokens=new, do_sample=False),
-            "off": lambda: off_model.generate(prompts, new, temperature=0, mode="off", heads=False),
+            "off": lambda: off_model.generate(prompts, new, temperature=0, mode="off", heads=False, skip="compute"),
             "off_heads": lambda: off_model.generate(prompts, new, temperature=0, mode="off"),
             # the skipping path with exits off: one head, as each rated model has
             "skip_off": lambda: rated[50].generate(prompts, new, temperature=0, mode="off", skip="compute"),

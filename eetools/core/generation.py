@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from eetools.core.adapters import adapters_merged
 from eetools.core.encoding import encode_prompts
+from eetools.core.fast.attention import fused_attention
 from eetools.core.fast.bypass import bridge_bypassed
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
@@ -91,7 +92,8 @@ def generate(
             bridge's own path runs under any hook and with ``use_cache=False``, the reference) or "compute" (exited tokens only compute their keys and
             values in later blocks, see `eetools.core.fast.skipping`, and LoRA adapters are merged into the
             weights for the call; same tokens, exits and log-probs up to float rounding, less
-            time). "compute" needs ``use_cache=True``.
+            time; where the HF modules run directly, attention runs HF's fused "sdpa" kernel instead of
+            eager, `eetools.core.fast.attention`). "compute" needs ``use_cache=True``.
         heads: run the exit heads (they decide the exits, and record ``exit_probs``). False, with mode
             "off" only: the heads do not run (``exit_probs`` are 0, ``exit_logprobs`` 0), so the call costs
             what the base model's own decode costs: for the base model's text alone (a teacher's
@@ -154,6 +156,8 @@ def generate(
             stack.enter_context(last_logits_only(ee_model.model.original_model))
         if skip == "compute" and not off:  # exited rows' later compute skipped
             stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
+        if skip == "compute" and bypassed:  # nobody reads the attention patterns: the fused kernel
+            stack.enter_context(fused_attention(ee_model.model.original_model))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if dec.finished:

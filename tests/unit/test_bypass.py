@@ -5,6 +5,8 @@ a hook that changes nothing), on tiny random bridges with LoRA adapters; GPT-2, 
 split from the fused ``c_attn`` by the bridge, must fall back to the bridge.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -14,6 +16,16 @@ from eetools.core.hooks import count_hooks
 
 FIELDS = ("tokens", "mask", "exit_layers", "token_logprobs", "exit_logprobs", "exit_probs")
 PROMPTS = ["Q: 12+34\n", "Q: 1+2\nab c", "hello", "Q: 12+34\n"]  # left padding, a repeated prompt
+
+
+def eager_attention(monkeypatch):
+    """Keep the fast path on eager attention (`fused_attention` a no-op), to compare the bypass bit for bit."""
+
+    @contextlib.contextmanager
+    def unchanged(hf_model):
+        yield False
+
+    monkeypatch.setattr("eetools.core.generation.fused_attention", unchanged)
 
 
 def _busy_heads(ee):
@@ -44,7 +56,8 @@ def _generate(ee, noop_hook: bool, **kw):
     [dict(mode="sample", temperature=1.0), dict(mode="threshold", threshold=0.4, temperature=0.0)],
     ids=["sample", "threshold"],
 )
-def test_bypassed_decode_equals_the_bridge_path(tiny_ee, arch, kw):
+def test_bypassed_decode_equals_the_bridge_path(tiny_ee, arch, kw, monkeypatch):
+    eager_attention(monkeypatch)  # the bypass itself, bit for bit (fused attention: its own test below)
     add_lora(tiny_ee, r=2)
     with torch.no_grad():  # adapters that change the function, so merging them matters
         for p in adapter_parameters(tiny_ee):
@@ -132,8 +145,9 @@ def test_what_blocks_the_bypass_is_said(tiny_ee):
     ],
     ids=["sample-mask", "threshold-mask", "off", "off-compute", "off-greedy"],
 )
-def test_every_mode_decodes_without_the_bridge_wrappers_and_the_reference_results(tiny_ee, arch, kw):
+def test_every_mode_decodes_without_the_bridge_wrappers_and_the_reference_results(tiny_ee, arch, kw, monkeypatch):
     """The masked path and exits off take the bypass too, with the bridge path's rollouts bit for bit."""
+    eager_attention(monkeypatch)
     add_lora(tiny_ee, r=2)
     with torch.no_grad():
         for p in adapter_parameters(tiny_ee):
@@ -184,3 +198,36 @@ def test_the_prefill_unembeds_only_the_last_position(tiny_ee):
     assert "forward" not in hf.__dict__, "the HF model's forward was not restored"
     assert torch.equal(cached.tokens, uncached.tokens)
     torch.testing.assert_close(cached.token_logprobs, uncached.token_logprobs, atol=1e-4, rtol=0)
+
+
+def test_the_fast_path_runs_fused_attention_and_puts_eager_back(tiny_ee, arch):
+    """``skip="compute"`` on the HF modules runs HF's "sdpa" attention (nobody reads the patterns there), the
+    masked path and the bridge's own path stay eager, the model is eager again after the call (errors
+    included), and the rollout is the eager one's up to float rounding."""
+    from tests.unit.test_skipping import _assert_same
+
+    _busy_heads(tiny_ee)
+    hf = tiny_ee.model.original_model
+    seen = []
+    # an exit head runs mid-forward on every path: what it sees is what the blocks around it ran
+    handle = tiny_ee.heads[1].register_forward_pre_hook(lambda m, a: seen.append(hf.config._attn_implementation))
+    try:
+        masked = tiny_ee.generate(PROMPTS, 12, seed=5)
+        assert set(seen) == {"eager"}
+        seen.clear()
+        fused = tiny_ee.generate(PROMPTS, 12, seed=5, skip="compute")
+        assert set(seen) == ({"sdpa"} if arch == "qwen3" else {"eager"}), seen  # GPT-2 stays on the bridge
+        assert hf.config._attn_implementation == "eager"
+        _assert_same(masked, fused)
+        with pytest.raises(RuntimeError, match="boom"):  # put back on errors too
+            with tiny_ee.model.hooks(fwd_hooks=[]):
+                tiny_ee.heads[0].register_forward_hook(_boom)
+                tiny_ee.generate(PROMPTS, 4, seed=5, skip="compute")
+        assert hf.config._attn_implementation == "eager"
+    finally:
+        handle.remove()
+        tiny_ee.heads[0]._forward_hooks.clear()
+
+
+def _boom(*args):
+    raise RuntimeError("boom")

@@ -2,5 +2,6 @@
 
 `skipping` runs exited rows only through the key/value projections of later blocks,
 `bypass` calls the HF modules under the bridge directly where a model needs it, and
-`norm_shortcut` skips TransformerLens's hook-point wrapper around the norms.
+`norm_shortcut` skips TransformerLens's hook-point wrapper around the norms, and `attention`
+runs HF's fused attention kernel where nobody reads the attention patterns.
 """
