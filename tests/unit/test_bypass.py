@@ -6,6 +6,7 @@ split from the fused ``c_attn`` by the bridge, must fall back to the bridge.
 """
 
 import contextlib
+import functools
 
 import pytest
 import torch
@@ -231,3 +232,43 @@ def test_the_fast_path_runs_fused_attention_and_puts_eager_back(tiny_ee, arch):
 
 def _boom(*args):
     raise RuntimeError("boom")
+
+
+def test_the_bypassed_decode_collects_no_attention_weights_and_puts_the_capture_back(tiny_ee, arch):
+    """The bridge asks its HF model for every layer's attention weights (``output_attentions``), collected by
+    HF's forward hooks; the bypassed decode reads none: the flag is off and the hooks do not run during it,
+    and both are as they were afterwards (the bridge's own path still gets its patterns)."""
+    if arch != "qwen3":
+        pytest.skip("GPT-2 is not bypassed")
+    from eetools.core.fast.bypass import CAPTURE_MODULE
+
+    hf = tiny_ee.model.original_model
+    tiny_ee.model.run_with_cache("Q: 1+2\n")  # the bridge's path: HF installs its capturing hooks
+    capture = {
+        (id(m), k): fn
+        for m in hf.modules()
+        for k, fn in m._forward_hooks.items()
+        if getattr(fn, "__module__", None) == CAPTURE_MODULE
+    }
+    assert capture and hf.config.output_attentions, "the bridge no longer asks for attention weights"
+    before = {id(m): list(m._forward_hooks) for m in hf.modules()}
+    fired, flags = [], []
+    for (mid, key), fn in capture.items():
+        module = next(m for m in hf.modules() if id(m) == mid)
+
+        @functools.wraps(fn)  # still HF's hook by its module, as the bypass recognises it; counted
+        def counted(*a, fn=fn):
+            fired.append(1)
+            return fn(*a)
+
+        module._forward_hooks[key] = counted
+    handle = tiny_ee.heads[0].register_forward_pre_hook(lambda m, a: flags.append(hf.config.output_attentions))
+    try:
+        r = tiny_ee.generate(PROMPTS, 6, seed=5, mode="off")
+    finally:
+        handle.remove()
+    assert fired == [] and set(flags) == {False}, "the decode collected attention weights"
+    assert r.mask.any() and hf.config.output_attentions
+    assert {id(m): list(m._forward_hooks) for m in hf.modules()} == before, "the hooks' order changed"
+    _, cache = tiny_ee.model.run_with_cache("Q: 1+2\n")  # the bridge's own path is unchanged
+    assert fired and "blocks.0.attn.hook_pattern" in cache

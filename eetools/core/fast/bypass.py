@@ -17,7 +17,8 @@ Inside `bridge_bypassed(ee_model, state)`:
    gives: bit-identical rollouts on the shipped model (``tests/unit/test_bypass.py``);
 2. the exit hooks of `state` (`ExitState.hooks`) are attached as PyTorch hooks on the HF
    decoder layers: the head reads the layer's input (the bridge's ``blocks.{l}.hook_resid_pre``)
-   and the freeze rewrites its output (``blocks.{l}.hook_resid_post``).
+   and the freeze rewrites its output (``blocks.{l}.hook_resid_post``);
+3. the HF model stops collecting attention weights for the bridge (`_no_output_capture`).
 
 It is used by ``generate(skip="compute")``, the fast decode path, and only where it changes
 nothing anyone can observe. It yields False, and the caller runs the bridge's own path, when
@@ -158,8 +159,47 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = (), hooks: li
         if not ok:  # put the bridge back before the caller runs its own path
             _restore(undo)
             undo = []
-        yield ok
+            yield ok
+        else:
+            with _no_output_capture(bridge.original_model):
+                yield ok
     finally:
         for h in handles:
             h.remove()
         _restore(undo)
+
+
+CAPTURE_MODULE = "transformers.utils.output_capturing"  # where HF's output-capturing hooks are defined
+
+
+@contextlib.contextmanager
+def _no_output_capture(hf_model: nn.Module):
+    """Within this context `hf_model` neither collects attention weights nor calls HF's output-capturing hooks.
+
+    The bridge sets ``config.output_attentions`` (its own attention reads the patterns), so each forward of
+    the HF model collects every layer's attention weights through forward hooks HF installs on the decoder
+    layers and attention modules (two per block), which also put every call of those modules on PyTorch's
+    slower path with hooks. With the bridge bypassed nobody reads them: the flag is off and those hooks are
+    detached for the context, and both put back as they were on exit (the hooks in their order).
+    """
+    config = getattr(hf_model, "config", None)
+    before = getattr(config, "output_attentions", None)
+    detached = []
+    for module in hf_model.modules():
+        for key, fn in list(module._forward_hooks.items()):
+            if getattr(fn, "__module__", None) == CAPTURE_MODULE:
+                detached.append((module, key, fn))
+                del module._forward_hooks[key]
+    if before:
+        config.output_attentions = False
+    try:
+        yield
+    finally:
+        if before:
+            config.output_attentions = before
+        for module, key, fn in detached:
+            module._forward_hooks[key] = fn
+        for module in {id(m): m for m, _, _ in detached}.values():  # handle ids grow: their order is the keys'
+            hooks = sorted(module._forward_hooks.items())
+            module._forward_hooks.clear()
+            module._forward_hooks.update(hooks)
