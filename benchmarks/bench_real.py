@@ -93,8 +93,8 @@ def decode(bridge, hf, new: int, repeats: int) -> dict:
     out = {}
     off_model = eetools.attach_exit_heads(bridge, seed=0)  # the default exit layers, fresh heads
     rated = {r: exit_model_at(bridge, r) for r in RATES}
+    bos = bool(bridge.cfg.default_prepend_bos)
     for batch in BATCHES:
-        bos = bool(bridge.cfg.default_prepend_bos)
         prompts = [chat_prompt(bridge.tokenizer, q, prepend_bos=bos) for q in PROMPTS[:batch]]
         ids, pmask = encode_prompts(off_model, prompts, new)
         fns = {

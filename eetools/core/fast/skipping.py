@@ -114,8 +114,8 @@ def kv_only_support(layer: nn.Module) -> bool:
     name = type(attn).__name__
     if name not in KV_ONLY or not isinstance(getattr(layer, "input_layernorm", None), nn.Module):
         return False
-    rotary = getattr(sys.modules.get(type(attn).__module__), "apply_rotary_pos_emb", None)
-    return callable(rotary) and all(hasattr(attn, a) for a in ("k_proj", "v_proj", "head_dim", "layer_idx"))
+    rotate_half = getattr(sys.modules.get(type(attn).__module__), "rotate_half", None)
+    return callable(rotate_half) and all(hasattr(attn, a) for a in ("k_proj", "v_proj", "head_dim", "layer_idx"))
 
 
 class _KVOnly:
@@ -137,8 +137,7 @@ class _KVOnly:
         self.head_norm = KV_ONLY[type(attn).__name__]
         # the keys' rotation as the model's `apply_rotary_pos_emb` computes it, for the keys alone (it
         # rotates a query too, which nobody reads here): ``k * cos + rotate_half(k) * sin``
-        self.rotate_half = getattr(sys.modules[type(attn).__module__], "rotate_half", None)
-        self.rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        self.rotate_half = sys.modules[type(attn).__module__].rotate_half
 
     def __call__(self, hidden_states, *args, **kwargs):
         cache, rope = kwargs.get("past_key_values"), kwargs.get("position_embeddings")
@@ -153,10 +152,7 @@ class _KVOnly:
         k = k.transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         cos, sin = rope
-        if self.rotate_half is None:
-            _, k = self.rotary(k, k, cos, sin)  # the keys' half of the layer's own call
-        else:  # the same operations on the keys, the query's half left out
-            k = (k * cos.unsqueeze(1)) + (self.rotate_half(k) * sin.unsqueeze(1))
+        k = (k * cos.unsqueeze(1)) + (self.rotate_half(k) * sin.unsqueeze(1))
         cache.update(k, v, attn.layer_idx)
         return hidden_states
 
