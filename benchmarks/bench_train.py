@@ -5,6 +5,9 @@
   ``calib_step_s``) streamed (``one_pass_elements=0``: one exit sample at a time, losses over
   position chunks, as for hub models) / in one pass (the default on this model), alternated in one
   process; ``calib_streamed_vs_onepass_mixture`` the same on an addition+tom batch (long traces);
+- ``calib_bridge_vs_fast_mixture``: time of an addition+tom calibration step with the training forwards on
+  the bridge's path (``fast_forwards=False``) / on the HF modules with fused attention (the default,
+  `eetools.core.fast.forwards`), alternated in one process;
 - ``rl_step_s``: seconds per RL step (8 prompts x K=8 rollouts, 80 new tokens), addition,
   from the calibrated preset (target <= 3 s on CPU);
 - ``rl_step_mixture_s``: the same on the addition+tom mixture (long ToM reasoning), as ``reproduce`` runs it;
@@ -87,6 +90,18 @@ def _calibration_paths(ee, quick: bool) -> dict:
             "one_pass": functools.partial(calibration_step, ee, source, CalibrationConfig(), 0),
         }
         out[key] = paired_ratio(timings(fns, repeats=3 if quick else 7), "streamed", "one_pass")
+    step = functools.partial(calibration_step, ee, tasks.get("addition+tom"), CalibrationConfig(), 0)
+
+    def on(fast: bool):
+        def f():
+            ee.fast_forwards = fast
+            step()
+
+        return f
+
+    times = timings({"bridge": on(False), "fast": on(True)}, repeats=3 if quick else 7)
+    out["calib_bridge_vs_fast_mixture"] = paired_ratio(times, "bridge", "fast")
+    ee.fast_forwards = True
     for p in ee.trainable_parameters():
         p.grad = None
     return out

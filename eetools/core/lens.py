@@ -67,7 +67,7 @@ def residual_hook_name(layer: int, n_layers: int, where: Where = "pre") -> str:
 
 
 @contextlib.contextmanager
-def _base_and_shortcut(model, base: bool, norm_shortcut: bool) -> Iterator[None]:
+def base_and_shortcut(model, base: bool, norm_shortcut: bool) -> Iterator[None]:
     """Adapters off if `base`, the norm shortcut if `norm_shortcut`; restored on exit."""
     ee, bridge = _split(model)
     with contextlib.ExitStack() as stack:
@@ -107,9 +107,23 @@ def capturing(
     hooks (`ExitState`) on the same points change it.
     """
     _, bridge = _split(model)
+    store, pairs = capture_hooks(model, layers, where=where, rows=rows)
+    with base_and_shortcut(model, base, norm_shortcut), bridge.hooks(fwd_hooks=pairs):
+        yield store
+
+
+def capture_hooks(
+    model, layers: Sequence[int], *, where: Where = "pre", rows: Any = None
+) -> tuple[dict[int, Tensor], list[tuple[str, Any]]]:
+    """`capturing`'s dict and the ``(hook name, fn)`` pairs that fill it, for a caller that attaches
+    them itself (`eetools.core.fast.forwards.hooked`, which may run them on the HF modules).
+
+    Every layer is validated (a one-line ValueError) before any pair is made.
+    """
+    _, bridge = _split(model)
     n_layers = int(bridge.cfg.n_layers)
     names = {}
-    for l in layers:  # all validated before any hook goes on
+    for l in layers:  # the name first: it gives the one-line error for a bad layer
         name = residual_hook_name(l, n_layers, where)
         names[operator.index(l)] = name
     store: dict[int, Tensor] = {}
@@ -120,11 +134,7 @@ def capturing(
 
         return hook
 
-    with (
-        _base_and_shortcut(model, base, norm_shortcut),
-        bridge.hooks(fwd_hooks=[(name, grab(l)) for l, name in names.items()]),
-    ):
-        yield store
+    return store, [(name, grab(l)) for l, name in names.items()]
 
 
 def capture_residuals(
@@ -166,7 +176,7 @@ def lens_logits(
     _, bridge = _split(model)
     if not base and not norm_shortcut:
         return bridge.unembed(bridge.ln_final(resid))
-    with _base_and_shortcut(model, base, norm_shortcut):
+    with base_and_shortcut(model, base, norm_shortcut):
         return bridge.unembed(bridge.ln_final(resid))
 
 

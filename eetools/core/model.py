@@ -26,11 +26,12 @@ import torch.utils.checkpoint
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from eetools.core.fast.forwards import hooked
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, VETOED, exit_log_probs, make_head
 from eetools.core.hooks import check_hook_names, resid_post
-from eetools.core.lens import capturing, lens_logits
+from eetools.core.lens import base_and_shortcut, capture_hooks, capturing, lens_logits
 from eetools.core.lenses import Readout, TunedLens, make_readout
 from eetools.core.options import check_value
 from eetools.core.rule import UNSET, ExitRule
@@ -178,6 +179,9 @@ class EarlyExitModel(nn.Module):
         # how the heads were calibrated ({"kl_factor", "steps", "data"}), set by `calibrate`; saved and loaded
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
+        # the training forwards (`final_residual`) on the HF modules with fused attention
+        # where nothing observes the bridge (`eetools.core.fast.forwards`); False: always the bridge's path
+        self.fast_forwards: bool = True
         device = next(model.parameters()).device
         self.heads.to(device)
 
@@ -315,7 +319,8 @@ class EarlyExitModel(nn.Module):
         """Base model (adapters off, no exits): full-depth log-probs and the exit readout at each exitable layer."""
         tokens, attention_mask = self._here(tokens), self._here(attention_mask)
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
-        # adapters off and the norm shortcut, for the forward and the readouts alike
+        # adapters off and the norm shortcut, for the forward and the readouts alike; the bridge's own path
+        # (an analysis reference: bit for bit `capture_residuals`), unlike the training forwards' `final_residual`
         with capturing(self, self.exit_layers, base=True, norm_shortcut=True) as store:
             logits = self.model(tokens, return_type="logits", **kwargs)
             early = torch.stack([self.readout(store[l], l) for l in self.exit_layers], dim=1)
@@ -358,10 +363,13 @@ class EarlyExitModel(nn.Module):
         kwargs = {"attention_mask": attention_mask} if attention_mask is not None else {}
         # no KV cache unless one is extended: HF would make one, and a recomputed block extend it twice
         kwargs.update(past_key_values=past_key_values, use_cache=past_key_values is not None)
+        store, grab = capture_hooks(self, capture)  # first: they see each residual before the exit hooks change it
+        checkpointing = checkpoint_blocks and past_key_values is None
         with (
-            capturing(self, capture, base=base, norm_shortcut=True) as store,
-            self.model.hooks(fwd_hooks=[*hooks, (resid_post(L - 1), stop)]),
-            checkpointed_blocks(self.model, checkpoint_blocks and past_key_values is None, heads=self.heads),
+            base_and_shortcut(self, base, True),
+            # the HF modules cannot take the bridge components' checkpointing: that stays on the bridge
+            hooked(self, [*grab, *hooks, (resid_post(L - 1), stop)], fast=self.fast_forwards and not checkpointing),
+            checkpointed_blocks(self.model, checkpointing, heads=self.heads),
         ):
             try:
                 self.model(tokens, return_type="logits", **kwargs)

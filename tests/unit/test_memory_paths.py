@@ -27,6 +27,14 @@ GRAD_ATOL = 1e-5
 """Absolute tolerances of the losses and of every trainable parameter's gradient (float32 rounding)."""
 
 
+@pytest.fixture()
+def tiny_ee(tiny_ee):
+    """The shared model on the bridge's path, where the references run: these tests compare the streaming
+    alone (the fast forwards' rounding is `tests/unit/test_fast_forwards.py`'s)."""
+    tiny_ee.fast_forwards = False
+    return tiny_ee
+
+
 def _old_calibration_sums(ee_model, ids, attn, predict, kl_factor, exit_samples, generator):
     """The loss terms as computed before issue 29 (one padded student pass)."""
     L, layers = ee_model.n_layers, ee_model.exit_layers

@@ -101,18 +101,22 @@ def bypass_blocker(bridge: nn.Module) -> str | None:
     return None
 
 
-def _layer_hooks(layer: nn.Module, pre: Callable | None, post: Callable | None) -> list:
-    """Attach TransformerLens-style hook functions ``fn(resid, hook)`` to an HF decoder layer's input and output."""
-    handles = []
-    if pre is not None:
+def _layer_hooks(layer: nn.Module, pres: list[Callable], posts: list[Callable]) -> list:
+    """Attach TransformerLens-style hook functions ``fn(resid, hook)`` to an HF decoder layer's input and output.
 
-        def on_input(module, args, kwargs):
-            pre(args[0] if args else kwargs["hidden_states"], None)  # the heads only read; they return None
+    They run in the order given, as the bridge runs several hooks on one hook point: each of `posts`
+    sees the output the previous one returned (PyTorch passes a forward hook's result on).
+    """
+    handles = []
+    for pre in pres:
+
+        def on_input(module, args, kwargs, pre=pre):
+            pre(args[0] if args else kwargs["hidden_states"], None)  # they only read (heads, captures)
 
         handles.append(layer.register_forward_pre_hook(on_input, with_kwargs=True))
-    if post is not None:
+    for post in posts:
 
-        def on_output(module, args, output):
+        def on_output(module, args, output, post=post):
             hidden = output if isinstance(output, Tensor) else output[0]
             new = post(hidden, None)
             if new is None:
@@ -149,13 +153,17 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = (), hooks: li
     try:
         on_path = {id(m) for m in bridge.original_model.modules()}
         blocks = [b.original_component for b in bridge.blocks]
-        if any(id(m) not in on_path for m in [*blocks, *(c.original_component for c in needed)]):
-            ok = False
-        else:
-            by_name = dict(state.hooks() if hooks is None else hooks)
+        by_name: dict[str, list[Callable]] = {}
+        for name, fn in state.hooks() if hooks is None else hooks:
+            by_name.setdefault(name, []).append(fn)
+        points = {p for l in range(len(blocks)) for p in (resid_pre(l), resid_post(l))}
+        # the HF modules must be those the bridge's forward calls, and every hook on a residual point they have
+        ok = set(by_name) <= points and all(
+            id(m) in on_path for m in [*blocks, *(c.original_component for c in needed)]
+        )
+        if ok:
             for l, layer in enumerate(blocks):
-                handles += _layer_hooks(layer, by_name.get(resid_pre(l)), by_name.get(resid_post(l)))
-            ok = True
+                handles += _layer_hooks(layer, by_name.get(resid_pre(l), []), by_name.get(resid_post(l), []))
         if not ok:  # put the bridge back before the caller runs its own path
             _restore(undo)
             undo = []
