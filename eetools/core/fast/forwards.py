@@ -1,7 +1,6 @@
-"""Forwards on the HF modules with fused attention, wherever nothing observes the bridge.
+"""Teacher-forced forwards (training and the teacher) on the HF modules, with fused attention.
 
-Calibration (its teacher and students) and RL (policy and reference passes) run whole sequences
-through `final_residual` with a few residual hooks:
+Calibration, RL and the teacher run whole sequences through the model with a few residual hooks:
 captures at the exitable layers, the exit heads and freezes, a stop after the last block. Through
 the bridge every block, attention, MLP, norm and linear is a component that fires its hook points,
 and attention is re-implemented step by step (eager: the ``[batch, heads, pos, pos]`` scores and
@@ -20,26 +19,19 @@ the hooks go on the bridge and its own path runs, bit for bit as before.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 
 from eetools.core.fast.attention import fused_attention
 from eetools.core.fast.bypass import bridge_bypassed
 
 
 @contextlib.contextmanager
-def hooked(
-    ee_model, hooks: list[tuple[str, Callable]], *, fast: bool = True, fused: bool = True, needed: Iterable = ()
-) -> Iterator[bool]:
-    """Forwards of ``ee_model.model`` inside run with `hooks`; yields True if on the HF modules (see the module doc).
-
-    `fast`: try the HF modules at all; `fused`: with them, HF's "sdpa" attention (False keeps eager:
-    the bypass alone is bit for bit the bridge's path, as ``generate(skip="mask")`` needs); `needed`:
-    bridge components whose wrapped modules must be on the HF forward's path (`bridge_bypassed`).
-    """
+def hooked(ee_model, hooks: list[tuple[str, Callable]], *, fast: bool = True) -> Iterator[bool]:
+    """Forwards of ``ee_model.model`` inside run with `hooks`; yields True if on the HF modules (see the module doc)."""
     with contextlib.ExitStack() as stack:
-        bypassed = fast and stack.enter_context(bridge_bypassed(ee_model, None, needed, hooks=hooks))
-        if not bypassed:
-            stack.enter_context(ee_model.model.hooks(fwd_hooks=hooks))
-        elif fused:
+        bypassed = fast and stack.enter_context(bridge_bypassed(ee_model, None, hooks=hooks))
+        if bypassed:
             stack.enter_context(fused_attention(ee_model.model.original_model))
+        else:
+            stack.enter_context(ee_model.model.hooks(fwd_hooks=hooks))
         yield bypassed
