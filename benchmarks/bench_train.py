@@ -7,7 +7,7 @@
   process; ``calib_streamed_vs_onepass_mixture`` the same on an addition+tom batch (long traces);
 - ``calib_bridge_vs_fast_mixture``: time of an addition+tom calibration step with the training forwards on
   the bridge's path (``fast_forwards=False``) / on the HF modules with fused attention (the default,
-  `eetools.core.fast.forwards`), alternated in one process;
+  `eetools.core.fast.bypass.hooked`), alternated in one process;
 - ``rl_step_s``: seconds per RL step (8 prompts x K=8 rollouts, 80 new tokens), addition,
   from the calibrated preset (target <= 3 s on CPU);
 - ``rl_step_mixture_s``: the same on the addition+tom mixture (long ToM reasoning), as ``reproduce`` runs it;

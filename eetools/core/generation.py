@@ -23,8 +23,7 @@ from tqdm.auto import tqdm
 
 from eetools.core.adapters import adapters_merged
 from eetools.core.encoding import encode_prompts
-from eetools.core.fast.attention import fused_attention
-from eetools.core.fast.bypass import bridge_bypassed
+from eetools.core.fast.bypass import hooked
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.fast.skipping import compute_skipping, skip_support, skipped_components
 from eetools.core.heads import exit_log_probs
@@ -139,25 +138,21 @@ def generate(
     hooks = [h for h in state.hooks() if h[0] not in freezes] if heads else []
     # attached once for the loop; hooks, wrappers and merged weights are undone even on errors
     with contextlib.ExitStack() as stack:
-        bypassed = False
         if skip == "compute":  # LoRA folded into the weights
             stack.enter_context(adapters_merged(ee_model))
         # with a KV cache the HF modules run without the bridge's wrappers wherever that changes nothing
-        # observable (`bridge_bypassed`: where the HF modules are those the bridge's components call,
-        # which leaves GPT-2, whose query the bridge splits from the fused `c_attn`, on the bridge); the
-        # uncached path stays on the bridge's hooks: the reference
-        if use_cache and skip_support(ee_model.model) is None:
-            needed = [m for _, m in skipped_components(ee_model)]
-            bypassed = stack.enter_context(bridge_bypassed(ee_model, state, needed, hooks=hooks))
-        if not bypassed:  # the exit hooks on the bridge's hook points
-            stack.enter_context(ee_model.model.hooks(fwd_hooks=hooks))
+        # observable (`hooked`: where the HF modules are those the bridge's components call, which
+        # leaves GPT-2, whose query the bridge splits from the fused `c_attn`, on the bridge); the
+        # uncached path stays on the bridge's hooks: the reference. Nobody reads the attention patterns
+        # there: the fast path (skip="compute") takes the fused kernel, skip="mask" stays on eager, bit for bit
+        fast = use_cache and skip_support(ee_model.model) is None
+        needed = [m for _, m in skipped_components(ee_model)] if fast else []
+        bypassed = stack.enter_context(hooked(ee_model, hooks, fast=fast, fused=skip == "compute", needed=needed))
         stack.enter_context(norm_shortcut(ee_model.model))  # once for the loop, not per step
         if use_cache:  # the prefill unembeds only the last position, as HF `generate` does
             stack.enter_context(last_logits_only(ee_model.model.original_model))
         if skip == "compute" and not off:  # exited rows' later compute skipped
             stack.enter_context(compute_skipping(ee_model, state, bypassed=bypassed))
-        if skip == "compute" and bypassed:  # nobody reads the attention patterns: the fused kernel
-            stack.enter_context(fused_attention(ee_model.model.original_model))
         for step in tqdm(range(max_new_tokens), desc="generate", disable=not progress, leave=False):
             dec.step(step, state)
             if dec.finished:

@@ -116,7 +116,7 @@ def capture_hooks(
     model, layers: Sequence[int], *, where: Where = "pre", rows: Any = None
 ) -> tuple[dict[int, Tensor], list[tuple[str, Any]]]:
     """`capturing`'s dict and the ``(hook name, fn)`` pairs that fill it, for a caller that attaches
-    them itself (`eetools.core.fast.forwards.hooked`, which may run them on the HF modules).
+    them itself (`eetools.core.fast.bypass.hooked`, which may run them on the HF modules).
 
     Every layer is validated (a one-line ValueError) before any pair is made.
     """

@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from eetools.core.fast.forwards import hooked
+from eetools.core.fast.bypass import hooked
 from eetools.core.fast.norm_shortcut import norm_shortcut
 from eetools.core.generation import generate
 from eetools.core.heads import TRAINABLE_KINDS, VETOED, exit_log_probs, make_head
@@ -180,7 +180,7 @@ class EarlyExitModel(nn.Module):
         self.calibration: dict | None = None
         self._exit_lookup: dict[torch.device, Tensor] = {}
         # the training forwards (`final_residual`) on the HF modules with fused attention
-        # where nothing observes the bridge (`eetools.core.fast.forwards`); False: always the bridge's path
+        # where nothing observes the bridge (`eetools.core.fast.bypass.hooked`); False: always the bridge's path
         self.fast_forwards: bool = True
         device = next(model.parameters()).device
         self.heads.to(device)

@@ -26,7 +26,7 @@ def eager_attention(monkeypatch):
     def unchanged(hf_model):
         yield False
 
-    monkeypatch.setattr("eetools.core.generation.fused_attention", unchanged)
+    monkeypatch.setattr("eetools.core.fast.bypass.fused_attention", unchanged)
 
 
 def _busy_heads(ee):

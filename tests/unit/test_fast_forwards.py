@@ -1,4 +1,4 @@
-"""`eetools.core.fast.forwards`: training forwards on the HF modules with fused attention, the bridge's numbers.
+"""`eetools.core.fast.bypass.hooked`: training forwards on the HF modules with fused attention, the bridge's numbers.
 
 `final_residual` (the calibration and RL forwards) is compared with its bridge path
 (``fast_forwards=False``) on tiny random bridges with LoRA adapters and right-padded batches:
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from eetools.core.adapters import add_lora
-from eetools.core.fast import forwards
+from eetools.core.fast import bypass
 from eetools.core.hooks import count_hooks
 
 ATOL = 1e-4  # residuals of a tiny random model reach ~10: float32 rounding of a different attention kernel
@@ -41,7 +41,7 @@ def _run(ee, fast: bool, ids, attn, exits, **kw):
 
 def _spy(monkeypatch):
     """Record what each `hooked` call yielded (True: on the HF modules)."""
-    seen, real = [], forwards.hooked
+    seen, real = [], bypass.hooked
 
     @contextlib.contextmanager
     def spy(*a, **k):

@@ -20,8 +20,13 @@ Inside `bridge_bypassed(ee_model, state)`:
    and the freeze rewrites its output (``blocks.{l}.hook_resid_post``);
 3. the HF model stops collecting attention weights for the bridge (`_no_output_capture`).
 
-It is used by ``generate(skip="compute")``, the fast decode path, and only where it changes
-nothing anyone can observe. It yields False, and the caller runs the bridge's own path, when
+It is used by the cached decode (`generate`) and by the teacher-forced training forwards
+(`final_residual`: calibration's teacher and students, RL's policy and reference passes), through
+`hooked`, and only where it changes nothing anyone can observe. `hooked(ee_model, hooks)` also
+switches the HF model to its fused "sdpa" attention where nobody reads the patterns
+(`eetools.core.fast.attention`): through the bridge, attention is re-implemented step by step
+(the ``[batch, heads, pos, pos]`` scores and pattern exist, with their backward), about a third of
+a calibration step on the shipped tiny reasoner. Its numbers equal the bridge's up to float rounding. It yields False, and the caller runs the bridge's own path, when
 any hook point of the bridge carries a hook (a user's `run_with_hooks`, `hooks()` or a
 permanent hook), when the bridge processed its weights or runs in compatibility mode (its
 components then no longer compute what the HF modules compute), when a config flag asks for
@@ -33,10 +38,11 @@ HF module the HF forward calls (GPT-2's query, which the bridge splits from the 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from torch import Tensor, nn
 
+from eetools.core.fast.attention import fused_attention
 from eetools.core.hooks import count_hooks, resid_post, resid_pre
 
 # TransformerLens config flags under which the bridge computes attention or MLP inputs its own way
@@ -175,6 +181,28 @@ def bridge_bypassed(ee_model, state, needed: Iterable[nn.Module] = (), hooks: li
         for h in handles:
             h.remove()
         _restore(undo)
+
+
+@contextlib.contextmanager
+def hooked(
+    ee_model, hooks: list[tuple[str, Callable]], *, fast: bool = True, fused: bool = True, needed: Iterable = ()
+) -> Iterator[bool]:
+    """Forwards of ``ee_model.model`` inside run with `hooks`; yields True if on the HF modules, False if on the bridge.
+
+    `hooks` are ``(hook name, fn)`` pairs on ``hook_resid_pre`` / ``hook_resid_post`` points. With
+    `fast` they run as PyTorch hooks on the HF decoder layers wherever `bridge_bypassed` allows
+    (`needed`: bridge components whose wrapped modules must be on the HF forward's path), and then,
+    with `fused`, HF's "sdpa" attention (False keeps eager: the bypass alone is bit for bit the
+    bridge's path, as ``generate(skip="mask")`` needs). Otherwise, or with ``fast=False``, the hooks
+    go on the bridge and its own path runs, bit for bit as before.
+    """
+    with contextlib.ExitStack() as stack:
+        bypassed = fast and stack.enter_context(bridge_bypassed(ee_model, None, needed, hooks=hooks))
+        if not bypassed:
+            stack.enter_context(ee_model.model.hooks(fwd_hooks=hooks))
+        elif fused:
+            stack.enter_context(fused_attention(ee_model.model.original_model))
+        yield bypassed
 
 
 CAPTURE_MODULE = "transformers.utils.output_capturing"  # where HF's output-capturing hooks are defined
