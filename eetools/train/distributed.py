@@ -21,12 +21,18 @@ runs through hooks on the bridge. After ``loss.backward()`` the gradients are av
 one flat bucket (`all_reduce_gradients`), which is all DDP would do here.
 
 Outside torchrun (or with one process) every helper is a no-op and rank 0 is the only rank.
+
+`spawn(fn, args, workers=N)` starts such a group without torchrun, from Python or a notebook:
+``eetools reproduce`` trains in two CPU processes of one thread each, which on 2 cores take about
+1.3x the steps per second of one process of two threads (small matrix products leave a second
+thread idle much of the time; docs/speed.md).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -95,6 +101,49 @@ def setup(device: str | torch.device | None = None) -> bool:
         torch.cuda.set_device(device if device.index is not None else torch.device("cuda", local_rank()))
     dist.init_process_group(backend=backend)
     return dist.get_world_size() > 1
+
+
+def spawn(fn: Callable, args: tuple = (), *, workers: int, threads: int | None = None) -> None:
+    """Run ``fn(*args)`` in `workers` new processes joined in one gloo group (CPU), each with `threads` threads.
+
+    Inside, every helper of this module sees the group (`rank`, `is_main`, `all_reduce_gradients`),
+    so `calibrate` and `train_rl` shard their batches as under torchrun. `fn` must be importable
+    (a module-level function: the processes are spawned, not forked) and returns nothing: rank 0
+    writes what the caller reads. `threads` defaults to this process's threads split among the
+    workers. A failing worker stops the others and its error is raised here, as is an interrupt
+    (the workers are terminated; checkpoints they wrote stay, so the run resumes).
+    """
+    import torch.multiprocessing as mp
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    with tempfile.TemporaryDirectory(prefix="eetools-group-") as d:
+        ctx = mp.start_processes(
+            _spawned,
+            args=(fn, args, workers, threads, f"file://{d}/store"),
+            nprocs=workers,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join():
+                pass
+        except BaseException:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise
+
+
+def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, init: str) -> None:
+    """One process of `spawn`: its threads, the group, ``fn(*args)``, the group left."""
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=init, rank=rank_, world_size=world)
+    try:
+        fn(*args)
+    finally:
+        dist.destroy_process_group()
 
 
 def teardown() -> None:
