@@ -31,8 +31,12 @@ thread idle much of the time; docs/speed.md).
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
+import time
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -121,7 +125,7 @@ def spawn(fn: Callable, args: tuple = (), *, workers: int, threads: int | None =
     with tempfile.TemporaryDirectory(prefix="eetools-group-") as d:
         ctx = mp.start_processes(
             _spawned,
-            args=(fn, args, workers, threads, f"file://{d}/store"),
+            args=(fn, args, workers, threads, d),
             nprocs=workers,
             join=False,
             start_method="spawn",
@@ -129,21 +133,39 @@ def spawn(fn: Callable, args: tuple = (), *, workers: int, threads: int | None =
         try:
             while not ctx.join():
                 pass
-        except BaseException:
+        except BaseException as e:
             for p in ctx.processes:
                 if p.is_alive():
                     p.terminate()
+            first = _first_failure(Path(d))
+            if first is not None and not isinstance(e, KeyboardInterrupt):
+                raise first from None
             raise
 
 
-def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, init: str) -> None:
-    """One process of `spawn`: its threads, the group, ``fn(*args)``, the group left."""
+def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, folder: str) -> None:
+    """One process of `spawn`: its threads, the group, ``fn(*args)``, the group left; a failure is
+    recorded in `folder` with its time, so that `spawn` raises the first one, not the others'
+    consequences (a peer's lost connection)."""
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=init, rank=rank_, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank_, world_size=world)
     try:
         fn(*args)
+    except Exception as e:
+        e.add_note(f"(in worker {rank_} of {world}:\n{traceback.format_exc()})")
+        try:
+            blob = pickle.dumps((time.time(), e))
+        except Exception:  # an exception that cannot be pickled: its words
+            blob = pickle.dumps((time.time(), RuntimeError(f"{type(e).__name__}: {e}")))
+        (Path(folder) / f"failure{rank_}.pkl").write_bytes(blob)
+        raise
     finally:
         dist.destroy_process_group()
+
+
+def _first_failure(folder: Path) -> BaseException | None:
+    found = [pickle.loads(f.read_bytes()) for f in folder.glob("failure*.pkl")]
+    return min(found, key=lambda x: x[0])[1] if found else None
 
 
 def teardown() -> None:
