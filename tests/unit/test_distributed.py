@@ -379,28 +379,3 @@ def test_cli_calibrate_and_rl_under_torchrun(tiny_folders, tmp_path):
 
     assert len(pd.read_csv(tmp_path / "rl" / "rl_history.csv")) == 1
     assert len(pd.read_csv(tmp_path / "rl" / "rl_evals.csv")) == 2
-
-
-def _spawned_sum(out: str) -> None:
-    """A `distributed.spawn` worker: each rank adds rank + 1; rank 0 writes the sum, the group and its threads."""
-    total = distributed.all_reduce_sum(torch.tensor(float(distributed.rank() + 1)))
-    if distributed.is_main():
-        Path(out).write_text(json.dumps([float(total), distributed.world_size(), torch.get_num_threads()]))
-
-
-def _spawned_failure() -> None:
-    if distributed.rank() == 1:
-        raise ValueError("rank 1 was told to fail")
-    distributed.barrier()  # rank 0 would wait here for ever if the failure did not stop it
-
-
-def test_spawn_runs_a_gloo_group_of_workers_without_torchrun(tmp_path):
-    out = tmp_path / "sum.json"
-    distributed.spawn(_spawned_sum, (str(out),), workers=2, threads=1)
-    assert json.loads(out.read_text()) == [3.0, 2, 1]
-    assert not distributed.is_distributed()  # the caller's process never joined a group
-
-
-def test_a_failing_spawned_worker_stops_the_group_and_raises_its_error():
-    with pytest.raises(ValueError, match="rank 1 was told to fail"):
-        distributed.spawn(_spawned_failure, workers=2, threads=1)
