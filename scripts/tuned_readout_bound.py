@@ -108,23 +108,54 @@ def tiny_heldout(n: int, batch_size: int):
 
 
 def tiny_tradeoff(
-    train, steps: int, bs: int, lr: float, thresholds, n: int, out: Path, recal: int = 0, kl_factor: float = 64.0
+    train,
+    steps: int,
+    bs: int,
+    lr: float,
+    thresholds,
+    n: int,
+    out: Path,
+    recal: int = 0,
+    kl_factor: float = 64.0,
+    start: str = "tiny-reasoner/rl-lam6",
+    rl_steps: int = 0,
 ) -> list[dict]:
-    """`tiny-reasoner/rl-lam6` with its rules (patience 1, lens floor 0.9, thresholded exits) read out
-    through the logit lens and through a lens tuned on it (adapters on, as it decodes): accuracy and
-    layers saved per threshold on addition's test split. With `recal` > 0 each arm's heads are first
-    calibrated `recal` more steps (k = `kl_factor`) against its own readout (calibration's targets read
-    through the exit readout), so the tuned arm's heads learn where the tuned readout already agrees."""
+    """`start` (default `tiny-reasoner/rl-lam6`) with rl-lam6's rules (patience 1, lens floor 0.9,
+    thresholded exits) read out through the logit lens and through a lens tuned on it (adapters on, as it
+    decodes): accuracy and layers saved per threshold on addition's test split. With `recal` > 0 each
+    arm's heads are first calibrated `recal` more steps (k = `kl_factor`) against its own readout
+    (calibration's targets read through the exit readout), so the tuned arm's heads learn where the tuned
+    readout already agrees. With `rl_steps` > 0 each arm is then trained by RL with rl-lam6's recipe
+    (addition+tom, greedy rollouts, lambda 6, adapters at 2.5e-4, heads at 1e-3, seed 0) against its own
+    readout: from `tiny-reasoner/calibrated` with 60 steps, the logit arm is rl-lam6's own run."""
     from eetools.train.calibration import calibrate
+    from eetools.train.rl import train_rl
 
     rows = []
     for name in ("logit", "tuned"):
-        em = ee.load_exit_model("tiny-reasoner/rl-lam6")
+        em = ee.load_exit_model(start)
         if name == "tuned":
-            tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / "checkpoint-lam6")
+            tune_readout(
+                em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / f"checkpoint-{start.split('/')[-1]}"
+            )
         if recal:
             calibrate(em, "addition", kl_factor=kl_factor, steps=recal, seed=0, progress=False)
             name = f"{name}+cal{recal}"
+        if rl_steps:
+            train_rl(
+                em,
+                "addition+tom",
+                steps=rl_steps,
+                temperature=0.0,
+                lam=6.0,
+                lr=2.5e-4,
+                head_lr=1e-3,
+                eval_every=0,
+                seed=0,
+                progress=False,
+                checkpoint_dir=out / f"rl-{name}",
+            )
+            name = f"{name}+rl{rl_steps}"
         t = ee.tradeoff(
             em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
         )
@@ -157,6 +188,12 @@ def main() -> None:
         "--recalibrate", type=int, default=0, help="tiny --tradeoff: calibrate each arm's heads this many steps"
     )
     ap.add_argument("--kl-factor", type=float, default=64.0, help="KL factor of --recalibrate")
+    ap.add_argument(
+        "--start", default="tiny-reasoner/rl-lam6", help="tiny --tradeoff: the exit model both arms start from"
+    )
+    ap.add_argument(
+        "--rl", type=int, default=0, help="tiny --tradeoff: RL steps per arm (rl-lam6's recipe), after --recalibrate"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -217,7 +254,17 @@ def main() -> None:
     if args.which == "tiny" and args.tradeoff:
         t3 = time.time()
         summary["tradeoff"] = tiny_tradeoff(
-            train, steps, bs, args.lr, args.tradeoff, args.n_heldout, args.out, args.recalibrate, args.kl_factor
+            train,
+            steps,
+            bs,
+            args.lr,
+            args.tradeoff,
+            args.n_heldout,
+            args.out,
+            args.recalibrate,
+            args.kl_factor,
+            args.start,
+            args.rl,
         )
         summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
