@@ -119,6 +119,8 @@ def tiny_tradeoff(
     kl_factor: float = 64.0,
     start: str = "tiny-reasoner/rl-lam6",
     rl_steps: int = 0,
+    arms: tuple = ("logit", "tuned"),
+    retune: bool = False,
 ) -> list[dict]:
     """`start` (default `tiny-reasoner/rl-lam6`) with rl-lam6's rules (patience 1, lens floor 0.9,
     thresholded exits) read out through the logit lens and through a lens tuned on it (adapters on, as it
@@ -127,12 +129,13 @@ def tiny_tradeoff(
     (calibration's targets read through the exit readout), so the tuned arm's heads learn where the tuned
     readout already agrees. With `rl_steps` > 0 each arm is then trained by RL with rl-lam6's recipe
     (addition+tom, greedy rollouts, lambda 6, adapters at 2.5e-4, heads at 1e-3, seed 0) against its own
-    readout: from `tiny-reasoner/calibrated` with 60 steps, the logit arm is rl-lam6's own run."""
+    readout: from `tiny-reasoner/calibrated` with 60 steps, the logit arm is rl-lam6's own run. `retune`: the
+    tuned arm's lens is tuned again (the same steps) on the model RL left, whose adapters have moved."""
     from eetools.train.calibration import calibrate
     from eetools.train.rl import train_rl
 
     rows = []
-    for name in ("logit", "tuned"):
+    for name in arms:
         em = ee.load_exit_model(start)
         if name == "tuned":
             tune_readout(
@@ -156,6 +159,9 @@ def tiny_tradeoff(
                 checkpoint_dir=out / f"rl-{name}",
             )
             name = f"{name}+rl{rl_steps}"
+            if retune and name.startswith("tuned"):
+                tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / f"checkpoint-{name}")
+                name = f"{name}+retuned"
         t = ee.tradeoff(
             em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
         )
@@ -191,6 +197,8 @@ def main() -> None:
     ap.add_argument(
         "--start", default="tiny-reasoner/rl-lam6", help="tiny --tradeoff: the exit model both arms start from"
     )
+    ap.add_argument("--arms", nargs="+", default=["logit", "tuned"], choices=["logit", "tuned"])
+    ap.add_argument("--retune", action="store_true", help="tiny --tradeoff --rl: tune the lens again after RL")
     ap.add_argument(
         "--rl", type=int, default=0, help="tiny --tradeoff: RL steps per arm (rl-lam6's recipe), after --recalibrate"
     )
@@ -265,6 +273,8 @@ def main() -> None:
             args.kl_factor,
             args.start,
             args.rl,
+            tuple(args.arms),
+            args.retune,
         )
         summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
