@@ -15,6 +15,8 @@ against a stored number: shared machines are noisy. Keys and targets (issue 3, 8
   drawing exits that save qwen3_sample_layers_saved of its blocks;
 - ddp_step_ratio: one RL step of 2 processes (torchrun, gloo, 1 thread each) / 1 process
   (2 threads), same global batch (<= 0.7); measured on CPU whatever --device says;
+- workers_{calib,fig3,rl}_step_ratio: a step of each of `reproduce`'s training stages in 2 spawned workers
+  (1 thread each) / 1 process (2 threads), same global batches (bench_workers; < 1: the workers are faster);
 - calib_step_s, rl_step_s, rl_step_mixture_s, peak_mem_mb: training step times and peak memory;
   rl_terms_chunked_vs_one_pass, rl_terms_shared_vs_chunked, decode_compact_vs_full,
   decode_distinct_prefill_vs_every_row: what length-sorted chunks, running each prompt once for
@@ -51,7 +53,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument(
-        "--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp memory real"
+        "--skip", nargs="*", default=[], help="benchmarks to leave out: bridge exits skip train ddp workers memory real"
     )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -62,6 +64,7 @@ def main() -> None:
     import bench_real
     import bench_skip
     import bench_train
+    import bench_workers
 
     suites = {
         "bridge": lambda: bench_bridge.run(args.quick, args.device, args.dtype),
@@ -69,6 +72,7 @@ def main() -> None:
         "skip": lambda: bench_skip.run(args.quick, args.device, args.dtype),
         "train": lambda: bench_train.run(args.quick, args.device, args.dtype),
         "ddp": lambda: bench_ddp.measure(args.quick),
+        "workers": lambda: bench_workers.run(args.quick),
         "memory": lambda: bench_memory.run(args.quick, args.device, args.dtype),
         "real": lambda: bench_real.run(args.quick, args.device, args.dtype),
     }

@@ -3,7 +3,8 @@
 Each writes into an output folder: checkpoints (exit-model folders), histories (CSV),
 figures (plotly JSON, so `write_report` can assemble them without a model), and for
 `reproduce` a self-contained ``report.html``. `run_calibrate` and `run_rl` also run under
-torchrun (every process trains its shards; only rank 0 writes); `reproduce` runs in one process.
+torchrun (every process trains its shards; only rank 0 writes). `reproduce` trains in
+``workers`` processes of its own (`distributed.spawn`), then evaluates in this one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class ReproduceConfig:
         "eval_n": ">= 1",
         "thresholds": "> 0 and <= 1",
         "confidence": "> 0 and <= 1",
+        "workers": (1, 2),
     }
     quick: bool = False
     """A ~3-minute smoke version: fewer steps, seeds, KL factors and examples."""
@@ -89,6 +91,11 @@ class ReproduceConfig:
     confidence: list[float] = field(default_factory=lambda: [0.9999, 0.999])
     """Thresholds of the confidence baseline beside them (the same weights, exiting where the logit lens's top
     probability reaches t; docs/experiments.md, "Learned heads against the confidence baseline")."""
+    workers: int = 2
+    """Processes the training stages (calibration, Fig. 3's calibrations, RL) run in on a CPU (1 or 2): 2 processes
+    of one thread each take 1.2-1.4x fewer seconds a step than one of two threads on 2 cores (docs/speed.md). The
+    models are the same either way up to float rounding: every batch is cut into 2 shards, run side by side (2)
+    or one after the other (1, or a GPU)."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
@@ -113,6 +120,7 @@ def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
         rl_head_lr=cfg.rl_head_lr,
         thresholds=[0.5, 0.15],
         confidence=[0.999],
+        workers=cfg.workers,
     )
 
 
@@ -139,8 +147,9 @@ def run_calibrate(
     dtype=None,
     progress=True,
     figure_task: str | None = None,
+    fig4: bool = True,
 ) -> Path:
-    """Calibrate, save the exit model to ``out/model`` and the history and Fig. 4 beside it."""
+    """Calibrate, save the exit model to ``out/model`` and the history and (with `fig4`) Fig. 4 beside it."""
     from eetools.analysis.figures import exit_distribution_vs_target
     from eetools.train.calibration import calibrate
 
@@ -160,6 +169,8 @@ def run_calibrate(
         return out / "model"
     save_exit_model(ee, out / "model")
     res.history.to_csv(out / "calibration_history.csv", index=False)
+    if not fig4:
+        return out / "model"
     fig4 = exit_distribution_vs_target(ee, figure_task or task, n=64, kl_factor=cfg.kl_factor)
     fig4.figure().write_json(out / "fig4.json")
     fig4.df.to_csv(out / "fig4.csv")
@@ -374,8 +385,7 @@ def run_tradeoff(
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
     from eetools.io.models import load_exit_model
-    from eetools.train.calibration import CalibrationConfig
-    from eetools.train.rl import run_sweep
+    from eetools.train.rl import SweepResult
     from eetools.views.figures import rl_dynamics_figure
 
     if distributed.launched():
@@ -384,43 +394,22 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     cfg = _quick(cfg)
     out = check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
-    timings, t0 = {}, time.time()
-
-    def lap(name: str) -> None:
-        timings[name] = time.time() - t0 - sum(timings.values())
-
+    t_start = time.time()
+    calibrated = out / "calibrated" / "model"
     base_for = lambda: _base_for(calibrated, device, dtype)  # noqa: E731  (a fresh base model per load)
-    # 1. calibration at the default KL factor (+ Fig. 4)
-    calibrated = run_calibrate(
-        CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, seed=cfg.seed),
-        out / "calibrated",
-        task=cfg.calib_task,
-        device=device,
-        dtype=dtype,
-        progress=progress,
-        figure_task=cfg.task,
-    )
-    lap("calibration_s")
-    # 2. Fig. 3: other KL factors, short calibrations
+    # 1-3. calibration (+ Fig. 4), Fig. 3's short calibrations, RL across seeds (Fig. 2 left)
+    if cfg.workers > 1 and torch.device(device).type == "cpu":
+        distributed.spawn(_train_stages, (cfg, out, device, dtype, progress, 1), workers=cfg.workers)
+    else:  # the same shards, one after the other
+        _train_stages(cfg, out, device, dtype, progress, SHARDS)
+    timings = json.loads((out / "train_timings.json").read_text())
+    t = time.time()
     main = load_exit_model(calibrated, model=base_for())
-    _fig3(cfg, out, main, device, dtype, progress)
-    lap("fig3_s")
-    # 3. RL across seeds (Fig. 2 left)
-    sweep = run_sweep(
-        lambda: load_exit_model(calibrated, model=base_for()),
-        cfg.rl_task,
-        seeds=[cfg.seed + i for i in range(cfg.n_seeds)],
-        steps=cfg.rl_steps,
-        eval_every=0,
-        temperature=cfg.rl_temperature,
-        train_adapters=cfg.rl_train_adapters,
-        lr=cfg.rl_lr,
-        head_lr=cfg.rl_head_lr,
-        progress=progress,
-        checkpoint_root=out / "rl",
-    )
-    sweep.history.to_csv(out / "rl_history.csv", index=False)
-    lap("rl_s")
+    fig3 = {k: load_exit_model(out / "fig3" / f"kl{k:g}" / "model", model=base_for()) for k in _fig3_factors(cfg)}
+    _fig3(cfg, out, {cfg.calib_kl_factor: main, **fig3}, progress)
+    timings["fig3_s"] += time.time() - t
+    t = time.time()
+    sweep = SweepResult(history=pd.read_csv(out / "rl_history.csv"), evals=pd.DataFrame())
     # 4. evaluation of the calibrated and RL (first seed) models, operating points, Fig. 2
     rl_model = load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model", model=base_for())
     table = _evaluation_table(cfg, out, main, rl_model, progress)
@@ -429,8 +418,8 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     rl_dynamics_figure(sweep, base=base).write_json(out / "fig2_left.json")
     _operating_points(cfg, out, {"calibrated": main, "rl": rl_model}, progress)
     _fig2_right(cfg, out, main, rl_model)
-    lap("eval_s")
-    timings["total_s"] = time.time() - t0
+    timings["eval_s"] = time.time() - t
+    timings["total_s"] = time.time() - t_start
     (out / "summary.json").write_text(
         json.dumps(
             {
@@ -455,16 +444,75 @@ def _check_reproduce(cfg: ReproduceConfig) -> None:
             raise ValueError(f"{name}: {e}") from None
 
 
-def _fig3(cfg: ReproduceConfig, out: Path, main, device, dtype, progress) -> None:
-    """Fig. 3: coherence of students calibrated (briefly) at each KL factor, beside the main calibrated model."""
-    from eetools.analysis.evaluation import coherence_by_kl_factor
-    from eetools.train.calibration import calibrate
+SHARDS = 2
+"""Shards of every training batch in `reproduce`: `ReproduceConfig.workers` processes run them side by side."""
 
-    models = {cfg.calib_kl_factor: main}
-    for k in cfg.kl_factors:
-        if k != cfg.calib_kl_factor:
-            models[k] = _fresh_ee(device=device, dtype=dtype, seed=cfg.seed)
-            calibrate(models[k], cfg.task, kl_factor=k, steps=cfg.fig3_steps, seed=cfg.seed, progress=progress)
+
+def _fig3_factors(cfg: ReproduceConfig) -> list[float]:
+    return [k for k in dict.fromkeys(cfg.kl_factors) if k != cfg.calib_kl_factor]
+
+
+def _train_stages(cfg: ReproduceConfig, out: Path, device, dtype, progress, micro_batches: int) -> None:
+    """`reproduce`'s stages 1-3 in this process (one of ``SHARDS / micro_batches`` in a group): the main
+    calibration with Fig. 4, Fig. 3's short calibrations (saved under ``fig3/``), RL across seeds; rank 0
+    writes ``rl_history.csv`` and the stages' times (``train_timings.json``). Each stage resumes from its
+    checkpoints."""
+    from eetools.io.models import load_exit_model
+    from eetools.train.calibration import CalibrationConfig
+    from eetools.train.rl import run_sweep
+
+    timings, t0 = {}, time.time()
+
+    def lap(name: str) -> None:
+        distributed.barrier()  # rank 0's files of the stage are written before any rank reads them
+        timings[name] = time.time() - t0 - sum(timings.values())
+
+    calib = dict(seed=cfg.seed, micro_batches=micro_batches)
+    calibrated = run_calibrate(
+        CalibrationConfig(kl_factor=cfg.calib_kl_factor, steps=cfg.calib_steps, **calib),
+        out / "calibrated",
+        task=cfg.calib_task,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+        figure_task=cfg.task,
+    )
+    lap("calibration_s")
+    for k in _fig3_factors(cfg):
+        run_calibrate(
+            CalibrationConfig(kl_factor=k, steps=cfg.fig3_steps, **calib),
+            out / "fig3" / f"kl{k:g}",
+            task=cfg.task,
+            device=device,
+            dtype=dtype,
+            progress=progress,
+            fig4=False,
+        )
+    lap("fig3_s")
+    sweep = run_sweep(
+        lambda: load_exit_model(calibrated, model=_base_for(calibrated, device, dtype)),
+        cfg.rl_task,
+        seeds=[cfg.seed + i for i in range(cfg.n_seeds)],
+        steps=cfg.rl_steps,
+        eval_every=0,
+        temperature=cfg.rl_temperature,
+        train_adapters=cfg.rl_train_adapters,
+        lr=cfg.rl_lr,
+        head_lr=cfg.rl_head_lr,
+        progress=progress,
+        checkpoint_root=out / "rl",
+        micro_batches=micro_batches,
+    )
+    lap("rl_s")
+    if distributed.is_main():
+        sweep.history.to_csv(out / "rl_history.csv", index=False)
+        (out / "train_timings.json").write_text(json.dumps(timings))
+
+
+def _fig3(cfg: ReproduceConfig, out: Path, models: dict, progress) -> None:
+    """Fig. 3: coherence of the students calibrated (briefly) at each KL factor, beside the main calibrated model."""
+    from eetools.analysis.evaluation import coherence_by_kl_factor
+
     fig3 = coherence_by_kl_factor(models, cfg.task, n=cfg.eval_n, seed=cfg.seed, progress=progress)
     fig3.df.to_csv(out / "fig3.csv", index=False)
     fig3.figure().write_json(out / "fig3.json")

@@ -77,6 +77,14 @@ def validate_exit_layers(layers: Sequence[int] | None, n_layers: int) -> list[in
     return layers
 
 
+def right_padded(attention_mask: Tensor | None) -> bool:
+    """True if every row of a 0/1 ``[batch, pos]`` mask is ones then zeros (padding on the right only)."""
+    if attention_mask is None or attention_mask.ndim != 2 or attention_mask.shape[1] < 2:
+        return False
+    m = attention_mask.to(torch.int8)
+    return bool(((m == 0) | (m == 1)).all() and (m[:, 1:] <= m[:, :-1]).all())
+
+
 class _Stopped(Exception):
     """Ends a forward after the last block: the hook raising it holds the final residual."""
 
@@ -368,9 +376,16 @@ class EarlyExitModel(nn.Module):
         with (
             base_and_shortcut(self, base, True),
             # the HF modules cannot take the bridge components' checkpointing: that stays on the bridge
-            hooked(self, [*grab, *hooks, (resid_post(L - 1), stop)], fast=self.fast_forwards and not checkpointing),
+            hooked(
+                self, [*grab, *hooks, (resid_post(L - 1), stop)], fast=self.fast_forwards and not checkpointing
+            ) as on_hf,
             checkpointed_blocks(self.model, checkpointing, heads=self.heads),
         ):
+            if on_hf and past_key_values is None and right_padded(attention_mask):
+                # causal attention never lets a real position see right padding: without the mask HF runs
+                # plain causal attention (the fused kernel skips the masked half of the scores); padded
+                # positions then attend to the pad tokens, finite values no loss reads
+                del kwargs["attention_mask"]
             try:
                 self.model(tokens, return_type="logits", **kwargs)
             except _Stopped:

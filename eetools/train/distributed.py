@@ -21,12 +21,22 @@ runs through hooks on the bridge. After ``loss.backward()`` the gradients are av
 one flat bucket (`all_reduce_gradients`), which is all DDP would do here.
 
 Outside torchrun (or with one process) every helper is a no-op and rank 0 is the only rank.
+
+`spawn(fn, args, workers=N)` starts such a group without torchrun, from Python or a notebook:
+``eetools reproduce`` trains in two CPU processes of one thread each, which on 2 cores take about
+1.3x the steps per second of one process of two threads (small matrix products leave a second
+thread idle much of the time; docs/speed.md).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import pickle
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -95,6 +105,67 @@ def setup(device: str | torch.device | None = None) -> bool:
         torch.cuda.set_device(device if device.index is not None else torch.device("cuda", local_rank()))
     dist.init_process_group(backend=backend)
     return dist.get_world_size() > 1
+
+
+def spawn(fn: Callable, args: tuple = (), *, workers: int, threads: int | None = None) -> None:
+    """Run ``fn(*args)`` in `workers` new processes joined in one gloo group (CPU), each with `threads` threads.
+
+    Inside, every helper of this module sees the group (`rank`, `is_main`, `all_reduce_gradients`),
+    so `calibrate` and `train_rl` shard their batches as under torchrun. `fn` must be importable
+    (a module-level function: the processes are spawned, not forked) and returns nothing: rank 0
+    writes what the caller reads. `threads` defaults to this process's threads split among the
+    workers. A failing worker stops the others and its error is raised here, as is an interrupt
+    (the workers are terminated; checkpoints they wrote stay, so the run resumes).
+    """
+    import torch.multiprocessing as mp
+
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    threads = threads or max(1, torch.get_num_threads() // workers)
+    with tempfile.TemporaryDirectory(prefix="eetools-group-") as d:
+        ctx = mp.start_processes(
+            _spawned,
+            args=(fn, args, workers, threads, d),
+            nprocs=workers,
+            join=False,
+            start_method="spawn",
+        )
+        try:
+            while not ctx.join():
+                pass
+        except BaseException as e:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+            first = _first_failure(Path(d))
+            if first is not None and not isinstance(e, KeyboardInterrupt):
+                raise first from None
+            raise
+
+
+def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, folder: str) -> None:
+    """One process of `spawn`: its threads, the group, ``fn(*args)``, the group left; a failure is
+    recorded in `folder` with its time, so that `spawn` raises the first one, not the others'
+    consequences (a peer's lost connection)."""
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank_, world_size=world)
+    try:
+        fn(*args)
+    except Exception as e:
+        e.add_note(f"(in worker {rank_} of {world}:\n{traceback.format_exc()})")
+        try:
+            blob = pickle.dumps((time.time(), e))
+        except Exception:  # an exception that cannot be pickled: its words
+            blob = pickle.dumps((time.time(), RuntimeError(f"{type(e).__name__}: {e}")))
+        (Path(folder) / f"failure{rank_}.pkl").write_bytes(blob)
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _first_failure(folder: Path) -> BaseException | None:
+    found = [pickle.loads(f.read_bytes()) for f in folder.glob("failure*.pkl")]
+    return min(found, key=lambda x: x[0])[1] if found else None
 
 
 def teardown() -> None:

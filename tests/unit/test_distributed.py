@@ -379,3 +379,54 @@ def test_cli_calibrate_and_rl_under_torchrun(tiny_folders, tmp_path):
 
     assert len(pd.read_csv(tmp_path / "rl" / "rl_history.csv")) == 1
     assert len(pd.read_csv(tmp_path / "rl" / "rl_evals.csv")) == 2
+
+
+def _spawned_sum(out: str) -> None:
+    """A `distributed.spawn` worker: each rank adds rank + 1; rank 0 writes the sum, the group and its threads."""
+    total = distributed.all_reduce_sum(torch.tensor(float(distributed.rank() + 1)))
+    if distributed.is_main():
+        Path(out).write_text(json.dumps([float(total), distributed.world_size(), torch.get_num_threads()]))
+
+
+def _spawned_failure() -> None:
+    if distributed.rank() == 1:
+        raise ValueError("rank 1 was told to fail")
+    distributed.barrier()  # rank 0 would wait here for ever if the failure did not stop it
+
+
+def test_spawn_runs_a_gloo_group_of_workers_without_torchrun(tmp_path):
+    out = tmp_path / "sum.json"
+    distributed.spawn(_spawned_sum, (str(out),), workers=2, threads=1)
+    assert json.loads(out.read_text()) == [3.0, 2, 1]
+    assert not distributed.is_distributed()  # the caller's process never joined a group
+
+
+def test_a_failing_spawned_worker_stops_the_group_and_raises_its_error():
+    with pytest.raises(ValueError, match="rank 1 was told to fail"):
+        distributed.spawn(_spawned_failure, workers=2, threads=1)
+
+
+def test_reproduce_training_in_two_workers_equals_one_process(tmp_path):
+    """`reproduce`'s training stages give the same models with ``workers=2`` (a spawned group) and
+    ``workers=1`` (the two shards one after the other), up to float rounding: the main calibration,
+    a Fig. 3 calibration and an RL run."""
+    import pandas as pd
+    from safetensors.torch import load_file
+
+    from eetools.pipeline import SHARDS, ReproduceConfig, _train_stages
+
+    cfg = ReproduceConfig(
+        calib_steps=2, fig3_steps=1, rl_steps=1, n_seeds=1, kl_factors=[16.0], task="addition", calib_task="addition"
+    )
+    distributed.spawn(_train_stages, (cfg, tmp_path / "two", "cpu", None, False, SHARDS // 2), workers=2)
+    _train_stages(cfg, tmp_path / "one", "cpu", None, False, SHARDS)
+    for model in ("calibrated/model", "fig3/kl16/model", "rl/lam1.5_beta0.25_seed0/model"):
+        for name in ("heads.safetensors", "adapters.safetensors"):
+            two, one = (load_file(str(tmp_path / w / model / name)) for w in ("two", "one"))
+            assert two.keys() == one.keys() and two
+            # float rounding, except a few elements where Adam's first step (+-lr) took a gradient near 0 the other way
+            off = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
+            assert float(off.max()) < 5e-3 and float((off > 1e-4).float().mean()) < 1e-3, (model, name)
+    for w in ("two", "one"):  # both trained every step and wrote the RL history
+        assert len(pd.read_csv(tmp_path / w / "calibrated" / "calibration_history.csv")) == 2
+        assert len(pd.read_csv(tmp_path / w / "rl_history.csv")) == 1

@@ -253,3 +253,35 @@ def test_checkpointed_policy_pass_keeps_a_few_residuals_per_block_and_token(tiny
     per_block = sum(saved.values()) / residual / tiny_ee.n_layers
     # checkpointed: the inputs of the two norms, attention and MLP (4; Qwen3 shares one) and a few small tensors
     assert (per_block < 4.5) == checkpoint_blocks, per_block
+
+
+def test_length_groups_cut_a_mixed_batch_where_padding_costs_more_than_a_forward():
+    from eetools.train.calibration import length_groups
+
+    lengths = torch.tensor([45, 300, 40, 310, 44, 290])
+    groups = length_groups(lengths, cost=128)
+    assert [sorted(g.tolist()) for g in groups] == [[1, 3, 5], [0, 2, 4]]  # the stories, then the sums
+    assert [g.tolist() for g in length_groups(lengths, cost=10**6)] == [[3, 1, 5, 0, 4, 2]]  # one padded pass
+    assert sorted(torch.cat(length_groups(lengths, cost=0)).tolist()) == list(range(6))  # every row once
+
+
+def test_teacher_targets_in_length_groups_equal_one_padded_pass(tiny_ee, monkeypatch):
+    """The teacher runs in groups of similar length (`length_groups`); at every real position its targets
+    and logits are those of one forward of the whole right-padded batch."""
+    from eetools.train import calibration
+
+    ids, attn, _ = encode_sequences(
+        tiny_ee, ["Q: 1+2\n", "Q: 12345+678\n", "Q: 5+5\n"], ["3", "1+8=9\n4+7=11\nA: 13023", "A: 10"]
+    )
+    monkeypatch.setattr(calibration, "GROUP_COST_POSITIONS", 10**6)
+    one_t, one_z = calibration.streamed_targets(tiny_ee, ids, attn, 4.0)
+    monkeypatch.setattr(calibration, "GROUP_COST_POSITIONS", 0)
+    calls = []
+    real = tiny_ee.final_residual
+    monkeypatch.setattr(tiny_ee, "final_residual", lambda *a, **k: (calls.append(a[0].shape), real(*a, **k))[1])
+    grp_t, grp_z = calibration.streamed_targets(tiny_ee, ids, attn, 4.0)
+    assert len(calls) > 1 and min(s[1] for s in calls) < ids.shape[1]  # several forwards, each cut to its rows
+    m = attn.bool()
+    torch.testing.assert_close(grp_t[m], one_t[m], rtol=0, atol=LOSS_ATOL)
+    torch.testing.assert_close(grp_z[m], one_z[m], rtol=0, atol=LOSS_ATOL)
+    assert torch.allclose(grp_t.sum(-1), torch.ones_like(grp_t.sum(-1)))  # padding too holds a distribution
