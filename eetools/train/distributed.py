@@ -30,8 +30,8 @@ thread idle much of the time; docs/speed.md).
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 import tempfile
 import time
 import traceback
@@ -152,20 +152,33 @@ def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, fo
     try:
         fn(*args)
     except Exception as e:
-        e.add_note(f"(in worker {rank_} of {world}:\n{traceback.format_exc()})")
-        try:
-            blob = pickle.dumps((time.time(), e))
-        except Exception:  # an exception that cannot be pickled: its words
-            blob = pickle.dumps((time.time(), RuntimeError(f"{type(e).__name__}: {e}")))
-        (Path(folder) / f"failure{rank_}.pkl").write_bytes(blob)
+        # recorded as JSON, not pickled (nothing in eetools unpickles: RELIABILITY.md); `spawn` raises it again
+        failure = {"time": time.time(), "type": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
+        (Path(folder) / f"failure{rank_}.json").write_text(json.dumps(failure))
         raise
     finally:
         dist.destroy_process_group()
 
 
 def _first_failure(folder: Path) -> BaseException | None:
-    found = [pickle.loads(f.read_bytes()) for f in folder.glob("failure*.pkl")]
-    return min(found, key=lambda x: x[0])[1] if found else None
+    """The first worker failure recorded in `folder`, as its own exception type where that is a built-in one
+    (ValueError, FileNotFoundError, ...), else a RuntimeError naming it; the worker's traceback is a note."""
+    import builtins
+
+    found = [json.loads(f.read_text()) for f in folder.glob("failure*.json")]
+    if not found:
+        return None
+    first = min(found, key=lambda x: x["time"])
+    kind = getattr(builtins, first["type"], None)
+    if isinstance(kind, type) and issubclass(kind, Exception):
+        try:
+            error = kind(first["message"])
+        except Exception:  # a built-in whose constructor wants other arguments
+            error = RuntimeError(f"{first['type']}: {first['message']}")
+    else:
+        error = RuntimeError(f"{first['type']}: {first['message']}")
+    error.add_note(f"(in a spawned worker:\n{first['trace']})")
+    return error
 
 
 def teardown() -> None:

@@ -388,9 +388,13 @@ def _spawned_sum(out: str) -> None:
         Path(out).write_text(json.dumps([float(total), distributed.world_size(), torch.get_num_threads()]))
 
 
-def _spawned_failure() -> None:
+class _WorkerOwnError(Exception):
+    pass
+
+
+def _spawned_failure(own: bool = False) -> None:
     if distributed.rank() == 1:
-        raise ValueError("rank 1 was told to fail")
+        raise (_WorkerOwnError if own else ValueError)("rank 1 was told to fail")
     distributed.barrier()  # rank 0 would wait here for ever if the failure did not stop it
 
 
@@ -402,8 +406,12 @@ def test_spawn_runs_a_gloo_group_of_workers_without_torchrun(tmp_path):
 
 
 def test_a_failing_spawned_worker_stops_the_group_and_raises_its_error():
-    with pytest.raises(ValueError, match="rank 1 was told to fail"):
+    with pytest.raises(ValueError, match="rank 1 was told to fail") as raised:
         distributed.spawn(_spawned_failure, workers=2, threads=1)
+    assert "_spawned_failure" in "".join(raised.value.__notes__)  # the worker's own traceback comes with it
+    # an exception class of the caller's own is not rebuilt from the worker's record: it is named instead
+    with pytest.raises(RuntimeError, match="_WorkerOwnError: rank 1 was told to fail"):
+        distributed.spawn(_spawned_failure, (True,), workers=2, threads=1)
 
 
 def test_reproduce_training_in_two_workers_equals_one_process(tmp_path):
