@@ -6,7 +6,7 @@
 process). This times each stage's step both ways on the same global batches, rounds alternated, and prints the
 median ratio per stage (< 1: the workers are faster; keys ``workers_calib_step_ratio`` (addition+tom, the main
 calibration), ``workers_fig3_step_ratio`` (addition, Fig. 3's calibrations), ``workers_rl_step_ratio`` (RL on
-addition+tom)). The one process runs with one micro-batch, as `reproduce --workers 1` would with `SHARDS` = 1.
+addition+tom)). Each process runs one micro-batch: a worker its shard, the one process the whole batch at once.
 """
 
 from __future__ import annotations
@@ -33,17 +33,16 @@ def _steps(stage: str, steps: int) -> float:
     from eetools.train.calibration import calibrate
     from eetools.train.rl import train_rl
 
-    mb = 1  # one shard per process; the single process runs the whole batch at once
     if stage == "rl":
         ee = eetools.load_exit_model("tiny-reasoner/calibrated")
         run = lambda n, seed: train_rl(  # noqa: E731
-            ee, "addition+tom", steps=n, eval_every=0, progress=False, seed=seed, temperature=0.0, micro_batches=mb
+            ee, "addition+tom", steps=n, eval_every=0, progress=False, seed=seed, temperature=0.0
         )
     else:
         ee = _fresh_ee(seed=0)
         task, k = ("addition+tom", 64.0) if stage == "calib" else ("addition", 16.0)
         run = lambda n, seed: calibrate(  # noqa: E731
-            ee, task, kl_factor=k, steps=n, seed=seed, progress=False, micro_batches=mb
+            ee, task, kl_factor=k, steps=n, seed=seed, progress=False
         )
     run(1, 0)
     distributed.barrier()

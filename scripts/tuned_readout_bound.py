@@ -269,12 +269,12 @@ def main() -> None:
             args.tradeoff,
             args.n_heldout,
             args.out,
-            args.recalibrate,
-            args.kl_factor,
-            args.start,
-            args.rl,
-            tuple(args.arms),
-            args.retune,
+            recal=args.recalibrate,
+            kl_factor=args.kl_factor,
+            start=args.start,
+            rl_steps=args.rl,
+            arms=tuple(args.arms),
+            retune=args.retune,
         )
         summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
     (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -30,6 +30,7 @@ thread idle much of the time; docs/speed.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -152,9 +153,12 @@ def _spawned(rank_: int, fn: Callable, args: tuple, world: int, threads: int, fo
     try:
         fn(*args)
     except Exception as e:
-        # recorded as JSON, not pickled (nothing in eetools unpickles: RELIABILITY.md); `spawn` raises it again
+        from eetools.io.checkpoints import save_json
+
+        # JSON, not a pickle (nothing in eetools unpickles: RELIABILITY.md), written atomically: a peer
+        # terminated mid-write leaves no half record for `spawn` to read
         failure = {"time": time.time(), "type": type(e).__name__, "message": str(e), "trace": traceback.format_exc()}
-        (Path(folder) / f"failure{rank_}.json").write_text(json.dumps(failure))
+        save_json({**failure, "rank": rank_, "world": world}, Path(folder) / f"failure{rank_}.json")
         raise
     finally:
         dist.destroy_process_group()
@@ -169,15 +173,12 @@ def _first_failure(folder: Path) -> BaseException | None:
     if not found:
         return None
     first = min(found, key=lambda x: x["time"])
-    kind = getattr(builtins, first["type"], None)
+    kind, error = getattr(builtins, first["type"], None), None
     if isinstance(kind, type) and issubclass(kind, Exception):
-        try:
+        with contextlib.suppress(Exception):  # a built-in whose constructor wants other arguments: named below
             error = kind(first["message"])
-        except Exception:  # a built-in whose constructor wants other arguments
-            error = RuntimeError(f"{first['type']}: {first['message']}")
-    else:
-        error = RuntimeError(f"{first['type']}: {first['message']}")
-    error.add_note(f"(in a spawned worker:\n{first['trace']})")
+    error = error or RuntimeError(f"{first['type']}: {first['message']}")
+    error.add_note(f"(in worker {first['rank']} of {first['world']}:\n{first['trace']})")
     return error
 
 
