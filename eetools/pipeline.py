@@ -92,10 +92,11 @@ class ReproduceConfig:
     """Thresholds of the confidence baseline beside them (the same weights, exiting where the logit lens's top
     probability reaches t; docs/experiments.md, "Learned heads against the confidence baseline")."""
     workers: int = 2
-    """Processes the training stages (calibration, Fig. 3's calibrations, RL) run in on a CPU (1 or 2): 2 processes
-    of one thread each take 1.2-1.4x fewer seconds a step than one of two threads on 2 cores (docs/speed.md). The
-    models are the same either way up to float rounding: every batch is cut into 2 shards, run side by side (2)
-    or one after the other (1, or a GPU)."""
+    """Processes the training stages (calibration, Fig. 3's calibrations, RL) and then the evaluation jobs run in on
+    a CPU (1 or 2): 2 processes of one thread each take 1.2-1.4x fewer seconds a step than one of two threads on 2
+    cores (docs/speed.md). The models are the same either way up to float rounding: every batch is cut into 2
+    shards, run side by side (2) or one after the other (1, or a GPU); the evaluation jobs are split in two
+    (`EVAL_JOBS`)."""
 
 
 def _quick(cfg: ReproduceConfig) -> ReproduceConfig:
@@ -384,7 +385,6 @@ def run_tradeoff(
 
 def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, progress=True) -> Path:
     """Calibration, Fig. 3 KL sweep, RL across seeds, evaluation, operating points, every figure, and ``report.html``."""
-    from eetools.io.models import load_exit_model
     from eetools.train.rl import SweepResult
     from eetools.views.figures import rl_dynamics_figure
 
@@ -395,30 +395,18 @@ def reproduce(cfg: ReproduceConfig, out: Path, *, device="cpu", dtype=None, prog
     out = check_writable(out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    calibrated = out / "calibrated" / "model"
-    base_for = lambda: _base_for(calibrated, device, dtype)  # noqa: E731  (a fresh base model per load)
-    # 1-3. calibration (+ Fig. 4), Fig. 3's short calibrations, RL across seeds (Fig. 2 left)
+    # 1-3. calibration (+ Fig. 4), Fig. 3's short calibrations, RL across seeds (Fig. 2 left);
+    # 4. evaluation of the calibrated and RL (first seed) models, Fig. 3's coherence, operating points, Fig. 2 right
     if cfg.workers > 1 and torch.device(device).type == "cpu":
-        distributed.spawn(_train_stages, (cfg, out, device, dtype, progress, 1), workers=cfg.workers)
-    else:  # the same shards, one after the other
-        _train_stages(cfg, out, device, dtype, progress, SHARDS)
-    timings = json.loads((out / "train_timings.json").read_text())
-    t = time.time()
-    main = load_exit_model(calibrated, model=base_for())
-    fig3 = {k: load_exit_model(out / "fig3" / f"kl{k:g}" / "model", model=base_for()) for k in _fig3_factors(cfg)}
-    _fig3(cfg, out, {cfg.calib_kl_factor: main, **fig3}, progress)
-    timings["fig3_s"] += time.time() - t
-    t = time.time()
-    sweep = SweepResult(history=pd.read_csv(out / "rl_history.csv"), evals=pd.DataFrame())
-    # 4. evaluation of the calibrated and RL (first seed) models, operating points, Fig. 2
-    rl_model = load_exit_model(out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model", model=base_for())
-    table = _evaluation_table(cfg, out, main, rl_model, progress)
+        distributed.spawn(_stages, (cfg, out, device, dtype, progress, 1), workers=cfg.workers)
+    else:  # the same shards and jobs, one after the other
+        _stages(cfg, out, device, dtype, progress, SHARDS)
+    timings = json.loads((out / "stage_timings.json").read_text())
+    table = pd.read_csv(out / "evaluation.csv")
     row = table[(table.system == "base") & (table.task == cfg.task)].iloc[0]
     base = {"accuracy": float(row["accuracy"]), "compute": 1.0, "coherence": float(row["coherence_reasoning"])}
+    sweep = SweepResult(history=pd.read_csv(out / "rl_history.csv"), evals=pd.DataFrame())
     rl_dynamics_figure(sweep, base=base).write_json(out / "fig2_left.json")
-    _operating_points(cfg, out, {"calibrated": main, "rl": rl_model}, progress)
-    _fig2_right(cfg, out, main, rl_model)
-    timings["eval_s"] = time.time() - t
     timings["total_s"] = time.time() - t_start
     (out / "summary.json").write_text(
         json.dumps(
@@ -506,7 +494,65 @@ def _train_stages(cfg: ReproduceConfig, out: Path, device, dtype, progress, micr
     lap("rl_s")
     if distributed.is_main():
         sweep.history.to_csv(out / "rl_history.csv", index=False)
-        (out / "train_timings.json").write_text(json.dumps(timings))
+    return timings
+
+
+def _stages(cfg: ReproduceConfig, out: Path, device, dtype, progress, micro_batches: int) -> None:
+    """Everything of `reproduce` that needs a model, in this process (one of a group, or alone): the training
+    stages (`_train_stages`), then this process's share of the evaluation jobs (`EVAL_JOBS`); rank 0 writes
+    the stages' times (``stage_timings.json``)."""
+    timings = _train_stages(cfg, out, device, dtype, progress, micro_batches)
+    t = time.time()
+    _evaluate_stage(cfg, out, device, dtype, progress)
+    distributed.barrier()  # every job's files are written
+    timings["eval_s"] = time.time() - t
+    if distributed.is_main():
+        _merge_parts(cfg, out)
+        (out / "stage_timings.json").write_text(json.dumps(timings))
+
+
+EVAL_JOBS = (
+    # two shares of about equal time; a process makes a model's rollouts once (`rollouts_kept`), so the jobs
+    # that start with the same rollouts (the calibrated model's and the base model's on the main task) share
+    ("fig3", "table calibrated main", "tradeoff calibrated"),
+    ("table calibrated others", "table rl main", "table rl others", "tradeoff rl", "fig2_right"),
+)
+"""`reproduce`'s evaluation jobs (`_evaluate_stage`), in shares: rank r of a group runs shares r, r + world, ..."""
+
+
+def _evaluate_stage(cfg: ReproduceConfig, out: Path, device, dtype, progress) -> None:
+    """This process's share of `EVAL_JOBS`: Fig. 3's coherence (``fig3.csv``, ``fig3.json``), the evaluation
+    table's rows, each model's operating points, Fig. 2 right. The table's and operating points' rows go to
+    ``parts/``, which `_merge_parts` joins."""
+    from eetools.analysis.evaluation import rollouts_kept
+    from eetools.io.models import load_exit_model
+
+    rank, world = distributed.rank(), distributed.world_size()
+    calibrated = out / "calibrated" / "model"
+    folders = {"calibrated": calibrated, "rl": out / "rl" / f"lam1.5_beta0.25_seed{cfg.seed}" / "model"}
+    folders.update({k: out / "fig3" / f"kl{k:g}" / "model" for k in _fig3_factors(cfg)})
+    loaded: dict = {}
+
+    def model(name):  # each loaded once per process, on a fresh base model
+        if name not in loaded:
+            loaded[name] = load_exit_model(folders[name], model=_base_for(calibrated, device, dtype))
+        return loaded[name]
+
+    progress = progress and distributed.is_main()
+    tasks = {"main": [cfg.task], "others": [t for t in task_lib.NAMES if t != cfg.task]}
+    (out / "parts").mkdir(exist_ok=True)
+    with rollouts_kept(one_base=True):  # every model here was trained from the calibrated model's base
+        for job in [job for share in EVAL_JOBS[rank::world] for job in share]:
+            kind, *what = job.split()
+            if kind == "fig3":
+                fig3 = {k: model(k) for k in _fig3_factors(cfg)}
+                _fig3(cfg, out, {cfg.calib_kl_factor: model("calibrated"), **fig3}, progress)
+            elif kind == "table":
+                _evaluation_rows(cfg, out, what[0], model(what[0]), tasks[what[1]], progress)
+            elif kind == "tradeoff":
+                _operating_points(cfg, out, what[0], model(what[0]), progress)
+            else:
+                _fig2_right(cfg, out, model("calibrated"), model("rl"))
 
 
 def _fig3(cfg: ReproduceConfig, out: Path, models: dict, progress) -> None:
@@ -518,42 +564,47 @@ def _fig3(cfg: ReproduceConfig, out: Path, models: dict, progress) -> None:
     fig3.figure().write_json(out / "fig3.json")
 
 
-def _evaluation_table(cfg: ReproduceConfig, out: Path, calibrated, rl_model, progress) -> pd.DataFrame:
-    """Base, calibrated and RL on every task (the main task first), written to ``evaluation.csv``."""
+def _evaluation_rows(cfg: ReproduceConfig, out: Path, label: str, model, tasks: list[str], progress) -> None:
+    """Rows of ``evaluation.csv`` for one model on `tasks` (``parts/evaluation_<label>_<task>.csv``): the
+    calibrated model with the base model, its no-exit row and the oracle bound beside it, the RL model alone."""
     from eetools.analysis.evaluation import evaluate
 
-    parts = []
-    for name in [cfg.task, *[t for t in task_lib.NAMES if t != cfg.task]]:
-        ev_cal = evaluate(calibrated, name, n=cfg.eval_n, seed=cfg.seed, progress=progress)
-        ev_rl = evaluate(rl_model, name, n=cfg.eval_n, seed=cfg.seed, compare=False, progress=progress)
-        s = ev_cal.summary.copy()
-        s["system"] = s["system"].replace({"model": "calibrated"})
-        parts += [s.assign(task=name), ev_rl.summary.assign(system="rl", task=name)]
-    table = pd.concat(parts, ignore_index=True)
-    table = table[["task", *[c for c in table.columns if c != "task"]]]
-    table.to_csv(out / "evaluation.csv", index=False)
-    return table
+    for name in tasks:
+        ev = evaluate(model, name, n=cfg.eval_n, seed=cfg.seed, compare=label == "calibrated", progress=progress)
+        s = ev.summary.copy()
+        s["system"] = s["system"].replace({"model": label})
+        s.assign(task=name).to_csv(out / "parts" / f"evaluation_{label}_{name}.csv", index=False)
 
 
-def _operating_points(cfg: ReproduceConfig, out: Path, models: dict, progress) -> None:
-    """Accuracy vs layers saved over exit thresholds of each model: ``tradeoff_<label>.json`` and ``tradeoff.csv``."""
+def _operating_points(cfg: ReproduceConfig, out: Path, label: str, model, progress) -> None:
+    """Accuracy vs layers saved over exit thresholds of one model: ``tradeoff_<label>.json`` and its rows of
+    ``tradeoff.csv`` (``parts/tradeoff_<label>.csv``)."""
     from eetools.analysis.operating_points import tradeoff
 
-    points = []
-    for label, m in models.items():
-        tr = tradeoff(
-            m,
-            cfg.task,
-            thresholds=cfg.thresholds,
-            n=cfg.eval_n,
-            seed=cfg.seed,
-            confidence=cfg.confidence,
-            progress=progress,
-        )
-        tr.figure().update_layout(
-            title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
-        ).write_json(out / f"tradeoff_{label}.json")
-        points.append(tr.df.assign(model=label, task=cfg.task))
+    tr = tradeoff(
+        model,
+        cfg.task,
+        thresholds=cfg.thresholds,
+        n=cfg.eval_n,
+        seed=cfg.seed,
+        confidence=cfg.confidence,
+        progress=progress,
+    )
+    tr.figure().update_layout(
+        title=f"Accuracy vs layers saved, {label} ({cfg.task}, threshold exits labelled t)"
+    ).write_json(out / f"tradeoff_{label}.json")
+    tr.df.assign(model=label, task=cfg.task).to_csv(out / "parts" / f"tradeoff_{label}.csv", index=False)
+
+
+def _merge_parts(cfg: ReproduceConfig, out: Path) -> None:
+    """``evaluation.csv`` (base, calibrated and RL on every task, the main task first) and ``tradeoff.csv``
+    from the evaluation jobs' parts."""
+    parts = out / "parts"
+    order = [cfg.task, *[t for t in task_lib.NAMES if t != cfg.task]]
+    rows = [pd.read_csv(parts / f"evaluation_{label}_{t}.csv") for t in order for label in ("calibrated", "rl")]
+    table = pd.concat(rows, ignore_index=True)
+    table[["task", *[c for c in table.columns if c != "task"]]].to_csv(out / "evaluation.csv", index=False)
+    points = [pd.read_csv(parts / f"tradeoff_{label}.csv") for label in ("calibrated", "rl")]
     pd.concat(points, ignore_index=True).to_csv(out / "tradeoff.csv", index=False)
 
 

@@ -56,10 +56,53 @@ class Evaluation:
         return exit_histogram_figure(hist, self.layers, self.n_layers, title=f"Exit layers (accuracy: {acc})")
 
 
+_CACHE: dict | None = None  # rollouts kept by `rollouts_kept`, None outside it
+
+
+@contextlib.contextmanager
+def rollouts_kept(*, one_base: bool = False):
+    """Within this context, rollouts that `evaluate` (and what calls it: `tradeoff`, `coherence_by_kl_factor`)
+    has made once are reused, not made again: the same model object, prompts, rule, seed and settings.
+
+    For a job that evaluates the same models several ways (``eetools reproduce``: Fig. 3's base row, the
+    evaluation table and each model's operating points all start with the same rollouts). The models must
+    not change within it (no training, no new adapters). With `one_base`, every model evaluated inside
+    shares one base model, so the base rollouts (adapters off, no exits) of one serve them all.
+    """
+    global _CACHE
+    outer, _CACHE = _CACHE, {"one_base": one_base, "entries": {}}
+    try:
+        yield
+    finally:
+        _CACHE = outer
+
+
+def _cache_key(ee_model, prompts, rule, base, max_new_tokens, seed, batch_size, temperature) -> tuple:
+    # no exits: neither the threshold nor the lens checks change a token; greedy as well: nor does the seed
+    off = rule.mode == "off"
+    who = "base" if base and off and _CACHE["one_base"] else id(ee_model)
+    seed = None if off and temperature == 0 else seed
+    return (who, base, "off" if off else rule, tuple(prompts), max_new_tokens, seed, batch_size, temperature)
+
+
 def _generate_all(
     ee_model, prompts, *, rule: ExitRule, max_new_tokens, seed, batch_size, temperature, base, progress, label=None
 ):
     """Rollouts of `prompts` in batches under `rule` (greedy or sampled tokens), the base model's with `base`."""
+    if _CACHE is not None:
+        key = _cache_key(ee_model, prompts, rule, base, max_new_tokens, seed, batch_size, temperature)
+        if key not in _CACHE["entries"]:  # the model is kept with its rollouts: its id is not reused
+            _CACHE["entries"][key] = (
+                ee_model,
+                _make_all(
+                    ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label
+                ),
+            )
+        return _CACHE["entries"][key][1]
+    return _make_all(ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label)
+
+
+def _make_all(ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label):
     rollouts = []
     ctx = ee_model.adapters_disabled() if base else contextlib.nullcontext()
     with ctx:

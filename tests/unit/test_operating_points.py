@@ -2,6 +2,8 @@
 
 import math
 
+import pandas as pd
+
 import pytest
 import torch
 
@@ -97,3 +99,33 @@ def test_the_confidence_baseline_is_evaluated_on_the_same_weights(tiny_ee):
     assert (fig.data[1].textposition, fig.data[2].textposition) == ("top center", "bottom center"), "labels collide"
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         tradeoff(tiny_ee, "addition", thresholds=[0.5], confidence=[0.0], n=2, progress=False)
+
+
+def test_rollouts_kept_makes_each_rollout_once_and_gives_the_same_results(tiny_ee, monkeypatch):
+    """Inside `rollouts_kept`, evaluating the same model the same way again reuses its rollouts (the same
+    tables as without it); other seeds and other models make their own, but with ``one_base`` every model's
+    base rollouts are shared; outside it nothing is kept."""
+    import eetools
+    from eetools.analysis import evaluation
+    from eetools.analysis.evaluation import evaluate, rollouts_kept
+
+    made = []
+    make = evaluation._make_all
+    monkeypatch.setattr(evaluation, "_make_all", lambda m, *a: made.append((id(m), a[1].mode, a[-3])) or make(m, *a))
+    plain = evaluate(tiny_ee, "addition", n=3, seed=1, progress=False)
+    assert len(made) == 2  # the model's sampled exits and the base model
+    other = eetools.attach_exit_heads(tiny_ee.model, layers=[1, 2, 3])
+    with rollouts_kept(one_base=True):
+        first = evaluate(tiny_ee, "addition", n=3, seed=1, progress=False)
+        again = tradeoff(tiny_ee, "addition", thresholds=[0.5], n=3, seed=1, progress=False)
+        evaluate(tiny_ee, "addition", n=3, seed=2, progress=False)  # another seed: its own sampled exits
+        evaluate(other, "addition", n=3, seed=1, progress=False)  # another model: its own, but the same base
+    # first's two, the threshold point, seed 2's sampled exits (greedy with no exits: any seed), the other model's
+    assert len(made) == 2 + 2 + 1 + 1 + 1
+    pd.testing.assert_frame_equal(first.summary, plain.summary)
+    kept = again.df.set_index("system")
+    for system in ("base", "oracle"):
+        assert kept.loc[system, "accuracy"] == plain.summary.set_index("system").loc[system, "accuracy"]
+    assert kept.loc["sample", "layers_saved"] == plain.summary.set_index("system").loc["model", "layers_saved"]
+    evaluate(tiny_ee, "addition", n=3, seed=1, progress=False)
+    assert len(made) == 7 + 2  # outside the context every rollout is made again
