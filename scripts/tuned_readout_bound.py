@@ -12,6 +12,11 @@ the final one). Writes ``<out>/results.json``, ``<out>/per_layer.csv``, the tune
     python scripts/smollm2_answers.py --out runs/smollm2-answers --heldout-per-dataset 8
     python scripts/tuned_readout_bound.py smollm2 --answers runs/smollm2-answers --out runs/tuned-readout/smollm2
 
+    # equal accuracy on SmolLM2: the shipped calibrated exits on add1 at thresholds, read out through the
+    # logit lens and through a lens tuned on the exit model (its exit layers, the same answers)
+    python scripts/tuned_readout_bound.py smollm2 --answers runs/smollm2-answers --out runs/tuned-readout/smollm2-eq \\
+        --no-bound --steps 90 --batch-size 4 --lr 3e-3 --tradeoff 0.5 0.1 0.03 0.01 0.003 0.001
+
     # the tiny reasoner: tuned on addition's training examples, measured on the base model's greedy
     # answers to the test split (the text the 65.8 % oracle bound of docs/experiments.md is measured on)
     python scripts/tuned_readout_bound.py tiny --out runs/tuned-readout/tiny
@@ -107,7 +112,7 @@ def tiny_heldout(n: int, batch_size: int):
     return model, task, [(e.prompt, task.cut(e, t)) for e, t in zip(exs, texts)]
 
 
-def tiny_tradeoff(
+def readout_tradeoff(
     train,
     steps: int,
     bs: int,
@@ -121,8 +126,10 @@ def tiny_tradeoff(
     rl_steps: int = 0,
     arms: tuple = ("logit", "tuned"),
     retune: bool = False,
+    task: str = "addition",
+    rules: dict | None = None,
 ) -> list[dict]:
-    """`start` (default `tiny-reasoner/rl-lam6`) with rl-lam6's rules (patience 1, lens floor 0.9,
+    """`start` (default `tiny-reasoner/rl-lam6`) on `task` with `rules` (default rl-lam6's (patience 1, lens floor 0.9,
     thresholded exits) read out through the logit lens and through a lens tuned on it (adapters on, as it
     decodes): accuracy and layers saved per threshold on addition's test split. With `recal` > 0 each
     arm's heads are first calibrated `recal` more steps (k = `kl_factor`) against its own readout
@@ -130,7 +137,13 @@ def tiny_tradeoff(
     readout already agrees. With `rl_steps` > 0 each arm is then trained by RL with rl-lam6's recipe
     (addition+tom, greedy rollouts, lambda 6, adapters at 2.5e-4, heads at 1e-3, seed 0) against its own
     readout: from `tiny-reasoner/calibrated` with 60 steps, the logit arm is rl-lam6's own run. `retune`: the
-    tuned arm's lens is tuned again (the same steps) on the model RL left, whose adapters have moved."""
+    tuned arm's lens is tuned again (the same steps) on the model RL left, whose adapters have moved.
+
+    On SmolLM2 (`start` ``smollm2-135m/calibrated``, `task` its preset's ``gym:basic_arithmetic/add1``, `rules`
+    ``{}``: plain thresholds) the tuned arm's lens is tuned on the exit model (adapters on) at its exit layers,
+    on `train` (the model's own chat answers), and both arms use the same heads: only the exited tokens'
+    readout differs."""
+    rules = dict(patience=1, min_confidence=0.9) if rules is None else rules
     from eetools.train.calibration import calibrate
     from eetools.train.rl import train_rl
 
@@ -162,9 +175,7 @@ def tiny_tradeoff(
             if retune and name.startswith("tuned"):
                 tune_readout(em, train, steps=steps, batch_size=bs, lr=lr, checkpoint_dir=out / f"checkpoint-{name}")
                 name = f"{name}+retuned"
-        t = ee.tradeoff(
-            em, "addition", thresholds=thresholds, n=n, sample=False, patience=1, min_confidence=0.9, progress=False
-        )
+        t = ee.tradeoff(em, task, thresholds=thresholds, n=n, sample=False, progress=False, **rules)
         for r in t.df.to_dict("records"):
             rows.append({"readout": name, **r})
             print(rows[-1], flush=True)
@@ -188,14 +199,22 @@ def main() -> None:
         type=float,
         nargs="*",
         default=None,
-        help="tiny: also rl-lam6's accuracy / layers saved at these thresholds, logit lens vs a lens tuned on it",
+        help="also accuracy / layers saved at these thresholds, logit lens vs a lens tuned on --start (tiny: "
+        "rl-lam6 by default, with its rules; smollm2: smollm2-135m/calibrated, plain thresholds)",
     )
     ap.add_argument(
         "--recalibrate", type=int, default=0, help="tiny --tradeoff: calibrate each arm's heads this many steps"
     )
     ap.add_argument("--kl-factor", type=float, default=64.0, help="KL factor of --recalibrate")
     ap.add_argument(
-        "--start", default="tiny-reasoner/rl-lam6", help="tiny --tradeoff: the exit model both arms start from"
+        "--start", default=None, help="--tradeoff: the exit model both arms start from (default: see --tradeoff)"
+    )
+    ap.add_argument(
+        "--task", default="gym:basic_arithmetic/add1", help="smollm2 --tradeoff: the task (the preset's first)"
+    )
+    ap.add_argument("--n", type=int, default=200, help="smollm2 --tradeoff: test examples (the preset's eval_n)")
+    ap.add_argument(
+        "--no-bound", action="store_true", help="--tradeoff only: skip the base model's lens and the bound table"
     )
     ap.add_argument("--arms", nargs="+", default=["logit", "tuned"], choices=["logit", "tuned"])
     ap.add_argument("--retune", action="store_true", help="tiny --tradeoff --rl: tune the lens again after RL")
@@ -209,19 +228,51 @@ def main() -> None:
 
     t0 = time.time()
     if args.which == "smollm2":
-        model = ee.load_model("smollm2-135m")
-        exit_sets = SMOLLM2_SETS
         train = read_answers(args.answers / "train.jsonl")
-        heldout = read_answers(args.answers / "heldout.jsonl")
-        steps, bs = args.steps or 300, args.batch_size or 4
+        model, exit_sets, steps, bs = None, SMOLLM2_SETS, args.steps or 300, args.batch_size or 4
+        if not args.no_bound:
+            model = ee.load_model("smollm2-135m")
+            heldout = read_answers(args.answers / "heldout.jsonl")
     else:
         model, task, heldout = tiny_heldout(args.n_heldout, 50)
         exit_sets = TINY_SETS
         train = [(e.prompt, e.reasoning) for e in task.sample(args.n_train, seed=1)]
         steps, bs = args.steps or 300, args.batch_size or 16
-    layers = sorted({l for s in exit_sets.values() for l in s})
     t_data = time.time() - t0
+    summary = {"model": args.which, "seconds": {"data": round(t_data, 1)}}
+    if not args.no_bound:
+        bound = bound_table(args, model, exit_sets, train, heldout, steps, bs)
+        summary["seconds"].update(bound.pop("seconds"))
+        summary.update(bound)
+    if args.tradeoff:
+        t3 = time.time()
+        tiny = args.which == "tiny"
+        summary["tradeoff"] = readout_tradeoff(
+            train,
+            steps,
+            bs,
+            args.lr,
+            args.tradeoff,
+            args.n_heldout if tiny else args.n,
+            args.out,
+            recal=args.recalibrate,
+            kl_factor=args.kl_factor,
+            start=args.start or ("tiny-reasoner/rl-lam6" if tiny else "smollm2-135m/calibrated"),
+            rl_steps=args.rl,
+            arms=tuple(args.arms),
+            retune=args.retune,
+            task="addition" if tiny else args.task,
+            rules=None if tiny else {},
+        )
+        summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
+    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
 
+
+def bound_table(args, model, exit_sets, train, heldout, steps: int, bs: int) -> dict:
+    """A lens tuned on the base model at every layer of `exit_sets`, then both readouts measured on `heldout`:
+    ``per_layer.csv`` and the summary's training record and oracle bounds."""
+    layers = sorted({l for s in exit_sets.values() for l in s})
     t1 = time.time()
     res = tune_readout(
         model,
@@ -242,8 +293,8 @@ def main() -> None:
     per_layer, bounds = measure(model, exit_sets, {"logit": LogitLens(), "tuned": res.readout}, heldout, 8)
     t_eval = time.time() - t2
     per_layer.to_csv(args.out / "per_layer.csv", index=False)
-    summary = {
-        "model": args.which,
+    print(per_layer.to_string())
+    return {
         "tuned_layers": layers,
         "train": {
             "sequences": len(train),
@@ -257,29 +308,8 @@ def main() -> None:
         },
         "heldout_sequences": len(heldout),
         "bounds": bounds,
-        "seconds": {"data": round(t_data, 1), "train": round(t_train, 1), "eval": round(t_eval, 1)},
+        "seconds": {"train": round(t_train, 1), "eval": round(t_eval, 1)},
     }
-    if args.which == "tiny" and args.tradeoff:
-        t3 = time.time()
-        summary["tradeoff"] = tiny_tradeoff(
-            train,
-            steps,
-            bs,
-            args.lr,
-            args.tradeoff,
-            args.n_heldout,
-            args.out,
-            recal=args.recalibrate,
-            kl_factor=args.kl_factor,
-            start=args.start,
-            rl_steps=args.rl,
-            arms=tuple(args.arms),
-            retune=args.retune,
-        )
-        summary["seconds"]["tradeoff"] = round(time.time() - t3, 1)
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(per_layer.to_string())
-    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":
