@@ -89,17 +89,19 @@ def _generate_all(
     ee_model, prompts, *, rule: ExitRule, max_new_tokens, seed, batch_size, temperature, base, progress, label=None
 ):
     """Rollouts of `prompts` in batches under `rule` (greedy or sampled tokens), the base model's with `base`."""
-    if _CACHE is not None:
-        key = _cache_key(ee_model, prompts, rule, base, max_new_tokens, seed, batch_size, temperature)
-        if key not in _CACHE["entries"]:  # the model is kept with its rollouts: its id is not reused
-            _CACHE["entries"][key] = (
-                ee_model,
-                _make_all(
-                    ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label
-                ),
-            )
-        return _CACHE["entries"][key][1]
-    return _make_all(ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label)
+
+    def make():
+        return _make_all(ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label)
+
+    if _CACHE is None:
+        return make()
+    entries, key = (
+        _CACHE["entries"],
+        _cache_key(ee_model, prompts, rule, base, max_new_tokens, seed, batch_size, temperature),
+    )
+    if key not in entries:  # the model is kept with its rollouts: its id is not reused
+        entries[key] = (ee_model, make())
+    return entries[key][1]
 
 
 def _make_all(ee_model, prompts, rule, max_new_tokens, seed, batch_size, temperature, base, progress, label):
